@@ -1,0 +1,53 @@
+# edgemart — the two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= $(abspath ../shared)
+export EDGEMART_CORPUS ?= $(HOME)/.cache/edgemart-corpus
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+APT_STAMP := $(VENV)/.apt-installed
+
+.PHONY: venv corpus demo test test-fast lint fuzz bench clean apt
+
+venv: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,dev]'
+	touch $@
+
+# Debian packages the tests use (faketime for clock-rollback tests on the CLI).
+apt: $(APT_STAMP)
+$(APT_STAMP): | $(STAMP)
+	@if ! command -v faketime >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; \
+	  else echo "make: faketime missing and not root; the faketime tests will be skipped"; fi; fi
+	touch $@
+
+corpus:
+	@if [ -f "$(SHARED)/corpus/fetch.sh" ]; then bash "$(SHARED)/corpus/fetch.sh" "$(EDGEMART_CORPUS)"; \
+	else echo "make: $(SHARED)/corpus/fetch.sh not found: put the shared/ folder beside this checkout (or set SHARED=...)" >&2; exit 2; fi
+
+demo: venv corpus
+	$(PY) -m edgemart.demo --corpus "$(EDGEMART_CORPUS)" --out demo-out
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: venv apt corpus lint
+	$(VENV)/bin/pytest -q
+
+test-fast: venv corpus
+	$(VENV)/bin/pytest -q -m 'not slow' -x
+
+fuzz: venv
+	EDGEMART_FUZZ_EXAMPLES=20000 $(VENV)/bin/pytest -q tests -k fuzz
+
+bench: venv corpus
+	$(VENV)/bin/edgemart bench
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

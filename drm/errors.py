@@ -1,0 +1,96 @@
+"""The one error tree of edgemart: every package raises subclasses of EdgemartError.
+
+Each class carries the CLI exit code and the HTTP status it maps to; the CLI and the web
+layer translate errors in one place each (edgemart.cli and store.api)."""
+
+from __future__ import annotations
+
+
+class EdgemartError(Exception):
+    """Root of every error edgemart raises on purpose."""
+
+    exit_code = 2
+    http_status = 400
+    code = "error"
+
+    def __init__(self, message: str = "", *, code: str | None = None, details: object = None) -> None:
+        super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
+        if code is not None:
+            self.code = code
+        self.details = details
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def diagnostics(self) -> str:
+        """One human line; never contains key material."""
+        return self.message
+
+
+class UsageError(EdgemartError):
+    """Bad usage or malformed input (exit 2, HTTP 400)."""
+
+    exit_code = 2
+    http_status = 400
+    code = "bad_input"
+
+
+class NotFoundError(EdgemartError):
+    """A named thing does not exist."""
+
+    exit_code = 2
+    http_status = 404
+    code = "not_found"
+
+
+class ConflictError(EdgemartError):
+    """The request conflicts with the current state."""
+
+    exit_code = 1
+    http_status = 409
+    code = "conflict"
+
+
+class AuthError(EdgemartError):
+    """Missing or invalid credentials."""
+
+    exit_code = 2
+    http_status = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(EdgemartError):
+    """Authenticated but not allowed."""
+
+    exit_code = 2
+    http_status = 403
+    code = "forbidden"
+
+
+class Refusal(EdgemartError):
+    """An expected negative outcome (exit 1): a block decision, a refused license."""
+
+    exit_code = 1
+    http_status = 403
+    code = "refused"
+
+
+class IntegrityError(Refusal):
+    """The sealed data failed authentication."""
+
+    code = "integrity"
+
+    def __init__(self, message: str = "integrity check failed", **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class LicenseRefused(Refusal):
+    """The license does not allow this run."""
+
+    code = "license_refused"
+
+    def __init__(self, message: str = "license refused", *, reason: str = "", **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        # The precise reason is for the local audit log only; never printed to the caller.
+        self.reason = reason or message

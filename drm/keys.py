@@ -1,0 +1,333 @@
+"""Keys and X.509 certificates: the store's root CA, its license-issuer key, device identities.
+
+Every signature is Ed25519 (pinned; a certificate with any other algorithm is refused).
+Key ids are SHA-256 of the public key's DER SubjectPublicKeyInfo (or raw bytes for KEM keys)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from drm._canonical import FormatError
+from drm.errors import LicenseRefused, UsageError
+
+# Private arc for edgemart's certificate extensions and key purposes (see docs/FORMAT.md).
+_ARC = "1.3.6.1.4.1.59999.7"
+OID_X25519_KEM = ObjectIdentifier(_ARC + ".1")  # raw 32-byte X25519 public key
+OID_MLKEM768_KEM = ObjectIdentifier(_ARC + ".2")  # raw ML-KEM-768 encapsulation key (hybrid suite)
+OID_MLDSA65_COSIGN = ObjectIdentifier(_ARC + ".3")  # raw ML-DSA-65 public key (issuer co-signature)
+EKU_LICENSE_ISSUER = ObjectIdentifier(_ARC + ".10")
+EKU_DEVICE = ObjectIdentifier(_ARC + ".11")
+EKU_BUNDLE_SIGNER = ObjectIdentifier(_ARC + ".12")
+MAX_CERT_BYTES = 16 * 1024
+_ED25519_SIG_OID = ObjectIdentifier("1.3.101.112")
+
+
+def key_id(public_key: ed25519.Ed25519PublicKey | bytes) -> str:
+    """Stable id of a public key: first 16 bytes of SHA-256 over its SPKI DER (or raw bytes), hex."""
+    if isinstance(public_key, (bytes, bytearray)):
+        raw = bytes(public_key)
+    else:
+        raw = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _utc(ts: int) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
+
+
+def _name(cn: str, org: str = "edgemart") -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def private_key_to_pem(key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def ed25519_from_pem(pem: bytes) -> ed25519.Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise UsageError("not a PEM private key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise UsageError("expected an Ed25519 private key")
+    return key
+
+
+def x25519_from_pem(pem: bytes) -> x25519.X25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise UsageError("not a PEM private key") from None
+    if not isinstance(key, x25519.X25519PrivateKey):
+        raise UsageError("expected an X25519 private key")
+    return key
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def cert_from_bytes(data: bytes) -> x509.Certificate:
+    """Load a certificate from PEM or DER, bounded in size; UsageError on garbage."""
+    if len(data) > MAX_CERT_BYTES:
+        raise FormatError("certificate too large")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise FormatError("not an X.509 certificate") from None
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: int, days: int) -> x509.CertificateBuilder:  # type: ignore[no-untyped-def]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_utc(now - 300))
+        .not_valid_after(_utc(now + days * 86400))
+    )
+
+
+@dataclass
+class Authority:
+    """The store's root CA (signs issuer and device certificates)."""
+
+    key: ed25519.Ed25519PrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def generate(cls, *, now: int, name: str = "edgemart store root", days: int = 3650) -> Authority:
+        key = ed25519.Ed25519PrivateKey.generate()
+        subj = _name(name)
+        cert = (
+            _builder(subj, subj, key.public_key(), now, days)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, None)
+        )
+        return cls(key, cert)
+
+    def issue_issuer(self, *, now: int, days: int = 1825, name: str = "edgemart license issuer", pq: bool = True) -> Issuer:
+        """A license-signing key certified by this CA, with an ML-DSA-65 co-signing key when ``pq``."""
+        key = ed25519.Ed25519PrivateKey.generate()
+        pq_key = mldsa.MLDSA65PrivateKey.generate() if pq else None
+        b = _builder(_name(name), self.cert.subject, key.public_key(), now, days)
+        b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        b = b.add_extension(x509.ExtendedKeyUsage([EKU_LICENSE_ISSUER, EKU_BUNDLE_SIGNER]), critical=False)
+        if pq_key is not None:
+            b = b.add_extension(
+                x509.UnrecognizedExtension(OID_MLDSA65_COSIGN, pq_key.public_key().public_bytes_raw()), critical=False
+            )
+        return Issuer(key, b.sign(self.key, None), pq_key)
+
+    def issue_device_cert(self, csr_pem: bytes, *, now: int, days: int = 825) -> x509.Certificate:
+        """Certify a device from its CSR; the device id is derived from its key, never taken from the CSR."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem) if csr_pem.lstrip().startswith(b"-----") else x509.load_der_x509_csr(csr_pem)
+        except ValueError:
+            raise UsageError("not a certificate signing request (PEM or DER)") from None
+        pub = csr.public_key()
+        if not isinstance(pub, ed25519.Ed25519PublicKey):
+            raise UsageError("device CSR must use an Ed25519 key")
+        if not csr.is_signature_valid:
+            raise UsageError("device CSR signature is invalid")
+        kem = _kem_keys_from(csr.extensions)
+        if kem.x25519 is None:
+            raise UsageError("device CSR lacks its X25519 key-agreement key")
+        return device_certificate(pub, kem, issuer_name=self.cert.subject, sign_with=self.key, now=now, days=days)
+
+
+@dataclass(frozen=True)
+class KemKeys:
+    x25519: bytes | None
+    mlkem768: bytes | None
+
+
+def _kem_keys_from(extensions: x509.Extensions) -> KemKeys:
+    found: dict[ObjectIdentifier, bytes] = {}
+    for ext in extensions:
+        if isinstance(ext.value, x509.UnrecognizedExtension):
+            found[ext.oid] = ext.value.value
+    x = found.get(OID_X25519_KEM)
+    m = found.get(OID_MLKEM768_KEM)
+    if x is not None and len(x) != 32:
+        raise UsageError("X25519 key extension has the wrong length")
+    if m is not None and len(m) != 1184:
+        raise UsageError("ML-KEM-768 key extension has the wrong length")
+    return KemKeys(x, m)
+
+
+def device_certificate(
+    pub: ed25519.Ed25519PublicKey,
+    kem: KemKeys,
+    *,
+    issuer_name: x509.Name | None,
+    sign_with: ed25519.Ed25519PrivateKey,
+    now: int,
+    days: int,
+) -> x509.Certificate:
+    subj = _name(key_id(pub), org="edgemart device")
+    b = _builder(subj, issuer_name or subj, pub, now, days)
+    b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    b = b.add_extension(x509.ExtendedKeyUsage([EKU_DEVICE]), critical=False)
+    if kem.x25519 is not None:
+        b = b.add_extension(x509.UnrecognizedExtension(OID_X25519_KEM, kem.x25519), critical=False)
+    if kem.mlkem768 is not None:
+        b = b.add_extension(x509.UnrecognizedExtension(OID_MLKEM768_KEM, kem.mlkem768), critical=False)
+    return b.sign(sign_with, None)
+
+
+@dataclass
+class Issuer:
+    """The store's license-signing identity: Ed25519 key + its certificate (+ optional ML-DSA-65 key)."""
+
+    key: ed25519.Ed25519PrivateKey
+    cert: x509.Certificate
+    pq_key: mldsa.MLDSA65PrivateKey | None = None
+
+    @property
+    def kid(self) -> str:
+        return key_id(self.key.public_key())
+
+
+@dataclass
+class DeviceKeys:
+    """A device's own keys, generated on the device; the private halves never leave it."""
+
+    sign: ed25519.Ed25519PrivateKey
+    kem: x25519.X25519PrivateKey
+    pq_kem: mlkem.MLKEM768PrivateKey | None = None
+
+    @classmethod
+    def generate(cls, *, pq: bool = True) -> DeviceKeys:
+        return cls(
+            ed25519.Ed25519PrivateKey.generate(),
+            x25519.X25519PrivateKey.generate(),
+            mlkem.MLKEM768PrivateKey.generate() if pq else None,
+        )
+
+    @property
+    def device_id(self) -> str:
+        return key_id(self.sign.public_key())
+
+    def kem_public(self) -> KemKeys:
+        return KemKeys(
+            self.kem.public_key().public_bytes_raw(),
+            self.pq_kem.public_key().public_bytes_raw() if self.pq_kem is not None else None,
+        )
+
+    def csr(self) -> bytes:
+        kem = self.kem_public()
+        b = x509.CertificateSigningRequestBuilder().subject_name(_name(self.device_id, org="edgemart device"))
+        b = b.add_extension(x509.UnrecognizedExtension(OID_X25519_KEM, kem.x25519), critical=False)  # type: ignore[arg-type]
+        if kem.mlkem768 is not None:
+            b = b.add_extension(x509.UnrecognizedExtension(OID_MLKEM768_KEM, kem.mlkem768), critical=False)
+        return b.sign(self.sign, None).public_bytes(serialization.Encoding.PEM)
+
+    def self_signed_cert(self, *, now: int, days: int = 825) -> x509.Certificate:
+        return device_certificate(
+            self.sign.public_key(), self.kem_public(), issuer_name=None, sign_with=self.sign, now=now, days=days
+        )
+
+    def to_files(self) -> dict[str, bytes]:
+        """Private key files (PEM / raw seed) the device stores 0600 in its own directory."""
+        files = {"sign.key": private_key_to_pem(self.sign), "kem.key": private_key_to_pem(self.kem)}
+        if self.pq_kem is not None:
+            files["pqkem.key"] = self.pq_kem.private_bytes_raw()
+        return files
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> DeviceKeys:
+        try:
+            pq = files.get("pqkem.key")
+            return cls(
+                ed25519_from_pem(files["sign.key"]),
+                x25519_from_pem(files["kem.key"]),
+                mlkem.MLKEM768PrivateKey.from_seed_bytes(pq) if pq else None,
+            )
+        except KeyError as exc:
+            raise UsageError(f"device key file {exc.args[0]} missing") from None
+        except ValueError:
+            raise UsageError("device key files are corrupt") from None
+
+
+# --------------------------------------------------------------------------- verification
+
+def cert_device_id(cert: x509.Certificate) -> str:
+    pub = cert.public_key()
+    if not isinstance(pub, ed25519.Ed25519PublicKey):
+        raise LicenseRefused(reason="certificate key is not Ed25519")
+    return key_id(pub)
+
+
+def cert_kem_keys(cert: x509.Certificate) -> KemKeys:
+    return _kem_keys_from(cert.extensions)
+
+
+def cert_mldsa_key(cert: x509.Certificate) -> mldsa.MLDSA65PublicKey | None:
+    for ext in cert.extensions:
+        if ext.oid == OID_MLDSA65_COSIGN and isinstance(ext.value, x509.UnrecognizedExtension):
+            return mldsa.MLDSA65PublicKey.from_public_bytes(ext.value.value)
+    return None
+
+
+def verify_cert(cert: x509.Certificate, root: x509.Certificate, *, now: int, purpose: ObjectIdentifier) -> None:
+    """Check ``cert`` was issued by the pinned ``root`` for ``purpose`` and is valid at ``now``.
+
+    Raises LicenseRefused (opaque) with the precise reason attached."""
+    if cert.signature_algorithm_oid != _ED25519_SIG_OID:
+        raise LicenseRefused(reason="certificate signature algorithm is not Ed25519")
+    if cert.issuer != root.subject:
+        raise LicenseRefused(reason="certificate was not issued by the pinned root")
+    root_pub = root.public_key()
+    if not isinstance(root_pub, ed25519.Ed25519PublicKey):
+        raise LicenseRefused(reason="pinned root key is not Ed25519")
+    try:
+        root_pub.verify(cert.signature, cert.tbs_certificate_bytes)
+    except InvalidSignature:
+        raise LicenseRefused(reason="certificate signature does not verify under the pinned root") from None
+    for c in (cert, root):
+        if not (c.not_valid_before_utc.timestamp() <= now <= c.not_valid_after_utc.timestamp()):
+            raise LicenseRefused(reason="certificate expired or not yet valid")
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise LicenseRefused(reason="certificate lacks basic constraints or key purpose") from None
+    if bc.ca:
+        raise LicenseRefused(reason="a CA certificate cannot be used as an end-entity")
+    if purpose not in eku:
+        raise LicenseRefused(reason="certificate is not authorized for this purpose")
+
+
+__all__ = [
+    "Authority",
+    "DeviceKeys",
+    "EKU_BUNDLE_SIGNER",
+    "EKU_DEVICE",
+    "EKU_LICENSE_ISSUER",
+    "ExtendedKeyUsageOID",
+    "Issuer",
+    "KemKeys",
+    "cert_device_id",
+    "cert_from_bytes",
+    "cert_kem_keys",
+    "cert_mldsa_key",
+    "cert_to_pem",
+    "key_id",
+    "verify_cert",
+]

@@ -1,0 +1,218 @@
+"""License tokens: signed claims binding a build to a device (or fleet key), a time window,
+a run cap and the build's content key wrapped to the device with HPKE (RFC 9180)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
+from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field
+from drm.envelope import sign_envelope, verify_envelope
+from drm.errors import LicenseRefused, UsageError
+from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys
+
+LICENSE_TYP = "edgemart-license/1"
+KINDS = ("eval", "production")
+SUITE_X25519 = "DHKEM-X25519-HKDF-SHA256/HKDF-SHA256/AES-256-GCM"
+SUITE_HYBRID = "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM"
+_SUITES = {
+    SUITE_X25519: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+    SUITE_HYBRID: hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+}
+_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class LicenseClaims:
+    license_id: str
+    kind: str
+    listing: str
+    build_hash: str
+    target: str
+    device_id: str | None
+    fleet_key_id: str | None
+    not_before: int
+    not_after: int | None
+    max_runs: int | None
+    issued_at: int
+    issuer_kid: str
+    wrapped_cek: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = 1
+        return d
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> LicenseClaims:
+        what = "license claims"
+        exact_keys(obj, set(cls.__dataclass_fields__) | {"v"}, what=what)
+        if field(obj, "v", int, what=what) != 1:
+            raise FormatError("license claims: unsupported version")
+        for name in ("license_id", "listing", "issuer_kid", "target"):
+            if not _ID.match(field(obj, name, str, what=what)):
+                raise FormatError(f"license claims: {name} has invalid characters or length")
+        if field(obj, "kind", str, what=what) not in KINDS:
+            raise FormatError("license claims: kind must be eval or production")
+        if not _HASH.match(field(obj, "build_hash", str, what=what)):
+            raise FormatError("license claims: build_hash must be sha256:<hex>")
+        dev = field(obj, "device_id", (str, type(None)), what=what)
+        fleet = field(obj, "fleet_key_id", (str, type(None)), what=what)
+        if (dev is None) == (fleet is None):
+            raise FormatError("license claims: exactly one of device_id and fleet_key_id")
+        for name in ("not_before", "issued_at"):
+            if field(obj, name, int, what=what) < 0:
+                raise FormatError(f"license claims: {name} negative")
+        na = field(obj, "not_after", (int, type(None)), what=what)
+        if na is not None and na <= obj["not_before"]:
+            raise FormatError("license claims: empty validity window")
+        mr = field(obj, "max_runs", (int, type(None)), what=what)
+        if mr is not None and mr < 0:
+            raise FormatError("license claims: max_runs negative")
+        wrapped = exact_keys(field(obj, "wrapped_cek", dict, what=what), {"enc", "suite"}, what="wrapped_cek")
+        if field(wrapped, "suite", str, what="wrapped_cek") not in _SUITES:
+            raise FormatError("license claims: key-wrapping suite not allowed")
+        field(wrapped, "enc", str, what="wrapped_cek")
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
+
+    @property
+    def binding_id(self) -> str:
+        return self.device_id or self.fleet_key_id or ""
+
+
+def _info(license_id: str, build_hash: str, binding_id: str) -> bytes:
+    return b"edgemart-cek/1\x00" + dumps([license_id, build_hash, binding_id])
+
+
+def wrap_cek(cek: bytes, recipient: KemKeys, *, license_id: str, build_hash: str, binding_id: str) -> dict[str, str]:
+    """HPKE-seal the content key to the recipient; the hybrid PQ suite when it has an ML-KEM key."""
+    if recipient.mlkem768 is not None and recipient.x25519 is not None:
+        suite_id = SUITE_HYBRID
+        pub: Any = hpke.MLKEM768X25519PublicKey(
+            mlkem.MLKEM768PublicKey.from_public_bytes(recipient.mlkem768),
+            x25519.X25519PublicKey.from_public_bytes(recipient.x25519),
+        )
+    elif recipient.x25519 is not None:
+        suite_id, pub = SUITE_X25519, x25519.X25519PublicKey.from_public_bytes(recipient.x25519)
+    else:
+        raise UsageError("recipient has no key-agreement key")
+    enc = _SUITES[suite_id].encrypt(bytes(cek), pub, info=_info(license_id, build_hash, binding_id))
+    return {"enc": b64e(enc), "suite": suite_id}
+
+
+def unwrap_cek(claims: LicenseClaims, keys: DeviceKeys | x25519.X25519PrivateKey) -> bytes:
+    """Recover the content key with the device's (or fleet's) private key; opaque refusal on failure."""
+    suite_id = claims.wrapped_cek["suite"]
+    try:
+        enc = b64d(claims.wrapped_cek["enc"], what="wrapped_cek", max_len=4096)
+        if isinstance(keys, DeviceKeys):
+            if suite_id == SUITE_HYBRID:
+                if keys.pq_kem is None:
+                    raise LicenseRefused(reason="license uses the hybrid suite but the device has no ML-KEM key")
+                priv: Any = hpke.MLKEM768X25519PrivateKey(keys.pq_kem, keys.kem)
+            else:
+                priv = keys.kem
+        else:
+            if suite_id != SUITE_X25519:
+                raise LicenseRefused(reason="fleet keys use the X25519 suite")
+            priv = keys
+        cek = _SUITES[suite_id].decrypt(enc, priv, info=_info(claims.license_id, claims.build_hash, claims.binding_id))
+    except LicenseRefused:
+        raise
+    except Exception:  # noqa: BLE001 - any HPKE failure is one opaque refusal; the reason is recorded
+        raise LicenseRefused(reason="content key unwrap failed (wrong device key or tampered binding)") from None
+    if len(cek) != 32:
+        raise LicenseRefused(reason="unwrapped content key has the wrong length")
+    return cek
+
+
+def new_license_id() -> str:
+    return "lic_" + secrets.token_hex(12)
+
+
+def issue_license(
+    *,
+    issuer: Issuer,
+    cek: bytes,
+    recipient: KemKeys,
+    kind: str,
+    listing: str,
+    build_hash: str,
+    target: str,
+    now: int,
+    days: float | None,
+    max_runs: int | None,
+    device_id: str | None = None,
+    fleet_key_id: str | None = None,
+    license_id: str | None = None,
+) -> bytes:
+    """Issue a signed license token (bytes of canonical JSON)."""
+    lid = license_id or new_license_id()
+    binding = device_id or fleet_key_id or ""
+    claims = LicenseClaims(
+        license_id=lid,
+        kind=kind,
+        listing=listing,
+        build_hash=build_hash,
+        target=target,
+        device_id=device_id,
+        fleet_key_id=fleet_key_id,
+        not_before=now - 60,
+        not_after=None if days is None else now + int(days * 86400),
+        max_runs=max_runs,
+        issued_at=now,
+        issuer_kid=issuer.kid,
+        wrapped_cek=wrap_cek(cek, recipient, license_id=lid, build_hash=build_hash, binding_id=binding),
+    )
+    LicenseClaims.from_dict(claims.to_dict())  # the issuer refuses to sign what a verifier would reject
+    return sign_envelope(LICENSE_TYP, claims.to_dict(), issuer)
+
+
+@dataclass(frozen=True)
+class VerifiedLicense:
+    claims: LicenseClaims
+    issuer_cert: x509.Certificate
+    pq_verified: bool
+
+
+def verify_license(
+    token: bytes,
+    *,
+    root: x509.Certificate,
+    now: int,
+    device_id: str | None = None,
+    fleet_key_ids: frozenset[str] = frozenset(),
+    build_hash: str | None = None,
+    revoked: frozenset[str] = frozenset(),
+    require_pq: bool = False,
+) -> VerifiedLicense:
+    """Verify signature chain and claims at ``now``. Raises LicenseRefused (opaque message, precise .reason)."""
+    verified = verify_envelope(token, LICENSE_TYP, root=root, now=now, purpose=EKU_LICENSE_ISSUER, require_pq=require_pq)
+    try:
+        claims = LicenseClaims.from_dict(verified.payload)
+    except FormatError as exc:
+        raise LicenseRefused(reason=f"malformed claims: {exc.message}") from None
+    from drm.keys import key_id
+
+    if claims.issuer_kid != key_id(verified.issuer_cert.public_key()):  # type: ignore[arg-type]
+        raise LicenseRefused(reason="issuer_kid does not match the signing certificate")
+    if claims.license_id in revoked:
+        raise LicenseRefused(reason=f"license {claims.license_id} is revoked")
+    if claims.device_id is not None and claims.device_id != device_id:
+        raise LicenseRefused(reason="license is bound to another device")
+    if claims.fleet_key_id is not None and claims.fleet_key_id not in fleet_key_ids:
+        raise LicenseRefused(reason="license is bound to a fleet key this device does not hold")
+    if build_hash is not None and claims.build_hash != build_hash:
+        raise LicenseRefused(reason="license is for another build")
+    if now < claims.not_before:
+        raise LicenseRefused(reason="license is not yet valid")
+    if claims.not_after is not None and now >= claims.not_after:
+        raise LicenseRefused(reason="license has expired")
+    return VerifiedLicense(claims, verified.issuer_cert, verified.pq_verified)

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real model corpus built by ../shared/corpus/fetch.sh (make test builds it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(os.environ.get("EDGEMART_CORPUS", Path.home() / ".cache" / "edgemart-corpus"))
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not (CORPUS / "manifest.json").is_file():
+        pytest.fail(f"test corpus missing at {CORPUS}: run `make corpus` (bash ../shared/corpus/fetch.sh)")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def manifest(corpus: Path) -> dict:
+    return json.loads((corpus / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def digits_base(corpus: Path) -> Path:
+    return corpus / "models" / "digits" / "digits_mlp_base.onnx"
+
+
+@pytest.fixture(scope="session")
+def digits_test(corpus: Path) -> Path:
+    return corpus / "data" / "digits" / "digits_test.npz"
+
+
+@pytest.fixture(scope="session")
+def digits_calibration(corpus: Path) -> Path:
+    return corpus / "data" / "digits" / "digits_calibration.npz"
