@@ -99,6 +99,13 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: int, days: 
     )
 
 
+def _check_pair(key: ed25519.Ed25519PrivateKey, cert: x509.Certificate, what: str) -> None:
+    if not isinstance(cert.public_key(), ed25519.Ed25519PublicKey) or key_id(cert.public_key()) != key_id(  # type: ignore[arg-type]
+        key.public_key()
+    ):
+        raise UsageError(f"{what} key does not match its certificate")
+
+
 @dataclass
 class Authority:
     """The store's root CA (signs issuer and device certificates)."""
@@ -149,6 +156,20 @@ class Authority:
         if kem.x25519 is None:
             raise UsageError("device CSR lacks its X25519 key-agreement key")
         return device_certificate(pub, kem, issuer_name=self.cert.subject, sign_with=self.key, now=now, days=days)
+
+    def to_files(self) -> dict[str, bytes]:
+        """``root.key`` (PKCS#8 PEM) and ``root.crt`` (PEM), as the key vault stores them."""
+        return {"root.key": private_key_to_pem(self.key), "root.crt": cert_to_pem(self.cert)}
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> Authority:
+        try:
+            key = ed25519_from_pem(files["root.key"])
+            cert = cert_from_bytes(files["root.crt"])
+        except KeyError as exc:
+            raise UsageError(f"authority key file {exc.args[0]} missing") from None
+        _check_pair(key, cert, "root")
+        return cls(key, cert)
 
 
 @dataclass(frozen=True)
@@ -202,6 +223,35 @@ class Issuer:
     @property
     def kid(self) -> str:
         return key_id(self.key.public_key())
+
+    def to_files(self) -> dict[str, bytes]:
+        """``issuer.key`` (PKCS#8 PEM), ``issuer.crt`` (PEM) and ``issuer-pq.key`` (32-byte ML-DSA-65 seed)."""
+        files = {"issuer.key": private_key_to_pem(self.key), "issuer.crt": cert_to_pem(self.cert)}
+        if self.pq_key is not None:
+            files["issuer-pq.key"] = self.pq_key.private_bytes_raw()
+        return files
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> Issuer:
+        try:
+            key = ed25519_from_pem(files["issuer.key"])
+            cert = cert_from_bytes(files["issuer.crt"])
+        except KeyError as exc:
+            raise UsageError(f"issuer key file {exc.args[0]} missing") from None
+        _check_pair(key, cert, "issuer")
+        seed = files.get("issuer-pq.key")
+        pq_key = None
+        if seed is not None:
+            try:
+                pq_key = mldsa.MLDSA65PrivateKey.from_seed_bytes(seed)
+            except ValueError:
+                raise UsageError("issuer-pq.key is not a 32-byte ML-DSA-65 seed") from None
+        cert_pq = cert_mldsa_key(cert)
+        mine = None if pq_key is None else pq_key.public_key().public_bytes_raw()
+        theirs = None if cert_pq is None else cert_pq.public_bytes_raw()
+        if mine != theirs:
+            raise UsageError("issuer-pq.key does not match the ML-DSA-65 key in issuer.crt")
+        return cls(key, cert, pq_key)
 
 
 @dataclass

@@ -1,0 +1,3 @@
+from edgemart.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The `edgemart` command: maps command groups to the package that owns them and errors to exit codes.
+
+Only the group named on the command line is imported, so `edgemart device ...` never loads
+flask, onnx or the packagers on a dev board."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from drm.errors import EdgemartError, LicenseRefused
+
+# group -> (module providing register(subparsers), one-line help)
+GROUPS: dict[str, tuple[str, str]] = {
+    "store": ("store.cli", "run the store server, create users"),
+    "seller": ("store.cli", "upload models to a store"),
+    "device": ("edge_runtime.cli", "device side: init, enroll, fetch, eval, run chains, sync usage"),
+    "package": ("packagers.cli", "quantize and package a model for a target, offline"),
+    "licenses": ("licenses.cli", "license-compliance check and open-model index"),
+    "drm": ("edgemart.drm_cli", "offline key generation, sealing and license issuing"),
+    "bundle": ("edgemart.bundle_cli", "firmware bundles: build, verify, install"),
+    "bench": ("edgemart.bench_cli", "run the benchmarks in bench/ side by side"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser(group: str | None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgemart", description="A store for ML model IP aimed at edge devices.")
+    parser.add_argument("--version", action="version", version="edgemart 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    modules_done: set[str] = set()
+    for name, (module, help_text) in GROUPS.items():
+        if group == name and module not in modules_done:
+            importlib.import_module(module).register(sub)
+            modules_done.add(module)
+        elif name not in sub.choices and (group is None or group != name):
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    group = next((a for a in args_list if not a.startswith("-")), None)
+    if group is not None and group not in GROUPS:
+        sys.stderr.write(f"edgemart: error: unknown command {group!r} (choose from {', '.join(GROUPS)})\n")
+        return 2
+    try:
+        parser = build_parser(group)
+        args = parser.parse_args(args_list)
+        func = getattr(args, "func", None)
+        if func is None:
+            if group is None:
+                parser.print_help()
+                return 0 if not args_list else 2
+            parser.parse_args([group, "--help"])
+            return 2
+        return int(func(args) or 0)
+    except LicenseRefused as exc:
+        sys.stderr.write(f"edgemart: {exc.message}\n")
+        return exc.exit_code
+    except EdgemartError as exc:
+        sys.stderr.write(f"edgemart: {'refused' if exc.exit_code == 1 else 'error'}: {exc.diagnostics()}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("edgemart: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:
+        # File-system problems on user-supplied paths are bad input, not crashes.
+        sys.stderr.write(f"edgemart: error: {exc.strerror or exc}: {exc.filename or ''}\n".replace(": \n", "\n"))
+        return 2
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, full trace only on request
+        if os.environ.get("EDGEMART_DEBUG"):
+            raise
+        sys.stderr.write(f"edgemart: internal error: {exc.__class__.__name__}: {exc} (set EDGEMART_DEBUG=1 for a trace)\n")
+        return 70
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

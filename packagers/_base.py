@@ -1,0 +1,309 @@
+"""The packager registry, typed option parsing, the `Build` result and the shared package-then-measure flow.
+
+A target subclasses `Packager`, declares a frozen options dataclass and implements `convert`; the quality
+report is measured here, identically for every target."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import platform
+import time
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from drm.errors import UsageError
+from packagers._data import bind_samples, require_static_shapes, sample_count, synthetic_inputs, take
+from packagers._model import ModelInfo, inspect_model
+from packagers._runtime import OnnxRunner, median_latencies_ms, runner_for
+from packagers.quality import QualityReport, compare_outputs, verdict
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class QualityOptions:
+    """Options every target shares: the verdict thresholds and how figures are measured."""
+
+    min_agreement: float = 0.98  # top-1 agreement with fp32 for classifier outputs
+    min_snr_db: float = 20.0  # SNR against fp32 for every other float output
+    latency_runs: int = 30  # timed runs per model (median reported), interleaved fp32/build
+    latency_threads: int = 1  # intra-op threads for timing, like a small board's single big core
+    max_quality_samples: int = 500  # samples per split used for agreement figures
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"option min_agreement must be in [0, 1], got {self.min_agreement}")
+        if self.latency_runs < 1:
+            raise UsageError(f"option latency_runs must be >= 1, got {self.latency_runs}")
+        if self.latency_threads < 0:
+            raise UsageError(f"option latency_threads must be >= 0, got {self.latency_threads}")
+        if self.max_quality_samples < 1:
+            raise UsageError(f"option max_quality_samples must be >= 1, got {self.max_quality_samples}")
+
+
+@dataclass(frozen=True)
+class Build:
+    """One packaged model for one target, with the figures that say how good it is."""
+
+    target: str
+    payload: bytes = field(repr=False)
+    format: str
+    build_hash: str
+    metadata: dict
+    quality: QualityReport
+
+
+@dataclass
+class Conversion:
+    """What a target's `convert` hands back to the shared flow."""
+
+    payload: bytes
+    format: str
+    metadata: dict = field(default_factory=dict)
+    worst_layers: list = field(default_factory=list)
+    suggested_nodes_to_exclude: list = field(default_factory=list)
+    float_ops: dict = field(default_factory=dict)
+    quantized_ops: dict = field(default_factory=dict)
+    op_compatibility: dict | None = None
+    notes: list = field(default_factory=list)
+
+
+class Packager(ABC):
+    """Base class of every target; subclasses are registered with `@register`."""
+
+    target: ClassVar[str]
+    options_type: ClassVar[type[QualityOptions]] = QualityOptions
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, options: QualityOptions | Mapping[str, Any] | None = None) -> None:
+        if isinstance(options, QualityOptions):
+            if not isinstance(options, self.options_type):
+                raise UsageError(f"target {self.target} takes {self.options_type.__name__} options")
+            self.options = options
+        else:
+            self.options = parse_options(self.options_type, options, self.target)
+
+    @abstractmethod
+    def convert(
+        self, model: bytes, info: ModelInfo, calibration: dict[str, np.ndarray] | None, progress: Progress
+    ) -> Conversion:
+        """Produce the payload (and any target-specific figures) from the validated model."""
+
+    def check_input(self, info: ModelInfo) -> None:
+        """Reject models this target cannot take, before any work is done."""
+        if info.format != "onnx":
+            raise UsageError(
+                f"target {self.target} takes ONNX models; this is a {info.format} model "
+                f"(TFLite input is only accepted by coral-edgetpu)"
+            )
+
+    def package(
+        self,
+        model: bytes,
+        *,
+        calibration: Mapping[str, np.ndarray] | None = None,
+        holdout: Mapping[str, np.ndarray] | None = None,
+        progress: Progress | None = None,
+    ) -> Build:
+        report = progress or (lambda fraction, message: None)
+        model = bytes(model)
+        report(0.0, "inspecting model")
+        info = inspect_model(model)
+        self.check_input(info)
+        cal = bind_samples(info, calibration, "calibration") if calibration is not None else None
+        hold = bind_samples(info, holdout, "holdout") if holdout is not None else None
+        if cal is None:
+            require_static_shapes(info, f"target {self.target}")
+            if self.needs_calibration:
+                raise UsageError(
+                    f"target {self.target} quantizes activations and needs calibration samples "
+                    "(--calibration PATH.npz keyed by input name, or 'x')"
+                )
+        started = time.perf_counter()
+        conversion = self.convert(model, info, cal, lambda f, m: report(0.05 + 0.6 * f, m))
+        seconds = time.perf_counter() - started
+        report(0.7, "measuring quality against fp32")
+        quality = self._measure(model, info, conversion, cal, hold)
+        metadata = {
+            "target": self.target,
+            "options": dataclasses.asdict(self.options),
+            "input_signature": [s.to_dict() for s in info.inputs],
+            "output_signature": [s.to_dict() for s in info.outputs],
+            "source_format": info.format,
+            "source_opsets": dict(info.opsets),
+            "tool_versions": tool_versions(),
+            "packaging_seconds": round(seconds, 3),
+            "machine": platform.machine(),
+            **conversion.metadata,
+        }
+        report(1.0, "done")
+        return Build(
+            target=self.target,
+            payload=conversion.payload,
+            format=conversion.format,
+            build_hash="sha256:" + hashlib.sha256(conversion.payload).hexdigest(),
+            metadata=metadata,
+            quality=quality,
+        )
+
+    def _measure(self, model: bytes, info: ModelInfo, conv: Conversion, cal, hold) -> QualityReport:
+        opts = self.options
+        threads = opts.latency_threads
+        fp32 = OnnxRunner(model, threads) if info.format == "onnx" else runner_for(model, "tflite", threads)
+        built = runner_for(conv.payload, conv.format, threads)
+        notes = list(conv.notes)
+        agreement: dict[str, dict] = {}
+        for split, samples in (("calibration", cal), ("holdout", hold)):
+            if samples is None:
+                continue
+            n = min(sample_count(samples), opts.max_quality_samples)
+            subset = take(samples, slice(0, n))
+            agreement[split] = compare_outputs(fp32.run_all(subset, info), built.run_all(subset, info))
+        if hold is None:
+            notes.append("no holdout samples given: agreement on calibration samples alone is optimistic")
+        if not agreement:
+            notes.append("no samples given: agreement not measured, latency measured on synthetic inputs")
+        timing_source = hold if hold is not None else cal
+        feed = _first_batch(timing_source if timing_source is not None else synthetic_inputs(info, 1), info)
+        fp32_ms, build_ms = median_latencies_ms([fp32, built], feed, opts.latency_runs)
+        batch = sample_count(feed)
+        passed, reason = verdict(agreement, opts.min_agreement, opts.min_snr_db)
+        if not passed and conv.suggested_nodes_to_exclude:
+            reason += "; suggested: --option nodes_to_exclude=" + ",".join(conv.suggested_nodes_to_exclude)
+        return QualityReport(
+            target=self.target,
+            format=conv.format,
+            size={
+                "fp32_bytes": len(model),
+                "build_bytes": len(conv.payload),
+                "ratio": round(len(conv.payload) / len(model), 4),
+            },
+            latency={
+                "fp32_ms": round(fp32_ms, 4),
+                "build_ms": round(build_ms, 4),
+                "ratio": round(build_ms / fp32_ms, 4) if fp32_ms > 0 else None,
+                "runs": opts.latency_runs,
+                "batch": batch,
+                "threads": threads,
+                "machine": platform.machine(),
+            },
+            agreement=agreement,
+            thresholds={"min_agreement": opts.min_agreement, "min_snr_db": opts.min_snr_db},
+            passed=passed,
+            verdict_reason=reason,
+            worst_layers=conv.worst_layers,
+            float_ops=conv.float_ops,
+            quantized_ops=conv.quantized_ops,
+            suggested_nodes_to_exclude=conv.suggested_nodes_to_exclude,
+            op_compatibility=conv.op_compatibility,
+            notes=notes,
+        )
+
+
+def _first_batch(samples: Mapping[str, np.ndarray], info: ModelInfo) -> dict[str, np.ndarray]:
+    fixed = [s.shape[0] for s in info.inputs if s.shape and s.shape[0] is not None]
+    return take(samples, slice(0, fixed[0] if fixed else 1))
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("onnx", "onnxruntime", "ai-edge-litert", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------- registry and options
+
+_REGISTRY: dict[str, type[Packager]] = {}
+
+
+def register(cls: type[Packager]) -> type[Packager]:
+    if cls.target in _REGISTRY:
+        raise ValueError(f"target {cls.target} registered twice")
+    _REGISTRY[cls.target] = cls
+    return cls
+
+
+def registered_targets() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_packager(target: str, options: Mapping[str, Any] | QualityOptions | None = None) -> Packager:
+    """The packager for `target`, configured with typed `options`; UsageError lists the valid targets."""
+    try:
+        cls = _REGISTRY[target]
+    except (KeyError, TypeError):
+        raise UsageError(f"unknown target {target!r}; valid targets: {', '.join(registered_targets())}") from None
+    return cls(options)
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_options(cls: type[QualityOptions], raw: Mapping[str, Any] | None, target: str) -> QualityOptions:
+    """Build the frozen options dataclass from a mapping; strings (CLI `key=value`) are coerced by type."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"options for target {target} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in hints or key not in names:
+            raise UsageError(f"unknown option {key!r} for target {target}; valid options: {', '.join(names)}")
+        values[key] = _coerce(key, value, hints[key], target)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, hint: Any, target: str) -> Any:
+    where = f"option {key} for target {target}"
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise UsageError(f"{where} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise UsageError(f"{where} must be true or false, got {value!r}")
+    if hint is int or hint is float:
+        if isinstance(value, bool):
+            raise UsageError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, int | float) and (hint is float or float(value).is_integer()):
+            return hint(value)
+        if isinstance(value, str):
+            try:
+                return hint(value.strip())
+            except ValueError:
+                pass
+        raise UsageError(f"{where} must be {'an integer' if hint is int else 'a number'}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            items = list(value)
+        else:
+            raise UsageError(f"{where} must be a comma-separated list of names, got {value!r}")
+        return tuple(items)
+    if hint is str or origin in (typing.Union, types.UnionType):
+        if not isinstance(value, str):
+            raise UsageError(f"{where} must be a string, got {value!r}")
+        return value
+    raise UsageError(f"{where} has an unsupported type")

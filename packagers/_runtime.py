@@ -1,0 +1,123 @@
+"""Run ONNX and TFLite payloads from bytes, batched, for quality figures and timing.
+
+One `Runner` per model; outputs come back as a dict keyed by output name."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from drm.errors import UsageError
+from packagers._data import batches
+from packagers._model import ModelInfo
+
+
+class Runner:
+    """Common interface: `run(feeds) -> {output name: array}` for one batch."""
+
+    output_names: tuple[str, ...]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def run_all(self, samples: Mapping[str, np.ndarray], info: ModelInfo, max_batch: int = 64):
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
+        for feed in batches(samples, info, max_batch):
+            for name, value in self.run(feed).items():
+                parts[name].append(value)
+        return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+
+class OnnxRunner(Runner):
+    def __init__(self, model: bytes, threads: int = 0, output_names: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        except (RuntimeError, ValueError) as exc:  # ORT raises its own Fail/InvalidGraph (RuntimeError)
+            first = str(exc).strip().splitlines()[0][:400]
+            raise UsageError(f"onnxruntime cannot load the model: {first}") from None
+        self.output_names = tuple(output_names or (o.name for o in self.session.get_outputs()))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(list(self.output_names), dict(feeds))
+        return dict(zip(self.output_names, values, strict=True))
+
+
+def make_litert_interpreter(model: bytes, threads: int = 1):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except ImportError:
+            raise UsageError("running TFLite needs ai-edge-litert: pip install edgemart[packagers]") from None
+    try:
+        return Interpreter(model_content=bytes(model), num_threads=max(threads, 1))
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"LiteRT cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+class TfliteRunner(Runner):
+    """LiteRT interpreter from bytes; resizes the batch axis to each feed and quantizes int8 I/O."""
+
+    def __init__(self, model: bytes, threads: int = 1) -> None:
+        self.interpreter = make_litert_interpreter(model, threads)
+        self.interpreter.allocate_tensors()
+        self.inputs = self.interpreter.get_input_details()
+        self.output_names = tuple(d["name"] for d in self.interpreter.get_output_details())
+        self._shape: dict[int, tuple[int, ...]] = {d["index"]: tuple(d["shape"]) for d in self.inputs}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        resized = False
+        for detail in self.inputs:
+            array = feeds[detail["name"]]
+            if tuple(array.shape) != self._shape[detail["index"]]:
+                self.interpreter.resize_tensor_input(detail["index"], list(array.shape), strict=True)
+                self._shape[detail["index"]] = tuple(array.shape)
+                resized = True
+        if resized:
+            self.interpreter.allocate_tensors()
+        for detail in self.inputs:
+            array = feeds[detail["name"]]
+            if detail["dtype"] in (np.int8, np.uint8) and array.dtype.kind == "f":
+                scale, zero = detail["quantization"]
+                info = np.iinfo(detail["dtype"])
+                array = np.clip(np.round(array / scale) + zero, info.min, info.max).astype(detail["dtype"])
+            self.interpreter.set_tensor(detail["index"], array)
+        self.interpreter.invoke()
+        out = {}
+        for detail in self.interpreter.get_output_details():
+            value = self.interpreter.get_tensor(detail["index"]).copy()
+            if detail["dtype"] in (np.int8, np.uint8):
+                scale, zero = detail["quantization"]
+                value = (value.astype(np.float32) - zero) * np.float32(scale)
+            out[detail["name"]] = value
+        return out
+
+
+def runner_for(model: bytes, fmt: str, threads: int = 0) -> Runner:
+    return TfliteRunner(model, threads or 1) if fmt == "tflite" else OnnxRunner(model, threads)
+
+
+def median_latencies_ms(
+    runners: Sequence[Runner], feed: Mapping[str, np.ndarray], runs: int, warmup: int = 3
+) -> list[float]:
+    """Median wall time per runner, runs interleaved so both see the same machine state."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.run(feed)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(max(runs, 1)):
+        for i, runner in enumerate(runners):
+            start = time.perf_counter()
+            runner.run(feed)
+            times[i].append((time.perf_counter() - start) * 1000.0)
+    return [float(np.median(t)) for t in times]
