@@ -1,7 +1,8 @@
 """Canonical JSON: the one byte encoding every signed or hashed drm structure uses.
 
-Sorted keys, no insignificant white space, UTF-8, integers only (no floats), binary as
-unpadded base64url. Parsing is strict and bounded (size, depth, duplicate keys rejected)."""
+RFC 8785 (JCS) restricted to integers |n| < 2**53 and no floats: members sorted by UTF-16 code
+units, no insignificant white space, UTF-8; binary as unpadded base64url. Parsing is strict and
+bounded (size, depth, integer digits, duplicate keys and any non-canonical byte rejected)."""
 
 from __future__ import annotations
 
@@ -20,34 +21,44 @@ class FormatError(UsageError):
     code = "malformed"
 
 
-def _check_value(value: Any, depth: int = 0) -> None:
-    if depth > 16:
+# JCS (RFC 8785) serializes numbers as IEEE doubles; integers within +-(2**53 - 1) print exactly.
+MAX_INT = 2**53 - 1
+MAX_DEPTH = 16
+
+
+def _utf16_key(key: str) -> bytes:
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _normalize(value: Any, depth: int = 0) -> Any:
+    """Validate ``value`` and return it with object members in RFC 8785 order (UTF-16 code units)."""
+    if depth > MAX_DEPTH:
         raise FormatError("structure nested too deeply")
     if isinstance(value, bool) or value is None or isinstance(value, str):
-        return
+        return value
     if isinstance(value, int):
-        if abs(value) > 2**63 - 1:
+        if abs(value) > MAX_INT:
             raise FormatError("integer out of range")
-        return
+        return value
     if isinstance(value, float):
         raise FormatError("floats are not allowed in canonical JSON")
     if isinstance(value, dict):
-        for k, v in value.items():
+        for k in value:
             if not isinstance(k, str):
                 raise FormatError("object keys must be strings")
-            _check_value(v, depth + 1)
-        return
+        return {k: _normalize(value[k], depth + 1) for k in sorted(value, key=_utf16_key)}
     if isinstance(value, (list, tuple)):
-        for v in value:
-            _check_value(v, depth + 1)
-        return
+        return [_normalize(v, depth + 1) for v in value]
     raise FormatError(f"type {type(value).__name__} is not allowed in canonical JSON")
 
 
 def dumps(value: Any) -> bytes:
-    """Canonical bytes of a JSON-able value."""
-    _check_value(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Canonical bytes of a JSON-able value (RFC 8785 for this subset: no floats, |int| < 2**53)."""
+    try:
+        text = json.dumps(_normalize(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError("string is not valid Unicode (lone surrogate)") from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -63,26 +74,35 @@ def _reject_constant(name: str) -> Any:
     raise FormatError(f"non-standard JSON constant {name}")
 
 
-def loads(data: bytes, *, max_size: int, what: str, require_canonical: bool = True) -> Any:
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 16:  # 2**53 has 16 digits; stops the 4300-digit int() DoS early
+        raise FormatError("integer out of range")
+    return int(text)
+
+
+def loads(
+    data: bytes | bytearray | memoryview, *, max_size: int, what: str, require_canonical: bool = True
+) -> Any:
     """Parse canonical JSON bytes, bounded by ``max_size``; reject anything non-canonical."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FormatError(f"{what}: expected bytes")
     if len(data) > max_size:
         raise FormatError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
+    raw = bytes(data)
     try:
-        text = bytes(data).decode("utf-8")
         value = json.loads(
-            text,
+            raw.decode("utf-8"),
             object_pairs_hook=_no_duplicates,
-            parse_float=lambda s: _reject_constant("float " + s),
+            parse_float=lambda s: _reject_constant("float " + s[:20]),
+            parse_int=_bounded_int,
             parse_constant=_reject_constant,
         )
+        canonical = dumps(value)
     except FormatError as exc:
         raise FormatError(f"{what}: {exc.message}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FormatError(f"{what}: not valid JSON ({exc.__class__.__name__})") from None
-    _check_value(value)
-    if require_canonical and dumps(value) != bytes(data):
+    if require_canonical and canonical != raw:
         raise FormatError(f"{what}: not in canonical form")
     return value
 

@@ -7,11 +7,14 @@ AAD = SHA-256(prefix bytes + header) || index u32be || final u8."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
+import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -25,6 +28,9 @@ AEAD_ID = "AES-256-GCM"
 TAG_LEN = 16
 KEY_LEN = 32
 _PREFIX = struct.Struct(">8sBI")  # magic, version, header length
+_BUILD_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_TARGET = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,62}/[a-z0-9][a-z0-9.+\-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class ContainerHeader:
     @classmethod
     def parse(cls, data: bytes, limits: ContainerLimits = DEFAULT_LIMITS) -> tuple[ContainerHeader, int]:
         """Parse the header at the start of ``data``; return it and the offset of chunk 0."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise FormatError("container: expected bytes")
         if len(data) < _PREFIX.size:
             raise FormatError("container: too short for a header")
         magic, version, hlen = _PREFIX.unpack_from(data)
@@ -94,7 +102,16 @@ class ContainerHeader:
         what = "container header"
         exact_keys(
             obj,
-            {"aead", "build_hash", "chunk_size", "media_type", "nonce_prefix", "plaintext_len", "target", "v"},
+            {
+                "aead",
+                "build_hash",
+                "chunk_size",
+                "media_type",
+                "nonce_prefix",
+                "plaintext_len",
+                "target",
+                "v",
+            },
             what=what,
         )
         if field(obj, "v", int, what=what) != VERSION:
@@ -109,12 +126,12 @@ class ContainerHeader:
         if not 0 <= plen <= limits.max_plaintext_bytes:
             raise FormatError(f"container header: plaintext_len {plen} out of bounds")
         build_hash = field(obj, "build_hash", str, what=what)
-        if not (build_hash.startswith("sha256:") and len(build_hash) == 71):
+        if not _BUILD_HASH.match(build_hash):
             raise FormatError("container header: build_hash must be sha256:<64 hex>")
         target = field(obj, "target", str, what=what)
         media_type = field(obj, "media_type", str, what=what)
-        if len(target) > 64 or len(media_type) > 128:
-            raise FormatError("container header: target or media_type too long")
+        if not _TARGET.match(target) or not _MEDIA_TYPE.match(media_type):
+            raise FormatError("container header: target or media_type malformed")
         prefix = b64d(field(obj, "nonce_prefix", str, what=what), what="nonce_prefix", max_len=8)
         if len(prefix) != 8:
             raise FormatError("container header: nonce_prefix must be 8 bytes")
@@ -141,9 +158,50 @@ def _check_key(key: bytes) -> AESGCM:
     return AESGCM(bytes(key))
 
 
+def _new_header(
+    *,
+    build_hash: str,
+    target: str,
+    media_type: str,
+    plaintext_len: int,
+    chunk_size: int | None,
+    nonce_prefix: bytes | None,
+    limits: ContainerLimits,
+) -> tuple[ContainerHeader, bytes]:
+    if nonce_prefix is not None and (not isinstance(nonce_prefix, bytes) or len(nonce_prefix) != 8):
+        raise UsageError("nonce_prefix must be 8 bytes")
+    header = ContainerHeader(
+        build_hash=build_hash,
+        target=target,
+        chunk_size=chunk_size or limits.default_chunk_size,
+        plaintext_len=plaintext_len,
+        nonce_prefix=os.urandom(8) if nonce_prefix is None else nonce_prefix,
+        media_type=media_type,
+    )
+    head = header.to_bytes()
+    ContainerHeader.parse(head, limits)  # the writer applies the same validation as a reader
+    return header, head
+
+
+# A source is ``read(n) -> bytes`` or a binary file; a sink is ``write(bytes)`` or a binary file.
+Source = Callable[[int], bytes] | BinaryIO
+Sink = Callable[[bytes], object] | BinaryIO
+
+
+def _read_exact(source: Source, buf: memoryview) -> int:
+    """Fill ``buf`` from a file object (short reads are retried); return how many bytes arrived."""
+    got = 0
+    while got < len(buf):
+        n = source.readinto(buf[got:])  # type: ignore[union-attr]
+        if not n:
+            break
+        got += n
+    return got
+
+
 def seal_stream(
-    read: Callable[[int], bytes],
-    write: Callable[[bytes], object],
+    read: Source,
+    write: Sink,
     *,
     key: bytes,
     plaintext_len: int,
@@ -152,68 +210,97 @@ def seal_stream(
     media_type: str = "application/octet-stream",
     chunk_size: int | None = None,
     limits: ContainerLimits = DEFAULT_LIMITS,
+    nonce_prefix: bytes | None = None,
 ) -> ContainerHeader:
-    """Seal ``plaintext_len`` bytes pulled from ``read`` into ``write``, one chunk in memory at a time.
+    """Seal ``plaintext_len`` bytes from ``read`` into ``write``, one chunk in memory at a time.
 
-    The caller supplies ``build_hash`` (``sha256:`` of the plaintext) since the header comes first;
-    opening recomputes and checks it."""
+    ``read`` is ``read(n) -> bytes`` or a binary file (read with ``readinto`` into one reused
+    buffer); ``write`` is ``write(bytes)`` or a binary file (fed from one reused buffer). The caller
+    supplies ``build_hash`` since the header comes first; the bytes actually read are hashed and a
+    mismatch (input changed under us) raises UsageError after writing, so write to a temp file.
+    ``nonce_prefix`` is a test-only hook for known-answer vectors; production always uses random."""
     aead = _check_key(key)
-    header = ContainerHeader(
+    if not isinstance(plaintext_len, int) or plaintext_len < 0:
+        raise UsageError("plaintext_len must be a non-negative integer")
+    header, head = _new_header(
         build_hash=build_hash,
         target=target,
-        chunk_size=chunk_size or limits.default_chunk_size,
-        plaintext_len=plaintext_len,
-        nonce_prefix=os.urandom(8),
         media_type=media_type,
+        plaintext_len=plaintext_len,
+        chunk_size=chunk_size,
+        nonce_prefix=nonce_prefix,
+        limits=limits,
     )
-    head = header.to_bytes()
-    ContainerHeader.parse(head, limits)  # the same validation a reader applies
     digest = hashlib.sha256(head).digest()
-    write(head)
+    hasher = hashlib.sha256()
+    # File objects get one reused buffer each way; callables get fresh bytes (they may keep them).
+    pull: Callable[[int], bytes] | None = read if callable(read) else None
+    source: Any = None if callable(read) else read
+    emit: Callable[[Any], object] = write if callable(write) else write.write
+    inbuf = None if pull is not None else memoryview(bytearray(header.chunk_size))
+    outbuf = None if callable(write) else memoryview(bytearray(header.chunk_size + TAG_LEN))
+    emit(head)
     remaining = plaintext_len
-    for index in range(header.n_chunks):
+    n_chunks = header.n_chunks
+    for index in range(n_chunks):
         size = min(header.chunk_size, remaining)
-        chunk = read(size) if size else b""
-        if len(chunk) != size:
+        chunk: bytes | memoryview
+        if inbuf is not None:
+            chunk = inbuf[:size]
+            got = _read_exact(source, chunk) if size else 0
+        else:
+            assert pull is not None
+            chunk = pull(size) if size else b""
+            got = len(chunk)
+        if got != size:
             raise UsageError("input ended before plaintext_len bytes were read")
+        hasher.update(chunk)
         remaining -= size
-        final = index == header.n_chunks - 1
-        write(aead.encrypt(_nonce(header.nonce_prefix, index), chunk, _aad(digest, index, final)))
+        nonce, aad = _nonce(header.nonce_prefix, index), _aad(digest, index, index == n_chunks - 1)
+        if outbuf is not None:
+            out = outbuf[: size + TAG_LEN]
+            aead.encrypt_into(nonce, chunk, aad, out)
+            emit(out)
+        else:
+            emit(aead.encrypt(nonce, chunk, aad))
+    if "sha256:" + hasher.hexdigest() != build_hash:
+        raise UsageError("the sealed input does not match build_hash (did the file change while sealing?)")
     return header
 
 
 def seal(
-    plaintext: bytes,
+    plaintext: bytes | bytearray | memoryview,
     *,
     key: bytes,
     target: str,
     media_type: str = "application/octet-stream",
     chunk_size: int | None = None,
     limits: ContainerLimits = DEFAULT_LIMITS,
+    nonce_prefix: bytes | None = None,
 ) -> bytes:
-    """Seal a build held in memory; returns the container bytes."""
-    view = memoryview(plaintext)
-    pos = 0
-    out: list[bytes] = []
+    """Seal a build held in memory; returns the container bytes.
 
-    def read(n: int) -> bytes:
-        nonlocal pos
-        piece = view[pos : pos + n]
-        pos += n
-        return bytes(piece)
-
-    seal_stream(
-        read,
-        out.append,
-        key=key,
-        plaintext_len=len(plaintext),
-        build_hash="sha256:" + hashlib.sha256(plaintext).hexdigest(),
+    ``nonce_prefix`` is a test-only hook for known-answer vectors; leave it None."""
+    aead = _check_key(key)
+    view = memoryview(plaintext).cast("B")
+    header, head = _new_header(
+        build_hash="sha256:" + hashlib.sha256(view).hexdigest(),
         target=target,
         media_type=media_type,
+        plaintext_len=len(view),
         chunk_size=chunk_size,
+        nonce_prefix=nonce_prefix,
         limits=limits,
     )
-    return b"".join(out)
+    digest = hashlib.sha256(head).digest()
+    size, n_chunks, prefix = header.chunk_size, header.n_chunks, header.nonce_prefix
+    # Slices of a memoryview are zero-copy; each chunk is encrypted straight from the caller's buffer.
+    parts = [head]
+    parts.extend(
+        aead.encrypt(_nonce(prefix, i), view[i * size : (i + 1) * size], _aad(digest, i, i == n_chunks - 1))
+        for i in range(n_chunks)
+    )
+    return b"".join(parts)
 
 
 def read_header(prefix: bytes, limits: ContainerLimits = DEFAULT_LIMITS) -> ContainerHeader:
@@ -221,63 +308,138 @@ def read_header(prefix: bytes, limits: ContainerLimits = DEFAULT_LIMITS) -> Cont
     return ContainerHeader.parse(prefix, limits)[0]
 
 
-def _chunks(read: Callable[[int], bytes], header: ContainerHeader) -> Iterator[tuple[int, bytes, bool]]:
-    remaining = header.plaintext_len
-    for index in range(header.n_chunks):
-        size = min(header.chunk_size, remaining)
-        remaining -= size
-        blob = read(size + TAG_LEN)
-        if len(blob) != size + TAG_LEN:
-            raise IntegrityError()
-        yield index, blob, index == header.n_chunks - 1
+def header_size(prefix: bytes, limits: ContainerLimits = DEFAULT_LIMITS) -> int:
+    """Bytes of header (prefix + JSON) given at least the first 13 bytes; FormatError if implausible."""
+    if len(prefix) < _PREFIX.size:
+        raise FormatError("container: too short for a header")
+    magic, version, hlen = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC or version != VERSION:
+        raise FormatError("container: not an edgemart container (bad magic or version)")
+    if hlen > limits.max_header_bytes:
+        raise FormatError(f"container: header length {hlen} exceeds {limits.max_header_bytes}")
+    return _PREFIX.size + hlen
 
 
-def open_stream(
-    read: Callable[[int], bytes],
+PREFIX_SIZE = _PREFIX.size
+
+
+def _open(
+    pull: Callable[[int], bytes | memoryview],
+    pull_into: Callable[[memoryview], int] | None,
     *,
     key: bytes,
-    expected_build_hash: str | None = None,
-    limits: ContainerLimits = DEFAULT_LIMITS,
+    expected_build_hash: str | None,
+    limits: ContainerLimits,
+    verify_build_hash: bool,
+    total: int | None = None,
 ) -> tuple[ContainerHeader, bytearray]:
-    """Open a container pulled from ``read`` into one preallocated buffer.
-
-    Memory: the plaintext plus one chunk. Any failure zeroes the buffer and raises the one
-    opaque ``IntegrityError``; nothing partial is ever returned."""
+    """``total``: the container's length when the source knows it (a buffer, a regular file)."""
     aead = _check_key(key)
-    fixed = read(_PREFIX.size)
-    if len(fixed) != _PREFIX.size:
-        raise IntegrityError()
     try:
-        _, _, hlen = _PREFIX.unpack(fixed)
-        if hlen > limits.max_header_bytes:
-            raise IntegrityError()
-        head = fixed + read(hlen)
+        fixed = bytes(pull(_PREFIX.size))
+        end = header_size(fixed, limits)
+        head = fixed + bytes(pull(end - _PREFIX.size))
         header, _ = ContainerHeader.parse(head, limits)
     except FormatError:
         raise IntegrityError() from None
     if expected_build_hash is not None and header.build_hash != expected_build_hash:
         raise IntegrityError()
+    if total is not None and total != header.sealed_len:
+        raise IntegrityError()  # truncated or extended: refused before any allocation or decryption
     digest = hashlib.sha256(head).digest()
-    out = bytearray(header.plaintext_len)
+    n_chunks, size, prefix = header.n_chunks, header.chunk_size, header.nonce_prefix
+    scratch = memoryview(bytearray(size + TAG_LEN)) if pull_into is not None else None
+    hasher = hashlib.sha256() if verify_build_hash else None
+    out = bytearray()
     view = memoryview(out)
-    pos = 0
-    hasher = hashlib.sha256()
     try:
-        for index, blob, final in _chunks(read, header):
-            n = len(blob) - TAG_LEN
-            aead.decrypt_into(_nonce(header.nonce_prefix, index), blob, _aad(digest, index, final), view[pos : pos + n])
-            hasher.update(view[pos : pos + n])
+        remaining = header.plaintext_len
+        pos = 0
+        for index in range(n_chunks):
+            n = min(size, remaining)
+            remaining -= n
+            if scratch is not None and pull_into is not None:
+                blob: bytes | memoryview = scratch[: n + TAG_LEN]
+                got = pull_into(blob)  # type: ignore[arg-type]
+            else:
+                blob = pull(n + TAG_LEN)
+                got = len(blob)
+            if got != n + TAG_LEN:
+                raise IntegrityError()  # truncated
+            nonce, aad = _nonce(prefix, index), _aad(digest, index, index == n_chunks - 1)
+            if index == 0:
+                # Allocate the whole plaintext only once the first chunk authenticates, so a forged
+                # header cannot make us reserve plaintext_len bytes.
+                first = aead.decrypt(nonce, blob, aad)
+                view.release()
+                out = bytearray(header.plaintext_len)
+                view = memoryview(out)
+                view[:n] = first
+            else:
+                aead.decrypt_into(nonce, blob, aad, view[pos : pos + n])
+            if hasher is not None:
+                hasher.update(view[pos : pos + n])
             pos += n
-        if read(1):
+        if len(pull(1)):
             raise IntegrityError()  # trailing bytes: an extended or spliced file
-        if "sha256:" + hasher.hexdigest() != header.build_hash:
+        if hasher is not None and "sha256:" + hasher.hexdigest() != header.build_hash:
             raise IntegrityError()
-    except (InvalidTag, IntegrityError, ValueError):
-        view[:] = bytes(len(out))
+    except (InvalidTag, IntegrityError, ValueError, MemoryError):
         view.release()
+        wipe(out)
         raise IntegrityError() from None
     view.release()
     return header, out
+
+
+def open_stream(
+    read: Source,
+    *,
+    key: bytes,
+    expected_build_hash: str | None = None,
+    limits: ContainerLimits = DEFAULT_LIMITS,
+    verify_build_hash: bool = True,
+) -> tuple[ContainerHeader, bytearray]:
+    """Open a container pulled from ``read`` (``read(n)`` or a binary file) into one fresh buffer.
+
+    Memory: the plaintext plus one chunk. Any failure zeroes the buffer and raises the one
+    opaque ``IntegrityError``; nothing partial is ever returned. ``verify_build_hash`` re-hashes the
+    plaintext against the header's build hash, which stops a holder of the content key from
+    substituting other content; it costs a SHA-256 pass (see docs/FORMAT.md, bench drm.*)."""
+    if callable(read):
+        return _open(
+            read,
+            None,
+            key=key,
+            expected_build_hash=expected_build_hash,
+            limits=limits,
+            verify_build_hash=verify_build_hash,
+        )
+    fh = read
+
+    def pull_into(buf: memoryview) -> int:
+        return _read_exact(fh, buf)
+
+    return _open(
+        fh.read,
+        pull_into,
+        key=key,
+        expected_build_hash=expected_build_hash,
+        limits=limits,
+        verify_build_hash=verify_build_hash,
+        total=_file_remaining(fh),
+    )
+
+
+def _file_remaining(fh: BinaryIO) -> int | None:
+    """Bytes from the current position to the end of a regular file; None for pipes and sockets."""
+    try:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return st.st_size - fh.tell()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def open_sealed(
@@ -286,20 +448,37 @@ def open_sealed(
     key: bytes,
     expected_build_hash: str | None = None,
     limits: ContainerLimits = DEFAULT_LIMITS,
+    verify_build_hash: bool = True,
 ) -> tuple[ContainerHeader, bytearray]:
     """Open a whole container (bytes or a binary file object); see ``open_stream``."""
-    if hasattr(data, "read"):
-        return open_stream(data.read, key=key, expected_build_hash=expected_build_hash, limits=limits)  # type: ignore[union-attr]
-    view = memoryview(data)  # type: ignore[arg-type]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        if not hasattr(data, "read"):
+            raise UsageError("open_sealed needs bytes or a binary file object")
+        return open_stream(
+            data,
+            key=key,
+            expected_build_hash=expected_build_hash,
+            limits=limits,
+            verify_build_hash=verify_build_hash,
+        )
+    whole = memoryview(data).cast("B")
     pos = 0
 
-    def read(n: int) -> bytes:
+    def pull(n: int) -> memoryview:
         nonlocal pos
-        piece = view[pos : pos + n]
+        piece = whole[pos : pos + n]  # zero-copy
         pos += len(piece)
-        return bytes(piece)
+        return piece
 
-    return open_stream(read, key=key, expected_build_hash=expected_build_hash, limits=limits)
+    return _open(
+        pull,
+        None,
+        key=key,
+        expected_build_hash=expected_build_hash,
+        limits=limits,
+        verify_build_hash=verify_build_hash,
+        total=len(whole),
+    )
 
 
 def wipe(buffer: bytearray) -> None:

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
@@ -35,7 +35,9 @@ def key_id(public_key: ed25519.Ed25519PublicKey | bytes) -> str:
     if isinstance(public_key, (bytes, bytearray)):
         raw = bytes(public_key)
     else:
-        raw = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        raw = public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
@@ -44,11 +46,15 @@ def _utc(ts: int) -> _dt.datetime:
 
 
 def _name(cn: str, org: str = "edgemart") -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
 def private_key_to_pem(key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def ed25519_from_pem(pem: bytes) -> ed25519.Ed25519PrivateKey:
@@ -76,7 +82,10 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
 
 
 def cert_from_bytes(data: bytes) -> x509.Certificate:
-    """Load a certificate from PEM or DER, bounded in size; UsageError on garbage."""
+    """Load a certificate from PEM or DER, bounded in size; FormatError on garbage."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise FormatError("certificate must be bytes")
+    data = bytes(data)
     if len(data) > MAX_CERT_BYTES:
         raise FormatError("certificate too large")
     try:
@@ -87,7 +96,9 @@ def cert_from_bytes(data: bytes) -> x509.Certificate:
         raise FormatError("not an X.509 certificate") from None
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: int, days: int) -> x509.CertificateBuilder:  # type: ignore[no-untyped-def]
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key, now: int, days: int
+) -> x509.CertificateBuilder:  # type: ignore[no-untyped-def]
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -128,7 +139,9 @@ class Authority:
         )
         return cls(key, cert)
 
-    def issue_issuer(self, *, now: int, days: int = 1825, name: str = "edgemart license issuer", pq: bool = True) -> Issuer:
+    def issue_issuer(
+        self, *, now: int, days: int = 1825, name: str = "edgemart license issuer", pq: bool = True
+    ) -> Issuer:
         """A license-signing key certified by this CA, with an ML-DSA-65 co-signing key when ``pq``."""
         key = ed25519.Ed25519PrivateKey.generate()
         pq_key = mldsa.MLDSA65PrivateKey.generate() if pq else None
@@ -137,14 +150,19 @@ class Authority:
         b = b.add_extension(x509.ExtendedKeyUsage([EKU_LICENSE_ISSUER, EKU_BUNDLE_SIGNER]), critical=False)
         if pq_key is not None:
             b = b.add_extension(
-                x509.UnrecognizedExtension(OID_MLDSA65_COSIGN, pq_key.public_key().public_bytes_raw()), critical=False
+                x509.UnrecognizedExtension(OID_MLDSA65_COSIGN, pq_key.public_key().public_bytes_raw()),
+                critical=False,
             )
         return Issuer(key, b.sign(self.key, None), pq_key)
 
     def issue_device_cert(self, csr_pem: bytes, *, now: int, days: int = 825) -> x509.Certificate:
         """Certify a device from its CSR; the device id is derived from its key, never taken from the CSR."""
         try:
-            csr = x509.load_pem_x509_csr(csr_pem) if csr_pem.lstrip().startswith(b"-----") else x509.load_der_x509_csr(csr_pem)
+            csr = (
+                x509.load_pem_x509_csr(csr_pem)
+                if csr_pem.lstrip().startswith(b"-----")
+                else x509.load_der_x509_csr(csr_pem)
+            )
         except ValueError:
             raise UsageError("not a certificate signing request (PEM or DER)") from None
         pub = csr.public_key()
@@ -155,7 +173,9 @@ class Authority:
         kem = _kem_keys_from(csr.extensions)
         if kem.x25519 is None:
             raise UsageError("device CSR lacks its X25519 key-agreement key")
-        return device_certificate(pub, kem, issuer_name=self.cert.subject, sign_with=self.key, now=now, days=days)
+        return device_certificate(
+            pub, kem, issuer_name=self.cert.subject, sign_with=self.key, now=now, days=days
+        )
 
     def to_files(self) -> dict[str, bytes]:
         """``root.key`` (PKCS#8 PEM) and ``root.crt`` (PEM), as the key vault stores them."""
@@ -290,7 +310,12 @@ class DeviceKeys:
 
     def self_signed_cert(self, *, now: int, days: int = 825) -> x509.Certificate:
         return device_certificate(
-            self.sign.public_key(), self.kem_public(), issuer_name=None, sign_with=self.sign, now=now, days=days
+            self.sign.public_key(),
+            self.kem_public(),
+            issuer_name=None,
+            sign_with=self.sign,
+            now=now,
+            days=days,
         )
 
     def to_files(self) -> dict[str, bytes]:
@@ -317,6 +342,7 @@ class DeviceKeys:
 
 # --------------------------------------------------------------------------- verification
 
+
 def cert_device_id(cert: x509.Certificate) -> str:
     pub = cert.public_key()
     if not isinstance(pub, ed25519.Ed25519PublicKey):
@@ -329,16 +355,33 @@ def cert_kem_keys(cert: x509.Certificate) -> KemKeys:
 
 
 def cert_mldsa_key(cert: x509.Certificate) -> mldsa.MLDSA65PublicKey | None:
-    for ext in cert.extensions:
-        if ext.oid == OID_MLDSA65_COSIGN and isinstance(ext.value, x509.UnrecognizedExtension):
-            return mldsa.MLDSA65PublicKey.from_public_bytes(ext.value.value)
+    """The issuer's ML-DSA-65 co-signing key from its certificate extension, if any."""
+    try:
+        for ext in cert.extensions:
+            if ext.oid == OID_MLDSA65_COSIGN and isinstance(ext.value, x509.UnrecognizedExtension):
+                return mldsa.MLDSA65PublicKey.from_public_bytes(ext.value.value)
+    except ValueError:
+        raise FormatError("ML-DSA-65 key extension is malformed") from None
     return None
 
 
-def verify_cert(cert: x509.Certificate, root: x509.Certificate, *, now: int, purpose: ObjectIdentifier) -> None:
+def verify_cert(
+    cert: x509.Certificate, root: x509.Certificate, *, now: int, purpose: ObjectIdentifier
+) -> None:
     """Check ``cert`` was issued by the pinned ``root`` for ``purpose`` and is valid at ``now``.
 
-    Raises LicenseRefused (opaque) with the precise reason attached."""
+    Only a direct child of the root is accepted (no intermediates). Raises LicenseRefused (opaque)
+    with the precise reason attached."""
+    try:
+        _verify_cert(cert, root, now=now, purpose=purpose)
+    except (ValueError, UnsupportedAlgorithm):
+        # Lazily parsed fields of a malformed certificate (names, extensions, keys).
+        raise LicenseRefused(reason="certificate is malformed") from None
+
+
+def _verify_cert(
+    cert: x509.Certificate, root: x509.Certificate, *, now: int, purpose: ObjectIdentifier
+) -> None:
     if cert.signature_algorithm_oid != _ED25519_SIG_OID:
         raise LicenseRefused(reason="certificate signature algorithm is not Ed25519")
     if cert.issuer != root.subject:
@@ -350,6 +393,7 @@ def verify_cert(cert: x509.Certificate, root: x509.Certificate, *, now: int, pur
         root_pub.verify(cert.signature, cert.tbs_certificate_bytes)
     except InvalidSignature:
         raise LicenseRefused(reason="certificate signature does not verify under the pinned root") from None
+    # Only certificates the root signed get this far: everything below parses our own encoding.
     for c in (cert, root):
         if not (c.not_valid_before_utc.timestamp() <= now <= c.not_valid_after_utc.timestamp()):
             raise LicenseRefused(reason="certificate expired or not yet valid")
@@ -362,6 +406,8 @@ def verify_cert(cert: x509.Certificate, root: x509.Certificate, *, now: int, pur
         raise LicenseRefused(reason="a CA certificate cannot be used as an end-entity")
     if purpose not in eku:
         raise LicenseRefused(reason="certificate is not authorized for this purpose")
+    if not isinstance(cert.public_key(), ed25519.Ed25519PublicKey):
+        raise LicenseRefused(reason="certificate key is not Ed25519")
 
 
 __all__ = [

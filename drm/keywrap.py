@@ -46,7 +46,11 @@ def unwrap_key(kek: bytes, wrapped: bytes, *, build_hash: str) -> bytes:
     """Recover a content key; the one opaque IntegrityError for a wrong KEK, build hash or any tampering."""
     aead = _aead(kek)
     aad = _aad(build_hash)
-    if not isinstance(wrapped, (bytes, bytearray)) or len(wrapped) != WRAPPED_LEN or not wrapped.startswith(WRAP_MAGIC):
+    if (
+        not isinstance(wrapped, (bytes, bytearray))
+        or len(wrapped) != WRAPPED_LEN
+        or not wrapped.startswith(WRAP_MAGIC)
+    ):
         raise IntegrityError()
     nonce = bytes(wrapped[len(WRAP_MAGIC) : len(WRAP_MAGIC) + 12])
     try:

@@ -9,13 +9,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field
 from drm.envelope import sign_envelope, verify_envelope
 from drm.errors import LicenseRefused, UsageError
-from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys
+from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys, key_id
 
 LICENSE_TYP = "edgemart-license/1"
 KINDS = ("eval", "production")
@@ -25,7 +26,10 @@ _SUITES = {
     SUITE_X25519: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
     SUITE_HYBRID: hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
 }
+# Length of the HPKE single-shot output (enc || AES-256-GCM(cek) || tag) per suite.
+_WRAPPED_LEN = {SUITE_X25519: 32 + 32 + 16, SUITE_HYBRID: 1088 + 32 + 32 + 16}
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_KEY_ID = re.compile(r"^[0-9a-f]{32}$")
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -67,19 +71,26 @@ class LicenseClaims:
         fleet = field(obj, "fleet_key_id", (str, type(None)), what=what)
         if (dev is None) == (fleet is None):
             raise FormatError("license claims: exactly one of device_id and fleet_key_id")
+        if not _KEY_ID.match(dev if dev is not None else fleet):
+            raise FormatError("license claims: device_id / fleet_key_id must be a 32-hex key id")
         for name in ("not_before", "issued_at"):
             if field(obj, name, int, what=what) < 0:
                 raise FormatError(f"license claims: {name} negative")
         na = field(obj, "not_after", (int, type(None)), what=what)
         if na is not None and na <= obj["not_before"]:
             raise FormatError("license claims: empty validity window")
+        if na is None and obj["kind"] == "eval":
+            raise FormatError("license claims: an eval license must expire")
         mr = field(obj, "max_runs", (int, type(None)), what=what)
         if mr is not None and mr < 0:
             raise FormatError("license claims: max_runs negative")
         wrapped = exact_keys(field(obj, "wrapped_cek", dict, what=what), {"enc", "suite"}, what="wrapped_cek")
-        if field(wrapped, "suite", str, what="wrapped_cek") not in _SUITES:
+        suite = field(wrapped, "suite", str, what="wrapped_cek")
+        if suite not in _SUITES:
             raise FormatError("license claims: key-wrapping suite not allowed")
-        field(wrapped, "enc", str, what="wrapped_cek")
+        enc = b64d(field(wrapped, "enc", str, what="wrapped_cek"), what="wrapped_cek.enc", max_len=2048)
+        if len(enc) != _WRAPPED_LEN[suite]:
+            raise FormatError("license claims: wrapped_cek.enc has the wrong length for its suite")
         return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
 
     @property
@@ -91,7 +102,9 @@ def _info(license_id: str, build_hash: str, binding_id: str) -> bytes:
     return b"edgemart-cek/1\x00" + dumps([license_id, build_hash, binding_id])
 
 
-def wrap_cek(cek: bytes, recipient: KemKeys, *, license_id: str, build_hash: str, binding_id: str) -> dict[str, str]:
+def wrap_cek(
+    cek: bytes, recipient: KemKeys, *, license_id: str, build_hash: str, binding_id: str
+) -> dict[str, str]:
     """HPKE-seal the content key to the recipient; the hybrid PQ suite when it has an ML-KEM key."""
     if recipient.mlkem768 is not None and recipient.x25519 is not None:
         suite_id = SUITE_HYBRID
@@ -109,25 +122,33 @@ def wrap_cek(cek: bytes, recipient: KemKeys, *, license_id: str, build_hash: str
 
 def unwrap_cek(claims: LicenseClaims, keys: DeviceKeys | x25519.X25519PrivateKey) -> bytes:
     """Recover the content key with the device's (or fleet's) private key; opaque refusal on failure."""
-    suite_id = claims.wrapped_cek["suite"]
+    suite_id = claims.wrapped_cek.get("suite")
+    if suite_id not in _SUITES:
+        raise LicenseRefused(reason="license uses a key-wrapping suite that is not allowed")
     try:
-        enc = b64d(claims.wrapped_cek["enc"], what="wrapped_cek", max_len=4096)
-        if isinstance(keys, DeviceKeys):
-            if suite_id == SUITE_HYBRID:
-                if keys.pq_kem is None:
-                    raise LicenseRefused(reason="license uses the hybrid suite but the device has no ML-KEM key")
-                priv: Any = hpke.MLKEM768X25519PrivateKey(keys.pq_kem, keys.kem)
-            else:
-                priv = keys.kem
+        enc = b64d(claims.wrapped_cek.get("enc"), what="wrapped_cek", max_len=2048)
+    except FormatError:
+        raise LicenseRefused(reason="wrapped content key is malformed") from None
+    priv: Any
+    if isinstance(keys, DeviceKeys):
+        if suite_id == SUITE_HYBRID:
+            if keys.pq_kem is None:
+                raise LicenseRefused(reason="license uses the hybrid suite but the device has no ML-KEM key")
+            priv = hpke.MLKEM768X25519PrivateKey(keys.pq_kem, keys.kem)
         else:
-            if suite_id != SUITE_X25519:
-                raise LicenseRefused(reason="fleet keys use the X25519 suite")
-            priv = keys
-        cek = _SUITES[suite_id].decrypt(enc, priv, info=_info(claims.license_id, claims.build_hash, claims.binding_id))
-    except LicenseRefused:
-        raise
-    except Exception:  # noqa: BLE001 - any HPKE failure is one opaque refusal; the reason is recorded
-        raise LicenseRefused(reason="content key unwrap failed (wrong device key or tampered binding)") from None
+            priv = keys.kem
+    else:
+        if suite_id != SUITE_X25519:
+            raise LicenseRefused(reason="fleet keys use the X25519 suite")
+        priv = keys
+    try:
+        cek = _SUITES[suite_id].decrypt(
+            enc, priv, info=_info(claims.license_id, claims.build_hash, claims.binding_id)
+        )
+    except (InvalidTag, ValueError):
+        raise LicenseRefused(
+            reason="content key unwrap failed (wrong device key or tampered binding)"
+        ) from None
     if len(cek) != 32:
         raise LicenseRefused(reason="unwrapped content key has the wrong length")
     return cek
@@ -194,13 +215,13 @@ def verify_license(
     require_pq: bool = False,
 ) -> VerifiedLicense:
     """Verify signature chain and claims at ``now``. Raises LicenseRefused (opaque message, precise .reason)."""
-    verified = verify_envelope(token, LICENSE_TYP, root=root, now=now, purpose=EKU_LICENSE_ISSUER, require_pq=require_pq)
+    verified = verify_envelope(
+        token, LICENSE_TYP, root=root, now=now, purpose=EKU_LICENSE_ISSUER, require_pq=require_pq
+    )
     try:
         claims = LicenseClaims.from_dict(verified.payload)
     except FormatError as exc:
         raise LicenseRefused(reason=f"malformed claims: {exc.message}") from None
-    from drm.keys import key_id
-
     if claims.issuer_kid != key_id(verified.issuer_cert.public_key()):  # type: ignore[arg-type]
         raise LicenseRefused(reason="issuer_kid does not match the signing certificate")
     if claims.license_id in revoked:

@@ -176,6 +176,19 @@ def _onnx_fold(node, const) -> np.ndarray | None:  # type: ignore[no-untyped-def
     if op == "DequantizeLinear" and args and args[0] is not None and args[1] is not None:
         axis = attrs["axis"].i if "axis" in attrs else 1
         return _dequantize(args[0], args[1], args[2] if len(args) > 2 else None, axis)
+    if op == "QuantizeLinear" and args and args[0] is not None and args[1] is not None:
+        axis = attrs["axis"].i if "axis" in attrs else 1
+        zero = args[2] if len(args) > 2 else None
+        dtype = zero.dtype if zero is not None else np.uint8
+        info = np.iinfo(dtype)
+        scale = np.asarray(args[1], np.float32)
+        zp = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float32)
+        if scale.size > 1:
+            shape = [1] * args[0].ndim
+            shape[axis % args[0].ndim] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        q = np.rint(np.asarray(args[0], np.float32) / scale) + zp
+        return np.clip(q, info.min, info.max).astype(dtype)
     if op == "Transpose" and args[0] is not None:
         perm = list(attrs["perm"].ints) if "perm" in attrs else None
         return np.transpose(args[0], perm)
@@ -255,7 +268,7 @@ def _fold_bn(weight, out_name, consumers, const):  # type: ignore[no-untyped-def
     if gamma is None or var is None or np.size(gamma) != weight.shape[0]:
         return weight, out_name
     eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-    scale = np.asarray(gamma, np.float32) / np.sqrt(np.asarray(var, np.float32) + eps)
+    scale = np.asarray(gamma, np.float32) / np.sqrt(np.maximum(np.asarray(var, np.float32), 0) + eps)
     return weight * scale[:, None, None], bn.output[0]
 
 

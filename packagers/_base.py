@@ -96,7 +96,7 @@ class Packager(ABC):
     ) -> Conversion:
         """Produce the payload (and any target-specific figures) from the validated model."""
 
-    def check_input(self, info: ModelInfo) -> None:
+    def check_input(self, info: ModelInfo, model: bytes) -> None:
         """Reject models this target cannot take, before any work is done."""
         if info.format != "onnx":
             raise UsageError(
@@ -116,7 +116,7 @@ class Packager(ABC):
         model = bytes(model)
         report(0.0, "inspecting model")
         info = inspect_model(model)
-        self.check_input(info)
+        self.check_input(info, model)
         cal = bind_samples(info, calibration, "calibration") if calibration is not None else None
         hold = bind_samples(info, holdout, "holdout") if holdout is not None else None
         if cal is None:
@@ -245,7 +245,9 @@ def get_packager(target: str, options: Mapping[str, Any] | QualityOptions | None
     try:
         cls = _REGISTRY[target]
     except (KeyError, TypeError):
-        raise UsageError(f"unknown target {target!r}; valid targets: {', '.join(registered_targets())}") from None
+        raise UsageError(
+            f"unknown target {target!r}; valid targets: {', '.join(registered_targets())}"
+        ) from None
     return cls(options)
 
 

@@ -20,6 +20,7 @@ QUANTIZABLE_OPS = frozenset(
      "Resize", "Transpose", "Reshape", "LeakyRelu", "Gather", "Pow", "ReduceMean", "Sqrt"}
 )  # fmt: skip
 _QDQ_NODES = ("QuantizeLinear", "DequantizeLinear")
+EXACT_SNR_DB = 100.0  # reported for tensors the quantized model reproduces exactly
 
 
 def name_nodes(model) -> None:
@@ -44,7 +45,9 @@ def upgrade_opset(model, target: int = QDQ_MIN_OPSET):
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
         from drm.errors import UsageError
 
-        raise UsageError(f"cannot upgrade ONNX opset {current} -> {target} for QDQ quantization: {exc}") from None
+        raise UsageError(
+            f"cannot upgrade ONNX opset {current} -> {target} for QDQ quantization: {exc}"
+        ) from None
     return converted, current
 
 
@@ -87,9 +90,11 @@ def _with_outputs(model, names: list[str]) -> bytes:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     existing = {o.name for o in copy.graph.output}
+    types = elem_types(model)
     for name in names:
         if name not in existing:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem = types.get(name) or onnx.TensorProto.FLOAT
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return copy.SerializeToString()
 
 
@@ -135,7 +140,7 @@ def layer_errors(
         if ref[r_name].shape != got[g_name].shape:
             continue
         value = snr_db(ref[r_name], got[g_name])
-        snr[r_name] = 300.0 if value is None else value  # identical tensors: effectively infinite SNR
+        snr[r_name] = EXACT_SNR_DB if value is None else min(value, EXACT_SNR_DB)
 
     quantized_nodes = {
         n.name
@@ -147,20 +152,145 @@ def layer_errors(
         if tensor not in snr:
             continue
         upstream = [snr[i] for i in node.input if i in snr]  # type: ignore[attr-defined]
-        drop = (min(upstream) if upstream else 300.0) - snr[tensor]
+        # No tracked input (fused away by the quantizer, or a graph input kept in float): drop unknown.
+        drop = min(upstream) - snr[tensor] if upstream else None
         rows.append(
             {
                 "node": node.name,  # type: ignore[attr-defined]
                 "op_type": node.op_type,  # type: ignore[attr-defined]
                 "tensor": tensor,
                 "snr_db": round(snr[tensor], 2),
-                "snr_drop_db": round(min(drop, 300.0), 2),
+                "snr_drop_db": None if drop is None else round(drop, 2),
                 "quantized": node.name in quantized_nodes,  # type: ignore[attr-defined]
             }
         )
     worst = sorted(rows, key=lambda r: r["snr_db"])[:top]
     candidates = sorted(
-        (r for r in rows if r["quantized"] and r["op_type"] in QUANTIZABLE_OPS and r["snr_drop_db"] > 1.0),
+        (
+            r
+            for r in rows
+            if r["quantized"] and r["op_type"] in QUANTIZABLE_OPS and (r["snr_drop_db"] or 0.0) > 1.0
+        ),
         key=lambda r: -r["snr_drop_db"],
     )
     return worst, [r["node"] for r in candidates[:suggest]]
+
+
+def prepare_for_qdq(model: bytes, tmp: str, preprocess: bool) -> tuple[object, dict]:
+    """Parse, name nodes, upgrade the opset for QDQ and run ORT's quantization pre-processing.
+
+    Returns the fp32 model that gets quantized (the per-layer reference) and metadata about what was done."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from packagers._model import parse_onnx
+
+    proto = parse_onnx(model)
+    name_nodes(proto)
+    proto, opset_before = upgrade_opset(proto)
+    meta: dict = {
+        "opset_before": opset_before,
+        "opset": QDQ_MIN_OPSET if opset_before < QDQ_MIN_OPSET else opset_before,
+    }
+    meta["preprocess"] = "skipped by option"
+    if preprocess:
+        src, out = f"{tmp}/named.onnx", f"{tmp}/preprocessed.onnx"
+        onnx.save(proto, src)
+        try:
+            # Symbolic shape inference needs sympy and adds nothing for static-after-calibration shapes.
+            quant_pre_process(src, out, skip_symbolic_shape=True)
+            proto = onnx.load(out)
+            meta["preprocess"] = "onnxruntime quant_pre_process (ONNX shape inference + graph optimization)"
+        except Exception as exc:  # noqa: BLE001 - ORT's pre-processing raises anything; we record it and go on
+            meta["preprocess"] = (
+                f"not applied: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
+        name_nodes(proto)
+    _flatten_gemm_bias(proto)
+    return proto, meta
+
+
+def _flatten_gemm_bias(model) -> None:
+    """Reshape Gemm biases [1, N] to [N]: ORT 1.32's int32-bias scale check breaks on 2-D per-channel biases."""
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    users: Counter[str] = Counter(i for n in model.graph.node for i in n.input)
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        init = inits[node.input[2]]
+        if len(init.dims) == 2 and init.dims[0] == 1 and users[init.name] == 1:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(-1), init.name))
+
+
+class _Reader:
+    """ORT CalibrationDataReader over an in-memory dict of samples, in small batches."""
+
+    def __init__(self, samples: Mapping[str, np.ndarray], info, batch: int = 16) -> None:
+        from packagers._data import batches
+
+        self._batches = list(batches(samples, info, batch))
+        self._iter = iter(self._batches)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+
+def quantize_qdq(
+    fp32_model,
+    samples: Mapping[str, np.ndarray],
+    info,
+    tmp: str,
+    *,
+    per_channel: bool,
+    method: str,
+    percentile: float,
+    nodes_to_exclude: tuple[str, ...],
+    symmetric_activations: bool,
+):
+    """Static int8 QDQ quantization with onnxruntime; temp files stay in `tmp`."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from drm.errors import UsageError
+
+    known = {n.name for n in fp32_model.graph.node}
+    unknown = [n for n in nodes_to_exclude if n not in known]
+    if unknown:
+        raise UsageError(
+            f"option nodes_to_exclude names unknown node {unknown[0]!r} (see the quality report's node names)"
+        )
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    extra: dict = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    src, dst = f"{tmp}/fp32.onnx", f"{tmp}/int8.onnx"
+    onnx.save(fp32_model, src)
+    quantize_static(
+        src,
+        dst,
+        Reader(samples, info),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(nodes_to_exclude) or None,
+        calibrate_method=methods[method],
+        extra_options=extra,
+    )
+    return onnx.load(dst)

@@ -33,6 +33,7 @@ class Runner:
 class OnnxRunner(Runner):
     def __init__(self, model: bytes, threads: int = 0, output_names: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -41,7 +42,15 @@ class OnnxRunner(Runner):
             opts.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        except (RuntimeError, ValueError) as exc:  # ORT raises its own Fail/InvalidGraph (RuntimeError)
+        except (
+            RuntimeError,
+            ValueError,
+            ort_errors.Fail,
+            ort_errors.InvalidGraph,
+            ort_errors.InvalidArgument,
+            ort_errors.InvalidProtobuf,
+            ort_errors.NotImplemented,
+        ) as exc:
             first = str(exc).strip().splitlines()[0][:400]
             raise UsageError(f"onnxruntime cannot load the model: {first}") from None
         self.output_names = tuple(output_names or (o.name for o in self.session.get_outputs()))
@@ -51,7 +60,7 @@ class OnnxRunner(Runner):
         return dict(zip(self.output_names, values, strict=True))
 
 
-def make_litert_interpreter(model: bytes, threads: int = 1):
+def make_litert_interpreter(model: bytes, threads: int = 1, preserve_all_tensors: bool = False):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -60,7 +69,11 @@ def make_litert_interpreter(model: bytes, threads: int = 1):
         except ImportError:
             raise UsageError("running TFLite needs ai-edge-litert: pip install edgemart[packagers]") from None
     try:
-        return Interpreter(model_content=bytes(model), num_threads=max(threads, 1))
+        return Interpreter(
+            model_content=bytes(model),
+            num_threads=max(threads, 1),
+            experimental_preserve_all_tensors=preserve_all_tensors,
+        )
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"LiteRT cannot load the model: {str(exc).strip().splitlines()[0]}") from None
 

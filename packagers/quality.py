@@ -80,7 +80,9 @@ def output_figures(reference: np.ndarray, test: np.ndarray) -> dict:
     kind = output_kind(reference)
     figures: dict = {"kind": kind, "samples": int(reference.shape[0]) if reference.ndim else 1}
     if reference.shape != test.shape:
-        figures.update(kind="error", shape_mismatch=[list(reference.shape), list(test.shape)], snr_db=-math.inf)
+        figures.update(
+            kind="error", shape_mismatch=[list(reference.shape), list(test.shape)], snr_db=-math.inf
+        )
         return figures
     if kind == "label":
         same = (reference == test).reshape(reference.shape[0], -1).all(axis=1)
@@ -106,7 +108,10 @@ def verdict(agreement: Mapping[str, Mapping[str, dict]], min_agreement: float, m
     for split in SPLITS:
         for name, fig in agreement.get(split, {}).items():
             if fig["kind"] in ("top1", "label"):
-                value, text = fig["agreement"], f"{split} top-1 agreement of '{name}' is {fig['agreement']:.4f}"
+                value, text = (
+                    fig["agreement"],
+                    f"{split} top-1 agreement of '{name}' is {fig['agreement']:.4f}",
+                )
                 if value < min_agreement:
                     failures.append(f"{text} < min_agreement {min_agreement}")
                 margin = value - min_agreement
@@ -149,7 +154,9 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def svg_bars(title: str, items: list[tuple[str, float]], unit: str = "", threshold: float | None = None) -> str:
+def svg_bars(
+    title: str, items: list[tuple[str, float]], unit: str = "", threshold: float | None = None
+) -> str:
     """A horizontal bar chart as inline SVG (no external assets)."""
     finite = [v for _, v in items if v is not None and math.isfinite(v)]
     top = max(finite + ([threshold] if threshold is not None else []) + [1e-12])
@@ -233,14 +240,19 @@ def render_html(report: QualityReport) -> str:
             )
             if "agreement" in fig:
                 bars.append((f"{split}: {name}", fig["agreement"]))
-    body.append(_table(rows, ["split", "output", "kind", "samples", "top-1", "SNR dB", "max |err|", "mean |err|"]))
+    body.append(
+        _table(rows, ["split", "output", "kind", "samples", "top-1", "SNR dB", "max |err|", "mean |err|"])
+    )
     if bars:
         body.append(svg_bars("top-1 agreement", bars, threshold=r.thresholds.get("min_agreement")))
     if r.worst_layers:
         body.append("<h2>Worst layers (intermediate activations vs fp32)</h2>")
         body.append(
             _table(
-                [[w["node"], w["op_type"], w["tensor"], w["snr_db"], w.get("snr_drop_db")] for w in r.worst_layers],
+                [
+                    [w["node"], w["op_type"], w["tensor"], w["snr_db"], w.get("snr_drop_db")]
+                    for w in r.worst_layers
+                ],
                 ["node", "op", "tensor", "SNR dB", "SNR drop dB"],
             )
         )

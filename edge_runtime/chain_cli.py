@@ -1,0 +1,155 @@
+"""`edgemart device run`: run a slot chain over a batch, a directory or a stdin stream of frames.
+
+Registered into the `device` group by edge_runtime.cli; imports only stdlib and drm.errors at the
+top so `edgemart device --help` stays light."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from drm.errors import UsageError
+
+
+def register_run(device_subparsers: Any) -> None:
+    p = device_subparsers.add_parser(
+        "run",
+        help="run a chain of licensed models (one process per vendor, shared-memory slots)",
+        description="Run a slot chain over inputs and report per-stage latency and throughput.",
+    )
+    p.add_argument("--device-dir", required=True, help="the initialized device directory")
+    p.add_argument("--chain", required=True, help="chain description file (.yaml, .yml or .json)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="an .npz batch (first axis = frames), a directory of .npy/.npz frames, or '-' for .npy on stdin",
+    )
+    p.add_argument(
+        "--save-outputs", metavar="OUT.npz", help="write the chain outputs, frames stacked on axis 0"
+    )
+    p.add_argument("--limit", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=_run)
+
+
+def _one_input(names: list[str], what: str) -> str:
+    if len(names) != 1:
+        raise UsageError(
+            f"{what} holds one array per frame, but the chain has inputs {', '.join(names)}: use .npz frames"
+        )
+    return names[0]
+
+
+def iter_frames(path: str, input_names: list[str]) -> Iterator[dict[str, Any]]:
+    """Frames from an .npz batch, a directory of .npy/.npz files, or '-' (concatenated .npy on stdin)."""
+    import numpy as np
+
+    if path == "-":
+        name = _one_input(input_names, "stdin")
+        stream = sys.stdin.buffer
+        while stream.peek(1) if hasattr(stream, "peek") else True:
+            try:
+                array = np.load(stream, allow_pickle=False)
+            except EOFError:
+                return
+            except ValueError as exc:
+                raise UsageError(f"stdin: not a stream of .npy arrays: {exc}") from None
+            yield {name: array}
+        return
+    source = Path(path)
+    if source.is_dir():
+        files = sorted(f for f in source.iterdir() if f.suffix in (".npy", ".npz"))
+        if not files:
+            raise UsageError(f"{source}: no .npy or .npz files")
+        for f in files:
+            if f.suffix == ".npy":
+                yield {_one_input(input_names, str(f)): np.load(f, allow_pickle=False)}
+            else:
+                with np.load(f, allow_pickle=False) as data:
+                    yield _pick(dict(data), input_names, str(f))
+        return
+    if not source.is_file():
+        raise UsageError(f"input not found: {source}")
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            batch = _pick(dict(data), input_names, str(source))
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{source}: not a readable .npz file: {exc}") from None
+    counts = {name: len(a) if a.ndim else 0 for name, a in batch.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise UsageError(f"{source}: inputs must share a non-empty first (frame) axis, got {counts}")
+    for i in range(next(iter(counts.values()))):
+        yield {name: a[i : i + 1] for name, a in batch.items()}
+
+
+def _pick(data: dict[str, Any], input_names: list[str], where: str) -> dict[str, Any]:
+    if len(input_names) == 1 and input_names[0] not in data:
+        for alias in ("x", *(k for k in data if len(data) == 1)):
+            if alias in data:
+                return {input_names[0]: data[alias]}
+    missing = [n for n in input_names if n not in data]
+    if missing:
+        raise UsageError(
+            f"{where}: missing chain input(s) {', '.join(missing)} (file has {', '.join(data) or 'nothing'})"
+        )
+    return {n: data[n] for n in input_names}
+
+
+def _run(args: argparse.Namespace) -> int:
+    import itertools
+
+    import numpy as np
+
+    from edge_runtime.chain import Chain
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    outputs: dict[str, list[Any]] = {}
+    with Chain.from_file(args.chain, args.device_dir) as chain:
+        names = sorted(chain.input_types)
+        frames = iter_frames(args.input, names)
+        if args.limit is not None:
+            frames = itertools.islice(frames, args.limit)
+        for result in chain.run_many(frames):
+            if args.save_outputs:
+                for key, value in result.items():
+                    outputs.setdefault(key, []).append(value)
+        report = {
+            "chain": chain.spec.name,
+            "processes": {p: s for p, s in chain.processes.items()},
+            **chain.stats.report(),
+        }
+    if args.save_outputs:
+        stacked = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in outputs.items()}
+        np.savez(args.save_outputs, **stacked)
+        report["saved_outputs"] = str(args.save_outputs)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(_text(report))
+    return 0
+
+
+def _text(report: dict[str, Any]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} ms"
+
+    fps = report["throughput_fps"]
+    lines = [
+        f"chain {report['chain']}: {report['frames']} frames, "
+        f"{'-' if fps is None else f'{fps:.1f}'} frames/s end to end "
+        f"(p50 {ms(report['end_to_end']['p50_ms'])}, p99 {ms(report['end_to_end']['p99_ms'])})"
+    ]
+    for process, stages in report["processes"].items():
+        lines.append(f"  process {process}: {', '.join(stages)}")
+    for stage, s in report["stages"].items():
+        lines.append(
+            f"  stage {stage:<16} p50 {ms(s['p50_ms']):>10}  p99 {ms(s['p99_ms']):>10}  ({s['frames']} frames)"
+        )
+    if "saved_outputs" in report:
+        lines.append(f"outputs written to {report['saved_outputs']}")
+    return "\n".join(lines)

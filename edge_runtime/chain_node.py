@@ -1,0 +1,154 @@
+"""One chain process's side of its hops: the slots it owns, the peer slots it has mapped, credits.
+
+Used by the stage workers and by the supervisor alike. Frame n of a tensor goes to slot n % K;
+a producer may reuse a slot only after every consumer process has released it."""
+
+from __future__ import annotations
+
+import selectors
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.slots import Channel, MappedSlot, OwnedSlot, PeerGone, SlotError
+
+
+class Node:
+    """Slot bookkeeping for one process.
+
+    `produces`: tensor key -> the peer processes that consume it from us.
+    `consumes`: tensor key -> the peer process that produces it for us."""
+
+    def __init__(
+        self,
+        name: str,
+        hops: dict[str, Channel],
+        produces: dict[str, list[str]],
+        consumes: dict[str, str],
+        slots: int,
+        control: Iterable[Channel] = (),
+    ) -> None:
+        self.name = name
+        self.hops = hops
+        self.produces = produces
+        self.consumes = consumes
+        self.k = slots
+        self._owned = {key: [OwnedSlot(f"{name}:{key}:{i}") for i in range(slots)] for key in produces}
+        self._generation: dict[tuple[str, int], int] = {}
+        self._sent_generation: dict[tuple[str, int, str], int] = {}
+        self._busy: dict[tuple[str, int], set[str]] = {}
+        self._maps: dict[tuple[str, int], MappedSlot] = {}
+        self._announced: dict[tuple[str, int], int] = {}  # (key, seq) -> slot
+        self.selector = selectors.DefaultSelector()
+        self.control = list(control)
+        for channel in [*hops.values(), *self.control]:
+            self.selector.register(channel.sock, selectors.EVENT_READ, channel)
+
+    def add_control(self, channel: Channel) -> None:
+        self.control.append(channel)
+        self.selector.register(channel.sock, selectors.EVENT_READ, channel)
+
+    # --- producer side ---------------------------------------------------------------------
+
+    def can_publish(self, key: str, seq: int) -> bool:
+        return not self._busy.get((key, seq % self.k))
+
+    def publish(self, key: str, seq: int, array: np.ndarray) -> None:
+        """Copy `array` into our slot for frame `seq` and tell every consumer of `key`."""
+        slot_index = seq % self.k
+        if self._busy.get((key, slot_index)):
+            raise SlotError(
+                f"{key}: slot {slot_index} is still held by {sorted(self._busy[(key, slot_index)])}"
+            )
+        slot = self._owned[key][slot_index]
+        if slot.write(seq, array):
+            self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
+        generation = self._generation[(key, slot_index)]
+        peers = self.produces[key]
+        self._busy[(key, slot_index)] = set(peers)
+        for peer in peers:
+            message = {"t": "ready", "k": key, "s": slot_index, "q": seq}
+            if self._sent_generation.get((key, slot_index, peer)) != generation:
+                self._sent_generation[(key, slot_index, peer)] = generation
+                message["z"] = slot.size
+                self.hops[peer].send(message, [slot.fd])
+            else:
+                self.hops[peer].send(message)
+
+    # --- consumer side ---------------------------------------------------------------------
+
+    def has(self, key: str, seq: int) -> bool:
+        return (key, seq) in self._announced
+
+    def view(self, key: str, seq: int) -> np.ndarray:
+        """The producer's tensor for frame `seq`, read in place (read-only, no copy)."""
+        slot_index = self._announced[(key, seq)]
+        return self._maps[(key, slot_index)].read(seq)
+
+    def release(self, key: str, seq: int) -> None:
+        slot_index = self._announced.pop((key, seq))
+        self.hops[self.consumes[key]].send({"t": "released", "k": key, "s": slot_index, "q": seq})
+
+    # --- message pump ----------------------------------------------------------------------
+
+    def handle(self, channel: Channel, message: dict[str, Any], fds: list[int]) -> None:
+        kind = message.get("t")
+        if kind == "ready":
+            key, slot_index, seq = message["k"], int(message["s"]), int(message["q"])
+            if self.consumes.get(key) != channel.peer:
+                raise SlotError(
+                    f"{channel.peer} announced {key!r}, which it does not produce for {self.name}"
+                )
+            if fds:
+                old = self._maps.pop((key, slot_index), None)
+                if old is not None:
+                    old.close()
+                self._maps[(key, slot_index)] = MappedSlot(fds[0], int(message["z"]))
+                for extra in fds[1:]:
+                    _close_fd(extra)
+            self._announced[(key, seq)] = slot_index
+        elif kind == "released":
+            key, slot_index = message["k"], int(message["s"])
+            self._busy.get((key, slot_index), set()).discard(channel.peer)
+        else:
+            for fd in fds:
+                _close_fd(fd)
+            raise SlotError(f"unexpected message {kind!r} from {channel.peer}")
+
+    def pump(self, timeout: float | None) -> list[tuple[Channel, dict[str, Any]]]:
+        """Wait up to `timeout` for messages; handle hop messages and return control messages.
+
+        Raises PeerGone when a peer closed its end of a hop or control channel."""
+        others: list[tuple[Channel, dict[str, Any]]] = []
+        for selector_key, _ in self.selector.select(timeout):
+            channel: Channel = selector_key.data
+            message, fds = channel.recv(None)
+            if channel in self.control:
+                for fd in fds:
+                    _close_fd(fd)
+                others.append((channel, message))
+            else:
+                self.handle(channel, message, fds)
+        return others
+
+    def close(self) -> None:
+        for slots in self._owned.values():
+            for slot in slots:
+                slot.close()
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+        self._announced.clear()
+        for channel in self.hops.values():
+            channel.close()
+        self.selector.close()
+
+
+def _close_fd(fd: int) -> None:
+    import os
+
+    os.close(fd)
+
+
+__all__ = ["Node", "PeerGone"]

@@ -1,0 +1,236 @@
+"""A chain stage process: opens its own licensed models and runs its stages as frames arrive.
+
+Started by the supervisor (edge_runtime.chain) as `python -m edge_runtime.chain_worker FD`, where
+FD is its control socket. A vendor's decrypted weights live only in this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drm.errors import EdgemartError, LicenseRefused
+from edge_runtime.chain_node import Node
+from edge_runtime.chain_spec import parse_binding
+from edge_runtime.chain_steps import apply
+from edge_runtime.slots import Channel, PeerGone
+
+
+@dataclass
+class _Stage:
+    name: str
+    model_ref: dict[str, str]
+    bindings: dict[str, Any]  # input name -> Binding
+    refs: list[str]
+    model: Any = None
+    next_seq: int = 0
+    local_consumers: list[str] = field(default_factory=list)  # stages in this process that read our outputs
+    remote_outputs: set[str] = field(default_factory=set)  # our output keys that other processes read
+    local_outputs: dict[str, int] = field(default_factory=dict)  # output key -> local reader count
+
+
+def _open_models(device_dir: str, stages: list[_Stage], control: Channel) -> bool:
+    from edge_runtime import Device
+
+    device = Device.open(Path(device_dir))
+    for stage in stages:
+        try:
+            ref = stage.model_ref
+            if "listing" in ref:
+                stage.model = device.open_model(listing=ref["listing"])
+            else:
+                stage.model = device.open_model(
+                    build_path=Path(ref["build"]), license_bytes=Path(ref["license"]).read_bytes()
+                )
+        except (EdgemartError, OSError) as exc:
+            _report(control, stage.name, exc)
+            return False
+    return True
+
+
+def _report(control: Channel, stage: str, exc: BaseException) -> None:
+    if isinstance(exc, EdgemartError):
+        kind = "license_refused" if isinstance(exc, LicenseRefused) else exc.code
+        message, exit_code = exc.message, exc.exit_code
+    else:  # OSError on a build or license path
+        kind, message, exit_code = "os_error", f"{type(exc).__name__}: {exc}", 2
+    try:
+        control.send({"t": "error", "stage": stage, "kind": kind, "message": message, "exit_code": exit_code})
+    except PeerGone:
+        pass
+
+
+def _signature(model: Any) -> dict[str, Any]:
+    def spec(t: Any) -> dict[str, Any]:
+        return {
+            "name": t.name,
+            "shape": [None if d is None else int(d) for d in t.shape],
+            "dtype": str(t.dtype),
+        }
+
+    return {"inputs": [spec(t) for t in model.inputs], "outputs": [spec(t) for t in model.outputs]}
+
+
+class Worker:
+    def __init__(self, control: Channel, config: dict[str, Any], hop_fds: list[int]) -> None:
+        self.control = control
+        self.config = config
+        hops = {peer: Channel.from_fd(fd, peer) for peer, fd in zip(config["hops"], hop_fds, strict=True)}
+        self.node = Node(
+            config["process"], hops, config["produces"], config["consumes"], int(config["slots"]), [control]
+        )
+        chain_path = Path(config["chain_path"])
+        self.stages: list[_Stage] = []
+        for raw in config["stages"]:
+            bindings = {
+                name: parse_binding(b, chain_path, f"stages.{raw['name']}.inputs.{name}")
+                for name, b in raw["inputs"].items()
+            }
+            refs = sorted({r for b in bindings.values() for r in b.refs()})
+            self.stages.append(_Stage(raw["name"], raw["model"], bindings, refs))
+        by_name = {s.name: s for s in self.stages}
+        for stage in self.stages:
+            for ref in stage.refs:
+                producer = by_name.get(ref.split(".", 1)[0]) if "." in ref else None
+                if producer is not None:
+                    producer.local_outputs[ref] = producer.local_outputs.get(ref, 0) + 1
+                    if stage.name not in producer.local_consumers:
+                        producer.local_consumers.append(stage.name)
+        for stage in self.stages:
+            stage.remote_outputs = {k for k in config["produces"] if k.split(".", 1)[0] == stage.name}
+        self._by_name = by_name
+        self._local: dict[tuple[str, int], list[Any]] = {}  # (key, seq) -> [array, readers left]
+        self._remote_left: dict[tuple[str, int], int] = {}
+        self._reader_count = {
+            ref: sum(ref in s.refs for s in self.stages) for s in self.stages for ref in s.refs
+        }
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def _available(self, ref: str, seq: int) -> bool:
+        if "." in ref and ref.split(".", 1)[0] in self._by_name:
+            return (ref, seq) in self._local
+        return self.node.has(ref, seq)
+
+    def _runnable(self, stage: _Stage) -> bool:
+        n = stage.next_seq
+        if not all(self._available(ref, n) for ref in stage.refs):
+            return False
+        if not all(self.node.can_publish(key, n) for key in stage.remote_outputs):
+            return False
+        k = self.node.k
+        return all(n - self._by_name[c].next_seq < k for c in stage.local_consumers)
+
+    def _fetch(self, ref: str, seq: int) -> np.ndarray:
+        local = self._local.get((ref, seq))
+        return local[0] if local is not None else self.node.view(ref, seq)
+
+    def _run(self, stage: _Stage) -> None:
+        n = stage.next_seq
+        t0 = time.perf_counter()
+        feeds = {}
+        for name, binding in stage.bindings.items():
+            value = self._fetch(binding.source, n)
+            for step in binding.steps:
+                value = apply(step, value, lambda r: self._fetch(r, n))
+            feeds[name] = value
+        outputs = stage.model.run(feeds)
+        feeds.clear()  # drop our references to peer slots before releasing them
+        for out_name, array in outputs.items():
+            key = f"{stage.name}.{out_name}"
+            if key in stage.remote_outputs:
+                self.node.publish(key, n, array)
+            if stage.local_outputs.get(key):
+                self._local[(key, n)] = [array, stage.local_outputs[key]]
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        for ref in stage.refs:
+            local = self._local.get((ref, n))
+            if local is not None:
+                local[1] -= 1
+                if local[1] == 0:
+                    del self._local[(ref, n)]
+                continue
+            left = self._remote_left.get((ref, n), self._reader_count[ref]) - 1
+            if left:
+                self._remote_left[(ref, n)] = left
+            else:
+                self._remote_left.pop((ref, n), None)
+                self.node.release(ref, n)
+        stage.next_seq = n + 1
+        self.control.send({"t": "done", "stage": stage.name, "q": n, "ms": elapsed_ms})
+
+    def loop(self) -> int:
+        while True:
+            progressed = False
+            for stage in self.stages:
+                if self._runnable(stage):
+                    try:
+                        self._run(stage)
+                    except (EdgemartError, ValueError, RuntimeError) as exc:
+                        # ValueError/RuntimeError: a step or the backend rejected this frame's data.
+                        if not isinstance(exc, EdgemartError):
+                            exc = EdgemartError(
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            )
+                        if isinstance(exc, PeerGone):
+                            raise
+                        _report(self.control, stage.name, exc)
+                        return self.wait_for_stop()
+                    progressed = True
+            for _, message in self.node.pump(0 if progressed else None):
+                if message.get("t") == "stop":
+                    return 0
+
+    def wait_for_stop(self) -> int:
+        """After a failure: hold still (keeping our slots mapped) until the supervisor says stop."""
+        while True:
+            try:
+                message, fds = self.control.recv(None)
+            except PeerGone:
+                return 0
+            for fd in fds:
+                os.close(fd)
+            if message.get("t") == "stop":
+                return 0
+
+    def close(self) -> None:
+        for stage in self.stages:
+            if stage.model is not None:
+                stage.model.close()
+                stage.model = None
+        self.node.close()
+
+
+def main(argv: list[str]) -> int:
+    # Ctrl-C goes to the supervisor, which stops us in order; we never die half-way through a slot.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = Channel.from_fd(int(argv[0]), "supervisor")
+    try:
+        config, fds = control.recv_expect("config", timeout=60.0)
+    except (PeerGone, TimeoutError):
+        return 3
+    worker = Worker(control, config, fds)
+    try:
+        if not _open_models(config["device_dir"], worker.stages, control):
+            return worker.wait_for_stop()
+        control.send({"t": "loaded", "signatures": {s.name: _signature(s.model) for s in worker.stages}})
+        message, _ = control.recv(None)
+        if message.get("t") != "go":
+            return 0
+        return worker.loop()
+    except PeerGone:
+        # The supervisor or a peer went away: the supervisor reports the culprit; we just leave.
+        return worker.wait_for_stop()
+    finally:
+        worker.close()
+        control.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,271 @@
+"""`edgemart device ...`: init, enroll, fetch, install, eval, sync, verify-log, status.
+
+Only the standard library and drm.errors are imported at module level; handlers import the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from drm.errors import EdgemartError, UsageError
+
+
+def register(subparsers: Any) -> None:
+    device = subparsers.add_parser(
+        "device", help="on-device runtime: enroll, fetch, evaluate licensed models"
+    )
+    sub = device.add_subparsers(dest="device_command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--device-dir", required=True, type=Path, help="the device directory")
+        p.set_defaults(func=handler)
+        return p
+
+    p = add("init", _init, "offline: make the device keypairs and a self-signed certificate")
+    p.add_argument("--trust", type=Path, help="pin this store root certificate (PEM/DER)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("enroll", _enroll, "send a CSR to the store; store its certificate and pin its root")
+    p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", required=True, help="API token")
+    p.add_argument("--name", help="a name for this device at the store")
+    p.add_argument("--json", action="store_true")
+
+    p = add("fetch", _fetch, "get an evaluation license and the encrypted build of a listing")
+    p.add_argument("listing")
+    p.add_argument("--target", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = add("install", _install, "sideload an encrypted build and its license")
+    p.add_argument("--build", required=True, type=Path)
+    p.add_argument("--license", required=True, type=Path)
+    p.add_argument("--listing", help="name to install it under (default: the license's listing)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("eval", _eval, "evaluate a licensed model on your data (accuracy, latency, memory)")
+    p.add_argument("listing", nargs="?", help="an installed listing (or use --build and --license)")
+    p.add_argument("--build", type=Path, help="sideload: encrypted build (.emdl)")
+    p.add_argument("--license", type=Path, help="sideload: license file")
+    p.add_argument(
+        "--data", required=True, type=Path, help=".npz: one array per input (or x), optional labels y"
+    )
+    p.add_argument("--reference", type=Path, help=".npz of reference outputs keyed by output name")
+    p.add_argument("--save-outputs", type=Path, help="write the model outputs to this .npz")
+    p.add_argument("--html", type=Path, help="write a self-contained HTML report here")
+    p.add_argument("--batch-size", type=int, help="samples per call when the batch dimension is dynamic")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls (each is a licensed run; default 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+
+    p = add("sync", _sync, "upload the usage log to the store")
+    p.add_argument("--json", action="store_true")
+
+    p = add("verify-log", _verify_log, "verify the signed, hash-chained usage log offline")
+    p.add_argument("--json", action="store_true")
+
+    p = add("status", _status, "device id, licenses, runs left, expiry")
+    p.add_argument("--json", action="store_true")
+
+    # Hook for the slot-chain runner (`device run`), owned by edge_runtime.chain_cli when present.
+    if importlib.util.find_spec("edge_runtime.chain_cli") is not None:
+        importlib.import_module("edge_runtime.chain_cli").register_run(sub)
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory") from None
+
+
+def _init(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+
+    trust = _read(args.trust, "--trust") if args.trust else None
+    device = Device.init(args.device_dir, trust=trust)
+    _emit(
+        args,
+        {"device_id": device.device_id, "device_dir": str(device.dir), "root_pinned": trust is not None},
+        f"initialized device {device.device_id} in {device.dir}"
+        + ("" if trust else " (no store root pinned yet: enroll, or init with --trust)"),
+    )
+    return 0
+
+
+def _open_or_init(directory: Path) -> Any:
+    from edge_runtime.device import Device
+
+    if not (directory / "sign.key").exists():
+        return Device.init(directory)
+    return Device.open(directory)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    device = _open_or_init(args.device_dir)
+    result = device.enroll(args.store, args.token, name=args.name)
+    _emit(args, result, f"enrolled device {result['device_id']} with {result['store']}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+
+    entry = Device.open(args.device_dir).fetch(args.listing, args.target)
+    _emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+
+    entry = Device.open(args.device_dir).install(
+        build=_read(args.build, "--build"), license=_read(args.license, "--license"), listing=args.listing
+    )
+    _emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
+    return 0
+
+
+def _load_npz(path: Path, what: str) -> dict[str, Any]:
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{what} {path} is not a readable .npz file: {exc}") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+    from edge_runtime.evaluate import ProgressBar, evaluate
+
+    sideload = args.build is not None or args.license is not None
+    if sideload and (args.build is None or args.license is None):
+        raise UsageError("sideload needs both --build and --license")
+    if sideload == (args.listing is not None):
+        raise UsageError("give either a LISTING or --build and --license")
+    data = _load_npz(args.data, "--data")
+    reference = _load_npz(args.reference, "--reference") if args.reference else None
+    device = Device.open(args.device_dir)
+    if sideload:
+        model = device.open_model(build_path=args.build, license_bytes=_read(args.license, "--license"))
+    else:
+        model = device.open_model(listing=args.listing)
+    with model:
+        report = evaluate(
+            model,
+            data,
+            progress=None if args.quiet else ProgressBar(),
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            reference=reference,
+        )
+    if args.save_outputs:
+        import numpy as np
+
+        np.savez(args.save_outputs, **report.outputs)
+    if args.html:
+        args.html.write_text(report.to_html(), encoding="utf-8")
+    _emit(args, report.to_dict(), report.to_text() + (f"\nhtml       {args.html}" if args.html else ""))
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+
+    result = Device.open(args.device_dir).sync()
+    store = result["store"]
+    _emit(
+        args,
+        result,
+        f"uploaded {result['uploaded']} usage records; store: ok={store.get('ok')}"
+        f" accepted={store.get('accepted')}"
+        + (f" first_bad={store.get('first_bad')} ({store.get('reason')})" if not store.get("ok") else ""),
+    )
+    return 0 if store.get("ok") else 1
+
+
+def _verify_log(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+
+    result = Device.open(args.device_dir).verify_log()
+    if result["ok"]:
+        text = f"usage log OK: {result['records']} records " + json.dumps(result["events"], sort_keys=True)
+    else:
+        text = f"usage log BAD at line {result['first_bad']}: {result['reason']} ({result['records']} good records before it)"
+    if not result["matches_state"]:
+        text += f"\nstate: {result['state_problem']}"
+    _emit(args, result, text)
+    return 0 if result["ok"] and result["matches_state"] else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from edge_runtime.device import Device
+
+    st = Device.open(args.device_dir).status()
+    lines = [
+        f"device     {st['device_id']}",
+        f"cert       {st['certificate']}",
+        f"root       {'pinned' if st['root_pinned'] else 'NOT pinned'}",
+        f"store      {st['store'] or '-'}",
+    ]
+    state = st["state"]
+    lines.append(
+        f"state      {'ok' if state['ok'] else 'REFUSING: ' + state['problem']}"
+        + (
+            f" (generation {state['generation']}, {state['usage_records']} usage records)"
+            if state["ok"]
+            else ""
+        )
+    )
+    for lic in st["licenses"]:
+        if "error" in lic:
+            lines.append(f"license    {lic['file']}: {lic['error']}")
+            continue
+        left = (
+            "unlimited" if lic["max_runs"] is None else f"{lic['runs_left']} of {lic['max_runs']} runs left"
+        )
+        expiry = (
+            "no expiry"
+            if lic["expires"] is None
+            else ("EXPIRED " if lic["expired"] else "expires ") + lic["expires"]
+        )
+        lines.append(
+            f"license    {lic['license_id']}  {lic['listing']}  {lic['kind']}  {lic['target']}  {left}  {expiry}"
+        )
+    if not st["licenses"]:
+        lines.append("license    none installed")
+    _emit(args, st, "\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m edge_runtime device ...`) mirroring the edgemart composition root."""
+    parser = argparse.ArgumentParser(prog="edgemart")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgemartError as exc:
+        print(f"edgemart: {exc.diagnostics()}", file=sys.stderr)
+        return exc.exit_code

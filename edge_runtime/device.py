@@ -1,0 +1,699 @@
+"""One device directory: keys, enrollment, license installation, enforcement and the licensed model.
+
+Every license decision happens here, before any content key is unwrapped; refusals are opaque to the
+caller and recorded precisely in DIR/audit.log and as signed "refused" usage records."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+import drm
+from drm._canonical import FormatError
+from drm.license import LICENSE_TYP
+from edge_runtime import _fs
+from edge_runtime.backends import Backend, TensorSpec, open_backend
+from edge_runtime.ledger import DEFAULT_POLICY, Ledger, Policy, State, StateProblem
+
+KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
+REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")
+
+
+def _iso(t: int | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _parse_claims(token: bytes) -> drm.LicenseClaims:
+    """Structural parse of a license (no trust decision), for ids and display."""
+    payload, _, _ = drm.parse_envelope(token, LICENSE_TYP)
+    return drm.LicenseClaims.from_dict(payload)
+
+
+class Device:
+    """A device directory (see the layout in the project brief / docs)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        keys: drm.DeviceKeys,
+        state_key: bytes,
+        *,
+        anchor_dir: Path | None = None,
+        policy: Policy = DEFAULT_POLICY,
+    ) -> None:
+        self.dir = directory
+        self.keys = keys
+        self.policy = policy
+        self.ledger = Ledger(
+            directory,
+            device_id=keys.device_id,
+            sign_key=keys.sign,
+            state_key=state_key,
+            anchor_dir=anchor_dir,
+            policy=policy,
+        )
+        self._revocation_cache: tuple[tuple[int, int, int], drm.RevocationList] | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self.keys.device_id
+
+    @property
+    def audit_path(self) -> Path:
+        return self.ledger.audit_path
+
+    # ------------------------------------------------------------------ init / open
+
+    @classmethod
+    def init(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        trust: bytes | None = None,
+        now: int | None = None,
+        anchor_dir: Path | None = None,
+        pq: bool = True,
+    ) -> Device:
+        """Make the device's keypairs here (0600 files in a 0700 dir), a self-signed certificate and the
+        initial sealed state. Refuses to overwrite existing keys."""
+        d = Path(directory)
+        now = int(time.time()) if now is None else now
+        root = None
+        if trust is not None:
+            try:
+                root = drm.cert_from_bytes(trust)
+            except FormatError as exc:
+                raise drm.UsageError(f"--trust: {exc.message}") from None
+        d.mkdir(parents=True, exist_ok=True, mode=_fs.PRIVATE_DIR)
+        os.chmod(d, _fs.PRIVATE_DIR)
+        existing = [n for n in (*KEY_FILES, "state.key", "state.bin") if (d / n).exists()]
+        if existing:
+            raise drm.UsageError(
+                f"{d} already holds device keys ({', '.join(existing)}); refusing to overwrite them"
+            )
+        keys = drm.DeviceKeys.generate(pq=pq)
+        for name, data in keys.to_files().items():
+            _fs.create_private(d / name, data)
+        state_key = os.urandom(32)
+        _fs.create_private(d / "state.key", state_key)
+        _fs.atomic_write(d / "device.crt", drm.cert_to_pem(keys.self_signed_cert(now=now)), mode=0o644)
+        if root is not None:
+            _fs.atomic_write(d / "root.crt", drm.cert_to_pem(root), mode=0o644)
+        (d / "licenses").mkdir(mode=_fs.PRIVATE_DIR, exist_ok=True)
+        (d / "builds").mkdir(mode=_fs.PRIVATE_DIR, exist_ok=True)
+        device = cls(d, keys, state_key, anchor_dir=anchor_dir)
+        device.ledger.create(now=now)
+        return device
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], *, anchor_dir: Path | None = None) -> Device:
+        d = Path(directory)
+        if not d.is_dir():
+            raise drm.UsageError(
+                f"device directory {d} does not exist: run `edgemart device init --device-dir {d}`"
+            )
+        missing = [n for n in REQUIRED_FILES if not (d / n).is_file()]
+        if missing:
+            raise drm.UsageError(
+                f"{d} is not an initialized device directory (missing {', '.join(missing)}):"
+                f" run `edgemart device init --device-dir {d}`"
+            )
+        files = {n: (d / n).read_bytes() for n in KEY_FILES if (d / n).is_file()}
+        keys = drm.DeviceKeys.from_files(files)
+        state_key = (d / "state.key").read_bytes()
+        if len(state_key) != 32:
+            raise drm.UsageError(f"{d / 'state.key'} is corrupt (expected 32 bytes)")
+        cert = drm.cert_from_bytes((d / "device.crt").read_bytes())
+        if drm.cert_device_id(cert) != keys.device_id:
+            raise drm.UsageError(f"{d / 'device.crt'} does not belong to this device's signing key")
+        return cls(d, keys, state_key, anchor_dir=anchor_dir)
+
+    # ------------------------------------------------------------------ small accessors
+
+    def certificate(self) -> Any:
+        return drm.cert_from_bytes((self.dir / "device.crt").read_bytes())
+
+    def root(self) -> Any:
+        path = self.dir / "root.crt"
+        if not path.is_file():
+            raise drm.UsageError(
+                f"{self.dir} has no pinned store root: run `edgemart device enroll` or `device init --trust ROOT.crt`"
+            )
+        return drm.cert_from_bytes(path.read_bytes())
+
+    def _store(self) -> Any:
+        from edge_runtime._store_client import StoreClient
+
+        path = self.dir / "store.json"
+        if not path.is_file():
+            raise drm.UsageError(
+                f"{self.dir} is not enrolled with a store: run `edgemart device enroll` first"
+            )
+        cfg = json.loads(path.read_text())
+        return StoreClient(cfg["url"], cfg.get("token"))
+
+    def installed(self) -> dict[str, dict[str, Any]]:
+        path = self.dir / "installed.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def _clock(now: int | None) -> int:
+        return int(time.time()) if now is None else int(now)
+
+    # ------------------------------------------------------------------ refusals
+
+    def _refuse(
+        self, st: State | None, reason: str, *, t: int, license_id: str = "", build_hash: str = ""
+    ) -> NoReturn:
+        self.ledger.record_refusal(st, t=t, license_id=license_id, build_hash=build_hash, reason=reason)
+        raise drm.LicenseRefused(f"license refused: see {self.audit_path}", reason=reason)
+
+    def _load_state(self, clock: int, *, license_id: str = "", build_hash: str = "") -> State:
+        """Load the ledger and apply the clock-rollback rule; refusals are recorded."""
+        try:
+            st, _ = self.ledger.load()
+        except StateProblem as problem:
+            self._refuse(None, problem.reason, t=clock, license_id=license_id, build_hash=build_hash)
+        if clock < st.clock_hwm - self.policy.clock_tolerance:
+            st.rollbacks += 1
+            self._refuse(
+                st,
+                f"clock rollback: system clock {_iso(clock)} is behind the trusted high-water mark"
+                f" {_iso(st.clock_hwm)} by more than {self.policy.clock_tolerance}s",
+                t=max(st.hwm, clock),
+                license_id=license_id,
+                build_hash=build_hash,
+            )
+        return st
+
+    def _revoked(self, st: State, trusted: int, *, license_id: str, build_hash: str) -> frozenset[str]:
+        """The current revocation set; never accepts a list older than the version the state has seen."""
+        path = self.dir / "revocation.bin"
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            if st.revocation_version > 0:
+                self._refuse(
+                    st,
+                    f"revocation list missing but version {st.revocation_version} was seen",
+                    t=trusted,
+                    license_id=license_id,
+                    build_hash=build_hash,
+                )
+            return frozenset()
+        key = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._revocation_cache
+        if cached is not None and cached[0] == key and cached[1].version >= st.revocation_version:
+            rl = cached[1]
+        else:
+            try:
+                rl = drm.verify_revocation_list(
+                    path.read_bytes(), root=self.root(), now=trusted, current_version=st.revocation_version
+                )
+            except drm.LicenseRefused as exc:
+                self._refuse(
+                    st,
+                    f"revocation list rejected: {exc.reason}",
+                    t=trusted,
+                    license_id=license_id,
+                    build_hash=build_hash,
+                )
+            self._revocation_cache = (key, rl)
+        st.revocation_version = max(st.revocation_version, rl.version)
+        return rl.revoked
+
+    def _verify_locked(
+        self, token: bytes, *, build_hash: str | None, clock: int
+    ) -> tuple[drm.LicenseClaims, State, int]:
+        """All license checks except the run cap, with the device lock held. Returns (claims, state, trusted now)."""
+        try:
+            claims0 = _parse_claims(token)
+            lid, issued_at = claims0.license_id, claims0.issued_at
+        except FormatError as exc:
+            st = self._load_state(clock)
+            self._refuse(
+                st, f"malformed license: {exc.message}", t=max(clock, st.hwm), build_hash=build_hash or ""
+            )
+        st = self._load_state(clock, license_id=lid, build_hash=build_hash or "")
+        trusted = max(clock, st.hwm, issued_at)
+        revoked = self._revoked(st, trusted, license_id=lid, build_hash=build_hash or "")
+        try:
+            verified = drm.verify_license(
+                token,
+                root=self.root(),
+                now=trusted,
+                device_id=self.device_id,
+                build_hash=build_hash,
+                revoked=revoked,
+            )
+        except drm.LicenseRefused as exc:
+            self._refuse(st, exc.reason, t=max(clock, st.hwm), license_id=lid, build_hash=build_hash or "")
+        return verified.claims, st, trusted
+
+    def _check_cap(self, st: State, claims: drm.LicenseClaims, trusted: int) -> None:
+        used = st.runs.get(claims.license_id, 0)
+        if claims.max_runs is not None and used >= claims.max_runs:
+            self._refuse(
+                st,
+                f"run cap exhausted: {used} of {claims.max_runs} runs used",
+                t=trusted,
+                license_id=claims.license_id,
+                build_hash=claims.build_hash,
+            )
+
+    # ------------------------------------------------------------------ enrollment and installation
+
+    def enroll(
+        self, store_url: str, token: str, *, name: str | None = None, now: int | None = None
+    ) -> dict[str, Any]:
+        """Send a CSR; store the store-issued certificate and pin the store root. Private keys stay here."""
+        from edge_runtime._store_client import StoreClient
+
+        client = StoreClient(store_url, token)
+        body: dict[str, Any] = {"csr": self.keys.csr().decode()}
+        if name:
+            body["name"] = name
+        resp = client.post_json("/api/v1/devices/enroll", body)
+        try:
+            cert = drm.cert_from_bytes(str(resp["certificate"]).encode())
+            root = drm.cert_from_bytes(str(resp["root"]).encode())
+        except (KeyError, TypeError, FormatError):
+            raise drm.UsageError("store enrollment answer lacks a valid certificate and root") from None
+        pinned = self.dir / "root.crt"
+        if pinned.is_file() and drm.cert_to_pem(drm.cert_from_bytes(pinned.read_bytes())) != drm.cert_to_pem(
+            root
+        ):
+            raise drm.ForbiddenError(
+                f"the store's root differs from the root pinned in {pinned}; refusing to re-pin"
+            )
+        if drm.cert_device_id(cert) != self.device_id or drm.cert_kem_keys(cert) != self.keys.kem_public():
+            raise drm.ForbiddenError("the store issued a certificate for other keys than this device's")
+        try:
+            drm.verify_cert(cert, root, now=self._clock(now), purpose=drm.EKU_DEVICE)
+        except drm.LicenseRefused as exc:
+            raise drm.ForbiddenError(f"store-issued device certificate is invalid: {exc.reason}") from None
+        _fs.atomic_write(self.dir / "device.crt", drm.cert_to_pem(cert), mode=0o644)
+        _fs.atomic_write(pinned, drm.cert_to_pem(root), mode=0o644)
+        store_cfg = {"url": store_url, "token": token, "device_id": self.device_id}
+        _fs.atomic_write(self.dir / "store.json", json.dumps(store_cfg, indent=2).encode())
+        return {"device_id": self.device_id, "store": store_url, "issuer": cert.issuer.rfc4514_string()}
+
+    def install(
+        self, *, build: bytes, license: bytes, listing: str | None = None, now: int | None = None
+    ) -> dict[str, Any]:
+        """Sideload an encrypted build and its license after verifying the license for this device and build."""
+        try:
+            header = drm.read_header(bytes(build[: 64 * 1024]))
+        except FormatError as exc:
+            raise drm.UsageError(f"build is not an edgemart container: {exc.message}") from None
+        if len(license) > self.policy.max_license_bytes:
+            raise drm.UsageError("license file too large")
+        clock = self._clock(now)
+        with _fs.locked(self.ledger.lock_path):
+            claims, _, _ = self._verify_locked(license, build_hash=header.build_hash, clock=clock)
+        hexdigest = claims.build_hash.split(":", 1)[1]
+        build_rel, lic_rel = f"builds/{hexdigest}.emdl", f"licenses/{claims.license_id}.lic"
+        for sub in ("builds", "licenses"):
+            (self.dir / sub).mkdir(mode=_fs.PRIVATE_DIR, exist_ok=True)
+        _fs.atomic_write(self.dir / build_rel, bytes(build))
+        _fs.atomic_write(self.dir / lic_rel, bytes(license))
+        entry = {
+            "target": claims.target,
+            "license_id": claims.license_id,
+            "build_hash": claims.build_hash,
+            "build": build_rel,
+            "license": lic_rel,
+            "kind": claims.kind,
+        }
+        with _fs.locked(self.ledger.lock_path):
+            table = self.installed()
+            table[listing or claims.listing] = entry
+            _fs.atomic_write(
+                self.dir / "installed.json", json.dumps(table, indent=2, sort_keys=True).encode()
+            )
+        return {"listing": listing or claims.listing, **entry}
+
+    def install_revocations(self, blob: bytes, *, now: int | None = None) -> dict[str, Any]:
+        """Install a signed revocation list; an older version than the one already seen is refused."""
+        clock = self._clock(now)
+        with _fs.locked(self.ledger.lock_path):
+            st = self._load_state(clock)
+            trusted = max(clock, st.hwm)
+            try:
+                rl = drm.verify_revocation_list(
+                    blob, root=self.root(), now=trusted, current_version=st.revocation_version
+                )
+            except drm.LicenseRefused as exc:
+                self._refuse(st, f"revocation list rejected: {exc.reason}", t=trusted)
+            if rl.version == st.revocation_version and (self.dir / "revocation.bin").is_file():
+                return {"version": rl.version, "revoked": len(rl.revoked), "updated": False}
+            _fs.atomic_write(self.dir / "revocation.bin", blob, mode=0o644)
+            st.revocation_version = rl.version
+            self.ledger.commit(st, event="sync", t=trusted, detail=f"revocation list version {rl.version}")
+        return {"version": rl.version, "revoked": len(rl.revoked), "updated": True}
+
+    def fetch(self, listing: str, target: str, *, now: int | None = None) -> dict[str, Any]:
+        """Get an evaluation license and the encrypted build from the store; record them in installed.json."""
+        client = self._store()
+        resp = client.post_json(
+            f"/api/v1/listings/{listing}/eval-license", {"device_id": self.device_id, "target": target}
+        )
+        try:
+            token = str(resp["license"]).encode()
+            build_hash = str(resp["build_hash"])
+            build_url = str(resp.get("build_url") or f"/api/v1/builds/{build_hash.split(':', 1)[-1]}")
+        except (KeyError, TypeError):
+            raise drm.UsageError("store eval-license answer lacks license / build_hash") from None
+        build = client.request("GET", build_url)
+        self._fetch_revocations(client, now=now)
+        entry = self.install(build=build, license=token, listing=listing, now=now)
+        if entry["build_hash"] != build_hash:
+            raise drm.UsageError("store sent a build whose hash differs from the license's")
+        return entry
+
+    def _fetch_revocations(self, client: Any, *, now: int | None) -> dict[str, Any] | None:
+        try:
+            blob = client.request("GET", "/api/v1/revocations")
+        except drm.NotFoundError:
+            return None  # the store publishes no list yet
+        return self.install_revocations(blob, now=now)
+
+    def sync(self, *, now: int | None = None) -> dict[str, Any]:
+        """Upload usage.log; return the store's verdict. Also picks up a newer revocation list."""
+        client = self._store()
+        log = self.ledger.log_path.read_bytes() if self.ledger.log_path.is_file() else b""
+        verdict = client.post_bytes(f"/api/v1/devices/{self.device_id}/usage", log, "application/x-ndjson")
+        revocations = self._fetch_revocations(client, now=now)
+        clock = self._clock(now)
+        records = log.count(b"\n")
+        with _fs.locked(self.ledger.lock_path):
+            st = self._load_state(clock)
+            self.ledger.commit(
+                st,
+                event="sync",
+                t=max(clock, st.hwm),
+                detail=f"uploaded {records} records; store ok={verdict.get('ok')}",
+            )
+        return {"uploaded": records, "store": verdict, "revocations": revocations}
+
+    # ------------------------------------------------------------------ models
+
+    def open_model(
+        self,
+        *,
+        build_path: str | os.PathLike[str] | None = None,
+        license_bytes: bytes | None = None,
+        listing: str | None = None,
+        now: int | None = None,
+    ) -> LicensedModel:
+        """Verify the license (before any key is unwrapped), decrypt the build in memory and open a backend."""
+        started = time.perf_counter()
+        if listing is not None and build_path is None and license_bytes is None:
+            table = self.installed()
+            if listing not in table:
+                known = ", ".join(sorted(table)) or "none"
+                raise drm.NotFoundError(
+                    f"listing {listing!r} is not installed on this device (installed: {known})"
+                )
+            entry = table[listing]
+            build_path = self.dir / entry["build"]
+            license_bytes = (self.dir / entry["license"]).read_bytes()
+        if build_path is None or license_bytes is None:
+            raise drm.UsageError("open_model needs a listing, or both build_path and license_bytes")
+        path = Path(build_path)
+        if not path.is_file():
+            raise drm.UsageError(f"build file {path} does not exist")
+        if path.stat().st_size > self.policy.max_build_bytes:
+            raise drm.UsageError(f"build file {path} exceeds the {self.policy.max_build_bytes}-byte limit")
+        if len(license_bytes) > self.policy.max_license_bytes:
+            raise drm.UsageError("license file too large")
+        container = path.read_bytes()
+        clock = self._clock(now)
+        try:
+            header = drm.read_header(container[: 64 * 1024])
+        except FormatError as exc:
+            raise drm.UsageError(f"{path} is not an edgemart container: {exc.message}") from None
+        with _fs.locked(self.ledger.lock_path):
+            claims, st, trusted = self._verify_locked(
+                license_bytes, build_hash=header.build_hash, clock=clock
+            )
+            self._check_cap(st, claims, trusted)
+            try:
+                cek = drm.unwrap_cek(claims, self.keys)
+            except drm.LicenseRefused as exc:
+                self._refuse(
+                    st, exc.reason, t=trusted, license_id=claims.license_id, build_hash=claims.build_hash
+                )
+        try:
+            _, plaintext = drm.open_sealed(container, key=cek, expected_build_hash=claims.build_hash)
+        except drm.IntegrityError:
+            with _fs.locked(self.ledger.lock_path):
+                st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
+                self._refuse(
+                    st,
+                    "build failed its integrity check (tampered, truncated or swapped container)",
+                    t=max(clock, st.hwm),
+                    license_id=claims.license_id,
+                    build_hash=claims.build_hash,
+                )
+        try:
+            backend = open_backend(plaintext, target=claims.target)
+        finally:
+            drm.wipe(plaintext)
+        return LicensedModel(self, claims, backend, load_seconds=time.perf_counter() - started, now=now)
+
+    # ------------------------------------------------------------------ the run path (called by LicensedModel)
+
+    def _admit_run(self, model: LicensedModel) -> tuple[bytes, bytes, bytes]:
+        """With the lock held: all per-run checks, then the prepared commit that counts this run."""
+        claims = model._claims
+        clock = self._clock(model.now)
+        st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
+        trusted = max(clock, st.hwm, claims.issued_at)
+        lid, bh = claims.license_id, claims.build_hash
+        if trusted < claims.not_before:
+            self._refuse(st, "license is not yet valid", t=trusted, license_id=lid, build_hash=bh)
+        if claims.not_after is not None and trusted >= claims.not_after:
+            self._refuse(st, "license has expired", t=trusted, license_id=lid, build_hash=bh)
+        if lid in self._revoked(st, trusted, license_id=lid, build_hash=bh):
+            self._refuse(st, f"license {lid} is revoked", t=trusted, license_id=lid, build_hash=bh)
+        self._check_cap(st, claims, trusted)
+        st.runs[lid] = st.runs.get(lid, 0) + 1
+        st.hwm = max(st.hwm, trusted)
+        st.clock_hwm = max(st.clock_hwm, clock)
+        line, anchor_blob, state_blob, _ = self.ledger.prepare(
+            st, event="run", t=trusted, license_id=lid, build_hash=bh, runs=st.runs[lid]
+        )
+        return line, anchor_blob, state_blob
+
+    # ------------------------------------------------------------------ reporting
+
+    def runs_left(self, claims: drm.LicenseClaims) -> int | None:
+        if claims.max_runs is None:
+            return None
+        st, _ = self.ledger.load()
+        return max(0, claims.max_runs - st.runs.get(claims.license_id, 0))
+
+    def status(self, *, now: int | None = None) -> dict[str, Any]:
+        cert = self.certificate()
+        clock = self._clock(now)
+        out: dict[str, Any] = {
+            "device_id": self.device_id,
+            "device_dir": str(self.dir),
+            "certificate": "self-signed"
+            if cert.issuer == cert.subject
+            else f"issued by {cert.issuer.rfc4514_string()}",
+            "root_pinned": (self.dir / "root.crt").is_file(),
+            "store": json.loads((self.dir / "store.json").read_text())["url"]
+            if (self.dir / "store.json").is_file()
+            else None,
+        }
+        try:
+            st, _ = self.ledger.load()
+            out["state"] = {
+                "ok": True,
+                "generation": st.generation,
+                "usage_records": st.log_seq,
+                "trusted_time": _iso(max(clock, st.hwm)),
+                "revocation_version": st.revocation_version,
+            }
+        except StateProblem as problem:
+            st = None
+            out["state"] = {"ok": False, "problem": problem.reason}
+        by_license = {e["license_id"]: name for name, e in self.installed().items()}
+        licenses = []
+        for lic_path in sorted((self.dir / "licenses").glob("*.lic")):
+            try:
+                claims = _parse_claims(lic_path.read_bytes())
+            except FormatError:
+                licenses.append({"file": lic_path.name, "error": "unreadable license"})
+                continue
+            used = st.runs.get(claims.license_id, 0) if st else None
+            trusted = max(clock, st.hwm) if st else clock
+            expired = claims.not_after is not None and trusted >= claims.not_after
+            licenses.append(
+                {
+                    "license_id": claims.license_id,
+                    "listing": by_license.get(claims.license_id, claims.listing),
+                    "kind": claims.kind,
+                    "target": claims.target,
+                    "build_hash": claims.build_hash,
+                    "runs_used": used,
+                    "max_runs": claims.max_runs,
+                    "runs_left": None
+                    if claims.max_runs is None or used is None
+                    else max(0, claims.max_runs - used),
+                    "expires": _iso(claims.not_after),
+                    "expired": expired,
+                }
+            )
+        out["licenses"] = licenses
+        return out
+
+    def verify_log(self) -> dict[str, Any]:
+        data = self.ledger.log_path.read_bytes() if self.ledger.log_path.is_file() else b""
+        report = drm.verify_log(data, self.keys.sign.public_key(), device_id=self.device_id)
+        out = report.to_dict()
+        out["device_id"] = self.device_id
+        events: dict[str, int] = {}
+        for rec in report.records:
+            events[rec["event"]] = events.get(rec["event"], 0) + 1
+        out["events"] = events
+        try:
+            st, _ = self.ledger.load()
+            out["matches_state"] = True
+            out["state_records"] = st.log_seq
+        except StateProblem as problem:
+            out["matches_state"] = False
+            out["state_problem"] = problem.reason
+        return out
+
+
+class LicensedModel:
+    """A decrypted model bound to its license. Each run()/batch call is checked and counted before computing;
+    the count is durable before the result is returned."""
+
+    def __init__(
+        self,
+        device: Device,
+        claims: drm.LicenseClaims,
+        backend: Backend,
+        *,
+        load_seconds: float,
+        now: int | None,
+    ) -> None:
+        self._device = device
+        self._claims = claims
+        self._backend: Backend | None = backend
+        self.inputs: list[TensorSpec] = list(backend.inputs)
+        self.outputs: list[TensorSpec] = list(backend.outputs)
+        self.license_id = claims.license_id
+        self.build_hash = claims.build_hash
+        self.target = claims.target
+        self.listing = claims.listing
+        self.backend_name = backend.name
+        self.providers = list(getattr(backend, "providers", []))
+        self.load_seconds = load_seconds
+        self.now = now  # injected clock for tests; None = system clock
+        self._lock = _fs.Lock(device.ledger.lock_path)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgemart-ledger")
+
+    @property
+    def claims(self) -> drm.LicenseClaims:
+        return self._claims
+
+    @property
+    def max_runs(self) -> int | None:
+        return self._claims.max_runs
+
+    def runs_left(self) -> int | None:
+        return self._device.runs_left(self._claims)
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Shape/dtype check against the model inputs; UsageError naming the input."""
+        if not isinstance(feeds, dict):
+            raise drm.UsageError("feeds must be a dict of input name -> numpy array")
+        out: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise drm.UsageError(
+                    f"input {spec.name!r} is missing (model inputs: {[s.name for s in self.inputs]})"
+                )
+            value = np.asarray(feeds[spec.name])
+            if value.dtype.name != spec.dtype:
+                raise drm.UsageError(
+                    f"input {spec.name!r}: dtype {value.dtype.name}, model expects {spec.dtype}"
+                )
+            if value.ndim != len(spec.shape) or any(
+                want is not None and have != want for have, want in zip(value.shape, spec.shape, strict=False)
+            ):
+                want_text = "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
+                raise drm.UsageError(
+                    f"input {spec.name!r}: shape {list(value.shape)}, model expects {want_text}"
+                )
+            out[spec.name] = value
+        extra = set(feeds) - {s.name for s in self.inputs}
+        if extra:
+            raise drm.UsageError(
+                f"unknown input(s) {sorted(extra)} (model inputs: {[s.name for s in self.inputs]})"
+            )
+        return out
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._backend is None:
+            raise drm.UsageError("this model is closed")
+        checked = self.check_feeds(feeds)
+        self._lock.acquire()
+        try:
+            line, anchor_blob, state_blob = self._device._admit_run(self)
+        except BaseException:
+            self._lock.release()
+            raise
+        # The count is checked and prepared; its durable write overlaps the computation (fsync releases the
+        # GIL, so does the backend) and is joined before any output leaves this method.
+        pending = self._writer.submit(self._persist, line, anchor_blob, state_blob)
+        try:
+            outputs = self._backend.run(checked)
+        finally:
+            pending.result()
+        return outputs
+
+    def _persist(self, line: bytes, anchor_blob: bytes, state_blob: bytes) -> None:
+        try:
+            self._device.ledger.write(line, anchor_blob, state_blob)
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+        self._writer.shutdown(wait=True)
+
+    def __enter__(self) -> LicensedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "license_id": self.license_id,
+            "listing": self.listing,
+            "build_hash": self.build_hash,
+            "target": self.target,
+            "backend": self.backend_name,
+            "providers": self.providers,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
+
+
+ProgressFn = Callable[[int, int], None]

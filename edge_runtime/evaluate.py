@@ -1,0 +1,355 @@
+"""The evaluation harness: run a licensed model over the buyer's data and report accuracy, agreement,
+latency, throughput, memory and load time as text, JSON or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from drm.errors import UsageError
+from edge_runtime.backends import TensorSpec
+from edge_runtime.device import LicensedModel
+
+DEFAULT_DYNAMIC_BATCH = 16
+TOP_K = 5
+
+
+@dataclass
+class EvalReport:
+    model: dict[str, Any]
+    samples: int
+    batch_size: int
+    calls: int
+    warmup_calls: int
+    load_seconds: float
+    latencies_ms: list[float]
+    wall_seconds: float
+    peak_rss_mb: float
+    classification: dict[str, Any] | None = None
+    agreement: dict[str, Any] | None = None
+    ignored_keys: list[str] = field(default_factory=list)
+    runs_left: int | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def latency(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        if lat.size == 0:
+            return {}
+        p50, p90, p99 = np.percentile(lat, [50, 90, 99])
+        return {
+            "p50": float(p50),
+            "p90": float(p90),
+            "p99": float(p99),
+            "mean": float(lat.mean()),
+            "min": float(lat.min()),
+            "max": float(lat.max()),
+        }
+
+    @property
+    def throughput(self) -> float:
+        busy = sum(self.latencies_ms) / 1000.0
+        return self.samples / busy if busy > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "calls": self.calls,
+            "warmup_calls": self.warmup_calls,
+            "runs_used": self.calls + self.warmup_calls,
+            "runs_left": self.runs_left,
+            "load_seconds": self.load_seconds,
+            "latency_ms": self.latency,
+            "throughput_samples_per_s": self.throughput,
+            "wall_seconds": self.wall_seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "classification": self.classification,
+            "agreement": self.agreement,
+            "ignored_keys": self.ignored_keys,
+            "latencies_ms": self.latencies_ms,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_text(self) -> str:
+        m, lat = self.model, self.latency
+        lines = [
+            f"model      {m.get('listing')}  target {m.get('target')}  backend {m.get('backend')}",
+            f"license    {m.get('license_id')}  build {m.get('build_hash', '')[:23]}…",
+            f"samples    {self.samples} in {self.calls} calls of batch {self.batch_size}"
+            f" (+{self.warmup_calls} warm-up); runs left: {'unlimited' if self.runs_left is None else self.runs_left}",
+            f"load       {self.load_seconds * 1000:.1f} ms (verify + unwrap + decrypt + session)",
+        ]
+        if lat:
+            lines.append(
+                f"latency    p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms"
+                f"  (mean {lat['mean']:.3f}, per call)"
+            )
+        lines.append(f"throughput {self.throughput:.1f} samples/s")
+        lines.append(f"memory     peak RSS {self.peak_rss_mb:.1f} MB")
+        c = self.classification
+        if c:
+            lines.append(
+                f"accuracy   top-1 {c['accuracy']:.4f}"
+                + (f"  top-{c['k']} {c['top_k_accuracy']:.4f}" if c.get("top_k_accuracy") is not None else "")
+                + f"  (output {c['output']}, {c['classes']} classes)"
+            )
+            lines.append("confusion  rows = true label, columns = predicted")
+            for i, row in enumerate(c["confusion"]):
+                lines.append(f"  {i:>3} | " + " ".join(f"{v:>4}" for v in row))
+        a = self.agreement
+        if a:
+            for name, figures in a["outputs"].items():
+                lines.append(
+                    f"agreement  {name}: max |Δ| {figures['max_abs_diff']:.3g}, mean |Δ| "
+                    f"{figures['mean_abs_diff']:.3g}, allclose {figures['allclose']}"
+                    + (
+                        f", labels agree {figures['label_agreement']:.4f}"
+                        if "label_agreement" in figures
+                        else ""
+                    )
+                )
+        if self.ignored_keys:
+            lines.append(f"note       ignored data keys: {', '.join(self.ignored_keys)}")
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        from edge_runtime.report_html import render
+
+        return render(self)
+
+
+def _classifier_output(
+    outputs: dict[str, np.ndarray], specs: list[TensorSpec]
+) -> tuple[str, np.ndarray | None, np.ndarray]:
+    """(output name, scores or None, predicted labels) for a classifier-looking model, else raises KeyError."""
+    scores_name = next(
+        (s.name for s in specs if s.dtype.startswith("float") and outputs[s.name].ndim == 2), None
+    )
+    label_name = next((s.name for s in specs if s.dtype == "int64" and outputs[s.name].ndim == 1), None)
+    scores = outputs[scores_name] if scores_name else None
+    if label_name is not None:
+        return label_name, scores, outputs[label_name]
+    if scores is not None:
+        return str(scores_name), scores, scores.argmax(axis=1)
+    raise KeyError("no classifier output")
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts) and all(p.ndim >= 1 for p in parts):
+        return np.concatenate(parts, axis=0)
+    return parts
+
+
+def _resolve_inputs(
+    model: LicensedModel, data: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    names = [s.name for s in model.inputs]
+    feeds: dict[str, np.ndarray] = {}
+    for spec in model.inputs:
+        if spec.name in data:
+            feeds[spec.name] = np.asarray(data[spec.name])
+        elif len(names) == 1 and "x" in data:
+            feeds[spec.name] = np.asarray(data["x"])
+        else:
+            raise UsageError(f"data has no array for model input {spec.name!r} (keys: {sorted(data)})")
+    used = set(feeds) | ({"x"} if len(names) == 1 and "x" in data else set()) | {"y"}
+    ignored = sorted(k for k in data if k not in used)
+    counts = set()
+    for spec in model.inputs:
+        value = feeds[spec.name]
+        if value.dtype.name != spec.dtype:
+            raise UsageError(
+                f"input {spec.name!r}: data dtype {value.dtype.name}, model expects {spec.dtype}"
+            )
+        if value.ndim != len(spec.shape):
+            raise UsageError(
+                f"input {spec.name!r}: data has {value.ndim} dims {list(value.shape)},"
+                f" model expects {len(spec.shape)} {list(spec.shape)}"
+            )
+        for axis, (have, want) in enumerate(zip(value.shape[1:], spec.shape[1:], strict=True), start=1):
+            if want is not None and have != want:
+                raise UsageError(
+                    f"input {spec.name!r}: dim {axis} is {have}, model expects {want}"
+                    f" (data shape {list(value.shape)}, model {list(spec.shape)})"
+                )
+        counts.add(value.shape[0])
+    if len(counts) != 1:
+        raise UsageError(f"inputs have different sample counts: {sorted(counts)}")
+    return feeds, ignored
+
+
+def evaluate(
+    model: LicensedModel,
+    data: dict[str, np.ndarray],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    warmup: int = 3,
+    batch_size: int | None = None,
+    reference: dict[str, np.ndarray] | None = None,
+) -> EvalReport:
+    """Run ``model`` over ``data`` (one array per input, optional labels ``y``) and measure it.
+
+    Each call is one licensed run, warm-up calls included; the run budget is checked up front."""
+    feeds, ignored = _resolve_inputs(model, data)
+    n = next(iter(feeds.values())).shape[0]
+    if n == 0:
+        raise UsageError("data holds no samples")
+    fixed = {spec.shape[0] for spec in model.inputs if spec.shape and spec.shape[0] is not None}
+    if fixed:
+        if batch_size is not None and batch_size not in fixed:
+            raise UsageError(
+                f"the model's batch dimension is fixed to {fixed.pop()}; --batch-size {batch_size} cannot be used"
+            )
+        batch_size = fixed.pop()
+        if n % batch_size:
+            raise UsageError(f"{n} samples do not divide into the model's fixed batch of {batch_size}")
+    batch_size = batch_size or min(n, DEFAULT_DYNAMIC_BATCH)
+    if batch_size < 1:
+        raise UsageError("batch size must be >= 1")
+    calls = -(-n // batch_size)
+    warmup = max(0, warmup)
+    left = model.runs_left()
+    if left is not None and calls + warmup > left:
+        raise UsageError(
+            f"evaluation needs {calls + warmup} runs ({calls} calls + {warmup} warm-up) but the license"
+            f" has {left} left; use fewer samples, a larger --batch-size or --warmup 0"
+        )
+    labels = np.asarray(data["y"]) if "y" in data else None
+    if labels is not None and labels.shape[0] != n:
+        raise UsageError(f"labels y hold {labels.shape[0]} entries for {n} samples")
+
+    first = {k: v[:batch_size] for k, v in feeds.items()}
+    for _ in range(warmup):
+        model.run(first)
+    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in model.outputs}
+    latencies: list[float] = []
+    t_start = time.perf_counter()
+    for i in range(calls):
+        batch = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in feeds.items()}
+        t0 = time.perf_counter()
+        out = model.run(batch)
+        latencies.append((time.perf_counter() - t0) * 1000.0)
+        for name, value in out.items():
+            parts[name].append(value)
+        if progress is not None:
+            progress(i + 1, calls)
+    wall = time.perf_counter() - t_start
+    outputs = {name: _concat(p) for name, p in parts.items()}
+    report = EvalReport(
+        model=model.describe(),
+        samples=n,
+        batch_size=batch_size,
+        calls=calls,
+        warmup_calls=warmup,
+        load_seconds=model.load_seconds,
+        latencies_ms=latencies,
+        wall_seconds=wall,
+        peak_rss_mb=_peak_rss_mb(),
+        ignored_keys=ignored,
+        runs_left=model.runs_left(),
+        outputs={k: v for k, v in outputs.items() if isinstance(v, np.ndarray)},
+    )
+    stacked = report.outputs
+    if labels is not None and len(stacked) == len(outputs):
+        report.classification = _classification(stacked, model.outputs, labels)
+    if reference is not None:
+        report.agreement = _agreement(stacked, reference, model.outputs)
+    return report
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)
+
+
+def _classification(
+    outputs: dict[str, np.ndarray], specs: list[TensorSpec], labels: np.ndarray
+) -> dict[str, Any] | None:
+    try:
+        name, scores, predicted = _classifier_output(outputs, specs)
+    except KeyError:
+        return None
+    y = labels.astype(np.int64).reshape(-1)
+    predicted = np.asarray(predicted).astype(np.int64).reshape(-1)
+    classes = int(max(y.max(), predicted.max(), (scores.shape[1] - 1) if scores is not None else 0)) + 1
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(confusion, (y, predicted), 1)
+    top_k = None
+    k = min(TOP_K, scores.shape[1]) if scores is not None else None
+    if scores is not None and k is not None:
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_k = float((best == y[:, None]).any(axis=1).mean())
+    return {
+        "output": name,
+        "accuracy": float((predicted == y).mean()),
+        "top_k_accuracy": top_k,
+        "k": k,
+        "classes": classes,
+        "confusion": confusion.tolist(),
+    }
+
+
+def _agreement(
+    outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], specs: list[TensorSpec]
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    missing = [s.name for s in specs if s.name not in reference]
+    for spec in specs:
+        if spec.name not in reference:
+            continue
+        got, ref = outputs[spec.name], np.asarray(reference[spec.name])
+        if got.shape != ref.shape:
+            raise UsageError(
+                f"reference {spec.name!r}: shape {list(ref.shape)}, model produced {list(got.shape)}"
+            )
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        figures: dict[str, Any] = {
+            "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+            "allclose": bool(np.allclose(got, ref, rtol=1e-3, atol=1e-5)),
+            "bit_identical": bool(np.array_equal(got, ref)),
+        }
+        if spec.dtype.startswith("int") and got.ndim == 1:
+            figures["label_agreement"] = float((got == ref).mean())
+        elif got.ndim == 2 and spec.dtype.startswith("float"):
+            figures["label_agreement"] = float((got.argmax(axis=1) == ref.argmax(axis=1)).mean())
+        result[spec.name] = figures
+    if not result:
+        raise UsageError(
+            f"reference has none of the model outputs {[s.name for s in specs]} (keys: {sorted(reference)})"
+        )
+    return {"outputs": result, "missing": missing}
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (only for runs long enough to need one)."""
+
+    def __init__(self, stream: Any = None, *, min_calls: int = 20, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.min_calls = min_calls
+        self.width = width
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < self.min_calls:
+            return
+        filled = int(self.width * done / total)
+        if filled == self._last and done != total:
+            return
+        self._last = filled
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {done}/{total}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()

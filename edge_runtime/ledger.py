@@ -1,0 +1,361 @@
+"""The device's rollback-resistant ledger: sealed state, the signed usage log, the anchor and the audit log.
+
+Every commit appends exactly one signed usage record, then writes the anchor, then the state, each
+durably; a crash at any point leaves at most one log record ahead, which the next load rolls forward."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import drm
+from drm._canonical import FormatError
+from drm.usagelog import genesis, parse_record
+from edge_runtime import _fs
+
+STATE_VERSION = 1
+_TAIL_BYTES = 3 * 4096 + 2  # two whole records at most 4 KiB each, plus slack
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Security-relevant device settings (explicit, with safe defaults)."""
+
+    clock_tolerance: int = 120  # seconds the system clock may lag the high-water mark before it is a rollback
+    max_license_bytes: int = 64 * 1024
+    max_build_bytes: int = 1024**3
+
+
+DEFAULT_POLICY = Policy()
+
+
+@dataclass
+class State:
+    generation: int
+    hwm: int  # high-water mark of trusted time (clock readings and license issue times)
+    clock_hwm: int  # highest system-clock reading seen (rollback detection compares against this)
+    runs: dict[str, int]
+    revocation_version: int
+    log_seq: int  # number of records in usage.log
+    log_head: str  # sha256 tag of the last record line (genesis tag when empty)
+    rollbacks: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, kind: str = "state") -> dict[str, Any]:
+        return {
+            "clock_hwm": self.clock_hwm,
+            "generation": self.generation,
+            "hwm": self.hwm,
+            "kind": kind,
+            "log": {"head": self.log_head, "seq": self.log_seq},
+            "revocation_version": self.revocation_version,
+            "rollbacks": self.rollbacks,
+            "runs": dict(sorted(self.runs.items())),
+            "v": STATE_VERSION,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> State:
+        if obj.get("kind") != "state" or obj.get("v") != STATE_VERSION:
+            raise FormatError("not a device state")
+        log = obj["log"]
+        runs = obj["runs"]
+        if not isinstance(runs, dict) or not all(isinstance(v, int) for v in runs.values()):
+            raise FormatError("bad run counters")
+        return cls(
+            generation=int(obj["generation"]),
+            hwm=int(obj["hwm"]),
+            clock_hwm=int(obj["clock_hwm"]),
+            runs=dict(runs),
+            revocation_version=int(obj["revocation_version"]),
+            log_seq=int(log["seq"]),
+            log_head=str(log["head"]),
+            rollbacks=int(obj.get("rollbacks", 0)),
+        )
+
+    def copy(self) -> State:
+        return State(
+            self.generation,
+            self.hwm,
+            self.clock_hwm,
+            dict(self.runs),
+            self.revocation_version,
+            self.log_seq,
+            self.log_head,
+            self.rollbacks,
+        )
+
+
+class StateProblem(Exception):
+    """Internal: the ledger cannot be trusted; the caller turns it into a recorded refusal."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def default_anchor_dir() -> Path:
+    env = os.environ.get("EDGEMART_ANCHOR_DIR")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "state" / "edgemart" / "anchors"
+
+
+class Ledger:
+    """Reads and commits the device's sealed state; one instance per device directory."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        device_id: str,
+        sign_key: Any,
+        state_key: bytes,
+        anchor_dir: Path | None = None,
+        policy: Policy = DEFAULT_POLICY,
+    ) -> None:
+        self.dir = directory
+        self.device_id = device_id
+        self._sign_key = sign_key
+        self._key = state_key
+        self.policy = policy
+        self.anchor_path = (anchor_dir or default_anchor_dir()) / device_id
+        self.state_path = directory / "state.bin"
+        self.log_path = directory / "usage.log"
+        self.audit_path = directory / "audit.log"
+        self.lock_path = directory / ".lock"
+
+    # ------------------------------------------------------------------ creation
+
+    def create(self, *, now: int) -> State:
+        """Initial state for a new device (refuses when a state or anchor already exists)."""
+        if self.state_path.exists() or self.anchor_path.exists():
+            raise drm.UsageError(
+                f"{self.state_path} or its anchor already exists; refusing to reset device state"
+            )
+        st = State(
+            generation=1,
+            hwm=now,
+            clock_hwm=now,
+            runs={},
+            revocation_version=0,
+            log_seq=0,
+            log_head=genesis(self.device_id),
+        )
+        _fs.create_private(self.log_path, b"")
+        self._write_anchor(st)
+        _fs.atomic_write(self.state_path, self._seal(st, "state"))
+        return st
+
+    # ------------------------------------------------------------------ sealing
+
+    def _seal(self, st: State, kind: str) -> bytes:
+        return drm.seal_state(st.to_dict(kind), key=self._key, device_id=self.device_id)
+
+    def _open(self, blob: bytes, kind: str) -> dict[str, Any]:
+        obj = drm.open_state(blob, key=self._key, device_id=self.device_id)
+        if obj.get("kind") != kind:
+            raise drm.IntegrityError()
+        return obj
+
+    def _write_anchor(self, st: State) -> None:
+        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=_fs.PRIVATE_DIR)
+        _fs.atomic_write(self.anchor_path, self._seal(st, "anchor"))
+
+    # ------------------------------------------------------------------ loading
+
+    def _log_tail(self) -> tuple[list[bytes], int]:
+        """The last (up to) two complete record lines and the seq of the last one (-1 when empty)."""
+        tail = _fs.read_tail(self.log_path, _TAIL_BYTES)
+        if not tail:
+            return [], -1
+        if not tail.endswith(b"\n"):
+            raise StateProblem("usage log ends with a partial record")
+        lines = tail[:-1].split(b"\n")
+        if len(tail) == _TAIL_BYTES:
+            lines = lines[1:]  # the first piece may be a cut line
+        lines = lines[-2:]
+        try:
+            seq = parse_record(lines[-1])["rec"]["seq"]
+        except FormatError:
+            raise StateProblem("usage log's last record is malformed") from None
+        return lines, int(seq)
+
+    def load(self) -> tuple[State, bool]:
+        """The current state, checked against the usage log and the anchor. Returns (state, rolled_forward).
+
+        Raises StateProblem with the precise reason when state is missing, corrupt or rolled back."""
+        try:
+            blob = self.state_path.read_bytes()
+        except FileNotFoundError:
+            raise StateProblem(
+                "device state file is missing (deleted?); refusing rather than resetting"
+            ) from None
+        try:
+            st = State.from_dict(self._open(blob, "state"))
+        except (drm.IntegrityError, FormatError, KeyError, TypeError, ValueError):
+            raise StateProblem("device state file is corrupt or was not sealed by this device") from None
+        lines, last_seq = self._log_tail()
+        head = drm.sha256_tag(lines[-1]) if lines else genesis(self.device_id)
+        rolled = False
+        before: tuple[int, int, str] | None = None
+        if last_seq + 1 == st.log_seq and head == st.log_head:
+            pass
+        elif last_seq == st.log_seq and lines:
+            # One record past the state: a crash between the log append and the state write, or a
+            # state file restored from one commit back. Either way the record is signed evidence of
+            # the newer counters, so roll forward (this never grants a run).
+            prev = drm.sha256_tag(lines[-2]) if len(lines) == 2 else genesis(self.device_id)
+            report = drm.verify_log(
+                lines[-1] + b"\n",
+                self._sign_key.public_key(),
+                device_id=self.device_id,
+                start_seq=st.log_seq,
+                start_prev=st.log_head,
+            )
+            if not report.ok or (st.log_seq > 0 and prev != st.log_head):
+                raise StateProblem(
+                    "device state does not match the usage log (state file restored from an older copy?)"
+                )
+            before = (st.generation, st.log_seq, st.log_head)
+            self._apply(st, report.records[0])
+            st.generation += 1
+            st.log_seq += 1
+            st.log_head = head
+            rolled = True
+        elif last_seq + 1 > st.log_seq:
+            raise StateProblem(
+                f"device state is older than the usage log ({st.log_seq} records in state, {last_seq + 1} in the log):"
+                " state file restored from an older copy"
+            )
+        else:
+            raise StateProblem(
+                f"usage log is shorter than or diverges from the device state ({st.log_seq} records in state,"
+                f" {last_seq + 1} in the log): log truncated or replaced"
+            )
+        # After a roll-forward the anchor may hold either side of the interrupted commit.
+        self._check_anchor(st, also=before if rolled else None)
+        if rolled:
+            self._write_anchor(st)
+            _fs.atomic_write(self.state_path, self._seal(st, "state"))
+        return st, rolled
+
+    @staticmethod
+    def _apply(st: State, rec: dict[str, Any]) -> None:
+        if rec["event"] == "run" and rec["license_id"]:
+            st.runs[rec["license_id"]] = max(st.runs.get(rec["license_id"], 0), int(rec["runs"]))
+        st.hwm = max(st.hwm, int(rec["t"]))
+
+    def _check_anchor(self, st: State, *, also: tuple[int, int, str] | None = None) -> None:
+        try:
+            blob = self.anchor_path.read_bytes()
+        except FileNotFoundError:
+            raise StateProblem(f"rollback anchor {self.anchor_path} is missing") from None
+        try:
+            anchor = State.from_dict({**self._open(blob, "anchor"), "kind": "state"})
+        except (drm.IntegrityError, FormatError, KeyError, TypeError, ValueError):
+            raise StateProblem(f"rollback anchor {self.anchor_path} is corrupt") from None
+        seen = (anchor.generation, anchor.log_seq, anchor.log_head)
+        if seen != (st.generation, st.log_seq, st.log_head) and seen != also:
+            raise StateProblem(
+                f"device state (generation {st.generation}, {st.log_seq} records) disagrees with the rollback anchor"
+                f" (generation {anchor.generation}, {anchor.log_seq} records): device directory restored from a copy?"
+            )
+
+    # ------------------------------------------------------------------ committing
+
+    def prepare(
+        self,
+        st: State,
+        *,
+        event: str,
+        t: int,
+        license_id: str = "",
+        build_hash: str = "",
+        runs: int = 0,
+        detail: str = "",
+    ) -> tuple[bytes, bytes, bytes, State]:
+        """CPU part of a commit: the signed record line and the sealed anchor/state for the new state."""
+        prev_line = self._log_tail()[0][-1] if st.log_seq else None
+        line = drm.make_record(
+            self._sign_key,
+            prev_line=prev_line,
+            seq=st.log_seq,
+            device_id=self.device_id,
+            t=t,
+            event=event,
+            license_id=license_id,
+            build_hash=build_hash,
+            runs=runs,
+            detail=detail,
+        )
+        new = st.copy()
+        new.generation += 1
+        new.log_seq += 1
+        new.log_head = drm.sha256_tag(line)
+        return line, self._seal(new, "anchor"), self._seal(new, "state"), new
+
+    def write(self, line: bytes, anchor_blob: bytes, state_blob: bytes) -> None:
+        """I/O part of a commit, in crash-safe order: log record, anchor, state (each durable)."""
+        _fs.append_durable(self.log_path, line + b"\n")
+        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=_fs.PRIVATE_DIR)
+        _fs.atomic_write(self.anchor_path, anchor_blob)
+        _fs.atomic_write(self.state_path, state_blob)
+
+    def commit(self, st: State, **record: Any) -> State:
+        line, anchor_blob, state_blob, new = self.prepare(st, **record)
+        self.write(line, anchor_blob, state_blob)
+        return new
+
+    # ------------------------------------------------------------------ refusals
+
+    def audit(self, *, t: int, license_id: str, reason: str, event: str = "refused") -> None:
+        entry = {
+            "time": t,
+            "iso_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
+            "event": event,
+            "license_id": license_id,
+            "reason": reason,
+        }
+        with open(self.audit_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        os.chmod(self.audit_path, _fs.PRIVATE_FILE)
+
+    def record_refusal(
+        self, st: State | None, *, t: int, license_id: str, build_hash: str, reason: str
+    ) -> None:
+        """Audit line + a signed "refused" usage record. With a broken state the record is still chained
+        onto the log (the state stays broken: a refusal never repairs it)."""
+        self.audit(t=t, license_id=license_id, reason=reason)
+        if st is not None:
+            self.commit(
+                st,
+                event="refused",
+                t=t,
+                license_id=license_id,
+                build_hash=build_hash,
+                runs=st.runs.get(license_id, 0),
+                detail=reason,
+            )
+            return
+        try:
+            lines, last_seq = self._log_tail()
+        except StateProblem:
+            return  # the log itself is damaged; the audit line is all we can add
+        line = drm.make_record(
+            self._sign_key,
+            prev_line=lines[-1] if lines else None,
+            seq=last_seq + 1,
+            device_id=self.device_id,
+            t=t,
+            event="refused",
+            license_id=license_id,
+            build_hash=build_hash,
+            runs=0,
+            detail=reason,
+        )
+        _fs.append_durable(self.log_path, line + b"\n")

@@ -1,0 +1,235 @@
+"""Shared-memory slots and the control channel of one hop between chain processes.
+
+A producer owns its slots: each slot is an anonymous memfd (no name in /dev/shm, gone when the
+last fd and mapping close) holding one page of header and a page-aligned payload. Consumers map
+the slot read-only and read tensors in place; only (slot, seq) messages cross the Unix socket."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drm.errors import EdgemartError, UsageError
+
+PAGE = mmap.PAGESIZE
+HEADER_BYTES = PAGE  # the payload starts on the second page
+MAX_DIMS = 8
+MAX_MESSAGE = 64 * 1024
+MAX_FDS_PER_MESSAGE = 16
+_MAGIC = 0x45534C54  # "ESLT"
+# magic, version, ndim, seq, nbytes, dtype (16 bytes, numpy str), shape[MAX_DIMS]
+_HEADER = struct.Struct(f"<IHHqQ16s{MAX_DIMS}q")
+_DTYPES = frozenset(
+    [
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    ]
+)
+
+
+class PeerGone(EdgemartError):
+    """The process at the other end of a hop closed its socket (it exited or crashed)."""
+
+    exit_code = 1
+    code = "peer_gone"
+
+
+class SlotError(EdgemartError):
+    """A slot's header does not match the message announcing it."""
+
+    exit_code = 1
+    code = "slot_error"
+
+
+def page_round(n: int) -> int:
+    return max(PAGE, (n + PAGE - 1) // PAGE * PAGE)
+
+
+def check_dtype(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in _DTYPES:
+        raise UsageError(
+            f"dtype {name} cannot travel through a slot (supported: {', '.join(sorted(_DTYPES))})"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class SlotHeader:
+    seq: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _pack_header(seq: int, array: np.ndarray) -> bytes:
+    if array.ndim > MAX_DIMS:
+        raise UsageError(f"tensor of rank {array.ndim} exceeds the slot limit of {MAX_DIMS} dimensions")
+    shape = list(array.shape) + [0] * (MAX_DIMS - array.ndim)
+    dtype = check_dtype(array.dtype).encode()
+    return _HEADER.pack(_MAGIC, 1, array.ndim, seq, array.nbytes, dtype, *shape)
+
+
+def _unpack_header(buf: Any) -> SlotHeader:
+    magic, version, ndim, seq, nbytes, dtype, *shape = _HEADER.unpack_from(buf, 0)
+    if magic != _MAGIC or version != 1 or ndim > MAX_DIMS:
+        raise SlotError("slot header is corrupt")
+    return SlotHeader(seq, dtype.rstrip(b"\0").decode(), tuple(shape[:ndim]), nbytes)
+
+
+class OwnedSlot:
+    """One producer-side slot: a memfd mapped read-write, regrown when a tensor outgrows it."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.fd = -1
+        self.size = 0
+        self._map: mmap.mmap | None = None
+
+    def write(self, seq: int, array: np.ndarray) -> bool:
+        """Copy `array` into the slot; returns True when the slot got a new memfd (peers must remap)."""
+        array = np.asarray(array)
+        needed = HEADER_BYTES + page_round(array.nbytes)
+        grown = needed > self.size
+        if grown:
+            self.close()
+            self.fd = os.memfd_create(f"edgemart-slot:{self.label}"[:240], os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, needed)
+            self._map = mmap.mmap(self.fd, needed, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.size = needed
+        assert self._map is not None
+        if array.nbytes:
+            target = np.frombuffer(self._map, dtype=array.dtype, count=array.size, offset=HEADER_BYTES)
+            np.copyto(target.reshape(array.shape), array, casting="no")
+            del target
+        self._map[: _HEADER.size] = _pack_header(seq, array)
+        return grown
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.size = 0
+
+
+class MappedSlot:
+    """One consumer-side slot: the producer's memfd mapped read-only."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        try:
+            self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)  # the mapping keeps the memory alive; no fd lingers in the consumer
+
+    def read(self, seq: int) -> np.ndarray:
+        """The tensor in the slot, as a read-only view (no copy); checks the header's seq."""
+        assert self._map is not None
+        header = _unpack_header(self._map)
+        if header.seq != seq:
+            raise SlotError(f"slot holds frame {header.seq}, message announced frame {seq}")
+        count = int(np.prod(header.shape, dtype=np.int64))
+        if (
+            count * np.dtype(header.dtype).itemsize != header.nbytes
+            or header.nbytes > len(self._map) - HEADER_BYTES
+        ):
+            raise SlotError("slot header is corrupt")
+        return np.frombuffer(self._map, dtype=header.dtype, count=count, offset=HEADER_BYTES).reshape(
+            header.shape
+        )
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes when that view is collected
+            self._map = None
+
+
+class Channel:
+    """A SOCK_SEQPACKET Unix socket carrying one JSON message (plus optional fds) per packet."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.closed = False
+
+    @classmethod
+    def pair(cls, a_name: str, b_name: str) -> tuple[Channel, Channel]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(a, b_name), cls(b, a_name)
+
+    @classmethod
+    def from_fd(cls, fd: int, peer: str) -> Channel:
+        return cls(socket.socket(fileno=fd), peer)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if len(data) > MAX_MESSAGE:
+            raise UsageError(f"control message to {self.peer} is too large ({len(data)} bytes)")
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.send(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise PeerGone(f"{self.peer} closed its channel") from exc
+
+    def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
+        """One message; raises PeerGone on EOF and TimeoutError when nothing arrives in time."""
+        if timeout is not None:
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+            if not ready:
+                raise TimeoutError(f"no message from {self.peer} within {timeout:g} s")
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS_PER_MESSAGE)
+        except ConnectionResetError as exc:
+            raise PeerGone(f"{self.peer} closed its channel") from exc
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise PeerGone(f"{self.peer} closed its channel")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise SlotError(f"truncated control message from {self.peer}")
+        return json.loads(data), fds
+
+    def recv_expect(self, kind: str, timeout: float) -> tuple[dict[str, Any], list[int]]:
+        deadline = time.monotonic() + timeout
+        message, fds = self.recv(deadline - time.monotonic())
+        if message.get("t") != kind:
+            for fd in fds:
+                os.close(fd)
+            raise SlotError(f"expected {kind!r} from {self.peer}, got {message.get('t')!r}")
+        return message, fds
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()

@@ -1,0 +1,523 @@
+"""`edgemart bundle`: build, verify and install signed, reproducible firmware bundles; make builder keys.
+
+Only stdlib and drm.errors at module top; drm, edge_runtime and licenses load inside the handlers.
+The format itself lives in drm.bundle (spec: docs/BUNDLE.md)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from drm.errors import EdgemartError, UsageError
+
+DEFAULT_KEY_ENV = "EDGEMART_BUNDLE_KEY"
+_MAX_INPUT_BYTES = 1024**3
+
+
+def register(subparsers: Any) -> None:
+    group = subparsers.add_parser("bundle", help="firmware bundles: build, verify, install")
+    sub = group.add_subparsers(dest="bundle_command", metavar="SUBCOMMAND", parser_class=type(group))
+
+    keygen = sub.add_parser("keygen", help="create a builder signing key (Ed25519 PEM) and its .pub.pem")
+    keygen.add_argument("--out", required=True, type=Path, metavar="KEY.pem")
+    keygen.set_defaults(func=_keygen)
+
+    build = sub.add_parser(
+        "build", help="write a signed, reproducible bundle from production licenses and builds"
+    )
+    build.add_argument("--licenses", required=True, type=Path, metavar="DIR", help="license tokens (*.lic)")
+    build.add_argument("--builds", required=True, type=Path, metavar="DIR", help="sealed builds (*.emdl)")
+    build.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="*.tar, or *.tar.gz / *.tgz")
+    build.add_argument("--chains", type=Path, metavar="DIR", help="slot-chain files to ship")
+    build.add_argument("--cards", type=Path, metavar="DIR", help="model cards named <listing>.md")
+    build.add_argument(
+        "--signing-key", type=Path, metavar="KEY.pem", help=f"builder key (default: ${DEFAULT_KEY_ENV})"
+    )
+    build.add_argument(
+        "--root", type=Path, metavar="ROOT.crt", help="also verify every license against this root"
+    )
+    build.add_argument("--compress", choices=("auto", "none", "gzip"), default="auto")
+    build.add_argument("--now", type=int, metavar="UNIX", help="time for license validity checks")
+    build.add_argument("--json", action="store_true")
+    build.set_defaults(func=_build)
+
+    verify = sub.add_parser("verify", help="check a bundle offline: signature, hashes, licenses")
+    verify.add_argument("bundle", type=Path, metavar="BUNDLE")
+    verify.add_argument(
+        "--root", type=Path, metavar="ROOT.crt", help="pinned store root for license signatures"
+    )
+    verify.add_argument("--builder-key", type=Path, metavar="KEY.pub.pem", help="pinned builder public key")
+    verify.add_argument("--now", type=int, metavar="UNIX")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_verify)
+
+    install = sub.add_parser("install", help="verify, then install this device's builds and licenses")
+    install.add_argument("bundle", type=Path, metavar="BUNDLE")
+    install.add_argument("--device-dir", required=True, type=Path, metavar="DIR")
+    install.add_argument("--builder-key", type=Path, metavar="KEY.pub.pem", help="pinned builder public key")
+    install.add_argument("--now", type=int, metavar="UNIX")
+    install.add_argument("--json", action="store_true")
+    install.set_defaults(func=_install)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read(path: Path, what: str, limit: int = _MAX_INPUT_BYTES) -> bytes:
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a file")
+    if path.stat().st_size > limit:
+        raise UsageError(f"{what} {path} is larger than {limit} bytes")
+    return path.read_bytes()
+
+
+def _input_dir(path: Path, what: str) -> list[Path]:
+    """Regular files of an input directory in name order; symlinks and subdirectories are refused."""
+    if not path.is_dir():
+        raise UsageError(f"{what} directory {path} does not exist")
+    files = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name.encode("utf-8")):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() or not entry.is_file():
+            raise UsageError(f"{what} directory holds {entry.name!r}, which is not a regular file")
+        files.append(entry)
+    return files
+
+
+def _now(args: argparse.Namespace) -> int:
+    return int(args.now) if args.now is not None else int(time.time())
+
+
+def _atomic_write_chunks(out: Path, chunks: Any) -> str:
+    """Write to a temp file beside ``out`` then rename; returns the sha256 tag of what was written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return "sha256:" + digest.hexdigest()
+
+
+def _load_signing_key(path: Path | None) -> Any:
+    from drm.bundle import load_builder_private_key
+
+    if path is None:
+        env = os.environ.get(DEFAULT_KEY_ENV)
+        if not env:
+            raise UsageError(
+                f"no builder key: pass --signing-key KEY.pem or set ${DEFAULT_KEY_ENV} (make one with `edgemart bundle keygen --out KEY.pem`)"
+            )
+        path = Path(env)
+    return load_builder_private_key(_read(path, "signing key", 64 * 1024))
+
+
+def _load_root(path: Path | None) -> Any:
+    if path is None:
+        return None
+    import drm
+
+    return drm.cert_from_bytes(_read(path, "root certificate", 64 * 1024))
+
+
+def _load_builder_key(path: Path | None) -> Any:
+    if path is None:
+        return None
+    from drm.bundle import load_builder_public_key
+
+    return load_builder_public_key(_read(path, "builder key", 64 * 1024))
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+# --------------------------------------------------------------------------- keygen
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from drm.bundle import generate_builder_key, load_builder_public_key
+    from drm.keys import key_id
+
+    out: Path = args.out
+    pub_path = out.with_name(
+        out.name[: -len(".pem")] + ".pub.pem" if out.name.endswith(".pem") else out.name + ".pub.pem"
+    )
+    for p in (out, pub_path):
+        if p.exists():
+            raise UsageError(f"{p} already exists; refusing to overwrite a key")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    private_pem, public_pem = generate_builder_key()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    pub_path.write_bytes(public_pem)
+    kid = key_id(load_builder_public_key(public_pem))
+    sys.stdout.write(f"builder key {kid}: {out} (private, 0600) and {pub_path}\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def collect_inputs(
+    licenses_dir: Path,
+    builds_dir: Path,
+    chains_dir: Path | None,
+    cards_dir: Path | None,
+) -> dict[str, Any]:
+    """Read and cross-check the inputs: builds keyed by member name, licenses with claims, chains, cards."""
+    import drm
+    from drm.bundle import (
+        BundleInvalid,
+        build_member_name,
+        check_member_name,
+        license_member_name,
+        read_license_token,
+    )
+
+    builds: dict[str, tuple[bytes, Any]] = {}
+    for path in _input_dir(builds_dir, "--builds"):
+        if path.suffix != ".emdl":
+            raise UsageError(f"--builds holds {path.name!r}; expected only sealed builds (*.emdl)")
+        data = _read(path, "build")
+        header = drm.read_header(data[:65536])
+        name = build_member_name(header.build_hash)
+        if name in builds and builds[name][0] != data:
+            raise UsageError(f"two different containers for build {header.build_hash} in --builds")
+        builds[name] = (data, header)
+    if not builds:
+        raise UsageError(f"--builds directory {builds_dir} holds no *.emdl builds")
+
+    licenses: dict[str, tuple[bytes, Any]] = {}
+    for path in _input_dir(licenses_dir, "--licenses"):
+        if path.suffix != ".lic":
+            raise UsageError(f"--licenses holds {path.name!r}; expected only license tokens (*.lic)")
+        token = _read(path, "license", 64 * 1024)
+        try:
+            claims = read_license_token(token, path.name)
+        except BundleInvalid as exc:
+            raise UsageError(exc.message) from None
+        name = license_member_name(claims.license_id)
+        if name in licenses and licenses[name][0] != token:
+            raise UsageError(f"two different tokens for license {claims.license_id} in --licenses")
+        licenses[name] = (token, claims)
+    if not licenses:
+        raise UsageError(f"--licenses directory {licenses_dir} holds no *.lic licenses")
+
+    by_hash = {header.build_hash: header for _, header in builds.values()}
+    for _, claims in licenses.values():
+        header = by_hash.get(claims.build_hash)
+        if header is None:
+            raise UsageError(
+                f"license {claims.license_id} is for build {claims.build_hash}, which is not in --builds"
+            )
+        if header.target != claims.target:
+            raise UsageError(
+                f"license {claims.license_id} is for target {claims.target}, its build is {header.target}"
+            )
+    licensed = {claims.build_hash for _, claims in licenses.values()}
+    for _, header in builds.values():
+        if header.build_hash not in licensed:
+            raise UsageError(f"build {header.build_hash} has no license in --licenses")
+
+    chains: dict[str, bytes] = {}
+    if chains_dir is not None:
+        for path in _input_dir(chains_dir, "--chains"):
+            name = f"chains/{path.name}"
+            try:
+                check_member_name(name)
+            except drm.FormatError as exc:
+                raise UsageError(f"--chains: {exc.message}") from None
+            chains[name] = _read(path, "chain file", 1024**2)
+
+    cards: dict[str, dict[str, Any]] = {}
+    listings = sorted({claims.listing for _, claims in licenses.values()})
+    if cards_dir is not None:
+        if not cards_dir.is_dir():
+            raise UsageError(f"--cards directory {cards_dir} does not exist")
+        for listing in listings:
+            card = cards_dir / f"{listing}.md"
+            if card.is_file():
+                from licenses.card import parse_model_card
+
+                try:
+                    parsed = parse_model_card(_read(card, "model card", 1024**2).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise UsageError(f"model card {card} is not UTF-8") from None
+                cards[listing] = {**parsed.raw, **parsed.to_dict()}
+    return {"builds": builds, "licenses": licenses, "chains": chains, "cards": cards}
+
+
+def _model_entries(inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per (listing, build): lineage and license from the card, binding from the licenses."""
+    per_build: dict[tuple[str, str], list[Any]] = {}
+    for _, claims in inputs["licenses"].values():
+        per_build.setdefault((claims.listing, claims.build_hash), []).append(claims)
+    entries = []
+    for (listing, build_hash), claim_list in sorted(per_build.items()):
+        card = inputs["cards"].get(listing, {})
+        claim_list.sort(key=lambda c: c.license_id)
+        entries.append(
+            {
+                "listing": listing,
+                "build_hash": build_hash,
+                "target": claim_list[0].target,
+                "license": str(card.get("license") or "NOASSERTION"),
+                "base_model": _as_list(card.get("base_model")),
+                "datasets": _as_list(card.get("datasets")),
+                "seller": str(card.get("seller") or card.get("author") or ""),
+                "name": str(card.get("model_name") or card.get("name") or listing),
+                "card": card,
+                "licenses": [
+                    {
+                        "license_id": c.license_id,
+                        "kind": c.kind,
+                        "binding": f"device:{c.device_id}" if c.device_id else f"fleet:{c.fleet_key_id}",
+                        "not_before": c.not_before,
+                        "not_after": c.not_after,
+                    }
+                    for c in claim_list
+                ],
+            }
+        )
+    return entries
+
+
+def _lineage(model: dict[str, Any]) -> list[dict[str, Any]]:
+    relation = model["card"].get("base_model_relation") or "declared in the model card"
+    return [{"name": base, "relation": relation} for base in model["base_model"]]
+
+
+def make_mlbom_bytes(models: list[dict[str, Any]], serial_seed: str) -> bytes:
+    """CycloneDX ML-BOM (licenses.make_mlbom): one component per (listing, build), lineage from its card."""
+    import licenses as lic_pkg
+
+    components = [
+        {
+            "name": m["listing"],
+            "version": m["build_hash"][7:19],
+            "sha256": m["build_hash"][7:],
+            "license": m["license"],
+            "card": m["card"],
+            "lineage": _lineage(m),
+            "target": m["target"],
+            "supplier": m["seller"],
+        }
+        for m in models
+    ]
+    bom = lic_pkg.make_mlbom(components, serial_seed=serial_seed)
+    return (json.dumps(bom, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def make_notice_bytes(models: list[dict[str, Any]]) -> bytes:
+    """NOTICE text (licenses.make_notice): each model's license, lineage and edgemart license ids."""
+    import licenses as lic_pkg
+
+    entries = []
+    for m in models:
+        seats = ", ".join(f"{x['license_id']} ({x['kind']}, {x['binding']})" for x in m["licenses"])
+        attribution = m["card"].get("attribution") or m["seller"]
+        entries.append(
+            {
+                "name": m["listing"],
+                "version": m["build_hash"][7:19],
+                "license": m["license"],
+                "lineage": _lineage(m),
+                "attribution": f"{attribution + '; ' if attribution else ''}target {m['target']}; edgemart licenses: {seats}",
+            }
+        )
+    return lic_pkg.make_notice(entries).encode("utf-8")
+
+
+def build_bundle(
+    *,
+    licenses_dir: Path,
+    builds_dir: Path,
+    out: Path,
+    signing_key: Any,
+    chains_dir: Path | None = None,
+    cards_dir: Path | None = None,
+    gzip: bool = False,
+    root: Any = None,
+    now: int | None = None,
+) -> dict[str, Any]:
+    """Assemble, sign and write a bundle; the output depends only on the inputs' bytes and the key."""
+    import drm
+    from drm.bundle import (
+        MLBOM_NAME,
+        NOTICE_NAME,
+        BuildEntry,
+        FileEntry,
+        LicenseEntry,
+        iter_archive,
+        iter_gzip,
+        make_manifest,
+        sign_manifest,
+    )
+
+    inputs = collect_inputs(licenses_dir, builds_dir, chains_dir, cards_dir)
+    if root is not None:
+        at = now if now is not None else int(time.time())
+        for _, (token, claims) in inputs["licenses"].items():
+            fleet = frozenset({claims.fleet_key_id}) if claims.fleet_key_id else frozenset()
+            try:
+                drm.verify_license(token, root=root, now=at, device_id=claims.device_id, fleet_key_ids=fleet)
+            except drm.LicenseRefused as exc:
+                raise drm.Refusal(
+                    f"license {claims.license_id} does not verify against --root: {exc.reason}"
+                ) from None
+
+    models = _model_entries(inputs)
+    seed = hashlib.sha256(
+        json.dumps(
+            [[m["listing"], m["build_hash"], [x["license_id"] for x in m["licenses"]]] for m in models]
+        ).encode()
+    ).hexdigest()
+    contents: dict[str, bytes] = {}
+    contents.update({name: data for name, (data, _) in inputs["builds"].items()})
+    contents.update({name: token for name, (token, _) in inputs["licenses"].items()})
+    contents.update(inputs["chains"])
+    contents[MLBOM_NAME] = make_mlbom_bytes(models, seed)
+    contents[NOTICE_NAME] = make_notice_bytes(models)
+
+    manifest = make_manifest(
+        [FileEntry(name, len(data), drm.sha256_tag(data)) for name, data in contents.items()],
+        [
+            BuildEntry(name, header.build_hash, header.target)
+            for name, (_, header) in inputs["builds"].items()
+        ],
+        [LicenseEntry.from_claims(name, claims) for name, (_, claims) in inputs["licenses"].items()],
+    )
+    manifest_bytes = manifest.to_bytes()
+    contents["manifest.json"] = manifest_bytes
+    contents["manifest.sig"] = sign_manifest(manifest_bytes, signing_key)
+    chunks = iter_archive((name, contents[name]) for name in manifest.member_names())
+    digest = _atomic_write_chunks(out, iter_gzip(chunks) if gzip else chunks)
+    return {
+        "ok": True,
+        "bundle": str(out),
+        "sha256": digest,
+        "size": out.stat().st_size,
+        "compression": "gzip" if gzip else "none",
+        "builder_kid": drm.key_id(signing_key.public_key()),
+        "builds": [b.to_dict() for b in manifest.builds],
+        "licenses": [lic.to_dict() for lic in manifest.licenses],
+        "chains": sorted(inputs["chains"]),
+        "models": [
+            {"listing": m["listing"], "build_hash": m["build_hash"], "license": m["license"]} for m in models
+        ],
+    }
+
+
+def _build(args: argparse.Namespace) -> int:
+    gzip = args.compress == "gzip" or (
+        args.compress == "auto" and (args.out.name.endswith(".tar.gz") or args.out.name.endswith(".tgz"))
+    )
+    result = build_bundle(
+        licenses_dir=args.licenses,
+        builds_dir=args.builds,
+        out=args.out,
+        signing_key=_load_signing_key(args.signing_key),
+        chains_dir=args.chains,
+        cards_dir=args.cards,
+        gzip=gzip,
+        root=_load_root(args.root),
+        now=args.now,
+    )
+    text = (
+        f"wrote {result['bundle']} ({result['size']} bytes, {result['sha256']})\n"
+        f"  {len(result['builds'])} build(s), {len(result['licenses'])} license(s), {len(result['chains'])} chain file(s); "
+        f"signed by builder key {result['builder_kid']}"
+    )
+    _emit(args, result, text)
+    return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _open_bundle(path: Path) -> Any:
+    if not path.is_file():
+        raise UsageError(f"bundle {path} is not a file")
+    return path.open("rb")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from drm.bundle import BundleInvalid
+    from edge_runtime.bundle import verify_bundle
+
+    root = _load_root(args.root)
+    builder_key = _load_builder_key(args.builder_key)
+    with _open_bundle(args.bundle) as fh:
+        try:
+            verified = verify_bundle(fh, now=_now(args), root=root, builder_key=builder_key)
+        except BundleInvalid as exc:
+            if args.json:
+                sys.stdout.write(
+                    json.dumps({"ok": False, "bundle": str(args.bundle), "reason": exc.message}) + "\n"
+                )
+            raise
+    report = verified.report()
+    report["bundle"] = str(args.bundle)
+    report["compression"] = "gzip" if verified.gzipped else "none"
+    lines = [
+        f"OK {args.bundle}: {len(report['files'])} files, {len(report['builds'])} build(s), "
+        f"{len(report['licenses'])} license(s)",
+        f"  builder key {verified.builder_kid} ({'pinned' if verified.builder_pinned else 'NOT pinned: pass --builder-key'})",
+        f"  license signatures {'verified against --root' if root is not None else 'self-consistent only (pass --root to trust)'}",
+    ]
+    for lic in report["licenses"]:
+        b = lic["binding"]
+        lines.append(f"  {lic['path']}: {lic['kind']} {lic['listing']} -> {b['kind']} {b['id']}")
+    lines += [f"  warning: {w}" for w in report["warnings"]]
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------- install
+
+
+def _install(args: argparse.Namespace) -> int:
+    from edge_runtime.bundle import install_bundle
+
+    with _open_bundle(args.bundle) as fh:
+        result = install_bundle(
+            fh, args.device_dir, now=args.now, builder_key=_load_builder_key(args.builder_key)
+        )
+    lines = [f"installed {len(result['installed'])} model(s) on device {result['device_id']}"]
+    lines += [f"  {i['listing']} ({i['target']}) license {i['license_id']}" for i in result["installed"]]
+    lines += [f"  skipped {s['license_id']}: {s['reason']}" for s in result["skipped"]]
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
+__all__ = ["EdgemartError", "build_bundle", "collect_inputs", "register"]

@@ -1,0 +1,120 @@
+"""`edgemart package`: package one model for one target offline and write the build plus its quality report.
+
+Imports only the standard library and drm.errors at module level; the packagers load inside the handler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from drm.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "package",
+        help="quantize and package a model for one target, with a quality report",
+        description="Package MODEL for --target; writes DIR/<stem>.<target>.<ext>, DIR/quality.json and "
+        "DIR/quality.html. Exit 0 when the quality verdict passes, 1 when it fails, 2 on bad input.",
+    )
+    p.add_argument("model", metavar="MODEL", help="ONNX or TFLite model file")
+    p.add_argument("--target", required=True, help="arm-cpu, coral-edgetpu, fpga-xint8 or onnx-fp32")
+    p.add_argument("--calibration", metavar="PATH.npz", help="calibration samples keyed by input name (or x)")
+    p.add_argument("--holdout", metavar="PATH.npz", help="held-out samples for the agreement figures")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="target option, e.g. min_agreement=0.99 or nodes_to_exclude=Conv_3,Conv_7 (repeatable)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=handle_package)
+
+
+def parse_option_pairs(pairs: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option expects KEY=VALUE, got {pair!r}")
+        if key.strip() in options:
+            raise UsageError(f"--option {key.strip()} given twice")
+        options[key.strip()] = value
+    return options
+
+
+def _read_model(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"model file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"model path is a directory: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read model {path}: {exc.strerror}") from None
+
+
+def _progress(fraction: float, message: str) -> None:
+    width = 24
+    filled = int(round(max(0.0, min(fraction, 1.0)) * width))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% {message[:60]:<60}")
+    if fraction >= 1.0:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def handle_package(args: argparse.Namespace) -> int:
+    from packagers import load_calibration, package_model
+
+    options = parse_option_pairs(args.option)
+    model = _read_model(args.model)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    holdout = load_calibration(args.holdout) if args.holdout else None
+    build = package_model(
+        model, args.target, calibration=calibration, holdout=holdout, options=options, progress=_progress
+    )
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out}: {exc.strerror}") from None
+    model_path = out / f"{Path(args.model).stem}.{build.target}.{build.format}"
+    json_path, html_path = out / "quality.json", out / "quality.html"
+    quality = build.quality.to_dict()
+    model_path.write_bytes(build.payload)
+    json_path.write_text(
+        json.dumps({"build_hash": build.build_hash, "metadata": build.metadata, "quality": quality}, indent=2)
+    )
+    html_path.write_text(build.quality.to_html())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "build_hash": build.build_hash,
+                    "target": build.target,
+                    "format": build.format,
+                    "paths": {
+                        "model": str(model_path),
+                        "quality_json": str(json_path),
+                        "quality_html": str(html_path),
+                    },
+                    "quality": quality,
+                }
+            )
+        )
+    else:
+        q = build.quality
+        print(f"{build.target}: {model_path} ({len(build.payload)} bytes, {build.build_hash})")
+        print(
+            f"  size {q.size['ratio']}x fp32, latency {q.latency['ratio']}x fp32 (median of {q.latency['runs']})"
+        )
+        print(f"  verdict: {'PASSED' if q.passed else 'FAILED'}: {q.verdict_reason}")
+        print(f"  report: {html_path}")
+    if not build.quality.passed:
+        sys.stderr.write(f"quality verdict failed: {build.quality.verdict_reason}\n")
+        return 1
+    return 0

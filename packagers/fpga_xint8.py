@@ -1,0 +1,246 @@
+"""Target `fpga-xint8`: symmetric int8 QDQ ONNX whose every scale is an exact power of two (Vitis-AI style).
+
+Each tensor's power of two is chosen by least squared error on its calibration data (floor vs ceil of the
+float scale's exponent, and of the max-abs scale's), not by blind rounding; int32 biases follow exactly."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from drm.errors import UsageError
+from packagers._base import Conversion, Packager, QualityOptions, register
+from packagers._data import take
+from packagers._qdq import _with_outputs, layer_errors, op_coverage, prepare_for_qdq, quantize_qdq
+from packagers._runtime import OnnxRunner
+
+ACTIVATION_SAMPLES = 32  # calibration samples whose activations choose each power of two
+LAYER_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class FpgaXint8Options(QualityOptions):
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = 99.999
+    per_channel: bool = False  # DPU-style accelerators use one power-of-two scale per tensor
+    nodes_to_exclude: tuple[str, ...] = ()
+    preprocess: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"option percentile must be in (50, 100], got {self.percentile}")
+
+
+def is_power_of_two(values: np.ndarray) -> bool:
+    """True when every value is exactly 2**k (positive, mantissa 0.5 in frexp terms)."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    mantissa, _ = np.frexp(arr)
+    return bool(arr.size) and bool(np.all((arr > 0) & (mantissa == 0.5)))
+
+
+def _fake_quant_mse(x: np.ndarray, scale: float, qmin: int = -128, qmax: int = 127) -> float:
+    q = np.clip(np.round(x / scale), qmin, qmax)
+    return float(np.mean((q * scale - x) ** 2))
+
+
+def best_power_of_two(x: np.ndarray, float_scale: float) -> tuple[float, str]:
+    """The power of two with least quantization MSE on `x`, among floor/ceil exponents of two candidates."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    bases = [s for s in (float_scale, peak / 127.0) if s > 0 and math.isfinite(s)]
+    if not bases:
+        return 1.0, "degenerate"
+    candidates: dict[float, str] = {}
+    for base in bases:
+        e = math.log2(base)
+        candidates.setdefault(2.0 ** math.floor(e), "floor")
+        candidates.setdefault(2.0 ** math.ceil(e), "ceil")
+    if not x.size:
+        return 2.0 ** round(math.log2(bases[0])), "nearest"
+    best = min(candidates, key=lambda s: (_fake_quant_mse(x, s), s))
+    return best, candidates[best]
+
+
+@register
+class FpgaXint8Packager(Packager):
+    target = "fpga-xint8"
+    options_type = FpgaXint8Options
+
+    def convert(self, model, info, calibration, progress) -> Conversion:
+        opts = self.options
+        assert isinstance(opts, FpgaXint8Options) and calibration is not None
+        with tempfile.TemporaryDirectory(prefix="edgemart-fpga-") as tmp:
+            progress(0.05, "pre-processing (shape inference, opset)")
+            fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess)
+            progress(0.2, "calibrating and quantizing (symmetric int8)")
+            qdq = quantize_qdq(
+                fp32,
+                calibration,
+                info,
+                tmp,
+                per_channel=opts.per_channel,
+                method=opts.calibration_method,
+                percentile=opts.percentile,
+                nodes_to_exclude=opts.nodes_to_exclude,
+                symmetric_activations=True,
+            )
+        progress(0.6, "snapping scales to powers of two")
+        n = min(ACTIVATION_SAMPLES, next(iter(calibration.values())).shape[0])
+        stats = snap_to_powers_of_two(qdq, fp32, take(calibration, slice(0, n)))
+        progress(0.85, "comparing intermediate activations")
+        worst, suggested = layer_errors(fp32, qdq, take(calibration, slice(0, min(n, LAYER_SAMPLES))))
+        floats, quantized = op_coverage(qdq)
+        meta.update(
+            quantization="onnxruntime static QDQ int8 (symmetric), scales snapped to powers of two",
+            calibration_method=opts.calibration_method,
+            per_channel=opts.per_channel,
+            nodes_excluded=list(opts.nodes_to_exclude),
+            power_of_two=stats,
+        )
+        return Conversion(
+            payload=qdq.SerializeToString(),
+            format="onnx",
+            metadata=meta,
+            worst_layers=worst,
+            suggested_nodes_to_exclude=suggested,
+            float_ops=floats,
+            quantized_ops=quantized,
+            notes=[
+                f"{stats['scales']} scales snapped to powers of two; {stats['differs_from_nearest']} differ "
+                "from blind rounding of the exponent (chosen by least MSE on calibration data)"
+            ],
+        )
+
+
+def snap_to_powers_of_two(qdq, fp32, samples) -> dict:
+    """Rewrite `qdq` in place: every Q/DQ scale a power of two, every zero point 0, weights/biases requantized."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qdq.graph.initializer}
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    nodes = [n for n in qdq.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    def put(name: str, value: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    def axis_of(node) -> int:
+        return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+    # Float data seen by each activation quantizer, from the QDQ model itself on calibration samples.
+    act_names = sorted({n.input[0] for n in nodes if n.op_type == "QuantizeLinear"})
+    acts = OnnxRunner(_with_outputs(qdq, act_names), output_names=act_names).run(samples) if act_names else {}
+
+    groups: dict[str, list] = {}
+    for node in nodes:
+        groups.setdefault(node.input[1], []).append(node)
+    choices: Counter[str] = Counter()
+    differs = 0
+    biases = []
+    for scale_name, members in groups.items():
+        old = array(scale_name).astype(np.float64)
+        first = members[0]
+        data_name = first.input[0]
+        if first.op_type == "DequantizeLinear" and data_name in inits and inits[data_name].data_type == 6:
+            biases.append(first)  # int32 bias: its scale is fixed by input and weight scales
+            continue
+        q_node = next((m for m in members if m.op_type == "QuantizeLinear"), None)
+        is_weight = q_node is None and data_name in inits
+        if q_node is not None:
+            values = acts[q_node.input[0]].astype(np.float64)
+        elif is_weight:
+            float_name = data_name.removesuffix("_quantized")
+            if float_name in fp32_inits:
+                values = numpy_helper.to_array(fp32_inits[float_name]).astype(np.float64)
+            else:
+                zp = array(first.input[2]).astype(np.float64) if len(first.input) > 2 else 0.0
+                values = (array(data_name).astype(np.float64) - _bcast(zp, old, axis_of(first), 0)) * _bcast(
+                    old, old, axis_of(first), array(data_name).ndim
+                )
+        else:
+            raise UsageError(f"fpga-xint8: cannot find the data quantized with scale {scale_name!r}")
+        if old.ndim == 0:
+            chosen, how = best_power_of_two(values, float(old))
+            new = np.array(chosen, dtype=np.float32)
+            choices[how] += 1
+            differs += chosen != 2.0 ** round(math.log2(float(old))) if old > 0 else 0
+        else:
+            axis = axis_of(first)
+            moved = np.moveaxis(values, axis, 0).reshape(old.shape[0], -1)
+            picks = [best_power_of_two(moved[c], float(old[c])) for c in range(old.shape[0])]
+            new = np.array([p[0] for p in picks], dtype=np.float32)
+            choices.update(p[1] for p in picks)
+            differs += sum(
+                p[0] != 2.0 ** round(math.log2(float(o))) for p, o in zip(picks, old, strict=True) if o > 0
+            )
+        put(scale_name, new)
+        for member in members:
+            if len(member.input) > 2 and member.input[2] in inits:
+                put(member.input[2], np.zeros_like(array(member.input[2])))
+        if is_weight:
+            scale = _bcast(new.astype(np.float64), new, axis_of(first), values.ndim)
+            put(data_name, np.clip(np.round(values / scale), -128, 127).astype(np.int8))
+
+    for dq in biases:
+        _requantize_bias(dq, qdq, fp32_inits, inits, producer, array, put)
+
+    bad = [n.input[1] for n in nodes if not is_power_of_two(array(n.input[1]))] + [
+        n.input[2] for n in nodes if len(n.input) > 2 and np.any(array(n.input[2]) != 0)
+    ]
+    if bad:
+        raise UsageError(f"fpga-xint8: tensor {bad[0]!r} is not power-of-two symmetric after snapping")
+    return {
+        "scales": sum(choices.values()),
+        "chose": dict(choices),
+        "differs_from_nearest": int(differs),
+        "int32_biases": len(biases),
+    }
+
+
+def _bcast(value: np.ndarray, scale: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    if np.ndim(scale) == 0 or ndim == 0:
+        return value
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(value).reshape(shape)
+
+
+def _requantize_bias(dq, qdq, fp32_inits, inits, producer, array, put) -> None:
+    """int32 bias scale = input scale x weight scale (a product of powers of two), bias requantized from float."""
+    from onnx import numpy_helper
+
+    out = dq.output[0]
+    consumer = next((n for n in qdq.graph.node if len(n.input) > 2 and n.input[2] == out), None)
+    if consumer is None:
+        raise UsageError(f"fpga-xint8: int32 tensor {dq.input[0]!r} is not a Conv/Gemm bias")
+    in_dq, w_dq = producer.get(consumer.input[0]), producer.get(consumer.input[1])
+    if (
+        in_dq is None
+        or w_dq is None
+        or in_dq.op_type != "DequantizeLinear"
+        or w_dq.op_type != "DequantizeLinear"
+    ):
+        raise UsageError(f"fpga-xint8: bias of node {consumer.name!r} has unquantized input or weight")
+    new_scale = (array(in_dq.input[1]).astype(np.float64) * array(w_dq.input[1]).astype(np.float64)).astype(
+        np.float32
+    )
+    float_name = dq.input[0].removesuffix("_quantized")
+    if float_name in fp32_inits:
+        bias = numpy_helper.to_array(fp32_inits[float_name]).astype(np.float64)
+    else:
+        bias = array(dq.input[0]).astype(np.float64) * array(dq.input[1]).astype(np.float64)
+    old_scale = array(dq.input[1])
+    put(dq.input[1], new_scale.reshape(old_scale.shape) if new_scale.size == old_scale.size else new_scale)
+    limit = np.iinfo(np.int32)
+    put(dq.input[0], np.clip(np.round(bias / new_scale), limit.min, limit.max).astype(np.int32))
+    if len(dq.input) > 2 and dq.input[2] in inits:
+        put(dq.input[2], np.zeros_like(array(dq.input[2])))

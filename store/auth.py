@@ -1,0 +1,120 @@
+"""Who is asking: bearer API tokens for the API, a signed session cookie for the web UI, CSRF tokens.
+
+Cookie sessions authenticate API reads only (the web UI polls jobs); API writes need a bearer token,
+so a forged cross-site form can never act through the API."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import current_app, g, request, session
+from sqlalchemy.orm import Session
+
+from drm.errors import AuthError, ForbiddenError
+from store.context import StoreContext
+from store.models import User
+from store.services import accounts
+
+F = TypeVar("F", bound=Callable[..., Any])
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def ctx() -> StoreContext:
+    return current_app.extensions["edgemart"]  # type: ignore[no-any-return]
+
+
+def db() -> Session:
+    if "db" not in g:
+        g.db = ctx().Session()
+    return g.db  # type: ignore[no-any-return]
+
+
+def close_db(_exc: BaseException | None = None) -> None:
+    s = g.pop("db", None)
+    if s is not None:
+        s.close()
+
+
+def current_user(*, required: bool = True, cookie_ok: bool | None = None) -> User | None:
+    """The authenticated user (bearer token, else session cookie where allowed); AuthError if required."""
+    if "user" in g:
+        user = g.user
+    else:
+        user = None
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("Authorization header must be 'Bearer <token>'")
+            user, token_row = accounts.authenticate_token(db(), token.strip(), now=ctx().now())
+            db().commit()
+            g.token_role = token_row.role
+        else:
+            allow_cookie = request.method in SAFE_METHODS if cookie_ok is None else cookie_ok
+            uid = session.get("uid")
+            if allow_cookie and isinstance(uid, int):
+                user = db().get(User, uid)
+            g.token_role = user.role if user is not None else None
+        g.user = user
+    if user is None and required:
+        raise AuthError("authentication required (Authorization: Bearer <token> from `edgemart store create-user`)")
+    if user is not None and g.get("token_role") != user.role:
+        # A token is scoped to the role it was issued for; a role change needs a new token.
+        raise ForbiddenError("this token was issued for another role")
+    return user  # type: ignore[no-any-return]
+
+
+def require_user() -> User:
+    user = current_user(required=True)
+    assert user is not None
+    return user
+
+
+def roles(*allowed: str) -> Callable[[F], F]:
+    """Decorator: the view needs an authenticated user with one of ``allowed`` roles."""
+
+    def deco(view: F) -> F:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            user = require_user()
+            if user.role not in allowed:
+                raise ForbiddenError(f"this needs a {' or '.join(allowed)} account; you are a {user.role}")
+            return view(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------ CSRF
+
+
+def csrf_token() -> str:
+    token = session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        session["csrf"] = token
+    return token
+
+
+def check_csrf() -> None:
+    """Synchronizer token: the form's hidden field must equal the one in the signed session cookie."""
+    expected = session.get("csrf")
+    given = request.form.get("csrf_token", "") or request.headers.get("X-CSRF-Token", "")
+    if not isinstance(expected, str) or not hmac.compare_digest(expected.encode(), given.encode()):
+        raise ForbiddenError("the form expired or did not come from this site; reload the page and try again")
+
+
+def login(user: User) -> None:
+    session.clear()
+    session["uid"] = user.id
+    session.permanent = True
+    csrf_token()
+
+
+def logout() -> None:
+    session.clear()

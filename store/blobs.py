@@ -1,0 +1,150 @@
+"""Blob storage behind one interface (``BlobStore``) with a filesystem backend.
+
+Keys are content hashes (``sha256-<hex>``) or generated ids, never names a user supplied; writes are
+atomic (temp file in the same directory, fsync, rename) so a reader never sees half a blob."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from drm.errors import NotFoundError, UsageError
+
+_KEY = re.compile(r"^(sha256-[0-9a-f]{64}|id-[0-9a-f]{32})$")
+CHUNK = 1 << 20
+
+
+class TooLarge(UsageError):
+    """An upload exceeded its size limit."""
+
+    http_status = 413
+    code = "too_large"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    size: int
+    sha256: str  # hex digest of the content
+    created: bool  # False when identical content was already stored under this key
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Where uploaded models, sealed builds and quality reports live."""
+
+    def put_stream(self, stream: BinaryIO, *, max_bytes: int, key: str | None = None) -> PutResult: ...
+
+    def put_bytes(self, data: bytes, *, key: str | None = None) -> PutResult: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def size(self, key: str) -> int: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self) -> Iterator[str]: ...
+
+
+def new_blob_id() -> str:
+    """A generated key for content that is not addressed by its hash."""
+    return "id-" + secrets.token_hex(16)
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise UsageError(f"invalid blob key {key!r}")
+    return key
+
+
+class FileBlobStore:
+    """Blobs as files under ``root/<first two hex>/<key>``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        shard = key.split("-", 1)[1][:2]
+        return self.root / shard / key
+
+    def put_stream(self, stream: BinaryIO, *, max_bytes: int, key: str | None = None) -> PutResult:
+        """Copy ``stream`` in, refusing (TooLarge) past ``max_bytes``; keyed by content hash unless ``key``."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    chunk = stream.read(CHUNK)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            final_key = check_key(key) if key is not None else "sha256-" + digest.hexdigest()
+            path = self._path(final_key)
+            if path.exists():
+                os.unlink(tmp)
+                return PutResult(final_key, size, digest.hexdigest(), created=False)
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+            return PutResult(final_key, size, digest.hexdigest(), created=True)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put_bytes(self, data: bytes, *, key: str | None = None) -> PutResult:
+        import io
+
+        return self.put_stream(io.BytesIO(data), max_bytes=len(data), key=key)
+
+    def get(self, key: str) -> bytes:
+        with self.open(key) as fh:
+            return fh.read()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {key} not found") from None
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {key} not found") from None
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self) -> Iterator[str]:
+        for shard in sorted(self.root.iterdir()):
+            if shard.is_dir() and shard.name != ".tmp":
+                for f in sorted(shard.iterdir()):
+                    if _KEY.match(f.name):
+                        yield f.name

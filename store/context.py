@@ -1,0 +1,123 @@
+"""The store's wiring: configuration defaults and the one object holding engine, blobs, vault and queue.
+
+Services receive a ``StoreContext`` (never the Flask app), so the job worker and the CLI use them too."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from drm.errors import UsageError
+from store import db
+from store.blobs import BlobStore, FileBlobStore
+from store.jobs import JobQueue, NoWorker
+from store.keyvault import FileKeyVault, KeyVault, write_private
+
+DEFAULTS: dict[str, Any] = {
+    "DATA_DIR": None,  # $EDGEMART_DATA_DIR or ./edgemart-data
+    "DATABASE_URL": None,  # sqlite:///DATA_DIR/store.db
+    "MAX_UPLOAD_BYTES": 512 * 1024 * 1024,
+    "MAX_JSON_BYTES": 256 * 1024,
+    "MAX_USAGE_BYTES": 8 * 1024 * 1024,
+    "MAX_CARD_BYTES": 256 * 1024,
+    "WORKER": "thread",  # "thread": in-process worker; "none": this process runs no jobs
+    "JOB_POLL_SECONDS": 2.0,
+    "JOB_LEASE_SECONDS": 900,  # a running job without a heartbeat for this long is re-queued at start
+    "EVAL_DEVICE_LIMIT": 3,
+    "PAGE_SIZE": 20,
+    "SECRET_KEY": None,  # else DATA_DIR/secret.key (created 0600)
+    "SESSION_COOKIE_SECURE": False,
+    "CLOCK": None,  # callable -> unix seconds; tests freeze time with it
+    "LICENSE_INDEX_DIR": None,  # DATA_DIR/license-index
+    "HOLDOUT_FRACTION": 0.25,  # share of the seller's samples kept out of calibration to measure quality
+}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EDGEMART_DATA_DIR") or "edgemart-data")
+
+
+def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = {**DEFAULTS, **(config or {})}
+    unknown_worker = cfg["WORKER"] not in ("thread", "none")
+    if unknown_worker:
+        raise UsageError(f"WORKER must be 'thread' or 'none', got {cfg['WORKER']!r}")
+    data_dir = Path(cfg["DATA_DIR"] or default_data_dir()).resolve()
+    cfg["DATA_DIR"] = data_dir
+    cfg["DATABASE_URL"] = cfg["DATABASE_URL"] or db.sqlite_url(data_dir / "store.db")
+    cfg["LICENSE_INDEX_DIR"] = Path(cfg["LICENSE_INDEX_DIR"] or data_dir / "license-index")
+    return cfg
+
+
+@dataclass
+class StoreContext:
+    config: dict[str, Any]
+    engine: Engine
+    Session: sessionmaker[Session]
+    blobs: BlobStore
+    vault: KeyVault
+    queue: JobQueue = field(default_factory=NoWorker)
+    clock: Callable[[], float] = time.time
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config["DATA_DIR"])
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def root_cert_pem(self) -> bytes:
+        import drm
+
+        return drm.cert_to_pem(self.vault.authority().cert)
+
+    def license_index(self) -> Any:
+        """The open-model index the compliance gate compares uploads with (read fresh: the CLI may add to it)."""
+        import licenses
+
+        directory = Path(self.config["LICENSE_INDEX_DIR"])
+        directory.mkdir(parents=True, exist_ok=True)
+        return licenses.LicenseIndex(directory)
+
+    def close(self) -> None:
+        self.queue.stop()
+        self.engine.dispose()
+
+
+def open_context(config: dict[str, Any] | None = None) -> StoreContext:
+    """Create the data dir, migrate the schema, make sure the keys exist. No worker is started here."""
+    cfg = resolve_config(config)
+    data_dir: Path = cfg["DATA_DIR"]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = db.make_engine(cfg["DATABASE_URL"])
+    db.migrate(engine)
+    clock = cfg["CLOCK"] or time.time
+    vault = FileKeyVault(data_dir / "keys")
+    vault.ensure(int(clock()))
+    return StoreContext(
+        config=cfg,
+        engine=engine,
+        Session=db.session_factory(engine),
+        blobs=FileBlobStore(data_dir / "blobs"),
+        vault=vault,
+        clock=clock,
+    )
+
+
+def secret_key(cfg: dict[str, Any]) -> bytes:
+    """The session-signing key: configured, or kept in DATA_DIR/secret.key so every worker shares it."""
+    if cfg.get("SECRET_KEY"):
+        key = cfg["SECRET_KEY"]
+        return key.encode() if isinstance(key, str) else bytes(key)
+    path = Path(cfg["DATA_DIR"]) / "secret.key"
+    if not path.is_file():
+        write_private(path, secrets.token_bytes(32))
+    return path.read_bytes()

@@ -1,0 +1,105 @@
+"""Users, API tokens (stored as SHA-256 hashes, revocable, scoped by role) and argon2 passwords."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from drm.errors import AuthError, ConflictError, NotFoundError, UsageError
+from store.models import ROLES, ApiToken, User
+
+TOKEN_PREFIX = "emt_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_hasher = PasswordHasher()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError("user name must be 1-64 characters: letters, digits, '.', '_' or '-'")
+    return name
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise UsageError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    return role
+
+
+def hash_password(password: str) -> str:
+    if not isinstance(password, str) or len(password) < 8:
+        raise UsageError("password must be at least 8 characters")
+    if len(password) > 1024:
+        raise UsageError("password must be at most 1024 characters")
+    return _hasher.hash(password)
+
+
+def create_user(session: Session, name: str, role: str, *, now: int, password: str | None = None) -> User:
+    check_name(name)
+    check_role(role)
+    if session.scalar(select(User).where(User.name == name)) is not None:
+        raise ConflictError(f"user {name!r} already exists")
+    user = User(name=name, role=role, created_at=now, password_hash=hash_password(password) if password else None)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def get_user(session: Session, name: str) -> User:
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFoundError(f"no user {name!r}")
+    return user
+
+
+def issue_token(session: Session, user: User, *, now: int) -> str:
+    """A new API token for ``user`` (scoped to the user's role); only its hash is stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        ApiToken(user_id=user.id, token_hash=token_hash(token), prefix=token[:10], role=user.role, created_at=now)
+    )
+    session.flush()
+    return token
+
+
+def revoke_token(session: Session, user: User, token_id: int, *, now: int) -> None:
+    row = session.get(ApiToken, token_id)
+    if row is None or row.user_id != user.id:
+        raise NotFoundError(f"no token {token_id}")
+    row.revoked_at = row.revoked_at or now
+
+
+def authenticate_token(session: Session, token: str, *, now: int) -> tuple[User, ApiToken]:
+    if not token or len(token) > 256:
+        raise AuthError("invalid API token")
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(token)))
+    if row is None or row.revoked_at is not None:
+        raise AuthError("invalid or revoked API token")
+    if row.last_used_at is None or now - row.last_used_at > 60:
+        row.last_used_at = now
+    return row.user, row
+
+
+def authenticate_password(session: Session, name: str, password: str) -> User:
+    user = session.scalar(select(User).where(User.name == name)) if isinstance(name, str) else None
+    if user is None or not user.password_hash:
+        _hasher.hash("timing-equaliser")  # do the same work for unknown users
+        raise AuthError("wrong user name or password")
+    try:
+        _hasher.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        raise AuthError("wrong user name or password") from None
+    return user
+
+
+def set_password(session: Session, user: User, password: str) -> None:
+    user.password_hash = hash_password(password)

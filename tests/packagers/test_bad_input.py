@@ -1,0 +1,142 @@
+"""Bad models, bad samples and bad options get one precise UsageError, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from drm.errors import UsageError
+from packagers import get_packager, inspect_model, load_calibration, package_model
+from packagers.arm_cpu import ArmCpuOptions
+
+
+def test_garbage_bytes_are_not_a_model():
+    with pytest.raises(UsageError, match="not a model"):
+        inspect_model(b"\x00\x01garbage that is no model at all")
+    with pytest.raises(UsageError, match="empty"):
+        inspect_model(b"")
+
+
+def test_model_failing_the_checker(digits_bytes):
+    model = onnx.load_from_string(digits_bytes)
+    model.graph.node[1].input[0] = "no_such_tensor"
+    with pytest.raises(UsageError, match="checker rejected"):
+        package_model(model.SerializeToString(), "onnx-fp32")
+
+
+def test_unsupported_opset(digits_bytes):
+    model = onnx.load_from_string(digits_bytes)
+    for imp in model.opset_import:
+        if imp.domain == "":
+            imp.version = 99
+    with pytest.raises(UsageError, match="unsupported ONNX opset 99"):
+        inspect_model(model.SerializeToString())
+
+
+def test_dynamic_shapes_without_calibration_name_the_input(cls_model):
+    with pytest.raises(UsageError, match=r"input 'x' has dynamic shape \[\?, 3, \?, \?\]"):
+        package_model(cls_model, "arm-cpu")
+    with pytest.raises(UsageError, match="input 'x' has dynamic shape"):
+        package_model(cls_model, "onnx-fp32")
+
+
+def test_quantizing_target_needs_calibration(digits_bytes):
+    with pytest.raises(UsageError, match="needs calibration samples"):
+        package_model(digits_bytes, "fpga-xint8")
+
+
+def test_fp32_without_samples_measures_latency_only(digits_bytes):
+    build = package_model(digits_bytes, "onnx-fp32", options={"latency_runs": 2})
+    assert build.quality.agreement == {}
+    assert any("no samples" in n for n in build.quality.notes)
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        ({"image": np.zeros((4, 64), np.float32)}, "no array for model input 'x'"),
+        ({"x": np.zeros((4, 64), np.float64)}, "dtype float64, the model expects float32"),
+        ({"x": np.zeros((4, 32), np.float32)}, r"expects \[\?, 64\] \(axis 1\)"),
+        ({"x": np.zeros((4, 8, 8), np.float32)}, "rank 3"),
+        (
+            {"x": np.zeros((4, 64), np.float32), "z": np.zeros((4, 2), np.float32)},
+            "'z' matches no model input",
+        ),
+        ({"x": np.zeros((0, 64), np.float32)}, "zero samples"),
+    ],
+)
+def test_calibration_not_matching_the_signature(digits_bytes, samples, message):
+    with pytest.raises(UsageError, match=message):
+        package_model(digits_bytes, "arm-cpu", calibration=samples)
+
+
+def test_holdout_mismatch_names_the_split(digits_bytes, digits_cal):
+    with pytest.raises(UsageError, match="holdout data for input 'x' has dtype int64"):
+        package_model(
+            digits_bytes, "arm-cpu", calibration=digits_cal, holdout={"x": np.zeros((3, 64), np.int64)}
+        )
+
+
+def test_tflite_that_is_already_int8(digits_builds):
+    int8_tflite = digits_builds["coral-edgetpu"].payload
+    with pytest.raises(UsageError, match="already int8-quantized") as err:
+        package_model(int8_tflite, "coral-edgetpu", calibration={"x": np.zeros((2, 64), np.float32)})
+    assert err.value.details["op_compatibility"]["ops"]
+
+
+def test_float_tflite_needs_the_converter_but_gets_an_op_report(corpus: Path):
+    model = (corpus / "models" / "mediapipe" / "face_detection_front.tflite").read_bytes()
+    with pytest.raises(UsageError, match=r"pip install edgemart\[coral\]") as err:
+        package_model(model, "coral-edgetpu", calibration={"input": np.zeros((1, 128, 128, 3), np.float32)})
+    compat = err.value.details["op_compatibility"]
+    assert compat["source"] == "tflite" and compat["cpu_ops"] > 0
+    with pytest.raises(UsageError, match="takes ONNX models"):
+        package_model(model, "arm-cpu", calibration={"input": np.zeros((1, 128, 128, 3), np.float32)})
+
+
+def test_coral_outside_the_writer_subset_names_the_ops(cls_model, cls_samples):
+    with pytest.raises(
+        UsageError, match=r"coral-edgetpu conversion of op .*Conv.*pip install edgemart\[coral\]"
+    ) as err:
+        package_model(cls_model, "coral-edgetpu", calibration=cls_samples)
+    assert err.value.details["op_compatibility"]["edgetpu_ops"] > 0
+
+
+def test_registry_and_typed_options():
+    with pytest.raises(UsageError, match="valid targets: arm-cpu, coral-edgetpu, fpga-xint8, onnx-fp32"):
+        get_packager("gpu-magic")
+    with pytest.raises(UsageError, match="unknown option 'extra_options'.*valid options: .*nodes_to_exclude"):
+        get_packager("arm-cpu", {"extra_options": "x"})
+    with pytest.raises(UsageError, match="must be one of minmax, entropy, percentile"):
+        get_packager("arm-cpu", {"calibration_method": "kl"})
+    with pytest.raises(UsageError, match="must be true or false"):
+        get_packager("arm-cpu", {"per_channel": "maybe"})
+    with pytest.raises(UsageError, match=r"min_agreement must be in \[0, 1\]"):
+        get_packager("arm-cpu", {"min_agreement": "1.5"})
+    packager = get_packager(
+        "arm-cpu", {"per_channel": "false", "nodes_to_exclude": "a, b", "min_snr_db": "12"}
+    )
+    assert packager.options == ArmCpuOptions(per_channel=False, nodes_to_exclude=("a", "b"), min_snr_db=12.0)
+    with pytest.raises(UsageError, match="unknown option 'run_compiler'"):
+        get_packager("onnx-fp32", {"run_compiler": "true"})
+
+
+def test_nodes_to_exclude_must_name_real_nodes(digits_bytes, digits_cal):
+    with pytest.raises(UsageError, match="unknown node 'NoSuchNode'"):
+        package_model(
+            digits_bytes, "arm-cpu", calibration=digits_cal, options={"nodes_to_exclude": "NoSuchNode"}
+        )
+
+
+def test_load_calibration_drops_labels_and_text(corpus: Path, tmp_path: Path):
+    samples = load_calibration(corpus / "data" / "rapidocr" / "ch_ppocr_mobile_v2.0_cls_infer.npz")
+    assert set(samples) == {"x"}
+    with pytest.raises(UsageError, match="not found"):
+        load_calibration(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match="cannot read sample file"):
+        load_calibration(bad)

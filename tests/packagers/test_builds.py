@@ -1,0 +1,146 @@
+"""Builds of real corpus models load and run in their runtimes, and the reports are honest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+from onnx import numpy_helper
+
+from packagers import TARGETS, Build, inspect_model
+from packagers.fpga_xint8 import is_power_of_two
+
+
+def _onnx_run(payload: bytes, feeds: dict) -> dict:
+    session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def _tflite_run(payload: bytes, x: np.ndarray) -> dict:
+    interpreter = Interpreter(model_content=payload)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(x.shape), strict=True)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    return {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}
+
+
+def test_targets_are_the_four_of_the_design():
+    assert set(TARGETS) == {"arm-cpu", "coral-edgetpu", "fpga-xint8", "onnx-fp32"}
+
+
+@pytest.mark.parametrize("target", ["onnx-fp32", "arm-cpu", "fpga-xint8", "coral-edgetpu"])
+def test_digits_build_is_consistent(digits_builds, target):
+    build: Build = digits_builds[target]
+    assert build.target == target
+    assert build.build_hash == "sha256:" + hashlib.sha256(build.payload).hexdigest()
+    assert inspect_model(build.payload).format == build.format
+    assert build.format == ("tflite" if target == "coral-edgetpu" else "onnx")
+    assert build.metadata["packaging_seconds"] >= 0
+    assert build.metadata["input_signature"][0]["name"] == "x"
+    report = build.quality.to_dict()
+    json.dumps(report, allow_nan=False)  # strictly JSON-able
+    assert report["size"]["build_bytes"] == len(build.payload)
+    page = build.quality.to_html()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page
+
+
+def test_fp32_payload_is_the_original(digits_builds, digits_bytes):
+    assert digits_builds["onnx-fp32"].payload == digits_bytes
+    assert digits_builds["onnx-fp32"].quality.passed
+
+
+@pytest.mark.parametrize("target", ["arm-cpu", "fpga-xint8", "coral-edgetpu"])
+def test_quantized_digits_is_smaller_and_reported_agreement_is_recomputable(
+    digits_builds, digits_bytes, digits_hold, target
+):
+    build = digits_builds[target]
+    x = digits_hold["x"]
+    reference = _onnx_run(digits_bytes, {"x": x})
+    got = _tflite_run(build.payload, x) if build.format == "tflite" else _onnx_run(build.payload, {"x": x})
+    agreement = float(np.mean(reference["label"] == got["label"]))
+    top1 = float(np.mean(reference["probabilities"].argmax(1) == got["probabilities"].argmax(1)))
+    figures = build.quality.agreement["holdout"]
+    assert figures["label"]["agreement"] == pytest.approx(agreement)
+    assert figures["probabilities"]["agreement"] == pytest.approx(top1)
+    assert figures["label"]["samples"] == len(x)
+    assert len(build.payload) < len(digits_bytes)
+    # The quantized model is not bit-identical to fp32, and the report says so.
+    assert figures["probabilities"]["max_abs_error"] > 0
+    assert build.quality.passed is (agreement >= 0.98 and top1 >= 0.98)
+
+
+def test_arm_cpu_build_is_int8_qdq_with_per_channel_weights(digits_builds):
+    model = onnx.load_from_string(digits_builds["arm-cpu"].payload)
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weights = [i for i in model.graph.initializer if i.name.endswith("_quantized")]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights if i.name.startswith("coef"))
+    scales = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_scale")}
+    assert any(v.ndim == 1 and v.size > 1 for v in scales.values()), "per-channel weight scales expected"
+    q = digits_builds["arm-cpu"].quality
+    assert q.worst_layers and all("snr_db" in w and "node" in w for w in q.worst_layers)
+    assert q.quantized_ops
+
+
+@pytest.mark.parametrize("builds", ["digits_builds", "cls_builds"])
+def test_fpga_scales_are_exact_powers_of_two_with_zero_points_zero(request, builds):
+    model = onnx.load_from_string(request.getfixturevalue(builds)["fpga-xint8"].payload)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        scale = inits[node.input[1]].astype(np.float64)
+        mantissa, _ = np.frexp(scale)
+        assert np.all(mantissa == 0.5), f"{node.input[1]} = {scale} is not a power of two"
+        assert is_power_of_two(scale)
+        if len(node.input) > 2:
+            assert np.all(inits[node.input[2]] == 0), f"{node.input[2]} is not 0"
+
+
+def test_fpga_metadata_reports_the_least_error_choice(digits_builds):
+    stats = digits_builds["fpga-xint8"].metadata["power_of_two"]
+    assert stats["scales"] > 0
+    assert set(stats["chose"]) <= {"floor", "ceil", "degenerate", "nearest"}
+
+
+def test_coral_build_is_full_integer_and_reports_op_placement(digits_builds):
+    build = digits_builds["coral-edgetpu"]
+    info = inspect_model(build.payload)
+    assert info.format == "tflite" and info.quantized
+    assert info.op_counts.get("FULLY_CONNECTED") == 3
+    interpreter = Interpreter(model_content=build.payload)
+    interpreter.allocate_tensors()
+    fc = [d for d in interpreter.get_tensor_details() if d["name"].endswith("/weights")]
+    assert fc and all(d["dtype"] == np.int8 for d in fc)
+    compat = build.quality.op_compatibility
+    placements = {row["mapped_to"]: row["placement"] for row in compat["ops"]}
+    assert placements["FULLY_CONNECTED"] == "edgetpu"
+    assert placements["ARG_MAX"] == "cpu"  # not in the Edge TPU list
+    assert compat["edgetpu_ops"] + compat["cpu_ops"] == len(compat["ops"])
+
+
+@pytest.mark.parametrize("target", ["onnx-fp32", "arm-cpu", "fpga-xint8"])
+def test_ppocr_cls_builds_run_and_figures_recompute(cls_builds, cls_model, cls_samples, target):
+    build = cls_builds[target]
+    x = cls_samples["x"][8:]
+    ref = _onnx_run(cls_model, {"x": x})
+    got = _onnx_run(build.payload, {"x": x})
+    (name,) = ref
+    figures = build.quality.agreement["holdout"][name]
+    assert figures["kind"] == "top1"
+    assert figures["agreement"] == pytest.approx(float(np.mean(ref[name].argmax(1) == got[name].argmax(1))))
+    if target != "onnx-fp32":
+        assert build.quality.float_ops is not None
+        assert build.quality.worst_layers
+        assert build.metadata["opset_before"] == 11 and build.metadata["opset"] >= 13
