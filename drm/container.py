@@ -450,10 +450,10 @@ def open_sealed(
     limits: ContainerLimits = DEFAULT_LIMITS,
     verify_build_hash: bool = True,
 ) -> tuple[ContainerHeader, bytearray]:
-    """Open a whole container (bytes or a binary file object); see ``open_stream``."""
+    """Open a whole container (bytes, a binary file object or ``read(n)``); see ``open_stream``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        if not hasattr(data, "read"):
-            raise UsageError("open_sealed needs bytes or a binary file object")
+        if not (callable(data) or hasattr(data, "read")):
+            raise UsageError("open_sealed needs bytes, a binary file object or a read(n) callable")
         return open_stream(
             data,
             key=key,

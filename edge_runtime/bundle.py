@@ -131,6 +131,19 @@ class _Source:
         return out
 
 
+class _Prepended:
+    """A reader that yields ``head`` and then the rest of ``raw`` (peeking without seek, so pipes work)."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        self._head, self._raw = head, raw
+
+    def read(self, n: int) -> bytes:
+        if self._head:
+            out, self._head = self._head[:n], self._head[n:]
+            return out + (self._raw.read(n - len(out)) if n > len(out) else b"")
+        return self._raw.read(n)
+
+
 # --------------------------------------------------------------------------- the tar reader
 
 
@@ -316,12 +329,12 @@ def verify_members(
             raise BundleInvalid(f"{build.path}: container target {header.target!r} differs from the manifest")
 
     claims: dict[str, drm.LicenseClaims] = {}
-    for entry in manifest.licenses:
-        token = data[entry.path]
+    for lic_entry in manifest.licenses:
+        token = data[lic_entry.path]
         if len(token) > limits.max_license_bytes:
-            raise BundleInvalid(f"{entry.path}: {len(token)} bytes exceeds the license limit")
-        lic = read_license_token(token, entry.path)
-        _compare_entry(entry, LicenseEntry.from_claims(entry.path, lic))
+            raise BundleInvalid(f"{lic_entry.path}: {len(token)} bytes exceeds the license limit")
+        lic = read_license_token(token, lic_entry.path)
+        _compare_entry(lic_entry, LicenseEntry.from_claims(lic_entry.path, lic))
         if root is not None:
             fleet = frozenset({lic.fleet_key_id}) if lic.fleet_key_id else frozenset()
             try:
@@ -330,26 +343,28 @@ def verify_members(
                 )
             except LicenseRefused as exc:
                 raise BundleInvalid(
-                    f"{entry.path}: license does not verify against the root: {exc.reason}"
+                    f"{lic_entry.path}: license does not verify against the root: {exc.reason}"
                 ) from None
         else:
             if now < lic.not_before:
-                raise BundleInvalid(f"{entry.path}: license is not yet valid (not before {lic.not_before})")
+                raise BundleInvalid(
+                    f"{lic_entry.path}: license is not yet valid (not before {lic.not_before})"
+                )
             if lic.not_after is not None and now >= lic.not_after:
-                raise BundleInvalid(f"{entry.path}: license expired at {lic.not_after}")
+                raise BundleInvalid(f"{lic_entry.path}: license expired at {lic.not_after}")
             if lic.license_id in revoked:
-                raise BundleInvalid(f"{entry.path}: license is revoked")
-        claims[entry.path] = lic
+                raise BundleInvalid(f"{lic_entry.path}: license is revoked")
+        claims[lic_entry.path] = lic
 
     builds = {b.build_hash: b for b in manifest.builds}
     licensed = {c.build_hash for c in claims.values()}
     for path, lic in claims.items():
-        build = builds.get(lic.build_hash)
-        if build is None:
+        paired = builds.get(lic.build_hash)
+        if paired is None:
             raise BundleInvalid(f"{path}: its build {lic.build_hash} is not in the bundle")
-        if build.target != lic.target:
+        if paired.target != lic.target:
             raise BundleInvalid(
-                f"{path}: license target {lic.target!r} differs from its build's {build.target!r}"
+                f"{path}: license target {lic.target!r} differs from its build's {paired.target!r}"
             )
     for build in manifest.builds:
         if build.build_hash not in licensed:
@@ -395,8 +410,7 @@ def verify_bundle(
     """Read (safely) and verify a whole bundle; see iter_members and verify_members."""
     raw: BinaryIO = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     head = raw.read(2)
-    raw.seek(-len(head), io.SEEK_CUR)
-    members = read_bundle(raw, limits)
+    members = read_bundle(_Prepended(head, raw), limits)  # type: ignore[arg-type]
     verified = verify_members(
         members, now=now, root=root, builder_key=builder_key, revoked=revoked, limits=limits
     )
@@ -464,6 +478,7 @@ def install_bundle(
     fleet_ok = _device_fleet_support(device)
     chosen: list[tuple[str, drm.LicenseClaims]] = []
     skipped: list[dict[str, str]] = []
+    unsupported: list[str] = []
     for path, claims in sorted(verified.claims.items()):
         if claims.device_id is not None:
             if claims.device_id == device.device_id:
@@ -478,6 +493,7 @@ def install_bundle(
             else:
                 # Prove the key opens this license, but do not install what the device could not run.
                 drm.unwrap_cek(claims, held[claims.fleet_key_id])
+                unsupported.append(claims.license_id)
                 skipped.append(
                     {
                         "license_id": claims.license_id,
@@ -489,8 +505,13 @@ def install_bundle(
             skipped.append(
                 {"license_id": claims.license_id, "reason": f"bound to fleet key {claims.fleet_key_id}"}
             )
+    if not chosen and unsupported:
+        raise Refusal(
+            f"license(s) {', '.join(unsupported)} are bound to a fleet key this device holds, "
+            "but this runtime's Device cannot run fleet-bound licenses yet"
+        )
     if not chosen:
-        held_text = f" or its fleet keys ({', '.join(sorted(held))})" if held else ""
+        held_text = f" (fleet keys held: {', '.join(sorted(held))})" if held else ""
         raise Refusal(
             f"device {device.device_id}{held_text} is not in this bundle's license set "
             f"({len(verified.claims)} license(s), none bound to it)"

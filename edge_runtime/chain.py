@@ -323,9 +323,8 @@ class Chain:
 
     def run(self, frame: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one frame through the chain and return the chain outputs (copies)."""
-        for result in self.run_many([frame]):
-            return result
-        raise AssertionError("run_many yielded nothing for one frame")
+        results = list(self.run_many([frame]))
+        return results[0]
 
     def run_many(self, frames: Iterable[Mapping[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
         """Pipelined: keeps several frames in flight and yields outputs in frame order."""
@@ -370,17 +369,31 @@ class Chain:
                     yield result
                     continue
                 if exhausted and not pending:
+                    self._drain_done()
                     return
                 wait = self._last_progress + self.spec.timeouts.frame - time.monotonic()
                 if wait <= 0:
                     self._raise_hung(pending[0][0])
                 for channel, message in self._pump(min(wait, 1.0)):
                     self._on_control(channel, message)
+        except GeneratorExit:
+            # The caller stopped iterating. With frames still in flight the pipeline cannot be resumed
+            # in order, so the chain stops and reclaims every slot; otherwise it stays usable.
+            if pending:
+                self.stop()
+            raise
         except BaseException:
-            # A failure, Ctrl-C, or the caller abandoning the generator: in-flight frames cannot be
-            # resumed, so the chain stops and reclaims every slot.
+            # A failure or Ctrl-C: stop every stage and reclaim every slot before reporting.
             self.stop()
             raise
+
+    def _drain_done(self) -> None:
+        """Stage timings arrive on the control sockets, possibly just after the last output: collect them."""
+        last = self._next_seq - 1
+        deadline = time.monotonic() + 1.0
+        while any(done < last for done in self._last_done.values()) and time.monotonic() < deadline:
+            for channel, message in self._pump(0.05):
+                self._on_control(channel, message)
 
     def _pump(self, timeout: float) -> list[tuple[Channel, dict[str, Any]]]:
         assert self._node is not None

@@ -29,11 +29,31 @@ def register_run(device_subparsers: Any) -> None:
         help="an .npz batch (first axis = frames), a directory of .npy/.npz frames, or '-' for .npy on stdin",
     )
     p.add_argument(
+        "--input-key",
+        action="append",
+        default=[],
+        metavar="INPUT=KEY",
+        help="read chain input INPUT from the .npz array KEY (repeatable)",
+    )
+    p.add_argument(
         "--save-outputs", metavar="OUT.npz", help="write the chain outputs, frames stacked on axis 0"
     )
     p.add_argument("--limit", type=int, default=None, help="stop after this many frames")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_run)
+
+
+class _Unseekable:
+    """stdin as a plain reader: numpy's fromfile fast path needs a seekable file, a pipe is not."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        return bytes(self._raw.read(n))
+
+    def more(self) -> bool:
+        return bool(self._raw.peek(1)) if hasattr(self._raw, "peek") else True
 
 
 def _one_input(names: list[str], what: str) -> str:
@@ -44,18 +64,18 @@ def _one_input(names: list[str], what: str) -> str:
     return names[0]
 
 
-def iter_frames(path: str, input_names: list[str]) -> Iterator[dict[str, Any]]:
+def iter_frames(
+    path: str, input_names: list[str], keys: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Frames from an .npz batch, a directory of .npy/.npz files, or '-' (concatenated .npy on stdin)."""
     import numpy as np
 
     if path == "-":
         name = _one_input(input_names, "stdin")
-        stream = sys.stdin.buffer
-        while stream.peek(1) if hasattr(stream, "peek") else True:
+        stream = _Unseekable(sys.stdin.buffer)
+        while stream.more():
             try:
-                array = np.load(stream, allow_pickle=False)
-            except EOFError:
-                return
+                array = np.lib.format.read_array(stream, allow_pickle=False)
             except ValueError as exc:
                 raise UsageError(f"stdin: not a stream of .npy arrays: {exc}") from None
             yield {name: array}
@@ -70,13 +90,13 @@ def iter_frames(path: str, input_names: list[str]) -> Iterator[dict[str, Any]]:
                 yield {_one_input(input_names, str(f)): np.load(f, allow_pickle=False)}
             else:
                 with np.load(f, allow_pickle=False) as data:
-                    yield _pick(dict(data), input_names, str(f))
+                    yield _pick(dict(data), input_names, str(f), keys or {})
         return
     if not source.is_file():
         raise UsageError(f"input not found: {source}")
     try:
         with np.load(source, allow_pickle=False) as data:
-            batch = _pick(dict(data), input_names, str(source))
+            batch = _pick(dict(data), input_names, str(source), keys or {})
     except (ValueError, OSError) as exc:
         raise UsageError(f"{source}: not a readable .npz file: {exc}") from None
     counts = {name: len(a) if a.ndim else 0 for name, a in batch.items()}
@@ -86,7 +106,8 @@ def iter_frames(path: str, input_names: list[str]) -> Iterator[dict[str, Any]]:
         yield {name: a[i : i + 1] for name, a in batch.items()}
 
 
-def _pick(data: dict[str, Any], input_names: list[str], where: str) -> dict[str, Any]:
+def _pick(data: dict[str, Any], input_names: list[str], where: str, keys: dict[str, str]) -> dict[str, Any]:
+    data = {**data, **{name: data[key] for name, key in keys.items() if key in data}}
     if len(input_names) == 1 and input_names[0] not in data:
         for alias in ("x", *(k for k in data if len(data) == 1)):
             if alias in data:
@@ -108,10 +129,19 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
+    keys: dict[str, str] = {}
+    for item in args.input_key:
+        name, sep, key = item.partition("=")
+        if not sep or not name or not key:
+            raise UsageError(f"--input-key {item!r}: expected INPUT=KEY")
+        keys[name] = key
     outputs: dict[str, list[Any]] = {}
     with Chain.from_file(args.chain, args.device_dir) as chain:
         names = sorted(chain.input_types)
-        frames = iter_frames(args.input, names)
+        unknown = sorted(set(keys) - set(names))
+        if unknown:
+            raise UsageError(f"--input-key: {unknown[0]!r} is not a chain input (inputs: {', '.join(names)})")
+        frames = iter_frames(args.input, names, keys)
         if args.limit is not None:
             frames = itertools.islice(frames, args.limit)
         for result in chain.run_many(frames):

@@ -183,7 +183,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.save_outputs:
         import numpy as np
 
-        np.savez(args.save_outputs, **report.outputs)
+        np.savez(args.save_outputs, **report.outputs)  # type: ignore[arg-type]
     if args.html:
         args.html.write_text(report.to_html(), encoding="utf-8")
     _emit(args, report.to_dict(), report.to_text() + (f"\nhtml       {args.html}" if args.html else ""))

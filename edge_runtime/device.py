@@ -528,7 +528,7 @@ class Device:
             st = None
             out["state"] = {"ok": False, "problem": problem.reason}
         by_license = {e["license_id"]: name for name, e in self.installed().items()}
-        licenses = []
+        licenses: list[dict[str, Any]] = []
         for lic_path in sorted((self.dir / "licenses").glob("*.lic")):
             try:
                 claims = _parse_claims(lic_path.read_bytes())

@@ -235,14 +235,14 @@ def collect_inputs(
 
     by_hash = {header.build_hash: header for _, header in builds.values()}
     for _, claims in licenses.values():
-        header = by_hash.get(claims.build_hash)
-        if header is None:
+        found = by_hash.get(claims.build_hash)
+        if found is None:
             raise UsageError(
                 f"license {claims.license_id} is for build {claims.build_hash}, which is not in --builds"
             )
-        if header.target != claims.target:
+        if found.target != claims.target:
             raise UsageError(
-                f"license {claims.license_id} is for target {claims.target}, its build is {header.target}"
+                f"license {claims.license_id} is for target {claims.target}, its build is {found.target}"
             )
     licensed = {claims.build_hash for _, claims in licenses.values()}
     for _, header in builds.values():

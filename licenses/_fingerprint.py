@@ -104,7 +104,8 @@ def describe(weight: np.ndarray) -> np.ndarray:
     flat = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
     if flat.size == 0:
         return np.zeros(DESCRIPTOR_DIM, np.float32)
-    sv = np.linalg.svd(flat, compute_uv=False)
+    gram = flat @ flat.T if flat.shape[0] <= flat.shape[1] else flat.T @ flat  # cheaper than an SVD
+    sv = np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None))
     sv = sv / max(float(np.linalg.norm(sv)), 1e-12)
     out = np.zeros(DESCRIPTOR_DIM, np.float32)
     out[: min(DESCRIPTOR_DIM, sv.size)] = sv[:DESCRIPTOR_DIM]
@@ -142,7 +143,9 @@ class MatchResult:
         return f"{self.layers_matched}/{self.layers_total}"
 
 
-def align_layers(upload: list[tuple[int, int, int]], base: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+def align_layers(
+    upload: list[tuple[int, int, int]], base: list[tuple[int, int, int]]
+) -> list[tuple[int, int]]:
     """Longest common subsequence of layer shapes: survives layers added or removed at either end."""
     n, m = len(upload), len(base)
     if n == 0 or m == 0:
@@ -216,12 +219,16 @@ def match(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy = DEFAULT_
                 matched=informative and similarity >= policy.layer_similarity,
             )
         )
-    total = sum(1 for w, kind in zip(base.weights, base.kinds, strict=True) if _informative_alone(w, kind, policy))
+    total = sum(
+        1 for w, kind in zip(base.weights, base.kinds, strict=True) if _informative_alone(w, kind, policy)
+    )
     total = max(total, 1)
     aligned = [r for r in results if r.informative]
     matched = sum(1 for r in aligned if r.matched)
     similarity = float(np.median([r.similarity for r in aligned])) if aligned else 0.0
-    derived = matched >= max(1, math.ceil(policy.min_fraction * total)) and similarity >= policy.layer_similarity
+    derived = (
+        matched >= max(1, math.ceil(policy.min_fraction * total)) and similarity >= policy.layer_similarity
+    )
     return MatchResult(
         similarity=round(similarity, 4),
         layers_matched=min(matched, total),

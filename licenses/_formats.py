@@ -282,11 +282,21 @@ def _tflite_schema():  # type: ignore[no-untyped-def]
         try:
             from tflite_runtime import schema_py_generated as schema  # type: ignore[no-redef]
         except ImportError as exc:
-            raise UsageError("reading TFLite models needs ai-edge-litert (pip install edgemart[device])") from exc
+            raise UsageError(
+                "reading TFLite models needs ai-edge-litert (pip install edgemart[device])"
+            ) from exc
     return schema
 
 
-_TFLITE_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 7: np.int16, 9: np.int8}
+_TFLITE_DTYPES = {
+    0: np.float32,
+    1: np.float16,
+    2: np.int32,
+    3: np.uint8,
+    4: np.int64,
+    7: np.int16,
+    9: np.int8,
+}
 
 
 def _read_tflite(model: bytes) -> tuple[list[WeightLayer], dict[str, str]]:

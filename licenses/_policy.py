@@ -92,7 +92,9 @@ def normalize(expression: str, *, license_name: str | None = None) -> str:
     if text.lower() == "other":
         if not license_name:
             raise ExpressionProblem(
-                "license_unknown", "license 'other' without license_name: declare an SPDX id or LicenseRef", ("other",)
+                "license_unknown",
+                "license 'other' without license_name: declare an SPDX id or LicenseRef",
+                ("other",),
             )
         text = "LicenseRef-" + re.sub(r"[^A-Za-z0-9.\-]+", "-", license_name.strip()).strip("-")
 
@@ -110,12 +112,12 @@ def normalize(expression: str, *, license_name: str | None = None) -> str:
     try:
         parsed = licensing.parse(text, validate=False)
     except Exception as exc:  # noqa: BLE001 - license_expression raises several ExpressionError kinds
-        raise ExpressionProblem("license_invalid", f"invalid license expression {expression!r}: {exc}") from exc
+        raise ExpressionProblem(
+            "license_invalid", f"invalid license expression {expression!r}: {exc}"
+        ) from exc
     if parsed is None:
         raise ExpressionProblem("license_missing", "empty license expression")
-    unknown = tuple(
-        key for key in licensing.unknown_license_keys(parsed) if policy.canonical(key) is None
-    )
+    unknown = tuple(key for key in licensing.unknown_license_keys(parsed) if policy.canonical(key) is None)
     if unknown:
         raise ExpressionProblem(
             "license_unknown",
@@ -152,7 +154,9 @@ def _eval(node: Any, use: str, policy: Policy) -> Terms:
     if isinstance(node, LicenseWithExceptionSymbol):
         exception = policy.exceptions.get(node.exception_symbol.key)
         if exception is not None:
-            return _terms(exception, use, f"{node.license_symbol.key} WITH {node.exception_symbol.key}", policy)
+            return _terms(
+                exception, use, f"{node.license_symbol.key} WITH {node.exception_symbol.key}", policy
+            )
         return _eval(node.license_symbol, use, policy)
     if isinstance(node, LicenseSymbol):
         entry = policy.entry(node.key)

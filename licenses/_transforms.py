@@ -18,7 +18,9 @@ def _load(model: bytes):  # type: ignore[no-untyped-def]
 
     proto = onnx.load_model_from_string(model)
     graph = proto.graph
-    constants = [n for n in graph.node if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)]
+    constants = [
+        n for n in graph.node if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)
+    ]
     for node in constants:
         tensor = next(a.t for a in node.attribute if a.name == "value")
         tensor.name = node.output[0]
@@ -158,7 +160,9 @@ def prune(model: bytes, *, sparsity: float = 0.5) -> bytes:
         if value.ndim < 2:
             continue
         cut = np.quantile(np.abs(value), sparsity)
-        init.CopyFrom(numpy_helper.from_array(np.where(np.abs(value) < cut, 0, value).astype(value.dtype), init.name))
+        init.CopyFrom(
+            numpy_helper.from_array(np.where(np.abs(value) < cut, 0, value).astype(value.dtype), init.name)
+        )
     return _save(proto)
 
 
@@ -354,7 +358,9 @@ def mlp_to_tflite(model: bytes) -> bytes:
     graph.inputs = [x]
     for i, (w, b) in enumerate(chain):
         weight = numpy_helper.to_array(w).T  # (out, in)
-        bias = numpy_helper.to_array(b).reshape(-1) if b is not None else np.zeros(weight.shape[0], np.float32)
+        bias = (
+            numpy_helper.to_array(b).reshape(-1) if b is not None else np.zeros(weight.shape[0], np.float32)
+        )
         wt = tensor(f"dense_{i}/kernel", list(weight.shape), weight)
         bt = tensor(f"dense_{i}/bias", [weight.shape[0]], bias)
         out = tensor(f"dense_{i}", [1, weight.shape[0]])
@@ -405,7 +411,9 @@ def mlp_transforms() -> dict[str, Callable[[bytes], bytes]]:
     return {
         "permuted": lambda m: permute_hidden(m, seed=3),
         "relu_rescaled": lambda m: relu_rescale(m, seed=4),
-        "permuted_rescaled_renamed": lambda m: rename_tensors(relu_rescale(permute_hidden(m, seed=5), seed=6)),
+        "permuted_rescaled_renamed": lambda m: rename_tensors(
+            relu_rescale(permute_hidden(m, seed=5), seed=6)
+        ),
         "layer_appended": lambda m: append_layer(m, seed=7),
         "head_replaced": lambda m: replace_head(m, seed=8),
         "last_layer_dropped": drop_last_layer,

@@ -50,7 +50,9 @@ def parse_model_card(text: str) -> ModelCard:
     try:
         end = next(i for i in range(1, len(lines)) if lines[i].strip() in (_FENCE, "..."))
     except StopIteration:
-        raise UsageError("model card: YAML front matter opened on line 1 is never closed with '---'") from None
+        raise UsageError(
+            "model card: YAML front matter opened on line 1 is never closed with '---'"
+        ) from None
     block = "\n".join(lines[1:end])
     try:
         data = yaml.safe_load(block) if block.strip() else {}

@@ -95,11 +95,15 @@ def _index_add(args: argparse.Namespace) -> int:
 
     model = _read_bytes(args.model, "model")
     card = _read_text(args.card, "model card") if args.card else None
-    entry = LicenseIndex(args.index).add(model, name=args.name, license=args.license, source=args.source, card=card)
+    entry = LicenseIndex(args.index).add(
+        model, name=args.name, license=args.license, source=args.source, card=card
+    )
     if args.json:
         print(json.dumps(entry, sort_keys=True))
     else:
-        print(f"indexed {entry['name']} ({entry['license']}, {entry['layers']} weight layers) as {entry['id']}")
+        print(
+            f"indexed {entry['name']} ({entry['license']}, {entry['layers']} weight layers) as {entry['id']}"
+        )
     return 0
 
 

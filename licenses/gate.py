@@ -26,7 +26,12 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "severity": self.severity, "message": self.message, "evidence": self.evidence}
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+            "evidence": self.evidence,
+        }
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,11 @@ def check_model(
     embedded_bases = _embedded_metadata(out, parsed)
     declared_bases = list(model_card.base_model if model_card else ()) + embedded_bases
     if model_card is not None and not model_card.has_front_matter:
-        out.add("card_without_front_matter", INFO, "the model card has no YAML front matter: nothing is declared in it")
+        out.add(
+            "card_without_front_matter",
+            INFO,
+            "the model card has no YAML front matter: nothing is declared in it",
+        )
     _lineage(out, parsed, declared_bases, license_expr, index)
     if any(f.severity == BLOCK for f in out.findings):
         outcome = "block"
@@ -150,7 +159,14 @@ def _listing_terms(out: _Collector, expression: str) -> None:
         return
     for obligation in terms.obligations:
         text = f"{obligation} ({terms.chosen}): {policy.describe(obligation)}"
-        out.add("listing_obligation", OBLIGATION, text, license=expression, term=terms.chosen, obligation=obligation)
+        out.add(
+            "listing_obligation",
+            OBLIGATION,
+            text,
+            license=expression,
+            term=terms.chosen,
+            obligation=obligation,
+        )
         out.oblige(text)
 
 
@@ -172,13 +188,23 @@ def _embedded_metadata(out: _Collector, parsed: ParsedModel) -> list[str]:
             if found:
                 licenses.append((key, found.group(1)))
     if bases:
-        out.add("embedded_base_model", INFO, f"the model file names its base model(s): {', '.join(bases)}", bases=bases)
+        out.add(
+            "embedded_base_model",
+            INFO,
+            f"the model file names its base model(s): {', '.join(bases)}",
+            bases=bases,
+        )
     for key, text in licenses:
         try:
             expression = normalize(text)
             terms = evaluate(expression, "derivative")
         except ExpressionProblem:
-            out.add("embedded_license", INFO, f"the model file's metadata '{key}' mentions license {text!r}", key=key)
+            out.add(
+                "embedded_license",
+                INFO,
+                f"the model file's metadata '{key}' mentions license {text!r}",
+                key=key,
+            )
             continue
         if terms.verdict == FORBIDDEN:
             out.add(
@@ -190,7 +216,9 @@ def _embedded_metadata(out: _Collector, parsed: ParsedModel) -> list[str]:
                 license=expression,
             )
         else:
-            out.add("embedded_license", INFO, f"the model file's metadata declares license {expression}", key=key)
+            out.add(
+                "embedded_license", INFO, f"the model file's metadata declares license {expression}", key=key
+            )
     return bases
 
 
@@ -209,7 +237,7 @@ def _lineage(
     matched_by_name = {m.name.strip().lower(): m for m in matches}
     for key, name in declared_keys.items():
         entry = index.entry(name) if index is not None else None
-        if entry is None:
+        if entry is None or index is None:
             out.add(
                 "base_not_indexed",
                 OBLIGATION,
@@ -217,9 +245,17 @@ def _lineage(
                 "attribute it and honour its license (a reviewer confirms it)",
                 base=name,
             )
-            out.oblige(f"attribution ({name}): credit the declared base model {name!r} and keep its license terms")
+            out.oblige(
+                f"attribution ({name}): credit the declared base model {name!r} and keep its license terms"
+            )
             out.lineage.append(
-                {"name": name, "license": None, "relation": "declared", "similarity": None, "layers_matched": None}
+                {
+                    "name": name,
+                    "license": None,
+                    "relation": "declared",
+                    "similarity": None,
+                    "layers_matched": None,
+                }
             )
             continue
         found = matched_by_name.get(key)
@@ -280,7 +316,12 @@ def _apply_base_terms(
     out: _Collector, base: str, base_license: str, license_expr: str | None, similarity: float, layers: str
 ) -> None:
     policy = load_policy()
-    evidence = {"base": base, "base_license": base_license, "similarity": similarity, "layers_matched": layers}
+    evidence = {
+        "base": base,
+        "base_license": base_license,
+        "similarity": similarity,
+        "layers_matched": layers,
+    }
     try:
         terms: Terms = evaluate(base_license, "derivative")
     except ExpressionProblem as exc:

@@ -108,7 +108,10 @@ class LicenseIndex:
         self, items: Iterable[tuple[Fingerprint, str, str, str, dict[str, Any] | None]]
     ) -> list[dict[str, Any]]:
         """Bulk insert of already-fingerprinted models with one index write (used by add and the bench)."""
-        new_entries, descriptors, owners, keys = [], [], [], []
+        new_entries: list[dict[str, Any]] = []
+        descriptors: list[np.ndarray] = []
+        owners: list[np.ndarray] = []
+        keys: list[np.ndarray] = []
         for fp, name, license, source, card_info in items:
             model_id = f"m{len(self._entries) + len(new_entries):07d}"
             entry = {
@@ -251,5 +254,5 @@ def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     _atomic_write(path, buf.getvalue())

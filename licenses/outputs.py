@@ -50,7 +50,10 @@ def make_notice(entries: Sequence[Mapping[str, Any]]) -> str:
         if lineage:
             blocks.append("Derived from:")
             for base in sorted(lineage, key=lambda b: str(b.get("name"))):
-                detail = [f"license {base.get('license') or 'unverified'}", str(base.get("relation", "declared"))]
+                detail = [
+                    f"license {base.get('license') or 'unverified'}",
+                    str(base.get("relation", "declared")),
+                ]
                 if base.get("similarity") is not None:
                     detail.append(f"weight similarity {float(base['similarity']):.3f}")
                 if base.get("layers_matched"):

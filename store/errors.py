@@ -61,8 +61,9 @@ def register(app: Flask) -> None:
         if _wants_json():
             resp = jsonify({"error": {"code": HTTP_CODES.get(status, "http_error"), "message": message, "problems": []}})
             resp.status_code = status
-            if status == 405 and exc.valid_methods if hasattr(exc, "valid_methods") else False:  # type: ignore[attr-defined]
-                resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+            valid = getattr(exc, "valid_methods", None)
+            if status == 405 and valid:
+                resp.headers["Allow"] = ", ".join(valid)
             return resp
         return render_template("error.html", status=status, message=message, problems=[]), status
 

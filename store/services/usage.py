@@ -78,7 +78,7 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
     rows = session.execute(
         select(
             UsageRecord.device_id, License.kind, UsageRecord.event, func.count(), func.max(UsageRecord.t),
-            func.max(UsageRecord.runs), License.build_id,
+            License.build_id,
         )
         # Only records a device made under its own license count: no inflating someone else's figures.
         .join(License, (License.license_id == UsageRecord.license_id)
@@ -90,7 +90,7 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
     devices: dict[str, dict[str, Any]] = {}
     totals = {"run": 0, "refused": 0, "sync": 0}
     by_target: dict[str, dict[str, int]] = {}
-    for device_id, kind, event, count, last_t, max_runs, build_id in rows:
+    for device_id, kind, event, count, last_t, build_id in rows:
         d = devices.setdefault(device_id, {"device_id": device_id, "run": 0, "refused": 0, "sync": 0,
                                            "last_seen": 0, "kinds": set(), "targets": set()})
         d[event] = d.get(event, 0) + count

@@ -99,7 +99,9 @@ def builder_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "builder.pem", d / "builder.pub.pem"
 
 
-def device_license(pki: Pki, model: Model, cert_pem: bytes, *, days: float | None = None, now: int = NOW) -> bytes:
+def device_license(
+    pki: Pki, model: Model, cert_pem: bytes, *, days: float | None = None, now: int = NOW
+) -> bytes:
     """A production license for one device, from its certificate (as the store would issue it)."""
     cert = drm.cert_from_bytes(cert_pem)
     return drm.issue_license(

@@ -19,6 +19,8 @@ from _bundle_fixtures import (
     keys_cert_pem,
     lay_out_inputs,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import drm
 from drm.bundle import Manifest, iter_archive, load_builder_private_key, sign_manifest
@@ -96,7 +98,9 @@ def test_reproducible_twice_and_from_other_directory_order(
         again = tmp_path / f"again-{built[name].name}"
         args = build_args(built, again, builder_key[0])
         assert main(args) == 0
-        assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(built[name].read_bytes()).digest()
+        assert (
+            hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(built[name].read_bytes()).digest()
+        )
     # Same inputs under other file names, created in reverse order, with other mtimes and modes.
     other = {k: tmp_path / "elsewhere" / f"x-{k}" for k in ("licenses", "builds", "chains", "cards")}
     for key, target in other.items():
@@ -153,16 +157,22 @@ def test_flipped_bytes_in_each_part_fail_with_reason(built: dict[str, Path], tmp
     # A manifest edit that keeps it well-formed: the signature no longer covers it.
     manifest = members[0].data
     at = manifest.index(b'"sha256":"sha256:') + 20
-    edited = manifest[:at] + (b"0" if manifest[at:at + 1] != b"0" else b"1") + manifest[at + 1 :]
-    _expect_refusal(_write(tmp_path / "m.tar", [Member("manifest.json", edited), *members[1:]]), "different manifest", capsys)
+    edited = manifest[:at] + (b"0" if manifest[at : at + 1] != b"0" else b"1") + manifest[at + 1 :]
+    _expect_refusal(
+        _write(tmp_path / "m.tar", [Member("manifest.json", edited), *members[1:]]),
+        "different manifest",
+        capsys,
+    )
     # A manifest edit that breaks it.
     _expect_refusal(
-        _write(tmp_path / "m2.tar", [Member("manifest.json", manifest[:-1]), *members[1:]]), "manifest.json is invalid", capsys
+        _write(tmp_path / "m2.tar", [Member("manifest.json", manifest[:-1]), *members[1:]]),
+        "manifest.json is invalid",
+        capsys,
     )
     # The signature itself.
     sig = members[1].data
     at = sig.index(b'"sig":"') + 20
-    forged = sig[:at] + (b"A" if sig[at:at + 1] != b"A" else b"B") + sig[at + 1 :]
+    forged = sig[:at] + (b"A" if sig[at : at + 1] != b"A" else b"B") + sig[at + 1 :]
     _expect_refusal(
         _write(tmp_path / "s.tar", [members[0], Member("manifest.sig", forged), *members[2:]]),
         "signature does not verify",
@@ -174,7 +184,9 @@ def test_flipped_bytes_in_each_part_fail_with_reason(built: dict[str, Path], tmp
     build_data = sig_header + 512 + -(-len(members[1].data) // 512) * 512 + 512
     assert raw[sig_header : sig_header + 12] == b"manifest.sig"
     _expect_refusal(_write_raw(tmp_path / "h.tar", _flip(raw, sig_header + 10)), "checksum mismatch", capsys)
-    _expect_refusal(_write_raw(tmp_path / "d.tar", _flip(raw, build_data + 1000)), "sha256 does not match", capsys)
+    _expect_refusal(
+        _write_raw(tmp_path / "d.tar", _flip(raw, build_data + 1000)), "sha256 does not match", capsys
+    )
 
 
 def _write_raw(path: Path, data: bytes) -> Path:
@@ -192,7 +204,11 @@ def test_truncated_reordered_extra_missing(built: dict[str, Path], tmp_path: Pat
     members = _members(built["tar"])
     swapped = [members[0], members[1], members[3], members[2], *members[4:]]
     _expect_refusal(_write(tmp_path / "r.tar", swapped), "(members reordered)", capsys)
-    _expect_refusal(_write(tmp_path / "r2.tar", [members[1], members[0], *members[2:]]), "first member is 'manifest.sig'", capsys)
+    _expect_refusal(
+        _write(tmp_path / "r2.tar", [members[1], members[0], *members[2:]]),
+        "first member is 'manifest.sig'",
+        capsys,
+    )
 
     extra = [*members[:-1], Member("chains/extra.yaml", b"stages: []\n"), members[-1]]
     _expect_refusal(_write(tmp_path / "e.tar", extra), "extra file 'chains/extra.yaml'", capsys)
@@ -215,15 +231,23 @@ def test_json_failure_prints_one_object(built: dict[str, Path], tmp_path: Path, 
 
 
 def test_pinned_keys_and_roots(
-    built: dict[str, Path], other_pki: Pki, tmp_path: Path, capsys, builder_key: tuple[Path, Path]  # type: ignore[no-untyped-def]
+    built: dict[str, Path],
+    other_pki: Pki,
+    tmp_path: Path,
+    capsys,
+    builder_key: tuple[Path, Path],  # type: ignore[no-untyped-def]
 ) -> None:
     other_builder = tmp_path / "other.pem"
     assert main(["bundle", "keygen", "--out", str(other_builder)]) == 0
     assert (tmp_path / "other.pub.pem").is_file()
     assert oct(other_builder.stat().st_mode & 0o777) == "0o600"
-    _expect_refusal(built["tar"], "not the pinned key", capsys, "--builder-key", str(tmp_path / "other.pub.pem"))
+    _expect_refusal(
+        built["tar"], "not the pinned key", capsys, "--builder-key", str(tmp_path / "other.pub.pem")
+    )
     (tmp_path / "other-root.crt").write_bytes(other_pki.root_pem)
-    _expect_refusal(built["tar"], "does not verify against the root", capsys, "--root", str(tmp_path / "other-root.crt"))
+    _expect_refusal(
+        built["tar"], "does not verify against the root", capsys, "--root", str(tmp_path / "other-root.crt")
+    )
 
     # An attacker who rewrites and re-signs everything passes only without a pinned builder key.
     members = _members(built["tar"])
@@ -231,11 +255,17 @@ def test_pinned_keys_and_roots(
     resigned = [members[0], Member("manifest.sig", sign_manifest(members[0].data, attacker)), *members[2:]]
     _write(tmp_path / "resigned.tar", resigned)
     assert verify_cli(tmp_path / "resigned.tar") == 0
-    _expect_refusal(tmp_path / "resigned.tar", "not the pinned key", capsys, "--builder-key", str(builder_key[1]))
+    _expect_refusal(
+        tmp_path / "resigned.tar", "not the pinned key", capsys, "--builder-key", str(builder_key[1])
+    )
 
 
 def test_license_validity_and_pairing(
-    pki: Pki, models: dict[str, Model], builder_key: tuple[Path, Path], tmp_path: Path, capsys  # type: ignore[no-untyped-def]
+    pki: Pki,
+    models: dict[str, Model],
+    builder_key: tuple[Path, Path],
+    tmp_path: Path,
+    capsys,  # type: ignore[no-untyped-def]
 ) -> None:
     cert = keys_cert_pem(drm.DeviceKeys.generate())
     digits, face = models["digits-mlp"], models["face-detect"]
@@ -266,7 +296,10 @@ def test_license_validity_and_pairing(
     key = load_builder_private_key(builder_key[0].read_bytes())
     body = hand.to_bytes()
     rest = [m for m in members[2:] if m.name != face_path]
-    _write(tmp_path / "hand.tar", [Member("manifest.json", body), Member("manifest.sig", sign_manifest(body, key)), *rest])
+    _write(
+        tmp_path / "hand.tar",
+        [Member("manifest.json", body), Member("manifest.sig", sign_manifest(body, key)), *rest],
+    )
     _expect_refusal(tmp_path / "hand.tar", "is not in the bundle", capsys)
 
 
@@ -276,3 +309,15 @@ def test_verify_api_reports(built: dict[str, Path], pki: Pki) -> None:
     assert verified.gzipped and verified.licenses_trusted
     assert {c.kind for c in verified.claims.values()} == {"production"}
     assert verified.report()["ok"] is True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_single_byte_flip_is_detected(built: dict[str, Path], data: st.DataObject) -> None:
+    raw = built["tar"].read_bytes()
+    position = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    xor = data.draw(st.integers(min_value=1, max_value=255))
+    flipped = bytearray(raw)
+    flipped[position] ^= xor
+    with pytest.raises(drm.EdgemartError):
+        verify_bundle(bytes(flipped), now=NOW + 60)

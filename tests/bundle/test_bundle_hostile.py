@@ -161,7 +161,7 @@ def test_truncation_and_trailing_garbage() -> None:
     assert [m.name for m in read_bundle(good)] == ["NOTICE"]
     assert read_bundle(good + bytes(BLOCK * 18))[0].data == b"abc"  # record padding of zeros is fine
     refused(good[:700], "truncated")
-    refused(good[:BLOCK + 2], "truncated")
+    refused(good[: BLOCK + 2], "truncated")
     refused(good[: 2 * BLOCK], "truncated")
     refused(good + b"\x01", "after the end-of-archive marker")
     padded = bytearray(good)

@@ -42,7 +42,17 @@ def open_index(model_bytes) -> Iterator[LicenseIndex]:
     with tempfile.TemporaryDirectory() as tmp:
         index = LicenseIndex(Path(tmp) / "index")
         index.add(model_bytes("digits/digits_mlp_base.onnx"), name="digits-base", license="CC-BY-4.0")
-        index.add(model_bytes("mediapipe/face_detection_full_range.tflite"), name="blazeface-full", license="Apache-2.0")
-        index.add(model_bytes("mediapipe/face_detection_front.tflite"), name="blazeface-front", license="Apache-2.0")
-        index.add(model_bytes("rapidocr/ch_ppocr_mobile_v2.0_cls_infer.onnx"), name="ppocr-cls", license="Apache-2.0")
+        index.add(
+            model_bytes("mediapipe/face_detection_full_range.tflite"),
+            name="blazeface-full",
+            license="Apache-2.0",
+        )
+        index.add(
+            model_bytes("mediapipe/face_detection_front.tflite"), name="blazeface-front", license="Apache-2.0"
+        )
+        index.add(
+            model_bytes("rapidocr/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            name="ppocr-cls",
+            license="Apache-2.0",
+        )
         yield LicenseIndex(Path(tmp) / "index")

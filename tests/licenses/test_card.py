@@ -34,7 +34,9 @@ def test_valid_card() -> None:
 
 
 def test_base_model_as_string_and_license_fields() -> None:
-    card = parse_model_card("---\nlicense: other\nlicense_name: my-terms\nlicense_link: LICENSE.md\nbase_model: a/b\n---\n")
+    card = parse_model_card(
+        "---\nlicense: other\nlicense_name: my-terms\nlicense_link: LICENSE.md\nbase_model: a/b\n---\n"
+    )
     assert card.base_model == ("a/b",)
     assert (card.license, card.license_name, card.license_link) == ("other", "my-terms", "LICENSE.md")
 

@@ -35,13 +35,30 @@ def workdir():
 def test_cli_module_imports_only_stdlib_and_drm() -> None:
     source = Path(cli.__file__).read_text()
     top = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    assert all(line.split()[1].split(".")[0] in {"__future__", "argparse", "json", "sys", "pathlib", "drm"} for line in top)
+    assert all(
+        line.split()[1].split(".")[0] in {"__future__", "argparse", "json", "sys", "pathlib", "drm"}
+        for line in top
+    )
 
 
 def test_index_add_then_check(corpus, workdir, capsys) -> None:
     base = str(corpus / "models/digits/digits_mlp_base.onnx")
     index = str(workdir / "idx")
-    code, out, _ = run(["licenses", "index", "add", base, "--name", "digits-base", "--license", "cc-by-4.0", "--index", index], capsys)
+    code, out, _ = run(
+        [
+            "licenses",
+            "index",
+            "add",
+            base,
+            "--name",
+            "digits-base",
+            "--license",
+            "cc-by-4.0",
+            "--index",
+            index,
+        ],
+        capsys,
+    )
     assert code == 0 and "digits-base" in out
 
     finetuned = str(corpus / "models/digits/digits_mlp_finetuned.onnx")
@@ -51,7 +68,9 @@ def test_index_add_then_check(corpus, workdir, capsys) -> None:
 
     card = workdir / "card.md"
     card.write_text("---\nlicense: mit\nbase_model: digits-base\n---\n")
-    code, out, _ = run(["licenses", "check", finetuned, "--card", str(card), "--index", index, "--json"], capsys)
+    code, out, _ = run(
+        ["licenses", "check", finetuned, "--card", str(card), "--index", index, "--json"], capsys
+    )
     assert code == 0
     decision = json.loads(out)
     assert decision["outcome"] == "allow_with_obligations"
@@ -65,7 +84,9 @@ def test_check_allow_text_output(corpus, capsys) -> None:
 
 
 def test_check_blocks_without_license(corpus, capsys) -> None:
-    code, _, err = run(["licenses", "check", str(corpus / "models/digits/digits_mlp_independent.onnx")], capsys)
+    code, _, err = run(
+        ["licenses", "check", str(corpus / "models/digits/digits_mlp_independent.onnx")], capsys
+    )
     assert code == 1 and "declare a license" in err
 
 
@@ -84,5 +105,19 @@ def test_bad_input_exits_2(corpus, workdir, capsys) -> None:
     code, _, err = run(["licenses", "check", str(workdir / "missing.onnx"), "--license", "MIT"], capsys)
     assert code == 2 and "not found" in err
 
-    code, _, err = run(["licenses", "index", "add", model, "--name", "x", "--license", "Foo-9", "--index", str(workdir / "i")], capsys)
+    code, _, err = run(
+        [
+            "licenses",
+            "index",
+            "add",
+            model,
+            "--name",
+            "x",
+            "--license",
+            "Foo-9",
+            "--index",
+            str(workdir / "i"),
+        ],
+        capsys,
+    )
     assert code == 2 and "unknown license Foo-9" in err

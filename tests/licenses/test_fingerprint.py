@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from drm.errors import UsageError
 from licenses import _transforms as T
 from licenses._fingerprint import fingerprint, match
 from licenses._formats import detect_format, parse_model
-from drm.errors import UsageError
 
 
 def _fp(model: bytes):
@@ -30,7 +30,9 @@ def test_mlp_transforms_match_digits_base(kind, digits_bytes, open_index) -> Non
     assert k >= 2 and n == 3
 
 
-@pytest.mark.parametrize("kind", ["renamed", "opset_changed", "fp16", "finetune_noise", "pruned50", "int8_qdq"])
+@pytest.mark.parametrize(
+    "kind", ["renamed", "opset_changed", "fp16", "finetune_noise", "pruned50", "int8_qdq"]
+)
 def test_generic_transforms_match_digits_base(kind, digits_bytes, digits_calibration_x, open_index) -> None:
     derived = T.onnx_transforms(digits_calibration_x)[kind](digits_bytes)
     assert derived != digits_bytes
@@ -143,7 +145,9 @@ def test_sparse_weights_densify_like_litert(model_bytes, corpus) -> None:
             continue
         ours = _tflite_tensor_value(tensor, bytes(root.buffers[tensor.buffer].data)).astype(np.float32)
         densified = next(op.outputs[0] for op in graph.operators if op.inputs[0] == index)
-        dequantized = next(op.outputs[0] for op in graph.operators if len(op.inputs) and op.inputs[0] == densified)
+        dequantized = next(
+            op.outputs[0] for op in graph.operators if len(op.inputs) and op.inputs[0] == densified
+        )
         np.testing.assert_array_equal(ours, interpreter.get_tensor(dequantized))
         checked += 1
     assert checked > 10

@@ -18,7 +18,9 @@ def _codes(decision) -> set[str]:
 
 
 def test_undeclared_derivative_is_blocked_with_evidence(model_bytes, open_index) -> None:
-    decision = check_model(model_bytes("digits/digits_mlp_finetuned.onnx"), declared_license="MIT", index=open_index)
+    decision = check_model(
+        model_bytes("digits/digits_mlp_finetuned.onnx"), declared_license="MIT", index=open_index
+    )
     assert decision.outcome == "block"
     finding = next(f for f in decision.findings if f.code == "undeclared_derivative")
     assert finding.severity == "block"
@@ -58,7 +60,10 @@ def test_nc_base_blocks_even_when_declared(model_bytes) -> None:
         index.add(model_bytes("digits/digits_mlp_base.onnx"), name="digits-nc", license="CC-BY-NC-4.0")
         card = "---\nbase_model: digits-nc\n---\n"
         decision = check_model(
-            model_bytes("digits/digits_mlp_pruned.onnx"), card=card, declared_license="Apache-2.0", index=index
+            model_bytes("digits/digits_mlp_pruned.onnx"),
+            card=card,
+            declared_license="Apache-2.0",
+            index=index,
         )
     assert decision.outcome == "block"
     finding = next(f for f in decision.findings if f.code == "base_license_forbids")
@@ -67,7 +72,9 @@ def test_nc_base_blocks_even_when_declared(model_bytes) -> None:
 
 def test_apache_base_gives_notice_obligation(model_bytes, open_index) -> None:
     card = "---\nlicense: apache-2.0\nbase_model: [blazeface-front]\n---\n"
-    decision = check_model(model_bytes("mediapipe/face_detection_short_range.tflite"), card=card, index=open_index)
+    decision = check_model(
+        model_bytes("mediapipe/face_detection_short_range.tflite"), card=card, index=open_index
+    )
     assert decision.outcome == "allow_with_obligations"
     assert any(o.startswith("notice (Apache-2.0, from blazeface-front)") for o in decision.obligations)
 
@@ -85,7 +92,9 @@ def test_share_alike_base_requires_same_license(model_bytes) -> None:
 
 
 def test_independent_model_is_allowed(model_bytes, open_index) -> None:
-    decision = check_model(model_bytes("digits/digits_mlp_independent.onnx"), declared_license="MIT", index=open_index)
+    decision = check_model(
+        model_bytes("digits/digits_mlp_independent.onnx"), declared_license="MIT", index=open_index
+    )
     assert decision.outcome == "allow"
     assert decision.lineage == () and decision.findings == ()
 
@@ -99,17 +108,24 @@ def test_no_license_blocks(model_bytes, open_index) -> None:
 def test_all_findings_are_collected(model_bytes, open_index) -> None:
     card = "---\nlicense: Foo-1.0\nbase_model: not-indexed/model\n---\n"
     decision = check_model(
-        model_bytes("digits/digits_mlp_pruned.onnx"), card=card, declared_license="GPL-3.0-only", index=open_index
+        model_bytes("digits/digits_mlp_pruned.onnx"),
+        card=card,
+        declared_license="GPL-3.0-only",
+        index=open_index,
     )
     assert decision.outcome == "block"
-    assert {"license_unknown", "license_not_sellable", "base_not_indexed", "undeclared_derivative"} <= _codes(decision)
+    assert {"license_unknown", "license_not_sellable", "base_not_indexed", "undeclared_derivative"} <= _codes(
+        decision
+    )
     unknown = next(f for f in decision.findings if f.code == "license_unknown")
     assert "unknown license Foo-1.0: declare an SPDX id or LicenseRef from the list" in unknown.message
 
 
 def test_license_conflict_between_flag_and_card(model_bytes) -> None:
     decision = check_model(
-        model_bytes("digits/digits_mlp_independent.onnx"), card="---\nlicense: mit\n---\n", declared_license="Apache-2.0"
+        model_bytes("digits/digits_mlp_independent.onnx"),
+        card="---\nlicense: mit\n---\n",
+        declared_license="Apache-2.0",
     )
     assert decision.outcome == "block" and "license_conflict" in _codes(decision)
 

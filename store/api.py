@@ -1,0 +1,438 @@
+"""The JSON API (/api/v1): thin views over store.services. Each view's docstring ends with its OpenAPI
+operation in YAML after a ``---`` line; store.openapi assembles /openapi.json from the registered routes."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, send_file
+
+from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
+from store.auth import ctx, current_user, db, require_user, roles
+from store.errors import error_payload
+from store.models import IdempotentResponse, Job, Listing
+from store.services import licensing, listings, usage
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, bounded in size (413 past MAX_JSON_BYTES)."""
+    request.max_content_length = int(ctx().config["MAX_JSON_BYTES"])
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise UsageError("request body must be a JSON object")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    if not isinstance(obj, dict):
+        raise UsageError("request body must be a JSON object")
+    return obj
+
+
+def _page() -> int:
+    raw = request.args.get("page", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
+        raise UsageError("page must be a positive integer")
+    return int(raw)
+
+
+def _idempotent(view: Any) -> Response:
+    """Replay the first response for a repeated ``Idempotency-Key`` (per user), so upload retries are safe."""
+    user = require_user()
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return view()  # type: ignore[no-any-return]
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise UsageError("Idempotency-Key must be 1-128 printable ASCII characters")
+    held = db().get(IdempotentResponse, (user.id, key))
+    if held is not None:
+        resp = Response(held.body, status=held.status, mimetype="application/json")
+        resp.headers["Idempotent-Replayed"] = "true"
+        return resp
+    try:
+        resp = view()
+    except EdgemartError as exc:
+        resp = jsonify(error_payload(exc))
+        resp.status_code = exc.http_status
+    if resp.status_code < 500:
+        db().rollback()
+        db().add(IdempotentResponse(user_id=user.id, key=key, status=resp.status_code,
+                                    body=resp.get_data(as_text=True), created_at=ctx().now()))
+        db().commit()
+    return resp  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------------------ me
+
+
+@bp.get("/me")
+def me() -> Any:
+    """Who the token belongs to.
+    ---
+    summary: The authenticated user
+    responses: {200: {description: "{id, name, role}"}, 401: {description: unauthenticated}}
+    """
+    user = require_user()
+    return {"id": user.id, "name": user.name, "role": user.role}
+
+
+# ------------------------------------------------------------------------------------------ listings
+
+
+@bp.get("/listings")
+def list_listings() -> Any:
+    """Browse and search listings.
+    ---
+    summary: Listings (public and listed; mine=1 for your own, status=S for admins)
+    parameters:
+      - {name: target, in: query, schema: {type: string}}
+      - {name: q, in: query, schema: {type: string}}
+      - {name: page, in: query, schema: {type: integer, minimum: 1}}
+      - {name: mine, in: query, schema: {type: string, enum: ["1"]}}
+      - {name: status, in: query, schema: {type: string}}
+    responses: {200: {description: "{items: [listing], page, pages}"}}
+    """
+    user = current_user(required=False)
+    page = _page()
+    q = request.args.get("q", "")[:200] or None
+    target = request.args.get("target", "")[:40] or None
+    items, pages = listings.search(
+        db(), user=user, target=target, q=q, page=page, page_size=int(ctx().config["PAGE_SIZE"]),
+        mine=request.args.get("mine") == "1", status=request.args.get("status") or None,
+    )
+    return {"items": [listings.listing_to_dict(x, user) for x in items], "page": page, "pages": pages}
+
+
+@bp.post("/listings")
+def upload_listing() -> Any:
+    """Upload a model (multipart): it is checked, gated for compliance and packaged per target.
+    ---
+    summary: Upload a model
+    parameters:
+      - {name: Idempotency-Key, in: header, schema: {type: string, maxLength: 128}}
+    requestBody:
+      content:
+        multipart/form-data:
+          schema:
+            type: object
+            required: [model, name, license, targets]
+            properties:
+              model: {type: string, format: binary}
+              name: {type: string}
+              license: {type: string, description: SPDX expression}
+              card: {type: string, format: binary, description: Markdown model card with YAML front matter}
+              targets: {type: string, description: "comma-separated target ids"}
+              calibration: {type: string, format: binary, description: .npz samples keyed by input name}
+              visibility: {type: string, enum: [public, private]}
+              eval_days: {type: integer}
+              eval_runs: {type: integer}
+              price_per_seat: {type: integer, description: cents}
+    responses:
+      202: {description: "{listing, jobs: [job id]}"}
+      403: {description: blocked by the compliance gate (decision included) or not a seller}
+      413: {description: too large}
+      422: {description: every problem found, in error.problems}
+    """
+    user = require_user()
+    if user.role not in ("seller", "admin"):
+        raise ForbiddenError("only sellers can upload models")
+    request.max_content_length = 2 * int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
+
+    def view() -> Response:
+        if not (request.mimetype or "").startswith("multipart/form-data"):
+            raise UsageError("upload must be multipart/form-data with a 'model' file part")
+        form, files = request.form, request.files
+        card_file = files.get("card")
+        upload = listings.UploadForm(
+            name=form.get("name"), license=form.get("license"),
+            card=card_file.stream if card_file is not None else form.get("card"),
+            targets=form.get("targets"), visibility=form.get("visibility"), eval_days=form.get("eval_days"),
+            eval_runs=form.get("eval_runs"), price_per_seat=form.get("price_per_seat"),
+            model=files["model"].stream if "model" in files else None,
+            calibration=files["calibration"].stream if "calibration" in files else None,
+        )
+        result = listings.create_listing(ctx(), db(), user, upload)
+        body = {"listing": listings.listing_to_dict(result.listing, user), "jobs": result.job_ids}
+        if result.blocked:
+            findings = (result.listing.decision or {}).get("findings", [])
+            exc = listings.Blocked(
+                f"upload blocked by the compliance gate: {_decision_summary(result.listing.decision)}",
+                details=findings if isinstance(findings, list) else [],
+            )
+            exc.body = {"decision": result.listing.decision, "listing": body["listing"]}  # type: ignore[attr-defined]
+            raise exc
+        resp = jsonify(body)
+        resp.status_code = 202
+        return resp
+
+    return _idempotent(view)
+
+
+def _decision_summary(decision: dict[str, Any] | None) -> str:
+    findings = (decision or {}).get("findings") or []
+    texts = []
+    for f in findings[:3]:
+        if isinstance(f, dict):
+            texts.append(str(f.get("message") or f.get("code") or f))
+    return "; ".join(texts) or "see the decision"
+
+
+@bp.get("/listings/<listing_id>")
+def get_listing(listing_id: str) -> Any:
+    """One listing with its builds and quality reports.
+    ---
+    summary: A listing
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: listing}, 404: {description: absent or not visible to you}}
+    """
+    user = current_user(required=False)
+    return listings.listing_to_dict(listings.get_visible(db(), listing_id, user), user)
+
+
+@bp.get("/listings/<listing_id>/builds/<target>/quality.html")
+def quality_html(listing_id: str, target: str) -> Any:
+    """The quality report of one build as a self-contained HTML page (plots inline).
+    ---
+    summary: Quality report (HTML)
+    parameters:
+      - {name: listing_id, in: path, required: true, schema: {type: string}}
+      - {name: target, in: path, required: true, schema: {type: string}}
+    responses: {200: {description: text/html}, 404: {description: no report}}
+    """
+    user = current_user(required=False)
+    listing = listings.get_visible(db(), listing_id, user)
+    for build in listing.builds:
+        if build.target == target and build.quality_html_blob:
+            resp = Response(ctx().blobs.get(build.quality_html_blob), mimetype="text/html")
+            # The report is ours but rendered from seller-controlled names: no scripts, no framing elsewhere.
+            resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
+            return resp
+    raise NotFoundError(f"no quality report for target {target[:40]!r} of {listing.id}")
+
+
+@bp.post("/listings/<listing_id>/review")
+@roles("admin")
+def review_listing(listing_id: str) -> Any:
+    """Admin decision on a blocked upload.
+    ---
+    summary: Approve or reject a blocked upload (admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    requestBody: {content: {application/json: {schema: {type: object, properties: {action: {type: string, enum: [approve, reject]}, note: {type: string}}}}}}
+    responses: {200: {description: "{listing, jobs}"}}
+    """
+    body = json_body()
+    note = body.get("note", "")
+    if not isinstance(note, str):
+        raise UsageError("note must be a string")
+    jobs = listings.review(ctx(), db(), require_user(), listing_id, body.get("action"), note)  # type: ignore[arg-type]
+    listing = db().get(Listing, listing_id)
+    return {"listing": listings.listing_to_dict(listing, require_user()), "jobs": jobs}  # type: ignore[arg-type]
+
+
+@bp.get("/listings/<listing_id>/usage")
+def listing_usage(listing_id: str) -> Any:
+    """Usage figures for the listing's seller, from verified device logs.
+    ---
+    summary: Per-listing usage (seller or admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: "{listing, licenses, devices, totals, by_target}"}, 403: {description: not your listing}}
+    """
+    listing = listings.get_owned(db(), listing_id, require_user())
+    return usage.listing_usage(db(), listing)
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Any:
+    """Progress of a packaging job.
+    ---
+    summary: A job (the listing's seller or an admin)
+    parameters: [{name: job_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: "{id, state, progress, message, error, listing, target}"}, 404: {description: not found}}
+    """
+    user = require_user()
+    job = db().get(Job, job_id) if len(job_id) <= 40 else None
+    if job is None or not (user.role == "admin" or job.build.listing.seller_id == user.id):
+        raise NotFoundError(f"no job {job_id[:40]!r}")
+    return {
+        "id": job.id, "state": job.state, "progress": round(job.progress, 4), "message": job.message,
+        "error": job.error, "listing": job.build.listing_id, "target": job.build.target,
+        "build_status": job.build.status,
+    }
+
+
+# ------------------------------------------------------------------------------------------ devices & licenses
+
+
+@bp.post("/devices/enroll")
+def enroll_device() -> Any:
+    """Certify a device's own keys (CSR); the device belongs to the token's user.
+    ---
+    summary: Enroll a device
+    requestBody: {content: {application/json: {schema: {type: object, required: [csr], properties: {csr: {type: string}, name: {type: string}}}}}}
+    responses: {201: {description: "{device_id, certificate, root}"}, 200: {description: re-enrolled}, 409: {description: device owned by another account}}
+    """
+    user = require_user()
+    body = json_body()
+    device, created = licensing.enroll(ctx(), db(), user, body.get("csr"), body.get("name"))
+    return {"device_id": device.device_id, "certificate": device.cert_pem,
+            "root": ctx().root_cert_pem().decode()}, (201 if created else 200)
+
+
+@bp.get("/devices")
+def list_devices() -> Any:
+    """Your enrolled devices.
+    ---
+    summary: My devices
+    responses: {200: {description: "{items: [device]}"}}
+    """
+    from sqlalchemy import select
+
+    from store.models import Device
+
+    user = require_user()
+    rows = db().scalars(select(Device).where(Device.owner_id == user.id).order_by(Device.enrolled_at))
+    return {"items": [licensing.device_to_dict(d) for d in rows]}
+
+
+@bp.post("/devices/<device_id>/usage")
+def upload_usage(device_id: str) -> Any:
+    """Upload the device's usage log (the whole log or its new tail); the chain and signatures are verified.
+    ---
+    summary: Usage-log sync
+    parameters: [{name: device_id, in: path, required: true, schema: {type: string}}]
+    requestBody: {content: {application/x-ndjson: {schema: {type: string}}}}
+    responses: {200: {description: "{ok, accepted, first_bad, reason, held}"}}
+    """
+    user = require_user()
+    device = licensing.get_own_device(db(), user, device_id)
+    request.max_content_length = int(ctx().config["MAX_USAGE_BYTES"])
+    return usage.upload(ctx(), db(), device, request.get_data(cache=False))
+
+
+@bp.post("/listings/<listing_id>/eval-license")
+def eval_license(listing_id: str) -> Any:
+    """An evaluation license for one of your enrolled devices (the same one again on a re-request).
+    ---
+    summary: Evaluation license
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    requestBody: {content: {application/json: {schema: {type: object, required: [device_id, target], properties: {device_id: {type: string}, target: {type: string}}}}}}
+    responses:
+      201: {description: "{license, license_id, build_hash, build_url}"}
+      200: {description: the license issued before, unchanged}
+      403: {description: device limit reached or revoked}
+    """
+    user = require_user()
+    body = json_body()
+    lic, created = licensing.eval_license(ctx(), db(), user, listing_id, body.get("device_id"), body.get("target"))
+    return licensing.license_to_dict(lic, with_token=True), (201 if created else 200)
+
+
+@bp.post("/listings/<listing_id>/production-licenses")
+def production_licenses(listing_id: str) -> Any:
+    """Production licenses for a firmware builder: per device certificate, or one for a fleet key.
+    ---
+    summary: Production licenses (builder)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    requestBody:
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [target]
+            properties:
+              target: {type: string}
+              device_certs: {type: array, items: {type: string}}
+              fleet_key: {type: string, description: PEM X25519 public key}
+              seats: {type: integer}
+    responses: {201: {description: "{licenses: [...]}"}}
+    """
+    user = require_user()
+    body = json_body()
+    rows = licensing.production_licenses(ctx(), db(), user, listing_id, body)
+    return {"licenses": [licensing.license_to_dict(r, with_token=True) for r in rows]}, 201
+
+
+@bp.get("/licenses")
+def list_licenses() -> Any:
+    """Licenses you hold (buyers), licenses on your listings (sellers, without tokens), all (admins).
+    ---
+    summary: Licenses
+    responses: {200: {description: "{items: [license]}"}}
+    """
+    user = require_user()
+    rows = licensing.visible_licenses(db(), user)
+    return {"items": [licensing.license_to_dict(r, with_token=r.buyer_id == user.id) for r in rows]}
+
+
+@bp.get("/licenses/<license_id>")
+def get_license(license_id: str) -> Any:
+    """One license (the token only for its holder).
+    ---
+    summary: A license
+    parameters: [{name: license_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: license}, 404: {description: not found}}
+    """
+    user = require_user()
+    lic = licensing.get_license(db(), user, license_id)
+    return licensing.license_to_dict(lic, with_token=lic.buyer_id == user.id)
+
+
+@bp.post("/licenses/<license_id>/revoke")
+@roles("admin")
+def revoke_license(license_id: str) -> Any:
+    """Revoke a license: a new signed revocation list with a higher version is published.
+    ---
+    summary: Revoke (admin)
+    parameters: [{name: license_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: "{license_id, revocation_version}"}}
+    """
+    row = licensing.revoke(ctx(), db(), require_user(), license_id)
+    return {"license_id": license_id, "revocation_version": row.version}
+
+
+@bp.get("/revocations")
+def revocations() -> Any:
+    """The signed, versioned revocation list (public: devices verify it against the pinned root).
+    ---
+    summary: Revocation list
+    responses: {200: {description: signed list bytes, content: {application/octet-stream: {}}}}
+    """
+    row = licensing.current_revocations(ctx(), db())
+    resp = Response(row.token, mimetype="application/octet-stream")
+    resp.headers["X-Revocation-Version"] = str(row.version)
+    return resp
+
+
+@bp.get("/root.crt")
+def root_certificate() -> Any:
+    """The store's root CA certificate (PEM), to pin on devices.
+    ---
+    summary: Root certificate
+    responses: {200: {description: PEM, content: {application/x-pem-file: {}}}}
+    """
+    return Response(ctx().root_cert_pem(), mimetype="application/x-pem-file")
+
+
+@bp.get("/builds/<build_id>")
+def download_build(build_id: str) -> Any:
+    """The encrypted container of a build (for license holders, the seller and admins).
+    ---
+    summary: Encrypted build
+    parameters: [{name: build_id, in: path, required: true, description: hex of the build hash, schema: {type: string}}]
+    responses: {200: {description: container bytes, content: {application/octet-stream: {}}}, 403: {description: no license}}
+    """
+    user = require_user()
+    build = licensing.build_for_download(db(), user, build_id)
+    assert build.blob_key is not None
+    resp = send_file(ctx().blobs.open(build.blob_key), mimetype="application/octet-stream",
+                     download_name=f"{build_id}.emdl", as_attachment=True, max_age=0)
+    resp.headers["X-Build-Hash"] = build.build_hash or ""
+    return resp

@@ -1,0 +1,89 @@
+"""``create_app(config)``: wires the store context (DB, blobs, key vault, job worker) into a Flask app
+with the ``api`` and ``web`` blueprints and the one error mapping."""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+
+from store import errors
+from store.auth import close_db
+from store.context import StoreContext, open_context, secret_key
+from store.jobs import NoWorker, ThreadJobQueue
+
+log = logging.getLogger("edgemart.store")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Config keys (all optional): DATA_DIR, DATABASE_URL, MAX_UPLOAD_BYTES, WORKER ("thread" | "none"),
+    SECRET_KEY, SESSION_COOKIE_SECURE, CLOCK, EVAL_DEVICE_LIMIT and the rest of store.context.DEFAULTS."""
+    ctx = open_context(config)
+    cfg = ctx.config
+    app = Flask(__name__, template_folder="templates", static_folder="static")
+    app.config.update(
+        SECRET_KEY=secret_key(cfg),
+        MAX_CONTENT_LENGTH=int(cfg["MAX_JSON_BYTES"]),  # raised per view for uploads
+        MAX_FORM_MEMORY_SIZE=int(cfg["MAX_CARD_BYTES"]) + 64 * 1024,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=bool(cfg["SESSION_COOKIE_SECURE"]),
+        SESSION_COOKIE_NAME="edgemart_session",
+        PERMANENT_SESSION_LIFETIME=_dt.timedelta(hours=12),
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["edgemart"] = ctx
+    app.teardown_appcontext(close_db)
+    errors.register(app)
+
+    from store.api import bp as api_bp
+    from store.web import bp as web_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(web_bp)
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        from sqlalchemy import text
+
+        with ctx.Session() as s:
+            s.execute(text("SELECT 1"))
+        return {"ok": True}
+
+    @app.get("/openapi.json")
+    def openapi() -> Any:
+        from store.openapi import build_spec
+
+        return jsonify(build_spec(app))
+
+    @app.after_request
+    def _security_headers(resp: Any) -> Any:
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        resp.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+        return resp
+
+    _start_worker(ctx)
+    return app
+
+
+def _start_worker(ctx: StoreContext) -> None:
+    from store.services import packaging
+
+    if ctx.config["WORKER"] != "thread":
+        ctx.queue = NoWorker()
+        return
+    requeued = packaging.recover_jobs(ctx)
+    if requeued:
+        log.warning("re-queued %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
+    ctx.queue = ThreadJobQueue(
+        claim=lambda: packaging.claim_next(ctx),
+        run=lambda job_id: packaging.run_job(ctx, job_id),
+        pending=lambda: packaging.pending_count(ctx),
+        poll_seconds=float(ctx.config["JOB_POLL_SECONDS"]),
+    )
+    ctx.queue.start()
+    atexit.register(ctx.queue.stop, 5.0)

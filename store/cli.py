@@ -1,0 +1,197 @@
+"""`edgemart store serve|create-user` and `edgemart seller upload`.
+
+Only stdlib and drm.errors at import time: Flask, SQLAlchemy and the packagers load inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from drm.errors import Refusal, UsageError
+
+ROLES = ("seller", "buyer", "builder", "admin")
+
+
+def _data_dir_default() -> str:
+    return os.environ.get("EDGEMART_DATA_DIR") or "edgemart-data"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    store = sub.add_parser("store", help="run the store server, create users")
+    ssub = store.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
+
+    p = ssub.add_parser("serve", help="run the store (gunicorn when installed, else the werkzeug server)")
+    p.add_argument("--data-dir", default=_data_dir_default(), help="store data dir (default $EDGEMART_DATA_DIR or ./edgemart-data)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1, help="web worker processes (gunicorn)")
+    p.set_defaults(func=serve)
+
+    p = ssub.add_parser("create-user", help="create a user and print an API token")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--password", help="also allow web login with this password (or set EDGEMART_PASSWORD)")
+    p.add_argument("--data-dir", default=_data_dir_default())
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=create_user)
+
+    seller = sub.add_parser("seller", help="upload models to a store")
+    ssub = seller.add_subparsers(dest="seller_command", metavar="COMMAND", required=True)
+    p = ssub.add_parser("upload", help="upload a model: compliance gate, then packaging per target")
+    p.add_argument("model", type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--license", required=True, help="SPDX license expression")
+    p.add_argument("--card", type=Path, help="model card (Markdown with YAML front matter)")
+    p.add_argument("--targets", default="arm-cpu", help="comma-separated targets (default arm-cpu)")
+    p.add_argument("--calibration", type=Path, help=".npz calibration samples keyed by input name (or x)")
+    p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
+    p.add_argument("--eval-days", type=int)
+    p.add_argument("--eval-runs", type=int)
+    p.add_argument("--visibility", choices=("public", "private"))
+    p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=seller_upload)
+
+
+# ------------------------------------------------------------------------------------------ store
+
+
+def serve(args: argparse.Namespace) -> int:
+    from store.context import open_context, secret_key
+
+    config = {"DATA_DIR": str(Path(args.data_dir).resolve())}
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    # Migrate and create keys once, before any worker process starts.
+    ctx = open_context(config)
+    secret_key(ctx.config)
+    ctx.close()
+    sys.stderr.write(f"edgemart store: data in {config['DATA_DIR']}, listening on http://{args.host}:{args.port}\n")
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError:
+        BaseApplication = None  # noqa: N806
+    if BaseApplication is None:
+        from store.app import create_app
+
+        create_app(config).run(host=args.host, port=args.port, threaded=True, use_reloader=False)
+        return 0
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc, valid-type]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", args.workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", 4)
+            self.cfg.set("timeout", 600)
+            self.cfg.set("graceful_timeout", 20)
+            self.cfg.set("accesslog", "-")
+
+        def load(self) -> Any:
+            from store.app import create_app
+
+            return create_app(config)
+
+    _Gunicorn().run()
+    return 0
+
+
+def create_user(args: argparse.Namespace) -> int:
+    from store.context import open_context
+    from store.services import accounts
+
+    ctx = open_context({"DATA_DIR": str(Path(args.data_dir).resolve()), "WORKER": "none"})
+    try:
+        password = args.password or os.environ.get("EDGEMART_PASSWORD")
+        with ctx.Session() as s:
+            user = accounts.create_user(s, args.name, args.role, now=ctx.now(), password=password)
+            token = accounts.issue_token(s, user, now=ctx.now())
+            s.commit()
+    finally:
+        ctx.close()
+    if args.json:
+        print(json.dumps({"name": args.name, "role": args.role, "token": token}))
+    else:
+        print(f"created {args.role} {args.name!r}; API token (shown once):")
+        print(f"token: {token}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ seller
+
+
+def _bar(states: dict[str, dict[str, Any]]) -> None:
+    width = 24
+    parts = []
+    for s in states.values():
+        frac = float(s.get("progress") or 0.0)
+        filled = int(round(frac * width))
+        parts.append(f"{s.get('target', '?')} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:3.0f}% {s.get('state')}")
+    sys.stderr.write("\r" + "  ".join(parts)[:200].ljust(80))
+    sys.stderr.flush()
+
+
+def seller_upload(args: argparse.Namespace) -> int:
+    from store.client import StoreClient, StoreRefusal
+
+    if not args.token:
+        raise UsageError("--token is required (or set EDGEMART_TOKEN)")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    extra = {}
+    if args.eval_days is not None:
+        extra["eval_days"] = str(args.eval_days)
+    if args.eval_runs is not None:
+        extra["eval_runs"] = str(args.eval_runs)
+    if args.visibility:
+        extra["visibility"] = args.visibility
+    client = StoreClient(args.store, args.token)
+    try:
+        result = client.upload(args.model, name=args.name, license=args.license, targets=targets, card=args.card,
+                               calibration=args.calibration, extra=extra)
+    except StoreRefusal as exc:
+        body = getattr(exc, "body", {})
+        if args.json:
+            print(json.dumps(body, sort_keys=True))
+        else:
+            sys.stderr.write(f"edgemart: {exc.message}\n")
+            for finding in (body.get("decision") or {}).get("findings", []):
+                if isinstance(finding, dict):
+                    sys.stderr.write(f"  - [{finding.get('severity', '')}] {finding.get('message', finding)}\n")
+        return 1
+    except UsageError as exc:
+        problems = exc.details if isinstance(exc.details, list) else []
+        if len(problems) > 1:
+            raise UsageError("; ".join(str(p.get("message", p)) if isinstance(p, dict) else str(p) for p in problems)) from None
+        raise
+    listing = result["listing"]
+    out: dict[str, Any] = {"listing": listing["id"], "decision": listing.get("decision", {}).get("outcome"),
+                           "jobs": result["jobs"]}
+    if not args.json:
+        print(f"listing {listing['id']}: compliance {out['decision']}; {len(result['jobs'])} packaging job(s) queued")
+    if not args.wait:
+        if args.json:
+            print(json.dumps(out, sort_keys=True))
+        return 0
+    states = client.wait_jobs(result["jobs"], on_update=None if args.json else _bar)
+    if not args.json:
+        sys.stderr.write("\n")
+    failed = {k: v for k, v in states.items() if v.get("state") != "done"}
+    out["results"] = {v.get("target", k): {"state": v.get("state"), "error": v.get("error")} for k, v in states.items()}
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        for v in states.values():
+            line = f"{v.get('target')}: {v.get('state')}"
+            if v.get("error"):
+                line += f" ({v['error']})"
+            print(line)
+    if failed:
+        if args.json:
+            return 1
+        raise Refusal(f"{len(failed)} of {len(states)} packaging job(s) failed")
+    return 0

@@ -1,0 +1,201 @@
+"""A small HTTP client for the store API (stdlib urllib only): JSON calls, streamed multipart uploads,
+job polling. Store errors come back as the matching EdgemartError subclass with the store's message."""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import secrets
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drm.errors import (
+    AuthError,
+    ConflictError,
+    EdgemartError,
+    ForbiddenError,
+    NotFoundError,
+    Refusal,
+    UsageError,
+)
+
+CHUNK = 1 << 20
+
+
+class StoreUnavailable(EdgemartError):
+    """The store could not be reached or failed."""
+
+    exit_code = 1
+    http_status = 502
+    code = "store_unavailable"
+
+
+class StoreRefusal(Refusal):
+    """The store refused (a block decision, a revoked license, a limit); the store's body is attached."""
+
+
+@dataclass
+class StoreResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def error_from(status: int, body: bytes) -> EdgemartError:
+    """The EdgemartError for a store error response (message from its JSON error body)."""
+    try:
+        doc = json.loads(body)
+        err = doc.get("error", {}) if isinstance(doc, dict) else {}
+    except ValueError:
+        doc, err = {}, {}
+    message = str(err.get("message") or f"store answered HTTP {status}")
+    code = str(err.get("code") or "")
+    problems = err.get("problems") if isinstance(err.get("problems"), list) else []
+    cls: type[EdgemartError]
+    if status == 401:
+        cls = AuthError
+    elif status == 403 and code in ("blocked", "refused", "license_refused", "integrity"):
+        cls = StoreRefusal
+    elif status == 403:
+        cls = ForbiddenError
+    elif status == 404:
+        cls = NotFoundError
+    elif status == 409:
+        cls = ConflictError
+    elif 400 <= status < 500:
+        cls = UsageError
+    else:
+        cls = StoreUnavailable
+    exc = cls(message, code=code or None, details=problems)
+    exc.body = doc if isinstance(doc, dict) else {}  # type: ignore[attr-defined]
+    exc.status = status  # type: ignore[attr-defined]
+    return exc
+
+
+def _multipart(fields: dict[str, str], files: dict[str, Path], boundary: str) -> tuple[Iterator[bytes], int]:
+    """A streamed multipart/form-data body and its exact length (files are read in chunks, never whole)."""
+    parts: list[tuple[bytes, Path | None, bytes]] = []
+    for name, value in fields.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        parts.append((head, None, value.encode() + b"\r\n"))
+    for name, path in files.items():
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        safe = path.name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{safe}"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n"
+        ).encode()
+        parts.append((head, path, b"\r\n"))
+    tail = f"--{boundary}--\r\n".encode()
+    total = len(tail) + sum(len(h) + len(t) + (p.stat().st_size if p else 0) for h, p, t in parts)
+
+    def gen() -> Iterator[bytes]:
+        for head, path, trailer in parts:
+            yield head
+            if path is not None:
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(CHUNK):
+                        yield chunk
+            yield trailer
+        yield tail
+
+    return gen(), total
+
+
+class StoreClient:
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 300.0) -> None:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise UsageError(f"store URL must be http(s)://host[:port], got {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(
+        self, method: str, path: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None,
+    ) -> StoreResponse:
+        hdrs = {"Accept": "application/json", **(headers or {})}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            hdrs["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return StoreResponse(resp.status, dict(resp.headers), resp.read())
+        except urllib.error.HTTPError as exc:
+            raise error_from(exc.code, exc.read()) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise StoreUnavailable(f"cannot reach the store at {self.url}: {reason}") from None
+
+    def get_json(self, path: str) -> Any:
+        return self.request("GET", path).json()
+
+    def post_json(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, json_body=body).json()
+
+    def upload(
+        self,
+        model: Path,
+        *,
+        name: str,
+        license: str,
+        targets: list[str],
+        card: Path | None = None,
+        calibration: Path | None = None,
+        extra: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """POST /api/v1/listings; returns {"listing", "jobs"}. A block decision raises StoreRefusal."""
+        for label, path in (("model", model), ("card", card), ("calibration", calibration)):
+            if path is not None and not Path(path).is_file():
+                raise UsageError(f"{label} file not found: {path}")
+        fields = {"name": name, "license": license, "targets": ",".join(targets), **(extra or {})}
+        files = {"model": Path(model)}
+        if card is not None:
+            files["card"] = Path(card)
+        if calibration is not None:
+            files["calibration"] = Path(calibration)
+        boundary = "edgemart-" + secrets.token_hex(16)
+        body, length = _multipart(fields, files, boundary)
+        headers = {
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(length),
+            "Idempotency-Key": idempotency_key or secrets.token_hex(16),
+        }
+        return self.request("POST", "/api/v1/listings", data=body, headers=headers).json()  # type: ignore[no-any-return]
+
+    def wait_jobs(
+        self, job_ids: list[str], *, poll: float = 1.0, timeout: float = 3600.0,
+        on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Poll jobs until each is done or failed; returns the last state of each."""
+        deadline = time.monotonic() + timeout
+        states: dict[str, dict[str, Any]] = {}
+        while True:
+            for job_id in job_ids:
+                if states.get(job_id, {}).get("state") not in ("done", "failed"):
+                    states[job_id] = self.get_json(f"/api/v1/jobs/{urllib.parse.quote(job_id)}")
+            if on_update is not None:
+                on_update(states)
+            if all(s.get("state") in ("done", "failed") for s in states.values()):
+                return states
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"jobs still running after {timeout:.0f} s")
+            time.sleep(poll)
+
+
+def env_token() -> str | None:
+    return os.environ.get("EDGEMART_TOKEN")

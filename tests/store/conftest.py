@@ -1,0 +1,104 @@
+"""Fixtures for the store tests: a real app on a temp data dir (SQLite + files + thread worker) and users."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from store import create_app
+from store.context import StoreContext
+from store.models import User
+from store.services import accounts
+
+PASSWORDS = {"sally": "pw-sally-12345", "bob": "pw-bob-12345", "ada": "pw-ada-12345"}
+ROLES = {"sally": "seller", "sam": "seller", "bob": "buyer", "betty": "buyer", "bill": "builder", "ada": "admin"}
+
+
+@dataclass
+class Store:
+    app: Flask
+    client: FlaskClient
+    ctx: StoreContext
+    tokens: dict[str, str]
+    data_dir: Path
+
+    def auth(self, who: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+
+    def wait(self, timeout: float = 120.0) -> None:
+        assert self.ctx.queue.wait_idle(timeout), "packaging jobs did not finish"
+
+    def upload(self, who: str, model: Path | bytes | None, *, name: str | None = "m", license: str | None = "MIT",
+               targets: str | None = "onnx-fp32", calibration: Path | bytes | None = None, card: str | None = None,
+               filename: str = "model.onnx", headers: dict[str, str] | None = None, **fields: Any) -> Any:
+        data: dict[str, Any] = {k: str(v) for k, v in fields.items()}
+        for key, value in (("name", name), ("license", license), ("targets", targets)):
+            if value is not None:
+                data[key] = value
+        if model is not None:
+            raw = model.read_bytes() if isinstance(model, Path) else model
+            data["model"] = (io.BytesIO(raw), filename)
+        if calibration is not None:
+            raw = calibration.read_bytes() if isinstance(calibration, Path) else calibration
+            data["calibration"] = (io.BytesIO(raw), "cal.npz")
+        if card is not None:
+            data["card"] = (io.BytesIO(card.encode()), "README.md")
+        return self.client.post("/api/v1/listings", data=data, headers={**self.auth(who), **(headers or {})},
+                                content_type="multipart/form-data")
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table and blobs on disk: a failed request must leave both unchanged."""
+        from sqlalchemy import func, select
+
+        from store import models
+
+        out = {"blobs": len(list(self.ctx.blobs.list()))}
+        with self.ctx.Session() as s:
+            for model in (models.Listing, models.Build, models.Job, models.License, models.Device, models.UsageRecord):
+                out[model.__tablename__] = s.scalar(select(func.count()).select_from(model)) or 0
+        out["tmp_files"] = len(list((self.data_dir / "blobs" / ".tmp").iterdir()))
+        return out
+
+
+def make_store(data_dir: Path, **config: Any) -> Store:
+    app = create_app({"DATA_DIR": str(data_dir), "JOB_POLL_SECONDS": 0.2, **config})
+    app.testing = True
+    ctx: StoreContext = app.extensions["edgemart"]
+    tokens = {}
+    with ctx.Session() as s:
+        for name, role in ROLES.items():
+            existing = s.scalar(select(User).where(User.name == name))
+            user = existing or accounts.create_user(s, name, role, now=ctx.now(), password=PASSWORDS.get(name))
+            tokens[name] = accounts.issue_token(s, user, now=ctx.now())
+        s.commit()
+    return Store(app, app.test_client(), ctx, tokens, data_dir)
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    with tempfile.TemporaryDirectory(prefix="edgemart-store-") as tmp:
+        st = make_store(Path(tmp))
+        try:
+            yield st
+        finally:
+            st.ctx.close()
+
+
+@pytest.fixture(scope="module")
+def shared_store() -> Iterator[Store]:
+    """One store per test module, for read-only checks on already packaged listings."""
+    with tempfile.TemporaryDirectory(prefix="edgemart-store-") as tmp:
+        st = make_store(Path(tmp))
+        try:
+            yield st
+        finally:
+            st.ctx.close()
