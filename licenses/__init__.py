@@ -26,7 +26,17 @@ _EXPORTS = {
     "make_notice": "licenses.outputs",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Decision",
+    "Finding",
+    "LicenseIndex",
+    "Match",
+    "ModelCard",
+    "check_model",
+    "make_mlbom",
+    "make_notice",
+    "parse_model_card",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -224,7 +224,7 @@ def _onnx_weight(node, const) -> tuple[np.ndarray | None, str, str]:  # type: ig
             w = const(inputs[1])
             if w is not None and op == "ConvInteger":
                 zp = const(inputs[3]) if len(inputs) > 3 else None
-                w = _dequantize(w, np.float32(1.0), zp, 0)
+                w = _dequantize(w, np.asarray(1.0, np.float32), zp, 0)
         if w is None or w.ndim < 3:
             return None, "", ""
         group = attrs["group"].i if "group" in attrs else 1
@@ -248,7 +248,7 @@ def _onnx_weight(node, const) -> tuple[np.ndarray | None, str, str]:  # type: ig
             x_name = inputs[0]
             if w is not None and op == "MatMulInteger":
                 zp = const(inputs[3]) if len(inputs) > 3 else None
-                w = _dequantize(w, np.float32(1.0), zp, 1)
+                w = _dequantize(w, np.asarray(1.0, np.float32), zp, 1)
         if w is None or w.ndim != 2 or const(x_name) is not None:
             return None, "", ""
         w = np.asarray(w, np.float32)

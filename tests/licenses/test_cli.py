@@ -121,3 +121,16 @@ def test_bad_input_exits_2(corpus, workdir, capsys) -> None:
         capsys,
     )
     assert code == 2 and "unknown license Foo-9" in err
+
+
+def test_importing_the_cli_loads_no_heavy_dependency() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import licenses.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'scipy', 'onnx', 'yaml', 'flask'}))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
