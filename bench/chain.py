@@ -106,7 +106,10 @@ def bench_slots(array: np.ndarray, n: int) -> float:
     from edge_runtime.slots import Channel
 
     ours, theirs = Channel.pair("consumer", "producer")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
     code = f"from bench.chain import slot_consumer; slot_consumer({theirs.fileno()})"
     proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env)
     theirs.close()
@@ -208,7 +211,10 @@ def bench_pipeline(frames: int) -> tuple[float, float]:
                 chain_fps = frames / (time.perf_counter() - t0)
 
             steps = load_chain(chain_file).stage("mesh").inputs["input_1"].steps
-            with device.open_model(listing="face-detect") as det, device.open_model(listing="face-mesh") as mesh:
+            with (
+                device.open_model(listing="face-detect") as det,
+                device.open_model(listing="face-mesh") as mesh,
+            ):
 
                 def one(frame: dict[str, np.ndarray]) -> None:
                     out = det.run({"input": frame["image"]})

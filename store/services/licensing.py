@@ -63,7 +63,7 @@ def get_own_device(session: Session, user: User, device_id: Any) -> Device:
     if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
         raise UsageError("device_id must be 32 lowercase hex characters (from `edgemart device init`)")
     device = session.get(Device, device_id)
-    if device is None or (device.owner_id != user.id and user.role != "admin"):
+    if device is None or device.owner_id != user.id:
         raise NotFoundError(f"no enrolled device {device_id} on your account (run `edgemart device enroll`)")
     return device
 

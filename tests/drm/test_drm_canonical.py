@@ -10,7 +10,7 @@ from drm._canonical import MAX_INT, b64d, b64e, dumps, loads
 
 def test_known_encodings() -> None:
     assert dumps({"b": 1, "a": [True, None, "x"]}) == b'{"a":[true,null,"x"],"b":1}'
-    assert dumps("é\u2028\x7f\x1f\n\"\\/") == '"é\u2028\x7f\\u001f\\n\\"\\\\/"'.encode()
+    assert dumps('é\u2028\x7f\x1f\n"\\/') == '"é\u2028\x7f\\u001f\\n\\"\\\\/"'.encode()
     # RFC 8785 orders members by UTF-16 code units: U+1F600 (D83D DE00) sorts before U+FB33.
     assert dumps({"\ufb33": 1, "\U0001f600": 2}) == '{"\U0001f600":2,"\ufb33":1}'.encode()
     assert dumps(MAX_INT) == b"9007199254740991"

@@ -38,7 +38,9 @@ def _device_opens(keys: drm.DeviceKeys, kd: Path, lic: Path, build: Path) -> byt
     root = drm.cert_from_bytes((kd / "root.crt").read_bytes())
     v = drm.verify_license(lic.read_bytes(), root=root, now=int(time.time()), device_id=keys.device_id)
     with build.open("rb") as fh:
-        _, plain = drm.open_sealed(fh, key=drm.unwrap_cek(v.claims, keys), expected_build_hash=v.claims.build_hash)
+        _, plain = drm.open_sealed(
+            fh, key=drm.unwrap_cek(v.claims, keys), expected_build_hash=v.claims.build_hash
+        )
     return plain
 
 
@@ -47,14 +49,41 @@ def test_keygen_seal_issue_open_with_a_self_signed_device(
 ) -> None:
     kd, build, lic = work / "kd", work / "d.emdl", work / "d.lic"
     assert _run(capsys, "keygen", "--out", str(kd), "--json")[0] == 0
-    code, out, _ = _run(capsys, "seal", str(digits_base), "--out", str(build), "--key-dir", str(kd), "--json",
-                        "--chunk-size", "4096")
+    code, out, _ = _run(
+        capsys,
+        "seal",
+        str(digits_base),
+        "--out",
+        str(build),
+        "--key-dir",
+        str(kd),
+        "--json",
+        "--chunk-size",
+        "4096",
+    )
     assert code == 0 and out is not None
     assert out["build_hash"] == drm.sha256_tag(digits_base.read_bytes()) and out["target"] == "onnx-fp32"
     assert digits_base.read_bytes()[:64] not in build.read_bytes()
     keys, cert = _device(work)
-    code, out, _ = _run(capsys, "issue", "--build", str(build), "--device-cert", str(cert), "--issuer-dir", str(kd),
-                        "--days", "3", "--max-runs", "5", "--out", str(lic), "--json", "--listing", "digits")
+    code, out, _ = _run(
+        capsys,
+        "issue",
+        "--build",
+        str(build),
+        "--device-cert",
+        str(cert),
+        "--issuer-dir",
+        str(kd),
+        "--days",
+        "3",
+        "--max-runs",
+        "5",
+        "--out",
+        str(lic),
+        "--json",
+        "--listing",
+        "digits",
+    )
     assert code == 0 and out is not None and out["device_id"] == keys.device_id and out["max_runs"] == 5
     assert bytes(_device_opens(keys, kd, lic, build)) == digits_base.read_bytes()
     wrapped = list((kd / "ceks").iterdir())
@@ -71,10 +100,29 @@ def test_a_store_issued_device_cert_is_accepted_and_reseal_keeps_the_cek(
 
     keys = drm.DeviceKeys.generate()
     cert = work / "enrolled.crt"
-    cert.write_bytes(drm.cert_to_pem(FileKeyVault(kd).authority().issue_device_cert(keys.csr(), now=int(time.time()))))
+    cert.write_bytes(
+        drm.cert_to_pem(FileKeyVault(kd).authority().issue_device_cert(keys.csr(), now=int(time.time())))
+    )
     lic = work / "a.lic"
-    assert _run(capsys, "issue", "--build", str(work / "a.emdl"), "--device-cert", str(cert), "--issuer-dir", str(kd),
-                "--days", "1", "--max-runs", "1", "--out", str(lic))[0] == 0
+    assert (
+        _run(
+            capsys,
+            "issue",
+            "--build",
+            str(work / "a.emdl"),
+            "--device-cert",
+            str(cert),
+            "--issuer-dir",
+            str(kd),
+            "--days",
+            "1",
+            "--max-runs",
+            "1",
+            "--out",
+            str(lic),
+        )[0]
+        == 0
+    )
     # Resealing the same bytes produces a new container under the same CEK: the license still opens it.
     _run(capsys, "seal", str(digits_base), "--out", str(work / "b.emdl"), "--key-dir", str(kd))
     assert (work / "a.emdl").read_bytes() != (work / "b.emdl").read_bytes()
@@ -95,15 +143,31 @@ def test_foreign_and_forged_device_certs_are_refused(
         "expired": drm.cert_to_pem(keys.self_signed_cert(now=now - 10 * 86400, days=1)),
     }
     good = keys.self_signed_cert(now=now)
-    der = bytearray(good.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.DER))
+    der = bytearray(
+        good.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.DER)
+    )
     der[-5] ^= 1  # break the self-signature
     certs["forged"] = bytes(der)
     certs["garbage"] = b"not a certificate"
     for name, blob in certs.items():
         path = work / f"{name}.crt"
         path.write_bytes(blob)
-        code, _, err = _run(capsys, "issue", "--build", str(work / "d.emdl"), "--device-cert", str(path),
-                            "--issuer-dir", str(kd), "--days", "1", "--max-runs", "1", "--out", str(work / "x.lic"))
+        code, _, err = _run(
+            capsys,
+            "issue",
+            "--build",
+            str(work / "d.emdl"),
+            "--device-cert",
+            str(path),
+            "--issuer-dir",
+            str(kd),
+            "--days",
+            "1",
+            "--max-runs",
+            "1",
+            "--out",
+            str(work / "x.lic"),
+        )
         assert code == 2, name
         assert err.startswith("edgemart: ") and err.count("\n") == 1
         assert not (work / "x.lic").exists()
@@ -125,20 +189,40 @@ def test_no_partial_container_when_sealing_fails(
     monkeypatch.setattr(drm, "seal_stream", failing)
     code, _, err = _run(capsys, "seal", str(model), "--out", str(work / "m.emdl"), "--key-dir", str(kd))
     assert code == 2 and "disk full" in err
-    assert [p.name for p in work.iterdir() if p.name.startswith("m.emdl") or p.name.startswith(".m.emdl")] == []
+    assert [
+        p.name for p in work.iterdir() if p.name.startswith("m.emdl") or p.name.startswith(".m.emdl")
+    ] == []
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str], work: Path, digits_base: Path) -> None:
-    code, _, err = _run(capsys, "seal", str(digits_base), "--out", str(work / "x.emdl"), "--key-dir", str(work / "none"))
+    code, _, err = _run(
+        capsys, "seal", str(digits_base), "--out", str(work / "x.emdl"), "--key-dir", str(work / "none")
+    )
     assert code == 2 and "keygen" in err
     kd = work / "kd"
     _run(capsys, "keygen", "--out", str(kd))
-    code, _, _ = _run(capsys, "seal", str(work / "missing.onnx"), "--out", str(work / "x.emdl"), "--key-dir", str(kd))
+    code, _, _ = _run(
+        capsys, "seal", str(work / "missing.onnx"), "--out", str(work / "x.emdl"), "--key-dir", str(kd)
+    )
     assert code == 2
     other = work / "other"
     _run(capsys, "keygen", "--out", str(other))
     _run(capsys, "seal", str(digits_base), "--out", str(work / "o.emdl"), "--key-dir", str(other))
     _, cert = _device(work)
-    code, _, err = _run(capsys, "issue", "--build", str(work / "o.emdl"), "--device-cert", str(cert), "--issuer-dir",
-                        str(kd), "--days", "1", "--max-runs", "1", "--out", str(work / "o.lic"))
+    code, _, err = _run(
+        capsys,
+        "issue",
+        "--build",
+        str(work / "o.emdl"),
+        "--device-cert",
+        str(cert),
+        "--issuer-dir",
+        str(kd),
+        "--days",
+        "1",
+        "--max-runs",
+        "1",
+        "--out",
+        str(work / "o.lic"),
+    )
     assert code == 2 and "no content key" in err

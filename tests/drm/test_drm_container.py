@@ -12,12 +12,12 @@ import struct
 import tracemalloc
 
 import pytest
+from drm_testkit import PROPERTY
 from hypothesis import given
 from hypothesis import strategies as st
 
 import drm
 from drm.container import MAGIC, TAG_LEN
-from tests.drm.conftest import PROPERTY
 
 KEY = bytes(range(32))
 CHUNK = 4096
@@ -56,7 +56,9 @@ def _reheader(sealed: bytes, **changes: object) -> bytes:
 @given(
     data=st.one_of(
         st.binary(max_size=3 * CHUNK + 5),
-        st.sampled_from([0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK - 1]).map(lambda n: os.urandom(n)),
+        st.sampled_from([0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK - 1]).map(
+            lambda n: os.urandom(n)
+        ),
     ),
     chunk_size=st.sampled_from([4096, 4097, 8192, 12345]),
     via=st.sampled_from(["bytes", "file", "callable"]),
@@ -106,13 +108,23 @@ def test_seal_stream_refuses_input_that_changed_under_it() -> None:
     data = os.urandom(10_000)
     with pytest.raises(drm.UsageError):
         drm.seal_stream(
-            io.BytesIO(data), io.BytesIO(), key=KEY, plaintext_len=len(data),
-            build_hash=drm.sha256_tag(b"other"), target="t", chunk_size=CHUNK,
+            io.BytesIO(data),
+            io.BytesIO(),
+            key=KEY,
+            plaintext_len=len(data),
+            build_hash=drm.sha256_tag(b"other"),
+            target="t",
+            chunk_size=CHUNK,
         )
     with pytest.raises(drm.UsageError):
         drm.seal_stream(
-            io.BytesIO(data[:-1]), io.BytesIO(), key=KEY, plaintext_len=len(data),
-            build_hash=drm.sha256_tag(data), target="t", chunk_size=CHUNK,
+            io.BytesIO(data[:-1]),
+            io.BytesIO(),
+            key=KEY,
+            plaintext_len=len(data),
+            build_hash=drm.sha256_tag(data),
+            target="t",
+            chunk_size=CHUNK,
         )
 
 
@@ -252,7 +264,9 @@ def test_a_key_holder_cannot_substitute_content_under_a_build_hash() -> None:
     evil = b"a backdoored model"
     out = io.BytesIO()
     with pytest.raises(drm.UsageError):  # our own sealer refuses to lie...
-        drm.seal_stream(io.BytesIO(evil), out, key=KEY, plaintext_len=len(evil), build_hash=real_hash, target="t")
+        drm.seal_stream(
+            io.BytesIO(evil), out, key=KEY, plaintext_len=len(evil), build_hash=real_hash, target="t"
+        )
     forged = out.getvalue()  # ...but a forger writes the same bytes anyway
     _refused(forged, expected_build_hash=real_hash)
     header, plain = drm.open_sealed(forged, key=KEY, verify_build_hash=False)

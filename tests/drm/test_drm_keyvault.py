@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from drm_testkit import NOW
 
 import drm
 from store.keyvault import FileKeyVault, KeyVault
-from tests.drm.conftest import NOW
 
 H1 = "sha256:" + "11" * 32
 H2 = "sha256:" + "22" * 32
@@ -88,7 +88,9 @@ def test_a_second_instance_reads_the_same_keys(vault_dir: Path) -> None:
     a = FileKeyVault(vault_dir).ensure(NOW)
     b = FileKeyVault(vault_dir)
     assert b.issuer().kid == a.issuer().kid
-    assert b.issuer().pq_key.public_key().public_bytes_raw() == a.issuer().pq_key.public_key().public_bytes_raw()  # type: ignore[union-attr]
+    assert (
+        b.issuer().pq_key.public_key().public_bytes_raw() == a.issuer().pq_key.public_key().public_bytes_raw()
+    )  # type: ignore[union-attr]
     cek = drm.generate_content_key()
     assert b.unwrap_cek(a.wrap_cek(cek, H1), H1) == cek
 
@@ -137,4 +139,6 @@ def test_missing_vault_gives_a_clear_usage_error(vault_dir: Path) -> None:
 
 def test_keyvault_import_does_not_pull_in_flask() -> None:
     code = "import sys, store.keyvault; assert 'flask' not in sys.modules and 'sqlalchemy' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], env={**os.environ})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], env={**os.environ}
+    )

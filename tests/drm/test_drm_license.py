@@ -8,6 +8,7 @@ import random
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from drm_testkit import BUILD_HASH, NOW, PROPERTY, IssueFn, Store
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ import drm
 from drm._canonical import b64d, b64e, dumps
 from drm.envelope import _message
 from drm.license import LICENSE_TYP, LicenseClaims
-from tests.drm.conftest import BUILD_HASH, NOW, PROPERTY, IssueFn, Store
 
 # Bit flips in x5c make certificates with odd serials; cryptography warns before it refuses them.
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
@@ -63,15 +63,32 @@ def _claims(token: bytes) -> dict:
     pq=st.booleans(),
 )
 def test_license_round_trip(
-    store: Store, device: drm.DeviceKeys, cek: bytes, issue: IssueFn, kind: str, listing: str, days: int,
-    max_runs: int | None, pq: bool,
+    store: Store,
+    device: drm.DeviceKeys,
+    cek: bytes,
+    issue: IssueFn,
+    kind: str,
+    listing: str,
+    days: int,
+    max_runs: int | None,
+    pq: bool,
 ) -> None:
     token = issue(
-        kind=kind, listing=listing, days=days, max_runs=max_runs, issuer=store.issuer if pq else store.issuer_ed_only
+        kind=kind,
+        listing=listing,
+        days=days,
+        max_runs=max_runs,
+        issuer=store.issuer if pq else store.issuer_ed_only,
     )
     v = _verify(token, store, device, build_hash=BUILD_HASH)
     c = v.claims
-    assert (c.kind, c.listing, c.max_runs, c.device_id, c.build_hash) == (kind, listing, max_runs, device.device_id, BUILD_HASH)
+    assert (c.kind, c.listing, c.max_runs, c.device_id, c.build_hash) == (
+        kind,
+        listing,
+        max_runs,
+        device.device_id,
+        BUILD_HASH,
+    )
     assert c.not_after == NOW + days * 86400 and c.not_before <= NOW
     assert v.pq_verified is pq
     assert LicenseClaims.from_dict(c.to_dict()) == c
@@ -104,7 +121,9 @@ def test_fleet_key_license(store: Store, cek: bytes, issue: IssueFn) -> None:
 # ----------------------------------------------------------------------------- bit flips
 
 
-def test_every_single_bit_flip_in_a_license_token_is_rejected(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_every_single_bit_flip_in_a_license_token_is_rejected(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     token = issue(issuer=store.issuer_ed_only)
     _verify(token, store, device)
     for i in range(len(token)):
@@ -114,7 +133,9 @@ def test_every_single_bit_flip_in_a_license_token_is_rejected(store: Store, devi
             _refused(bytes(flipped), store, device)
 
 
-def test_sampled_bit_flips_in_a_pq_cosigned_token_are_rejected(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_sampled_bit_flips_in_a_pq_cosigned_token_are_rejected(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     token = issue()
     rng = random.Random(7)
     for _ in range(1500):
@@ -138,13 +159,17 @@ def test_a_signature_dict_naming_another_algorithm_is_refused(
     _refused(dumps(env), store, device)
 
 
-def test_stripping_the_ml_dsa_cosignature_is_refused(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_stripping_the_ml_dsa_cosignature_is_refused(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     env = _envelope(issue())
     del env["sig"]["ML-DSA-65"]
     assert "stripped" in _refused(dumps(env), store, device)
 
 
-def test_an_ml_dsa_signature_from_another_key_is_refused(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_an_ml_dsa_signature_from_another_key_is_refused(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     from cryptography.hazmat.primitives.asymmetric import mldsa
 
     token = issue()
@@ -154,7 +179,9 @@ def test_an_ml_dsa_signature_from_another_key_is_refused(store: Store, device: d
     assert "ML-DSA" in _refused(dumps(env), store, device)
 
 
-def test_require_pq_refuses_an_ed25519_only_issuer(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_require_pq_refuses_an_ed25519_only_issuer(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     token = issue(issuer=store.issuer_ed_only)
     _verify(token, store, device)
     _refused(token, store, device, require_pq=True)
@@ -171,7 +198,9 @@ def test_a_revocation_list_is_not_accepted_as_a_license(store: Store, device: dr
 # ----------------------------------------------------------------------------- certificates
 
 
-def test_a_device_certificate_cannot_act_as_an_issuer(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_a_device_certificate_cannot_act_as_an_issuer(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     rogue = drm.DeviceKeys.generate()
     rogue_cert = store.authority.issue_device_cert(rogue.csr(), now=NOW - 10)
     claims = _claims(issue())
@@ -198,20 +227,28 @@ def test_an_issuer_from_another_root_with_the_same_names_is_refused(
     assert "does not verify" in _refused(token, store, device)
 
 
-def test_expired_and_not_yet_valid_issuer_certificates_are_refused(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_expired_and_not_yet_valid_issuer_certificates_are_refused(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     short = store.authority.issue_issuer(now=NOW - 86400, days=0)  # valid from NOW-86700 to NOW-86400
     _refused(issue(issuer=short), store, device)
     future = store.authority.issue_issuer(now=NOW + 86400)
     _refused(issue(issuer=future), store, device)
 
 
-def test_issuer_kid_must_match_the_signing_certificate(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_issuer_kid_must_match_the_signing_certificate(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     claims = _claims(issue(issuer=store.issuer_ed_only))
     claims["issuer_kid"] = "0" * 32
-    assert "issuer_kid" in _refused(_resign(claims, store.issuer_ed_only.key, store.issuer_ed_only.cert), store, device)
+    assert "issuer_kid" in _refused(
+        _resign(claims, store.issuer_ed_only.key, store.issuer_ed_only.cert), store, device
+    )
 
 
-def test_a_garbage_certificate_in_x5c_is_refused(store: Store, device: drm.DeviceKeys, issue: IssueFn) -> None:
+def test_a_garbage_certificate_in_x5c_is_refused(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
     env = _envelope(issue())
     for der in (b"", b"\x30\x03\x02\x01\x01", b"\x30" + b"\xff" * 20, bytes(300)):
         env["x5c"] = [b64e(der)]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from drm_testkit import NOW, PROPERTY, Store
 from hypothesis import given
 from hypothesis import strategies as st
 
 import drm
 from drm.envelope import sign_envelope
 from drm.revocation import REVOCATION_TYP
-from tests.drm.conftest import NOW, PROPERTY, Store
 
 IDS = st.from_regex(r"\Alic_[0-9a-f]{24}\Z")
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from drm_testkit import BUILD_HASH, NOW, PROPERTY
 from hypothesis import given
 from hypothesis import strategies as st
 
 import drm
 from drm._canonical import dumps
-from tests.drm.conftest import BUILD_HASH, NOW, PROPERTY
 
 
 def _log(device: drm.DeviceKeys, n: int, events: list[str] | None = None) -> list[bytes]:
@@ -19,8 +19,15 @@ def _log(device: drm.DeviceKeys, n: int, events: list[str] | None = None) -> lis
     prev = None
     for i in range(n):
         line = drm.make_record(
-            device.sign, prev_line=prev, seq=i, device_id=device.device_id, t=NOW + i,
-            event=(events[i] if events else "run"), license_id="lic_1", build_hash=BUILD_HASH, runs=i + 1,
+            device.sign,
+            prev_line=prev,
+            seq=i,
+            device_id=device.device_id,
+            t=NOW + i,
+            event=(events[i] if events else "run"),
+            license_id="lic_1",
+            build_hash=BUILD_HASH,
+            runs=i + 1,
         )
         lines.append(line)
         prev = line
@@ -65,8 +72,15 @@ def test_any_edit_removal_reorder_or_insertion_reports_the_first_bad_index(
         bad = min(i, j)
     elif attack == "insert":
         forged = drm.make_record(
-            drm.DeviceKeys.generate().sign, prev_line=lines[i - 1] if i else None, seq=i,
-            device_id=device.device_id, t=NOW, event="sync", license_id="lic_1", build_hash=BUILD_HASH, runs=0,
+            drm.DeviceKeys.generate().sign,
+            prev_line=lines[i - 1] if i else None,
+            seq=i,
+            device_id=device.device_id,
+            t=NOW,
+            event="sync",
+            license_id="lic_1",
+            build_hash=BUILD_HASH,
+            runs=0,
         )
         tampered.insert(i, forged)
         bad = i
@@ -95,7 +109,9 @@ def test_truncation_inside_a_line_and_of_whole_records(device: drm.DeviceKeys) -
     assert "truncated" in report.reason
 
 
-def test_another_devices_key_or_id_fails_at_record_zero(device: drm.DeviceKeys, other_device: drm.DeviceKeys) -> None:
+def test_another_devices_key_or_id_fails_at_record_zero(
+    device: drm.DeviceKeys, other_device: drm.DeviceKeys
+) -> None:
     lines = _log(device, 3)
     data = b"\n".join(lines)
     report = drm.verify_log(data, other_device.sign.public_key(), device_id=device.device_id)
@@ -108,9 +124,16 @@ def test_continuation_from_a_known_head(device: drm.DeviceKeys) -> None:
     lines = _log(device, 6)
     head = drm.sha256_tag(lines[2])
     tail = b"\n".join(lines[3:])
-    assert drm.verify_log(tail, device.sign.public_key(), device_id=device.device_id, start_seq=3, start_prev=head).ok
-    report = drm.verify_log(tail, device.sign.public_key(), device_id=device.device_id, start_seq=3,
-                            start_prev=drm.sha256_tag(lines[1]))
+    assert drm.verify_log(
+        tail, device.sign.public_key(), device_id=device.device_id, start_seq=3, start_prev=head
+    ).ok
+    report = drm.verify_log(
+        tail,
+        device.sign.public_key(),
+        device_id=device.device_id,
+        start_seq=3,
+        start_prev=drm.sha256_tag(lines[1]),
+    )
     assert report.first_bad == 0
 
 
@@ -131,17 +154,37 @@ def test_continuation_from_a_known_head(device: drm.DeviceKeys) -> None:
 )
 def test_malformed_lines_are_reported_not_raised(device: drm.DeviceKeys, line: bytes) -> None:
     lines = _log(device, 2)
-    report = drm.verify_log(lines[0] + b"\n" + line + b"\n" + lines[1], device.sign.public_key(), device_id=device.device_id)
+    report = drm.verify_log(
+        lines[0] + b"\n" + line + b"\n" + lines[1], device.sign.public_key(), device_id=device.device_id
+    )
     assert (report.ok, report.first_bad) == (False, 1)
 
 
 def test_record_bounds(device: drm.DeviceKeys) -> None:
     with pytest.raises(drm.FormatError):
-        drm.make_record(device.sign, prev_line=None, seq=-1, device_id="d", t=0, event="run", license_id="l",
-                        build_hash=BUILD_HASH, runs=0)
+        drm.make_record(
+            device.sign,
+            prev_line=None,
+            seq=-1,
+            device_id="d",
+            t=0,
+            event="run",
+            license_id="l",
+            build_hash=BUILD_HASH,
+            runs=0,
+        )
     with pytest.raises(drm.FormatError):
-        drm.make_record(device.sign, prev_line=None, seq=0, device_id="d", t=0, event="steal", license_id="l",
-                        build_hash=BUILD_HASH, runs=0)
+        drm.make_record(
+            device.sign,
+            prev_line=None,
+            seq=0,
+            device_id="d",
+            t=0,
+            event="steal",
+            license_id="l",
+            build_hash=BUILD_HASH,
+            runs=0,
+        )
     with pytest.raises(drm.FormatError):
         drm.verify_log("text", device.sign.public_key(), device_id="d")  # type: ignore[arg-type]
     with pytest.raises(drm.FormatError):
