@@ -28,6 +28,7 @@ EKU_DEVICE = ObjectIdentifier(_ARC + ".11")
 EKU_BUNDLE_SIGNER = ObjectIdentifier(_ARC + ".12")
 MAX_CERT_BYTES = 16 * 1024
 _ED25519_SIG_OID = ObjectIdentifier("1.3.101.112")
+_ED25519_ALG_ID = b"\x30\x05\x06\x03\x2b\x65\x70"  # AlgorithmIdentifier{id-Ed25519}, no parameters
 
 
 def key_id(public_key: ed25519.Ed25519PublicKey | bytes) -> str:

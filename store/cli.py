@@ -21,6 +21,14 @@ def _data_dir_default() -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``store`` and ``seller`` groups (each only if the composition root has not placed it yet)."""
+    if "store" not in sub.choices:
+        _register_store(sub)
+    if "seller" not in sub.choices:
+        _register_seller(sub)
+
+
+def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     store = sub.add_parser("store", help="run the store server, create users")
     ssub = store.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
 
@@ -39,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=create_user)
 
+
+def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     seller = sub.add_parser("seller", help="upload models to a store")
     ssub = seller.add_subparsers(dest="seller_command", metavar="COMMAND", required=True)
     p = ssub.add_parser("upload", help="upload a model: compliance gate, then packaging per target")

@@ -85,7 +85,7 @@ def test_device_group_does_not_load_server_side_code() -> None:
         "from edgemart.cli import main\n"
         "try:\n    main(['device', '--help'])\nexcept SystemExit:\n    pass\n"
         "bad = sorted(m for m in ('flask', 'sqlalchemy', 'store', 'packagers', 'licenses', 'onnx') if m in sys.modules)\n"
-        "print(','.join(bad))\n"
+        "print('LOADED=' + ','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "", out
+    assert out.strip().splitlines()[-1] == "LOADED=", out

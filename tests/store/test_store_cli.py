@@ -1,0 +1,87 @@
+"""`edgemart store create-user` and `edgemart seller upload` against a real HTTP server (werkzeug, in a thread)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import licenses
+import pytest
+from werkzeug.serving import make_server
+
+from edgemart.cli import main
+from store import create_app
+
+
+@pytest.fixture
+def live(tmp_path):
+    data = tmp_path / "data"
+    app = create_app({"DATA_DIR": str(data), "JOB_POLL_SECONDS": 0.2})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", data, app
+    finally:
+        server.shutdown()
+        app.extensions["edgemart"].close()
+
+
+def _token(capsys, *argv) -> str:
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
+
+
+def test_create_user_and_upload_with_wait(live, capsys, corpus, digits_calibration, tmp_path):
+    url, data, _ = live
+    token = _token(capsys, "store", "create-user", "sally", "--role", "seller", "--data-dir", str(data))
+    assert token.startswith("emt_")
+    assert main(["store", "create-user", "sally", "--role", "seller", "--data-dir", str(data)]) == 1  # exists
+    capsys.readouterr()
+    model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
+    code = main(["seller", "upload", str(model), "--name", "digits", "--license", "MIT", "--targets", "arm-cpu,onnx-fp32",
+                 "--calibration", str(digits_calibration), "--store", url, "--token", token, "--wait", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    doc = json.loads(out.out)
+    assert doc["listing"] == "digits" and doc["results"]["arm-cpu"]["state"] == "done"
+
+    # Bad input: exit 2 with every problem on one line.
+    code = main(["seller", "upload", str(digits_calibration), "--name", "", "--license", "MIT ANDD",
+                 "--targets", "nope", "--store", url, "--token", token])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "name is required" in err and "unknown target" in err and "model:" in err
+    assert main(["seller", "upload", str(model), "--name", "x", "--license", "MIT", "--store", url, "--token", "bad"]) == 2
+    assert main(["seller", "upload", str(tmp_path / "missing.onnx"), "--name", "x", "--license", "MIT",
+                 "--store", url, "--token", token]) == 2
+
+
+def test_upload_block_exits_1(live, capsys, corpus):
+    url, data, _ = live
+    token = _token(capsys, "store", "create-user", "sam", "--role", "seller", "--data-dir", str(data))
+    digits = corpus / "models" / "digits"
+    licenses.LicenseIndex(data / "license-index").add(
+        (digits / "digits_mlp_base.onnx").read_bytes(), name="digits-mlp-base", license="CC-BY-4.0"
+    )
+    code = main(["seller", "upload", str(digits / "digits_mlp_pruned.onnx"), "--name", "copy", "--license",
+                 "LicenseRef-Proprietary", "--targets", "onnx-fp32", "--store", url, "--token", token])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "blocked" in err and "digits-mlp-base" in err
+
+
+def test_unreachable_store(capsys, corpus):
+    model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
+    code = main(["seller", "upload", str(model), "--name", "x", "--license", "MIT", "--store", "http://127.0.0.1:9",
+                 "--token", "t"])
+    assert code == 1 and "cannot reach" in capsys.readouterr().err
+
+
+def test_cli_module_imports_no_flask():
+    import subprocess
+
+    code = "import sys, store.cli, store.client, store.keyvault; print('flask' in sys.modules, 'sqlalchemy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
