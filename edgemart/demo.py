@@ -30,8 +30,11 @@ def cli(*args: str, expect: tuple[int, ...] = (0,), capture: bool = True) -> sub
     if capture:
         if proc.stdout.strip():
             print(proc.stdout.rstrip())
-        if proc.stderr.strip():
-            print(proc.stderr.rstrip())
+        # Progress bars redraw with \r; show only their final state.
+        err = [ln.split("\r")[-1] for ln in proc.stderr.split("\n")]
+        err = [ln for ln in err if ln.strip()]
+        if err:
+            print("\n".join(err))
     if proc.returncode not in expect:
         raise SystemExit(f"demo: step failed (exit {proc.returncode}, expected {expect})")
     return proc
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     step("Done")
     report = json.loads((out / "report.json").read_text())
     print(f"report: {out / 'report.html'} (HTML with plots), {out / 'report.json'} (JSON)")
-    print("accuracy:", report.get("accuracy", report.get("metrics", {}).get("accuracy")))
+    print(f"on-device accuracy of the int8 build: {report['classification']['accuracy']:.4f} on {report['samples']} "
+          f"held-out digits; latency p50 {report['latency_ms']['p50']:.2f} ms per call")
     print(f"whole flow took {time.monotonic() - t_start:.0f}s")
     return 0
 
