@@ -105,7 +105,7 @@ def bench_slots(array: np.ndarray, n: int) -> float:
     from edge_runtime.chain_node import Node
     from edge_runtime.slots import Channel
 
-    ours, theirs = Channel.pair("consumer", "producer")
+    ours, theirs = Channel.pair("producer", "consumer")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,7 +21,17 @@ from drm._canonical import FormatError
 from drm.license import LICENSE_TYP
 from edge_runtime import _fs
 from edge_runtime.backends import Backend, TensorSpec, open_backend
-from edge_runtime.ledger import DEFAULT_POLICY, Ledger, Policy, State, StateProblem
+from edge_runtime.ledger import (
+    DEFAULT_POLICY,
+    RELEASE,
+    RESERVE,
+    Ledger,
+    Policy,
+    State,
+    StateProblem,
+    replay_run_counters,
+    reservation_detail,
+)
 
 KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
 REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")
@@ -59,7 +70,8 @@ class Device:
             anchor_dir=anchor_dir,
             policy=policy,
         )
-        self._revocation_cache: tuple[tuple[int, int, int], drm.RevocationList] | None = None
+        self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
+        self._revocation_cache: tuple[tuple[int, int, int, int], drm.RevocationList] | None = None
 
     @property
     def device_id(self) -> str:
@@ -113,7 +125,13 @@ class Device:
         return device
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str], *, anchor_dir: Path | None = None) -> Device:
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        anchor_dir: Path | None = None,
+        policy: Policy = DEFAULT_POLICY,
+    ) -> Device:
         d = Path(directory)
         if not d.is_dir():
             raise drm.UsageError(
@@ -133,7 +151,7 @@ class Device:
         cert = drm.cert_from_bytes((d / "device.crt").read_bytes())
         if drm.cert_device_id(cert) != keys.device_id:
             raise drm.UsageError(f"{d / 'device.crt'} does not belong to this device's signing key")
-        return cls(d, keys, state_key, anchor_dir=anchor_dir)
+        return cls(d, keys, state_key, anchor_dir=anchor_dir, policy=policy)
 
     # ------------------------------------------------------------------ small accessors
 
@@ -193,12 +211,20 @@ class Device:
             )
         return st
 
+    def _revocation_key(self) -> tuple[int, int, int, int] | None:
+        """Identity of DIR/revocation.bin as the file system sees it (None when absent): any write, copy or
+        touch changes it (ctime cannot be set back by the user), so an unchanged key means an unchanged list."""
+        try:
+            info = os.stat(self._revocation_file)
+        except FileNotFoundError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
     def _revoked(self, st: State, trusted: int, *, license_id: str, build_hash: str) -> frozenset[str]:
         """The current revocation set; never accepts a list older than the version the state has seen."""
         path = self.dir / "revocation.bin"
-        try:
-            info = path.stat()
-        except FileNotFoundError:
+        key = self._revocation_key()
+        if key is None:
             if st.revocation_version > 0:
                 self._refuse(
                     st,
@@ -208,7 +234,6 @@ class Device:
                     build_hash=build_hash,
                 )
             return frozenset()
-        key = (info.st_ino, info.st_size, info.st_mtime_ns)
         cached = self._revocation_cache
         if cached is not None and cached[0] == key and cached[1].version >= st.revocation_version:
             rl = cached[1]
@@ -469,29 +494,98 @@ class Device:
             drm.wipe(plaintext)
         return LicensedModel(self, claims, backend, load_seconds=time.perf_counter() - started, now=now)
 
-    # ------------------------------------------------------------------ the run path (called by LicensedModel)
+    # ------------------------------------------------------------------ the run path (called by _RunMeter)
 
-    def _admit_run(self, model: LicensedModel) -> tuple[bytes, bytes, bytes]:
-        """With the lock held: all per-run checks, then the prepared commit that counts this run."""
-        claims = model._claims
-        clock = self._clock(model.now)
-        st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
-        trusted = max(clock, st.hwm, claims.issued_at)
+    def _admit_slow(self, meter: _RunMeter, clock: int) -> None:
+        """With the device lock held: every per-run check against the durable state, and a new reservation
+        when ``meter`` has none left. Called for the first run, when a reservation is used up, and whenever
+        the in-memory checks of the fast path do not all pass (so the refusal is judged and recorded here)."""
+        claims = meter.claims
         lid, bh = claims.license_id, claims.build_hash
-        if trusted < claims.not_before:
-            self._refuse(st, "license is not yet valid", t=trusted, license_id=lid, build_hash=bh)
-        if claims.not_after is not None and trusted >= claims.not_after:
-            self._refuse(st, "license has expired", t=trusted, license_id=lid, build_hash=bh)
-        if lid in self._revoked(st, trusted, license_id=lid, build_hash=bh):
-            self._refuse(st, f"license {lid} is revoked", t=trusted, license_id=lid, build_hash=bh)
-        self._check_cap(st, claims, trusted)
-        st.runs[lid] = st.runs.get(lid, 0) + 1
-        st.hwm = max(st.hwm, trusted)
-        st.clock_hwm = max(st.clock_hwm, clock)
-        line, anchor_blob, state_blob, _ = self.ledger.prepare(
-            st, event="run", t=trusted, license_id=lid, build_hash=bh, runs=st.runs[lid]
-        )
-        return line, anchor_blob, state_blob
+        with _fs.locked(self.ledger.lock_path):
+            st = self._load_state(clock, license_id=lid, build_hash=bh)
+            # This model may have seen a later clock than the state holds (hwms are persisted only when
+            # reserving); a rollback below it is still a rollback.
+            if clock < meter.clock_hwm - self.policy.clock_tolerance:
+                st.rollbacks += 1
+                self._refuse(
+                    st,
+                    f"clock rollback: system clock {_iso(clock)} is behind the trusted high-water mark"
+                    f" {_iso(meter.clock_hwm)} by more than {self.policy.clock_tolerance}s",
+                    t=max(st.hwm, meter.hwm, clock),
+                    license_id=lid,
+                    build_hash=bh,
+                )
+            trusted = max(clock, st.hwm, meter.hwm, claims.issued_at)
+            if trusted < claims.not_before:
+                self._refuse(st, "license is not yet valid", t=trusted, license_id=lid, build_hash=bh)
+            if claims.not_after is not None and trusted >= claims.not_after:
+                self._refuse(st, "license has expired", t=trusted, license_id=lid, build_hash=bh)
+            revocation_key = self._revocation_key()
+            if lid in self._revoked(st, trusted, license_id=lid, build_hash=bh):
+                self._refuse(st, f"license {lid} is revoked", t=trusted, license_id=lid, build_hash=bh)
+            if meter.left == 0:
+                self._check_cap(st, claims, trusted)
+                used = st.runs.get(lid, 0)
+                block = self.policy.reserve_block
+                if claims.max_runs is not None:
+                    block = min(block, claims.max_runs - used)
+                st.runs[lid] = used + block
+                st.hwm = max(st.hwm, trusted)
+                st.clock_hwm = max(st.clock_hwm, clock, meter.clock_hwm)
+                # Durable (log record, anchor, state) before any run of the block is computed.
+                st = self.ledger.commit(
+                    st,
+                    event="run",
+                    t=trusted,
+                    license_id=lid,
+                    build_hash=bh,
+                    runs=st.runs[lid],
+                    detail=reservation_detail(RESERVE, block),
+                )
+                meter.left = block
+            meter.revocation_key = revocation_key
+            meter.hwm = max(meter.hwm, trusted, st.hwm)
+            meter.clock_hwm = max(meter.clock_hwm, clock, st.clock_hwm)
+            meter.left -= 1
+
+    def _release(self, meter: _RunMeter, unused: int) -> None:
+        """Give ``unused`` reserved runs back with one durable "release" record (only a live process can)."""
+        claims = meter.claims
+        lid = claims.license_id
+        with _fs.locked(self.ledger.lock_path):
+            try:
+                st, _ = self.ledger.load()
+            except StateProblem as problem:
+                # The runs stay counted as used: a broken ledger never gains runs.
+                self.ledger.audit(
+                    t=meter.hwm,
+                    license_id=lid,
+                    reason=f"{unused} reserved runs not given back: {problem.reason}",
+                    event="release-skipped",
+                )
+                return
+            used = st.runs.get(lid, 0)
+            if used < unused:
+                self.ledger.audit(
+                    t=meter.hwm,
+                    license_id=lid,
+                    reason=f"{unused} reserved runs not given back: the state counts only {used}",
+                    event="release-skipped",
+                )
+                return
+            st.runs[lid] = used - unused
+            st.hwm = max(st.hwm, meter.hwm)
+            st.clock_hwm = max(st.clock_hwm, meter.clock_hwm)
+            self.ledger.commit(
+                st,
+                event="run",
+                t=st.hwm,
+                license_id=lid,
+                build_hash=claims.build_hash,
+                runs=st.runs[lid],
+                detail=reservation_detail(RELEASE, unused),
+            )
 
     # ------------------------------------------------------------------ reporting
 
@@ -566,19 +660,97 @@ class Device:
         for rec in report.records:
             events[rec["event"]] = events.get(rec["event"], 0) + 1
         out["events"] = events
+        counters, counter_problem = replay_run_counters(report.records)
+        # Runs used per license as the store counts them: reserved minus released (runs reserved by a
+        # model that is still open, or by a process that died, count as used).
+        out["runs_by_license"] = dict(sorted(counters.items()))
         try:
             st, _ = self.ledger.load()
             out["matches_state"] = True
             out["state_records"] = st.log_seq
+            if counter_problem is None and report.ok:
+                differ = sorted(
+                    lid for lid in set(counters) | set(st.runs) if counters.get(lid, 0) != st.runs.get(lid, 0)
+                )
+                if differ:
+                    counter_problem = (
+                        f"run counters of {', '.join(differ)} differ between state and usage log"
+                    )
         except StateProblem as problem:
             out["matches_state"] = False
             out["state_problem"] = problem.reason
+        if counter_problem is not None:
+            out["matches_state"] = False
+            out["state_problem"] = counter_problem
         return out
 
 
+class _RunMeter:
+    """Counts one LicensedModel's runs against its reservation, in memory; holds no reference to the model, so
+    a finalizer can give the unused runs back when the model is closed, collected or the interpreter exits.
+
+    The fast path (a run inside the reservation) does no disk I/O: it compares the clock with the high-water
+    marks and the validity window, and stat()s the revocation list. Anything it does not accept goes to
+    Device._admit_slow, which re-checks against the durable state and records a refusal precisely."""
+
+    def __init__(self, device: Device, claims: drm.LicenseClaims, now: int | None) -> None:
+        self.device = device
+        self.claims = claims
+        self.now = now  # injected clock for tests; None = system clock
+        self.left = 0  # runs reserved durably and not yet used (lost if the process dies)
+        self.hwm = 0  # trusted-time high-water mark this model has seen
+        self.clock_hwm = 0  # highest clock reading this model has seen
+        self.revocation_key: tuple[int, int, int, int] | None | str = "unchecked"
+        self.pid = os.getpid()
+        self.closed = False
+        self._mutex = threading.Lock()
+
+    def _fast_ok(self, clock: int) -> bool:
+        claims = self.claims
+        if clock < self.clock_hwm - self.device.policy.clock_tolerance:
+            return False
+        trusted = max(clock, self.hwm)
+        if trusted < claims.not_before or (claims.not_after is not None and trusted >= claims.not_after):
+            return False
+        if self.device._revocation_key() != self.revocation_key:
+            return False
+        self.hwm, self.clock_hwm = trusted, max(self.clock_hwm, clock)
+        return True
+
+    def admit(self) -> None:
+        """Check and count one run, before it is computed; raises the opaque LicenseRefused on refusal."""
+        clock = Device._clock(self.now)
+        with self._mutex:
+            if self.closed:
+                raise drm.UsageError("this model is closed")
+            if self.pid != os.getpid():
+                # A forked child inherits the parent's in-memory reservation but must not use it (the parent
+                # does): it reserves its own runs, and never gives back the parent's.
+                self.pid, self.left = os.getpid(), 0
+            if self.left > 0 and self._fast_ok(clock):
+                self.left -= 1
+                return
+            self.device._admit_slow(self, clock)
+
+    def unused(self) -> int:
+        return self.left if self.pid == os.getpid() else 0
+
+    def release(self) -> None:
+        """Give the unused part of the reservation back (idempotent; a no-op in a forked child)."""
+        with self._mutex:
+            if self.closed:
+                return
+            self.closed = True
+            unused = self.unused()
+            self.left = 0
+            if unused > 0:
+                self.device._release(self, unused)
+
+
 class LicensedModel:
-    """A decrypted model bound to its license. Each run()/batch call is checked and counted before computing;
-    the count is durable before the result is returned."""
+    """A decrypted model bound to its license. Each run()/batch call is checked and counted before computing:
+    runs are taken from a reservation made durable before its first run is computed (see Policy.reserve_block);
+    close() gives the unused part back."""
 
     def __init__(
         self,
@@ -601,9 +773,18 @@ class LicensedModel:
         self.backend_name = backend.name
         self.providers = list(getattr(backend, "providers", []))
         self.load_seconds = load_seconds
-        self.now = now  # injected clock for tests; None = system clock
-        self._lock = _fs.Lock(device.ledger.lock_path)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgemart-ledger")
+        self._meter = _RunMeter(device, claims, now)
+        # Also runs at interpreter exit (atexit) and when the model is collected without close().
+        self._release = weakref.finalize(self, self._meter.release)
+
+    @property
+    def now(self) -> int | None:
+        """Injected clock for tests; None = system clock."""
+        return self._meter.now
+
+    @now.setter
+    def now(self, value: int | None) -> None:
+        self._meter.now = value
 
     @property
     def claims(self) -> drm.LicenseClaims:
@@ -614,7 +795,9 @@ class LicensedModel:
         return self._claims.max_runs
 
     def runs_left(self) -> int | None:
-        return self._device.runs_left(self._claims)
+        """Runs this model may still compute: those free under the cap plus its own unused reservation."""
+        free = self._device.runs_left(self._claims)
+        return None if free is None else free + self._meter.unused()
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Shape/dtype check against the model inputs; UsageError naming the input."""
@@ -647,35 +830,20 @@ class LicensedModel:
         return out
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._backend is None:
+        backend = self._backend
+        if backend is None:
             raise drm.UsageError("this model is closed")
         checked = self.check_feeds(feeds)
-        self._lock.acquire()
-        try:
-            line, anchor_blob, state_blob = self._device._admit_run(self)
-        except BaseException:
-            self._lock.release()
-            raise
-        # The count is checked and prepared; its durable write overlaps the computation (fsync releases the
-        # GIL, so does the backend) and is joined before any output leaves this method.
-        pending = self._writer.submit(self._persist, line, anchor_blob, state_blob)
-        try:
-            outputs = self._backend.run(checked)
-        finally:
-            pending.result()
-        return outputs
-
-    def _persist(self, line: bytes, anchor_blob: bytes, state_blob: bytes) -> None:
-        try:
-            self._device.ledger.write(line, anchor_blob, state_blob)
-        finally:
-            self._lock.release()
+        self._meter.admit()
+        return backend.run(checked)
 
     def close(self) -> None:
         backend, self._backend = self._backend, None
-        if backend is not None:
-            backend.close()
-        self._writer.shutdown(wait=True)
+        try:
+            if backend is not None:
+                backend.close()
+        finally:
+            self._release()
 
     def __enter__(self) -> LicensedModel:
         return self

@@ -1,13 +1,16 @@
 """The device's rollback-resistant ledger: sealed state, the signed usage log, the anchor and the audit log.
 
 Every commit appends exactly one signed usage record, then writes the anchor, then the state, each
-durably; a crash at any point leaves at most one log record ahead, which the next load rolls forward."""
+durably; a crash at any point leaves at most one log record ahead, which the next load rolls forward.
+Runs are counted in reservations: a "run" record with detail "reserve:<n>" raises a license's counter by
+n before any of those runs is computed, "release:<n>" gives back the unused part when the model closes."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,13 @@ class Policy:
     clock_tolerance: int = 120  # seconds the system clock may lag the high-water mark before it is a rollback
     max_license_bytes: int = 64 * 1024
     max_build_bytes: int = 1024**3
+    # Runs a LicensedModel reserves (one durable commit) before computing them; unused ones are given back
+    # on close, and lost (never granted twice) when the process dies. 1 = one durable commit per run.
+    reserve_block: int = 64
+
+    def __post_init__(self) -> None:
+        if self.reserve_block < 1:
+            raise drm.UsageError(f"reserve_block must be at least 1, not {self.reserve_block}")
 
 
 DEFAULT_POLICY = Policy()
@@ -88,6 +98,49 @@ class State:
             self.log_head,
             self.rollbacks,
         )
+
+
+RESERVE, RELEASE = "reserve", "release"
+
+
+def reservation_detail(kind: str, runs: int) -> str:
+    """The usage-record detail of a reservation ("reserve:<n>") or of giving unused runs back ("release:<n>")."""
+    return f"{kind}:{runs}"
+
+
+def run_delta(detail: str) -> int | None:
+    """How a "run" record changes its license's counter: +n for "reserve:n", -n for "release:n", +1 for a
+    single counted run (detail ""). None when the detail is none of these."""
+    if detail == "":
+        return 1
+    kind, sep, number = detail.partition(":")
+    if not sep or not number.isdigit() or kind not in (RESERVE, RELEASE):
+        return None
+    n = int(number)
+    if n < 1:
+        return None
+    return n if kind == RESERVE else -n
+
+
+def replay_run_counters(records: Sequence[dict[str, Any]]) -> tuple[dict[str, int], str | None]:
+    """Per-license run counters rebuilt from verified usage records (reserved minus released).
+
+    Returns (counters, problem): problem names the first record whose counter does not follow from the
+    one before it (a forged or reordered reservation), else None."""
+    counters: dict[str, int] = {}
+    for rec in records:
+        if rec["event"] != "run" or not rec["license_id"]:
+            continue
+        lid = rec["license_id"]
+        delta = run_delta(rec["detail"])
+        expected = None if delta is None else counters.get(lid, 0) + delta
+        if expected is None or expected < 0 or int(rec["runs"]) != expected:
+            return counters, (
+                f"usage record {rec['seq']} sets license {lid}'s run counter to {rec['runs']}"
+                f" ({rec['detail'] or 'one run'!r}) after {counters.get(lid, 0)}"
+            )
+        counters[lid] = expected
+    return counters, None
 
 
 class StateProblem(Exception):
@@ -247,7 +300,14 @@ class Ledger:
     @staticmethod
     def _apply(st: State, rec: dict[str, Any]) -> None:
         if rec["event"] == "run" and rec["license_id"]:
-            st.runs[rec["license_id"]] = max(st.runs.get(rec["license_id"], 0), int(rec["runs"]))
+            lid = rec["license_id"]
+            delta = run_delta(rec["detail"])
+            expected = None if delta is None else st.runs.get(lid, 0) + delta
+            if expected is None or expected < 0 or int(rec["runs"]) != expected:
+                raise StateProblem(
+                    f"usage log's last record does not follow from the device state's run counter for {lid}"
+                )
+            st.runs[lid] = expected
         st.hwm = max(st.hwm, int(rec["t"]))
 
     def _check_anchor(self, st: State, *, also: tuple[int, int, str] | None = None) -> None:

@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--out", required=True, metavar="FILE.emdl")
     p.add_argument("--key-dir", required=True, metavar="DIR", help="key directory from `drm keygen`")
-    p.add_argument("--target", default=None, help="target id recorded in the header (default from the file type)")
+    p.add_argument(
+        "--target", default=None, help="target id recorded in the header (default from the file type)"
+    )
     p.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_seal)
@@ -47,7 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-runs", required=True, type=int, metavar="N")
     p.add_argument("--out", required=True, metavar="LICENSE")
     p.add_argument("--kind", choices=("eval", "production"), default="eval")
-    p.add_argument("--listing", default=None, metavar="NAME", help="listing id (default: the build file's name)")
+    p.add_argument(
+        "--listing", default=None, metavar="NAME", help="listing id (default: the build file's name)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_issue)
 
@@ -198,7 +202,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     device_id = drm.cert_device_id(cert)
     wrapped_path = _wrapped_path(Path(args.issuer_dir), header.build_hash)
     if not wrapped_path.is_file():
-        raise NotFoundError(f"no content key for {header.build_hash} in {args.issuer_dir} (was it sealed there?)")
+        raise NotFoundError(
+            f"no content key for {header.build_hash} in {args.issuer_dir} (was it sealed there?)"
+        )
     cek = vault.unwrap_cek(wrapped_path.read_bytes(), header.build_hash)
     listing = args.listing or _LISTING.sub("-", Path(args.build).stem)[:128] or "listing"
     token = drm.issue_license(

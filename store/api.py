@@ -61,8 +61,15 @@ def _idempotent(view: Any) -> Response:
         resp.status_code = exc.http_status
     if resp.status_code < 500:
         db().rollback()
-        db().add(IdempotentResponse(user_id=user.id, key=key, status=resp.status_code,
-                                    body=resp.get_data(as_text=True), created_at=ctx().now()))
+        db().add(
+            IdempotentResponse(
+                user_id=user.id,
+                key=key,
+                status=resp.status_code,
+                body=resp.get_data(as_text=True),
+                created_at=ctx().now(),
+            )
+        )
         db().commit()
     return resp  # type: ignore[no-any-return]
 
@@ -102,8 +109,14 @@ def list_listings() -> Any:
     q = request.args.get("q", "")[:200] or None
     target = request.args.get("target", "")[:40] or None
     items, pages = listings.search(
-        db(), user=user, target=target, q=q, page=page, page_size=int(ctx().config["PAGE_SIZE"]),
-        mine=request.args.get("mine") == "1", status=request.args.get("status") or None,
+        db(),
+        user=user,
+        target=target,
+        q=q,
+        page=page,
+        page_size=int(ctx().config["PAGE_SIZE"]),
+        mine=request.args.get("mine") == "1",
+        status=request.args.get("status") or None,
     )
     return {"items": [listings.listing_to_dict(x, user) for x in items], "page": page, "pages": pages}
 
@@ -149,10 +162,14 @@ def upload_listing() -> Any:
         form, files = request.form, request.files
         card_file = files.get("card")
         upload = listings.UploadForm(
-            name=form.get("name"), license=form.get("license"),
+            name=form.get("name"),
+            license=form.get("license"),
             card=card_file.stream if card_file is not None else form.get("card"),
-            targets=form.get("targets"), visibility=form.get("visibility"), eval_days=form.get("eval_days"),
-            eval_runs=form.get("eval_runs"), price_per_seat=form.get("price_per_seat"),
+            targets=form.get("targets"),
+            visibility=form.get("visibility"),
+            eval_days=form.get("eval_days"),
+            eval_runs=form.get("eval_runs"),
+            price_per_seat=form.get("price_per_seat"),
             model=files["model"].stream if "model" in files else None,
             calibration=files["calibration"].stream if "calibration" in files else None,
         )
@@ -174,12 +191,9 @@ def upload_listing() -> Any:
 
 
 def _decision_summary(decision: dict[str, Any] | None) -> str:
-    findings = (decision or {}).get("findings") or []
-    texts = []
-    for f in findings[:3]:
-        if isinstance(f, dict):
-            texts.append(str(f.get("message") or f.get("code") or f))
-    return "; ".join(texts) or "see the decision"
+    findings = [f for f in (decision or {}).get("findings") or [] if isinstance(f, dict)]
+    blocking = [f for f in findings if f.get("severity") == "block"] or findings
+    return "; ".join(str(f.get("message") or f.get("code")) for f in blocking[:3]) or "see the decision"
 
 
 @bp.get("/listings/<listing_id>")
@@ -210,7 +224,9 @@ def quality_html(listing_id: str, target: str) -> Any:
         if build.target == target and build.quality_html_blob:
             resp = Response(ctx().blobs.get(build.quality_html_blob), mimetype="text/html")
             # The report is ours but rendered from seller-controlled names: no scripts, no framing elsewhere.
-            resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
+            resp.headers["Content-Security-Policy"] = (
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
+            )
             return resp
     raise NotFoundError(f"no quality report for target {target[:40]!r} of {listing.id}")
 
@@ -262,8 +278,13 @@ def get_job(job_id: str) -> Any:
     if job is None or not (user.role == "admin" or job.build.listing.seller_id == user.id):
         raise NotFoundError(f"no job {job_id[:40]!r}")
     return {
-        "id": job.id, "state": job.state, "progress": round(job.progress, 4), "message": job.message,
-        "error": job.error, "listing": job.build.listing_id, "target": job.build.target,
+        "id": job.id,
+        "state": job.state,
+        "progress": round(job.progress, 4),
+        "message": job.message,
+        "error": job.error,
+        "listing": job.build.listing_id,
+        "target": job.build.target,
         "build_status": job.build.status,
     }
 
@@ -282,8 +303,11 @@ def enroll_device() -> Any:
     user = require_user()
     body = json_body()
     device, created = licensing.enroll(ctx(), db(), user, body.get("csr"), body.get("name"))
-    return {"device_id": device.device_id, "certificate": device.cert_pem,
-            "root": ctx().root_cert_pem().decode()}, (201 if created else 200)
+    return {
+        "device_id": device.device_id,
+        "certificate": device.cert_pem,
+        "root": ctx().root_cert_pem().decode(),
+    }, (201 if created else 200)
 
 
 @bp.get("/devices")
@@ -331,7 +355,9 @@ def eval_license(listing_id: str) -> Any:
     """
     user = require_user()
     body = json_body()
-    lic, created = licensing.eval_license(ctx(), db(), user, listing_id, body.get("device_id"), body.get("target"))
+    lic, created = licensing.eval_license(
+        ctx(), db(), user, listing_id, body.get("device_id"), body.get("target")
+    )
     return licensing.license_to_dict(lic, with_token=True), (201 if created else 200)
 
 
@@ -432,7 +458,12 @@ def download_build(build_id: str) -> Any:
     user = require_user()
     build = licensing.build_for_download(db(), user, build_id)
     assert build.blob_key is not None
-    resp = send_file(ctx().blobs.open(build.blob_key), mimetype="application/octet-stream",
-                     download_name=f"{build_id}.emdl", as_attachment=True, max_age=0)
+    resp = send_file(
+        ctx().blobs.open(build.blob_key),
+        mimetype="application/octet-stream",
+        download_name=f"{build_id}.emdl",
+        as_attachment=True,
+        max_age=0,
+    )
     resp.headers["X-Build-Hash"] = build.build_hash or ""
     return resp

@@ -61,7 +61,9 @@ def current_user(*, required: bool = True, cookie_ok: bool | None = None) -> Use
             g.token_role = user.role if user is not None else None
         g.user = user
     if user is None and required:
-        raise AuthError("authentication required (Authorization: Bearer <token> from `edgemart store create-user`)")
+        raise AuthError(
+            "authentication required (Authorization: Bearer <token> from `edgemart store create-user`)"
+        )
     if user is not None and g.get("token_role") != user.role:
         # A token is scoped to the role it was issued for; a role change needs a new token.
         raise ForbiddenError("this token was issued for another role")

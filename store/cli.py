@@ -33,7 +33,11 @@ def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ssub = store.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
 
     p = ssub.add_parser("serve", help="run the store (gunicorn when installed, else the werkzeug server)")
-    p.add_argument("--data-dir", default=_data_dir_default(), help="store data dir (default $EDGEMART_DATA_DIR or ./edgemart-data)")
+    p.add_argument(
+        "--data-dir",
+        default=_data_dir_default(),
+        help="store data dir (default $EDGEMART_DATA_DIR or ./edgemart-data)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--workers", type=int, default=1, help="web worker processes (gunicorn)")
@@ -81,7 +85,9 @@ def serve(args: argparse.Namespace) -> int:
     ctx = open_context(config)
     secret_key(ctx.config)
     ctx.close()
-    sys.stderr.write(f"edgemart store: data in {config['DATA_DIR']}, listening on http://{args.host}:{args.port}\n")
+    sys.stderr.write(
+        f"edgemart store: data in {config['DATA_DIR']}, listening on http://{args.host}:{args.port}\n"
+    )
     try:
         from gunicorn.app.base import BaseApplication
     except ImportError:
@@ -141,7 +147,9 @@ def _bar(states: dict[str, dict[str, Any]]) -> None:
     for s in states.values():
         frac = float(s.get("progress") or 0.0)
         filled = int(round(frac * width))
-        parts.append(f"{s.get('target', '?')} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:3.0f}% {s.get('state')}")
+        parts.append(
+            f"{s.get('target', '?')} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:3.0f}% {s.get('state')}"
+        )
     sys.stderr.write("\r" + "  ".join(parts)[:200].ljust(80))
     sys.stderr.flush()
 
@@ -161,8 +169,15 @@ def seller_upload(args: argparse.Namespace) -> int:
         extra["visibility"] = args.visibility
     client = StoreClient(args.store, args.token)
     try:
-        result = client.upload(args.model, name=args.name, license=args.license, targets=targets, card=args.card,
-                               calibration=args.calibration, extra=extra)
+        result = client.upload(
+            args.model,
+            name=args.name,
+            license=args.license,
+            targets=targets,
+            card=args.card,
+            calibration=args.calibration,
+            extra=extra,
+        )
     except StoreRefusal as exc:
         body = getattr(exc, "body", {})
         if args.json:
@@ -171,18 +186,27 @@ def seller_upload(args: argparse.Namespace) -> int:
             sys.stderr.write(f"edgemart: {exc.message}\n")
             for finding in (body.get("decision") or {}).get("findings", []):
                 if isinstance(finding, dict):
-                    sys.stderr.write(f"  - [{finding.get('severity', '')}] {finding.get('message', finding)}\n")
+                    sys.stderr.write(
+                        f"  - [{finding.get('severity', '')}] {finding.get('message', finding)}\n"
+                    )
         return 1
     except UsageError as exc:
         problems = exc.details if isinstance(exc.details, list) else []
         if len(problems) > 1:
-            raise UsageError("; ".join(str(p.get("message", p)) if isinstance(p, dict) else str(p) for p in problems)) from None
+            raise UsageError(
+                "; ".join(str(p.get("message", p)) if isinstance(p, dict) else str(p) for p in problems)
+            ) from None
         raise
     listing = result["listing"]
-    out: dict[str, Any] = {"listing": listing["id"], "decision": listing.get("decision", {}).get("outcome"),
-                           "jobs": result["jobs"]}
+    out: dict[str, Any] = {
+        "listing": listing["id"],
+        "decision": listing.get("decision", {}).get("outcome"),
+        "jobs": result["jobs"],
+    }
     if not args.json:
-        print(f"listing {listing['id']}: compliance {out['decision']}; {len(result['jobs'])} packaging job(s) queued")
+        print(
+            f"listing {listing['id']}: compliance {out['decision']}; {len(result['jobs'])} packaging job(s) queued"
+        )
     if not args.wait:
         if args.json:
             print(json.dumps(out, sort_keys=True))
@@ -191,7 +215,9 @@ def seller_upload(args: argparse.Namespace) -> int:
     if not args.json:
         sys.stderr.write("\n")
     failed = {k: v for k, v in states.items() if v.get("state") != "done"}
-    out["results"] = {v.get("target", k): {"state": v.get("state"), "error": v.get("error")} for k, v in states.items()}
+    out["results"] = {
+        v.get("target", k): {"state": v.get("state"), "error": v.get("error")} for k, v in states.items()
+    }
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:

@@ -122,7 +122,13 @@ class StoreClient:
         self.timeout = timeout
 
     def request(
-        self, method: str, path: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> StoreResponse:
         hdrs = {"Accept": "application/json", **(headers or {})}
         if self.token:
@@ -178,7 +184,11 @@ class StoreClient:
         return self.request("POST", "/api/v1/listings", data=body, headers=headers).json()  # type: ignore[no-any-return]
 
     def wait_jobs(
-        self, job_ids: list[str], *, poll: float = 1.0, timeout: float = 3600.0,
+        self,
+        job_ids: list[str],
+        *,
+        poll: float = 1.0,
+        timeout: float = 3600.0,
         on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Poll jobs until each is done or failed; returns the last state of each."""

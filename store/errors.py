@@ -14,8 +14,16 @@ from drm.errors import EdgemartError, LicenseRefused
 log = logging.getLogger("edgemart.store")
 
 HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "too_many_requests",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "too_many_requests",
 }
 
 
@@ -49,8 +57,12 @@ def register(app: Flask) -> None:
             log.info("license refused: %s", exc.reason)
         if _wants_json():
             return error_response(exc)
-        return render_template("error.html", status=exc.http_status, message=exc.message,
-                               problems=exc.details if isinstance(exc.details, list) else []), exc.http_status
+        return render_template(
+            "error.html",
+            status=exc.http_status,
+            message=exc.message,
+            problems=exc.details if isinstance(exc.details, list) else [],
+        ), exc.http_status
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:
@@ -59,7 +71,9 @@ def register(app: Flask) -> None:
         if status == 413:
             message = "request body too large"
         if _wants_json():
-            resp = jsonify({"error": {"code": HTTP_CODES.get(status, "http_error"), "message": message, "problems": []}})
+            resp = jsonify(
+                {"error": {"code": HTTP_CODES.get(status, "http_error"), "message": message, "problems": []}}
+            )
             resp.status_code = status
             valid = getattr(exc, "valid_methods", None)
             if status == 405 and valid:
@@ -71,7 +85,9 @@ def register(app: Flask) -> None:
     def _internal(exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.path)
         if _wants_json():
-            resp = jsonify({"error": {"code": "internal", "message": "internal server error", "problems": []}})
+            resp = jsonify(
+                {"error": {"code": "internal", "message": "internal server error", "problems": []}}
+            )
             resp.status_code = 500
             return resp
         return render_template("error.html", status=500, message="internal server error", problems=[]), 500

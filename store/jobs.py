@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 log = logging.getLogger("edgemart.store.jobs")
 
+
 def worker_id() -> str:
     """host:pid of this process (recomputed: gunicorn forks after import)."""
     return f"{socket.gethostname()}:{os.getpid()}"

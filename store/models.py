@@ -197,7 +197,9 @@ class UsageRecord(Base):
     event: Mapped[str] = mapped_column(String(16))
     t: Mapped[int] = mapped_column(Integer)
     runs: Mapped[int] = mapped_column(Integer)
-    line_hash: Mapped[str] = mapped_column(String(71))  # sha256 tag of the signed line: the chain's next `prev`
+    line_hash: Mapped[str] = mapped_column(
+        String(71)
+    )  # sha256 tag of the signed line: the chain's next `prev`
     received_at: Mapped[int] = mapped_column(Integer)
 
 

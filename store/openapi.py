@@ -39,7 +39,9 @@ def build_spec(app: Flask) -> dict[str, Any]:
         view = app.view_functions[rule.endpoint]
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             op = operation_from_doc(view.__doc__)
-            op["operationId"] = rule.endpoint.replace(".", "_") + ("" if method in ("GET", "POST") else "_" + method.lower())
+            op["operationId"] = rule.endpoint.replace(".", "_") + (
+                "" if method in ("GET", "POST") else "_" + method.lower()
+            )
             declared = {p.get("name") for p in op.get("parameters", []) if isinstance(p, dict)}
             for name in rule.arguments:
                 if name not in declared:

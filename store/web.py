@@ -23,7 +23,11 @@ bp = Blueprint("web", __name__)
 def _inject() -> dict[str, Any]:
     user = None
     try:
-        user = auth.current_user(required=False, cookie_ok=True) if not request.path.startswith("/api/") else None
+        user = (
+            auth.current_user(required=False, cookie_ok=True)
+            if not request.path.startswith("/api/")
+            else None
+        )
     except (AuthError, ForbiddenError):
         user = None
     return {"me": user, "csrf_token": csrf_token}
@@ -54,10 +58,18 @@ def index() -> Any:
     page_no = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
     target = request.args.get("target", "")[:40] or None
     q = request.args.get("q", "")[:200] or None
-    items, pages = listings.search(db(), user=user, target=target, q=q, page=page_no,
-                                   page_size=int(ctx().config["PAGE_SIZE"]))
-    return render_template("index.html", items=items, page=page_no, pages=pages, q=q or "", target=target or "",
-                           targets=packagers.TARGETS)
+    items, pages = listings.search(
+        db(), user=user, target=target, q=q, page=page_no, page_size=int(ctx().config["PAGE_SIZE"])
+    )
+    return render_template(
+        "index.html",
+        items=items,
+        page=page_no,
+        pages=pages,
+        q=q or "",
+        target=target or "",
+        targets=packagers.TARGETS,
+    )
 
 
 @bp.get("/listings/<listing_id>")
@@ -73,12 +85,16 @@ def listing(listing_id: str) -> Any:
 def login() -> Any:
     if request.method == "POST":
         try:
-            user = accounts.authenticate_password(db(), request.form.get("name", ""), request.form.get("password", ""))
+            user = accounts.authenticate_password(
+                db(), request.form.get("name", ""), request.form.get("password", "")
+            )
         except AuthError as exc:
             return render_template("login.html", error=exc.message), 401
         auth.login(user)
         target = request.args.get("next", "")
-        return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("web.index"))
+        return redirect(
+            target if target.startswith("/") and not target.startswith("//") else url_for("web.index")
+        )
     return render_template("login.html", error=None)
 
 
@@ -94,24 +110,36 @@ def sell() -> Any:
 
     user = _web_user("seller", "admin")
     if request.method == "GET":
-        return render_template("sell.html", problems=[], form={}, targets=packagers.TARGETS)
+        return render_template(
+            "sell.html", problems=[], form={}, targets=packagers.TARGETS, chosen=["arm-cpu"]
+        )
     request.max_content_length = 2 * int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
     form, files = request.form, request.files
     card = files.get("card")
     upload = listings.UploadForm(
-        name=form.get("name"), license=form.get("license"),
+        name=form.get("name"),
+        license=form.get("license"),
         card=card.stream if card is not None and card.filename else (form.get("card_text") or None),
-        targets=form.getlist("targets"), visibility=form.get("visibility"), eval_days=form.get("eval_days"),
-        eval_runs=form.get("eval_runs"), price_per_seat=form.get("price_per_seat"),
+        targets=form.getlist("targets"),
+        visibility=form.get("visibility"),
+        eval_days=form.get("eval_days"),
+        eval_runs=form.get("eval_runs"),
+        price_per_seat=form.get("price_per_seat"),
         model=files["model"].stream if files.get("model") and files["model"].filename else None,
-        calibration=files["calibration"].stream if files.get("calibration") and files["calibration"].filename else None,
+        calibration=files["calibration"].stream
+        if files.get("calibration") and files["calibration"].filename
+        else None,
     )
     try:
         result = listings.create_listing(ctx(), db(), user, upload)
     except listings.UploadProblems as exc:
-        return render_template("sell.html", problems=exc.details, form=form, targets=packagers.TARGETS), 422
-    except listings.Blocked as exc:  # pragma: no cover - create_listing returns blocked results
-        raise exc
+        return render_template(
+            "sell.html",
+            problems=exc.details,
+            form=form,
+            targets=packagers.TARGETS,
+            chosen=form.getlist("targets"),
+        ), 422
     if result.blocked:
         flash("The compliance gate blocked this upload; it is kept for review by an admin.")
     return redirect(url_for("web.listing", listing_id=result.listing.id, jobs=",".join(result.job_ids)))
@@ -120,7 +148,9 @@ def sell() -> Any:
 @bp.get("/me/licenses")
 def my_licenses() -> Any:
     user = _web_user()
-    devices = db().scalars(select(Device).where(Device.owner_id == user.id).order_by(Device.enrolled_at)).all()
+    devices = (
+        db().scalars(select(Device).where(Device.owner_id == user.id).order_by(Device.enrolled_at)).all()
+    )
     rows = licensing.visible_licenses(db(), user) if user.role != "seller" else []
     return render_template("licenses.html", licenses=rows, devices=devices)
 
@@ -141,6 +171,8 @@ def admin_review() -> Any:
 @bp.post("/admin/review/<listing_id>")
 def admin_decide(listing_id: str) -> Any:
     user = _web_user("admin")
-    listings.review(ctx(), db(), user, listing_id, request.form.get("action", ""), request.form.get("note", ""))
+    listings.review(
+        ctx(), db(), user, listing_id, request.form.get("action", ""), request.form.get("note", "")
+    )
     flash(f"{listing_id}: {request.form.get('action')}d")
     return redirect(url_for("web.admin_review"))

@@ -48,7 +48,9 @@ def create_user(session: Session, name: str, role: str, *, now: int, password: s
     check_role(role)
     if session.scalar(select(User).where(User.name == name)) is not None:
         raise ConflictError(f"user {name!r} already exists")
-    user = User(name=name, role=role, created_at=now, password_hash=hash_password(password) if password else None)
+    user = User(
+        name=name, role=role, created_at=now, password_hash=hash_password(password) if password else None
+    )
     session.add(user)
     session.flush()
     return user
@@ -65,7 +67,9 @@ def issue_token(session: Session, user: User, *, now: int) -> str:
     """A new API token for ``user`` (scoped to the user's role); only its hash is stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     session.add(
-        ApiToken(user_id=user.id, token_hash=token_hash(token), prefix=token[:10], role=user.role, created_at=now)
+        ApiToken(
+            user_id=user.id, token_hash=token_hash(token), prefix=token[:10], role=user.role, created_at=now
+        )
     )
     session.flush()
     return token

@@ -37,7 +37,9 @@ def _pem_text(value: Any, what: str) -> bytes:
 # ------------------------------------------------------------------------------------------ devices
 
 
-def enroll(ctx: StoreContext, session: Session, user: User, csr: Any, name: Any = None) -> tuple[Device, bool]:
+def enroll(
+    ctx: StoreContext, session: Session, user: User, csr: Any, name: Any = None
+) -> tuple[Device, bool]:
     """Certify a device from its CSR; it belongs to ``user``. Re-enrolling your own device renews its cert."""
     csr_pem = _pem_text(csr, "csr")
     if name is not None and (not isinstance(name, str) or len(name) > 128):
@@ -50,7 +52,9 @@ def enroll(ctx: StoreContext, session: Session, user: User, csr: Any, name: Any 
         raise ConflictError("this device is enrolled by another account")
     created = device is None
     if device is None:
-        device = Device(device_id=device_id, owner_id=user.id, name=name or "", cert_pem=pem, enrolled_at=ctx.now())
+        device = Device(
+            device_id=device_id, owner_id=user.id, name=name or "", cert_pem=pem, enrolled_at=ctx.now()
+        )
         session.add(device)
     else:
         device.cert_pem = pem
@@ -87,16 +91,34 @@ def _licensable_build(listing: Listing, target: Any) -> Build:
 
 
 def _issue(
-    ctx: StoreContext, build: Build, listing: Listing, *, kind: str, recipient: drm.KemKeys, days: float | None,
-    max_runs: int | None, device_id: str | None = None, fleet_key_id: str | None = None,
+    ctx: StoreContext,
+    build: Build,
+    listing: Listing,
+    *,
+    kind: str,
+    recipient: drm.KemKeys,
+    days: float | None,
+    max_runs: int | None,
+    device_id: str | None = None,
+    fleet_key_id: str | None = None,
 ) -> tuple[str, bytes]:
     assert build.build_hash is not None and build.wrapped_cek is not None
     license_id = drm.new_license_id()
     cek = ctx.vault.unwrap_cek(build.wrapped_cek, build.build_hash)
     token = drm.issue_license(
-        issuer=ctx.vault.issuer(), cek=cek, recipient=recipient, kind=kind, listing=listing.id,
-        build_hash=build.build_hash, target=build.target, now=ctx.now(), days=days, max_runs=max_runs,
-        device_id=device_id, fleet_key_id=fleet_key_id, license_id=license_id,
+        issuer=ctx.vault.issuer(),
+        cek=cek,
+        recipient=recipient,
+        kind=kind,
+        listing=listing.id,
+        build_hash=build.build_hash,
+        target=build.target,
+        now=ctx.now(),
+        days=days,
+        max_runs=max_runs,
+        device_id=device_id,
+        fleet_key_id=fleet_key_id,
+        license_id=license_id,
     )
     return license_id, token
 
@@ -117,12 +139,17 @@ def eval_license(
         if existing.revoked_at is not None:
             raise Refusal(f"your evaluation license {existing.license_id} for this device was revoked")
         return existing, False
-    devices = session.scalar(
-        select(func.count(func.distinct(License.device_id))).where(
-            License.buyer_id == user.id, License.listing_id == listing.id, License.kind == "eval",
-            License.device_id != device.device_id,
+    devices = (
+        session.scalar(
+            select(func.count(func.distinct(License.device_id))).where(
+                License.buyer_id == user.id,
+                License.listing_id == listing.id,
+                License.kind == "eval",
+                License.device_id != device.device_id,
+            )
         )
-    ) or 0
+        or 0
+    )
     if devices >= listing.eval_device_limit:
         raise Refusal(
             f"evaluation limit reached: {listing.eval_device_limit} devices already hold evaluation licenses "
@@ -130,13 +157,27 @@ def eval_license(
         )
     cert = drm.cert_from_bytes(device.cert_pem.encode())
     license_id, token = _issue(
-        ctx, build, listing, kind="eval", recipient=drm.cert_kem_keys(cert), days=listing.eval_days,
-        max_runs=listing.eval_runs, device_id=device.device_id,
+        ctx,
+        build,
+        listing,
+        kind="eval",
+        recipient=drm.cert_kem_keys(cert),
+        days=listing.eval_days,
+        max_runs=listing.eval_runs,
+        device_id=device.device_id,
     )
     now = ctx.now()
     row = License(
-        license_id=license_id, listing_id=listing.id, build_id=build.id, device_id=device.device_id, buyer_id=user.id,
-        kind="eval", seats=1, issued_at=now, not_after=now + listing.eval_days * 86400, max_runs=listing.eval_runs,
+        license_id=license_id,
+        listing_id=listing.id,
+        build_id=build.id,
+        device_id=device.device_id,
+        buyer_id=user.id,
+        kind="eval",
+        seats=1,
+        issued_at=now,
+        not_after=now + listing.eval_days * 86400,
+        max_runs=listing.eval_runs,
         token=token,
     )
     session.add(row)
@@ -155,7 +196,9 @@ def eval_license(
 def _existing_eval(session: Session, user: User, device: Device, build: Build) -> License | None:
     return session.scalar(
         select(License).where(
-            License.buyer_id == user.id, License.device_id == device.device_id, License.build_id == build.id,
+            License.buyer_id == user.id,
+            License.device_id == device.device_id,
+            License.build_id == build.id,
             License.kind == "eval",
         )
     )
@@ -198,7 +241,9 @@ def production_licenses(
     build = _licensable_build(listing, body.get("target"))
     certs, fleet = body.get("device_certs"), body.get("fleet_key")
     if (certs is None) == (fleet is None):
-        raise UsageError("give exactly one of device_certs (list of PEM) and fleet_key (PEM X25519 public key)")
+        raise UsageError(
+            "give exactly one of device_certs (list of PEM) and fleet_key (PEM X25519 public key)"
+        )
     now = ctx.now()
     rows: list[License] = []
     if certs is not None:
@@ -213,20 +258,38 @@ def production_licenses(
             seen.add(device_id)
             existing = session.scalar(
                 select(License).where(
-                    License.buyer_id == user.id, License.build_id == build.id, License.kind == "production",
-                    License.device_id == device_id, License.revoked_at.is_(None),
+                    License.buyer_id == user.id,
+                    License.build_id == build.id,
+                    License.kind == "production",
+                    License.device_id == device_id,
+                    License.revoked_at.is_(None),
                 )
             )
             if existing is not None:
                 rows.append(existing)
                 continue
             license_id, token = _issue(
-                ctx, build, listing, kind="production", recipient=drm.cert_kem_keys(cert), days=None, max_runs=None,
+                ctx,
+                build,
+                listing,
+                kind="production",
+                recipient=drm.cert_kem_keys(cert),
+                days=None,
+                max_runs=None,
                 device_id=device_id,
             )
             row = License(
-                license_id=license_id, listing_id=listing.id, build_id=build.id, device_id=device_id, buyer_id=user.id, kind="production", seats=1, issued_at=now,
-                not_after=None, max_runs=None, token=token,
+                license_id=license_id,
+                listing_id=listing.id,
+                build_id=build.id,
+                device_id=device_id,
+                buyer_id=user.id,
+                kind="production",
+                seats=1,
+                issued_at=now,
+                not_after=None,
+                max_runs=None,
+                token=token,
             )
             session.add(row)
             rows.append(row)
@@ -243,12 +306,28 @@ def production_licenses(
         raw = key.public_bytes_raw()
         fleet_key_id = drm.key_id(raw)
         license_id, token = _issue(
-            ctx, build, listing, kind="production", recipient=drm.KemKeys(raw, None), days=None, max_runs=None,
+            ctx,
+            build,
+            listing,
+            kind="production",
+            recipient=drm.KemKeys(raw, None),
+            days=None,
+            max_runs=None,
             fleet_key_id=fleet_key_id,
         )
         row = License(
-            license_id=license_id, listing_id=listing.id, build_id=build.id, device_id=None, fleet_key_id=fleet_key_id,
-            buyer_id=user.id, kind="production", seats=seats, issued_at=now, not_after=None, max_runs=None, token=token,
+            license_id=license_id,
+            listing_id=listing.id,
+            build_id=build.id,
+            device_id=None,
+            fleet_key_id=fleet_key_id,
+            buyer_id=user.id,
+            kind="production",
+            seats=seats,
+            issued_at=now,
+            not_after=None,
+            max_runs=None,
+            token=token,
         )
         session.add(row)
         rows.append(row)
@@ -290,7 +369,9 @@ def visible_licenses(session: Session, user: User) -> list[License]:
 
 def get_license(session: Session, user: User, license_id: str) -> License:
     lic = session.get(License, license_id) if isinstance(license_id, str) and len(license_id) <= 64 else None
-    if lic is None or not (user.role == "admin" or lic.buyer_id == user.id or lic.listing.seller_id == user.id):
+    if lic is None or not (
+        user.role == "admin" or lic.buyer_id == user.id or lic.listing.seller_id == user.id
+    ):
         raise NotFoundError(f"no license {str(license_id)[:64]!r}")
     return lic
 
@@ -302,15 +383,17 @@ def build_for_download(session: Session, user: User, hex_digest: str) -> Build:
     """The sealed build, for the seller, an admin, or a holder of an unrevoked license for it."""
     if not _HEX64.match(hex_digest or ""):
         raise UsageError("build id must be the 64 hex characters of the build hash")
-    build = session.scalar(select(Build).where(Build.build_hash == "sha256:" + hex_digest, Build.status == "done"))
+    build = session.scalar(
+        select(Build).where(Build.build_hash == "sha256:" + hex_digest, Build.status == "done")
+    )
     if build is None or build.blob_key is None:
         raise NotFoundError(f"no build {hex_digest}")
     if user.role == "admin" or build.listing.seller_id == user.id:
         return build
     held = session.scalar(
-        select(func.count()).select_from(License).where(
-            License.build_id == build.id, License.buyer_id == user.id, License.revoked_at.is_(None)
-        )
+        select(func.count())
+        .select_from(License)
+        .where(License.build_id == build.id, License.buyer_id == user.id, License.revoked_at.is_(None))
     )
     if not held:
         raise ForbiddenError("you hold no license for this build (request an evaluation license first)")
@@ -326,7 +409,9 @@ def current_revocations(ctx: StoreContext, session: Session) -> Revocation:
         return latest
     now = ctx.now()
     first = Revocation(
-        version=1, issued_at=now, revoked=[],
+        version=1,
+        issued_at=now,
+        revoked=[],
         token=drm.sign_revocation_list(ctx.vault.issuer(), version=1, issued_at=now, revoked=[]),
     )
     session.add(first)
@@ -353,7 +438,9 @@ def revoke(ctx: StoreContext, session: Session, admin: User, license_id: str) ->
     revoked = sorted(set(current.revoked) | {lic.license_id})
     version = current.version + 1
     row = Revocation(
-        version=version, issued_at=now, revoked=revoked,
+        version=version,
+        issued_at=now,
+        revoked=revoked,
         token=drm.sign_revocation_list(ctx.vault.issuer(), version=version, issued_at=now, revoked=revoked),
     )
     session.add(row)

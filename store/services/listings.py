@@ -105,14 +105,18 @@ def _int_field(problems: list[Problem], name: str, value: Any, default: int, lo:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        problems.append(Problem(name, "not_an_integer", f"{name} must be an integer, got {str(value)[:40]!r}"))
+        problems.append(
+            Problem(name, "not_an_integer", f"{name} must be an integer, got {str(value)[:40]!r}")
+        )
         return default
     if not lo <= number <= hi:
         problems.append(Problem(name, "out_of_range", f"{name} must be between {lo} and {hi}, got {number}"))
     return number
 
 
-def _read_text(problems: list[Problem], name: str, value: BinaryIO | bytes | str | None, limit: int) -> str | None:
+def _read_text(
+    problems: list[Problem], name: str, value: BinaryIO | bytes | str | None, limit: int
+) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -138,11 +142,17 @@ def _targets(problems: list[Problem], raw: str | list[str] | None) -> list[str]:
     items = raw if isinstance(raw, list) else (raw or "").split(",")
     targets = list(dict.fromkeys(t.strip() for t in items if t and t.strip()))
     if not targets:
-        problems.append(Problem("targets", "missing", f"choose at least one target: {', '.join(packagers.TARGETS)}"))
+        problems.append(
+            Problem("targets", "missing", f"choose at least one target: {', '.join(packagers.TARGETS)}")
+        )
     for t in targets:
         if t not in packagers.TARGETS:
             problems.append(
-                Problem("targets", "unknown_target", f"unknown target {t[:40]!r}; known: {', '.join(packagers.TARGETS)}")
+                Problem(
+                    "targets",
+                    "unknown_target",
+                    f"unknown target {t[:40]!r}; known: {', '.join(packagers.TARGETS)}",
+                )
             )
     return targets
 
@@ -186,20 +196,26 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
         elif not slug:
             problems.append(Problem("name", "no_slug", "name must contain letters or digits"))
         elif session.get(Listing, slug) is not None:
-            problems.append(Problem("name", "name_taken", f"a listing {slug!r} already exists; choose another name"))
+            problems.append(
+                Problem("name", "name_taken", f"a listing {slug!r} already exists; choose another name")
+            )
 
         license_expr = (form.license or "").strip()
         if not license_expr:
             problems.append(Problem("license", "missing", "license (an SPDX expression) is required"))
         elif len(license_expr) > 256:
-            problems.append(Problem("license", "too_long", "license expression must be at most 256 characters"))
+            problems.append(
+                Problem("license", "too_long", "license expression must be at most 256 characters")
+            )
         elif (msg := _check_license_syntax(license_expr)) is not None:
             problems.append(Problem("license", "invalid_license", msg))
 
         targets = _targets(problems, form.targets)
         visibility = (form.visibility or "public").strip()
         if visibility not in VISIBILITIES:
-            problems.append(Problem("visibility", "invalid", f"visibility must be one of {', '.join(VISIBILITIES)}"))
+            problems.append(
+                Problem("visibility", "invalid", f"visibility must be one of {', '.join(VISIBILITIES)}")
+            )
         eval_days = _int_field(problems, "eval_days", form.eval_days, 14, 1, 365)
         eval_runs = _int_field(problems, "eval_runs", form.eval_runs, 1000, 1, 10_000_000)
         price = _int_field(problems, "price_per_seat", form.price_per_seat, 0, 0, 10**9)
@@ -244,7 +260,9 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 try:
                     load_samples(ctx.blobs.get(calibration_put.key))
                 except UsageError as exc:
-                    problems.append(Problem("calibration", "invalid_calibration", f"calibration: {exc.message}"))
+                    problems.append(
+                        Problem("calibration", "invalid_calibration", f"calibration: {exc.message}")
+                    )
 
         if problems:
             raise UploadProblems(
@@ -298,14 +316,25 @@ def add_build_jobs(session: Session, listing: Listing, targets: list[str], *, no
     job_ids = []
     for target in targets:
         build = Build(
-            listing=listing, target=target, status="queued", progress=0.0, message="queued",
-            created_at=now, updated_at=now,
+            listing=listing,
+            target=target,
+            status="queued",
+            progress=0.0,
+            message="queued",
+            created_at=now,
+            updated_at=now,
         )
         session.add(build)
         session.flush()
         job = Job(
-            id=new_job_id(), kind="package", build_id=build.id, state="queued", progress=0.0,
-            message="queued", attempts=0, created_at=now,
+            id=new_job_id(),
+            kind="package",
+            build_id=build.id,
+            state="queued",
+            progress=0.0,
+            message="queued",
+            attempts=0,
+            created_at=now,
         )
         session.add(job)
         job_ids.append(job.id)
@@ -323,7 +352,9 @@ def can_see(listing: Listing, user: User | None) -> bool:
 
 
 def get_visible(session: Session, listing_id: str, user: User | None) -> Listing:
-    listing = session.get(Listing, listing_id) if isinstance(listing_id, str) and len(listing_id) <= 64 else None
+    listing = (
+        session.get(Listing, listing_id) if isinstance(listing_id, str) and len(listing_id) <= 64 else None
+    )
     if listing is None or not can_see(listing, user):
         # The same answer for "absent" and "not yours": unpublished listings are not probed.
         raise NotFoundError(f"no listing {str(listing_id)[:64]!r}")
@@ -338,8 +369,15 @@ def get_owned(session: Session, listing_id: str, user: User) -> Listing:
 
 
 def search(
-    session: Session, *, user: User | None, target: str | None, q: str | None, page: int, page_size: int,
-    mine: bool = False, status: str | None = None,
+    session: Session,
+    *,
+    user: User | None,
+    target: str | None,
+    q: str | None,
+    page: int,
+    page_size: int,
+    mine: bool = False,
+    status: str | None = None,
 ) -> tuple[list[Listing], int]:
     stmt = select(Listing)
     if mine:
@@ -353,13 +391,17 @@ def search(
     else:
         stmt = stmt.where(Listing.status == "listed", Listing.visibility == "public")
     if target:
-        stmt = stmt.where(Listing.id.in_(select(Build.listing_id).where(Build.target == target, Build.status == "done")))
+        stmt = stmt.where(
+            Listing.id.in_(select(Build.listing_id).where(Build.target == target, Build.status == "done"))
+        )
     if q:
         like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         stmt = stmt.where(or_(Listing.name.ilike(like, escape="\\"), Listing.id.ilike(like, escape="\\")))
     total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     pages = max(1, math.ceil(total / page_size))
-    rows = session.scalars(stmt.order_by(Listing.created_at.desc(), Listing.id).limit(page_size).offset((page - 1) * page_size))
+    rows = session.scalars(
+        stmt.order_by(Listing.created_at.desc(), Listing.id).limit(page_size).offset((page - 1) * page_size)
+    )
     return list(rows), pages
 
 
@@ -374,7 +416,9 @@ def build_to_dict(build: Build) -> dict[str, Any]:
         "size": build.sealed_size,
         "quality": build.quality,
         "error": build.error,
-        "build_url": f"/api/v1/builds/{build.build_hash.split(':', 1)[1]}" if build.build_hash and build.status == "done" else None,
+        "build_url": f"/api/v1/builds/{build.build_hash.split(':', 1)[1]}"
+        if build.build_hash and build.status == "done"
+        else None,
     }
 
 
@@ -402,7 +446,9 @@ def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, A
     return out
 
 
-def review(ctx: StoreContext, session: Session, admin: User, listing_id: str, action: str, note: str) -> list[str]:
+def review(
+    ctx: StoreContext, session: Session, admin: User, listing_id: str, action: str, note: str
+) -> list[str]:
     """Admin decision on a blocked upload: ``approve`` queues its packaging, ``reject`` upholds the block."""
     if admin.role != "admin":
         raise ForbiddenError("only admins review blocked uploads")
@@ -418,11 +464,15 @@ def review(ctx: StoreContext, session: Session, admin: User, listing_id: str, ac
     job_ids: list[str] = []
     if action == "approve":
         listing.status = "pending"
-        job_ids = add_build_jobs(session, listing, [t for t in listing.targets if t not in {b.target for b in listing.builds}], now=ctx.now())
+        job_ids = add_build_jobs(
+            session,
+            listing,
+            [t for t in listing.targets if t not in {b.target for b in listing.builds}],
+            now=ctx.now(),
+        )
     else:
         listing.status = "rejected"
     session.commit()
     for job_id in job_ids:
         ctx.queue.enqueue(job_id)
     return job_ids
-

@@ -22,7 +22,9 @@ PROGRESS_STEP = 0.02  # write progress to the database at most every 2 %
 
 def pending_count(ctx: StoreContext) -> int:
     with ctx.Session() as s:
-        return s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running")))) or 0
+        return (
+            s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running")))) or 0
+        )
 
 
 def claim_next(ctx: StoreContext) -> str | None:
@@ -36,8 +38,14 @@ def claim_next(ctx: StoreContext) -> str | None:
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == "queued")
-                .values(state="running", worker=worker_id(), started_at=now, heartbeat_at=now,
-                        attempts=Job.attempts + 1, message="starting")
+                .values(
+                    state="running",
+                    worker=worker_id(),
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=Job.attempts + 1,
+                    message="starting",
+                )
             )
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 s.commit()
@@ -94,11 +102,15 @@ class _Progress:
 def set_progress(ctx: StoreContext, job_id: str, build_id: int, value: float, message: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(progress=value, message=message[:500], heartbeat_at=now))
         s.execute(
-            update(Build).where(Build.id == build_id).values(
-                progress=value, message=message[:500], status="running", updated_at=now
-            )
+            update(Job)
+            .where(Job.id == job_id)
+            .values(progress=value, message=message[:500], heartbeat_at=now)
+        )
+        s.execute(
+            update(Build)
+            .where(Build.id == build_id)
+            .values(progress=value, message=message[:500], status="running", updated_at=now)
         )
         s.commit()
 
@@ -111,7 +123,13 @@ def run_job(ctx: StoreContext, job_id: str) -> None:
         _finish(ctx, job_id, ok=False, error=exc.message, build_status="failed")
     except Exception as exc:  # noqa: BLE001 - the worker must outlive a broken job; recorded below
         log.exception("packaging job %s crashed", job_id)
-        _finish(ctx, job_id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}"[:2000], build_status="failed")
+        _finish(
+            ctx,
+            job_id,
+            ok=False,
+            error=f"internal error: {type(exc).__name__}: {exc}"[:2000],
+            build_status="failed",
+        )
 
 
 def _load_samples(ctx: StoreContext, listing: Listing) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -143,7 +161,11 @@ def _package(ctx: StoreContext, job_id: str) -> None:
     set_progress(ctx, job_id, build_id, 0.0, f"packaging for {target}")
     model = ctx.blobs.get(model_key)
     result = packagers.package_model(
-        model, target, calibration=calibration, holdout=holdout, progress=_Progress(ctx, job_id, build_id, 0.0, 0.9)
+        model,
+        target,
+        calibration=calibration,
+        holdout=holdout,
+        progress=_Progress(ctx, job_id, build_id, 0.0, 0.9),
     )
     quality = result.quality.to_dict()
     if not result.quality.passed:
@@ -158,8 +180,13 @@ def _package(ctx: StoreContext, job_id: str) -> None:
             if html.created:
                 ctx.blobs.delete(html.key)
             raise
-        _finish(ctx, job_id, ok=False, error=f"quality check failed: {result.quality.verdict_reason}",
-                build_status="rejected")
+        _finish(
+            ctx,
+            job_id,
+            ok=False,
+            error=f"quality check failed: {result.quality.verdict_reason}",
+            build_status="rejected",
+        )
         return
 
     set_progress(ctx, job_id, build_id, 0.92, "sealing the build")

@@ -32,7 +32,8 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
     lines = _lines(data)
     held = list(
         session.execute(
-            select(UsageRecord.seq, UsageRecord.line_hash).where(UsageRecord.device_id == device.device_id)
+            select(UsageRecord.seq, UsageRecord.line_hash)
+            .where(UsageRecord.device_id == device.device_id)
             .order_by(UsageRecord.seq)
         )
     )
@@ -45,11 +46,17 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
     except drm.FormatError as exc:
         return {"ok": False, "accepted": 0, "first_bad": 0, "reason": exc.message, "held": next_seq}
     if first_seq > next_seq:
-        return {"ok": False, "accepted": 0, "first_bad": 0,
-                "reason": f"sequence gap: the store holds records up to {next_seq - 1}, upload starts at {first_seq}",
-                "held": next_seq}
+        return {
+            "ok": False,
+            "accepted": 0,
+            "first_bad": 0,
+            "reason": f"sequence gap: the store holds records up to {next_seq - 1}, upload starts at {first_seq}",
+            "held": next_seq,
+        }
     start_prev = held_hash[first_seq - 1] if first_seq > 0 else None
-    report = drm.verify_log(data, public_key, device_id=device.device_id, start_seq=first_seq, start_prev=start_prev)
+    report = drm.verify_log(
+        data, public_key, device_id=device.device_id, start_seq=first_seq, start_prev=start_prev
+    )
     ok, first_bad, reason = report.ok, report.first_bad, report.reason
     accepted = 0
     now = ctx.now()
@@ -64,25 +71,45 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
             continue
         session.add(
             UsageRecord(
-                device_id=device.device_id, seq=seq, license_id=rec["license_id"], build_hash=rec["build_hash"],
-                event=rec["event"], t=rec["t"], runs=rec["runs"], line_hash=line_hash, received_at=now,
+                device_id=device.device_id,
+                seq=seq,
+                license_id=rec["license_id"],
+                build_hash=rec["build_hash"],
+                event=rec["event"],
+                t=rec["t"],
+                runs=rec["runs"],
+                line_hash=line_hash,
+                received_at=now,
             )
         )
         accepted += 1
     session.commit()
-    return {"ok": ok, "accepted": accepted, "first_bad": first_bad, "reason": reason, "held": next_seq + accepted}
+    return {
+        "ok": ok,
+        "accepted": accepted,
+        "first_bad": first_bad,
+        "reason": reason,
+        "held": next_seq + accepted,
+    }
 
 
 def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
     """Figures for the seller: events per device and target, from verified usage records only."""
     rows = session.execute(
         select(
-            UsageRecord.device_id, License.kind, UsageRecord.event, func.count(), func.max(UsageRecord.t),
+            UsageRecord.device_id,
+            License.kind,
+            UsageRecord.event,
+            func.count(),
+            func.max(UsageRecord.t),
             License.build_id,
         )
         # Only records a device made under its own license count: no inflating someone else's figures.
-        .join(License, (License.license_id == UsageRecord.license_id)
-              & or_(License.device_id == UsageRecord.device_id, License.fleet_key_id.is_not(None)))
+        .join(
+            License,
+            (License.license_id == UsageRecord.license_id)
+            & or_(License.device_id == UsageRecord.device_id, License.fleet_key_id.is_not(None)),
+        )
         .where(License.listing_id == listing.id)
         .group_by(UsageRecord.device_id, License.kind, UsageRecord.event, License.build_id)
     ).all()
@@ -91,8 +118,18 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
     totals = {"run": 0, "refused": 0, "sync": 0}
     by_target: dict[str, dict[str, int]] = {}
     for device_id, kind, event, count, last_t, build_id in rows:
-        d = devices.setdefault(device_id, {"device_id": device_id, "run": 0, "refused": 0, "sync": 0,
-                                           "last_seen": 0, "kinds": set(), "targets": set()})
+        d = devices.setdefault(
+            device_id,
+            {
+                "device_id": device_id,
+                "run": 0,
+                "refused": 0,
+                "sync": 0,
+                "last_seen": 0,
+                "kinds": set(),
+                "targets": set(),
+            },
+        )
         d[event] = d.get(event, 0) + count
         d["last_seen"] = max(d["last_seen"], last_t or 0)
         d["kinds"].add(kind)
@@ -101,7 +138,9 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
         totals[event] = totals.get(event, 0) + count
         t = by_target.setdefault(target, {"run": 0, "refused": 0})
         t[event] = t.get(event, 0) + count
-    licenses_issued = session.scalar(select(func.count()).select_from(License).where(License.listing_id == listing.id))
+    licenses_issued = session.scalar(
+        select(func.count()).select_from(License).where(License.listing_id == listing.id)
+    )
     return {
         "listing": listing.id,
         "licenses": licenses_issued or 0,
@@ -115,5 +154,7 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
 
 
 def seller_overview(session: Session, seller: User) -> list[dict[str, Any]]:
-    listings = session.scalars(select(Listing).where(Listing.seller_id == seller.id).order_by(Listing.created_at.desc()))
+    listings = session.scalars(
+        select(Listing).where(Listing.seller_id == seller.id).order_by(Listing.created_at.desc())
+    )
     return [listing_usage(session, listing) for listing in listings]

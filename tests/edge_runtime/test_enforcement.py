@@ -33,7 +33,9 @@ def test_onnx_outputs_bit_identical_to_plain_onnxruntime(
                 np.testing.assert_array_equal(got[spec.name], ref)
                 assert got[spec.name].dtype == ref.dtype
     report = device.verify_log()
-    assert report["ok"] and report["events"] == {"run": 5} and report["matches_state"]
+    # One reservation before the first run, one release of the unused part on close: 5 runs counted.
+    assert report["ok"] and report["events"] == {"run": 2} and report["matches_state"]
+    assert report["runs_by_license"] == {model.license_id: 5}
 
 
 def test_tflite_outputs_bit_identical_to_plain_litert(
@@ -70,8 +72,10 @@ def test_run_cap_counts_each_call_and_refuses_after(
     refused(
         device, lambda: device.open_model(build_path=path, license_bytes=lic, now=NOW), "run cap exhausted"
     )
-    events = device.verify_log()["events"]
-    assert events == {"run": 3, "refused": 2}
+    report = device.verify_log()
+    # One reservation of all 3 runs (the cap), nothing left to give back, two refusals.
+    assert report["events"] == {"run": 1, "refused": 2} and report["matches_state"]
+    assert report["runs_by_license"] == {model.license_id: 3}
 
 
 def test_replayed_old_license_after_exhausting_grants_nothing(

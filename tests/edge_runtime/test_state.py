@@ -82,12 +82,12 @@ def test_state_restored_from_an_older_copy(
     lic = factory.license(device, digits_build, max_runs=3)
     path = build_file(digits_build)
     x = np.load(digits_test)["x"][:1]
+    snapshot = (device.dir / "state.bin").read_bytes()
     with device.open_model(build_path=path, license_bytes=lic, now=now) as model:
+        model.run({"x": x})  # reserves 3 runs
         model.run({"x": x})
-        snapshot = (device.dir / "state.bin").read_bytes()
-        model.run({"x": x})
-        model.run({"x": x})
-    (device.dir / "state.bin").write_bytes(snapshot)  # back to "1 run used"
+    # two commits later (reserve, release of the unused run)
+    (device.dir / "state.bin").write_bytes(snapshot)  # back to "0 runs used"
     refused(
         device,
         lambda: device.open_model(build_path=path, license_bytes=lic, now=now),
@@ -103,9 +103,9 @@ def test_state_one_commit_behind_rolls_forward_and_grants_nothing(
     lic = factory.license(device, digits_build, max_runs=2)
     path = build_file(digits_build)
     x = np.load(digits_test)["x"][:1]
+    snapshot = (device.dir / "state.bin").read_bytes()
     with device.open_model(build_path=path, license_bytes=lic, now=now) as model:
-        model.run({"x": x})
-        snapshot = (device.dir / "state.bin").read_bytes()
+        model.run({"x": x})  # one commit: the reservation of both runs
         model.run({"x": x})
     (device.dir / "state.bin").write_bytes(snapshot)
     refused(
@@ -150,7 +150,7 @@ def test_usage_log_verifies_and_records_refusals(used_device, refused, now):
     report = device.verify_log()
     assert report["ok"] and report["matches_state"] and report["events"] == {"run": 2, "refused": 1}
     raw = bytearray((device.dir / "usage.log").read_bytes())
-    raw[raw.index(b'"runs":1') + 7] = ord("0")  # edit a record
+    raw[raw.index(b'"runs":5') + 7] = ord("9")  # edit a record (the reservation of 5 runs)
     (device.dir / "usage.log").write_bytes(bytes(raw))
     assert not device.verify_log()["ok"]
 
@@ -174,7 +174,9 @@ def test_concurrent_processes_share_one_counter(device, factory, digits_build, b
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     report = device.verify_log()
-    assert report["ok"] and report["matches_state"] and report["events"] == {"run": 40}
+    # Each process reserves one block and gives back the unused part: 2 records each, 40 runs counted.
+    assert report["ok"] and report["matches_state"] and report["events"] == {"run": 4}
+    assert list(report["runs_by_license"].values()) == [40]
     with device.open_model(build_path=path, license_bytes=lic_path.read_bytes()) as model:
         assert model.runs_left() == 960
 

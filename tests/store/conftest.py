@@ -20,7 +20,14 @@ from store.models import User
 from store.services import accounts
 
 PASSWORDS = {"sally": "pw-sally-12345", "bob": "pw-bob-12345", "ada": "pw-ada-12345"}
-ROLES = {"sally": "seller", "sam": "seller", "bob": "buyer", "betty": "buyer", "bill": "builder", "ada": "admin"}
+ROLES = {
+    "sally": "seller",
+    "sam": "seller",
+    "bob": "buyer",
+    "betty": "buyer",
+    "bill": "builder",
+    "ada": "admin",
+}
 
 
 @dataclass
@@ -37,9 +44,20 @@ class Store:
     def wait(self, timeout: float = 120.0) -> None:
         assert self.ctx.queue.wait_idle(timeout), "packaging jobs did not finish"
 
-    def upload(self, who: str, model: Path | bytes | None, *, name: str | None = "m", license: str | None = "MIT",
-               targets: str | None = "onnx-fp32", calibration: Path | bytes | None = None, card: str | None = None,
-               filename: str = "model.onnx", headers: dict[str, str] | None = None, **fields: Any) -> Any:
+    def upload(
+        self,
+        who: str,
+        model: Path | bytes | None,
+        *,
+        name: str | None = "m",
+        license: str | None = "MIT",
+        targets: str | None = "onnx-fp32",
+        calibration: Path | bytes | None = None,
+        card: str | None = None,
+        filename: str = "model.onnx",
+        headers: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> Any:
         data: dict[str, Any] = {k: str(v) for k, v in fields.items()}
         for key, value in (("name", name), ("license", license), ("targets", targets)):
             if value is not None:
@@ -52,8 +70,12 @@ class Store:
             data["calibration"] = (io.BytesIO(raw), "cal.npz")
         if card is not None:
             data["card"] = (io.BytesIO(card.encode()), "README.md")
-        return self.client.post("/api/v1/listings", data=data, headers={**self.auth(who), **(headers or {})},
-                                content_type="multipart/form-data")
+        return self.client.post(
+            "/api/v1/listings",
+            data=data,
+            headers={**self.auth(who), **(headers or {})},
+            content_type="multipart/form-data",
+        )
 
     def counts(self) -> dict[str, int]:
         """Rows per table and blobs on disk: a failed request must leave both unchanged."""
@@ -63,7 +85,14 @@ class Store:
 
         out = {"blobs": len(list(self.ctx.blobs.list()))}
         with self.ctx.Session() as s:
-            for model in (models.Listing, models.Build, models.Job, models.License, models.Device, models.UsageRecord):
+            for model in (
+                models.Listing,
+                models.Build,
+                models.Job,
+                models.License,
+                models.Device,
+                models.UsageRecord,
+            ):
                 out[model.__tablename__] = s.scalar(select(func.count()).select_from(model)) or 0
         out["tmp_files"] = len(list((self.data_dir / "blobs" / ".tmp").iterdir()))
         return out
@@ -77,7 +106,9 @@ def make_store(data_dir: Path, **config: Any) -> Store:
     with ctx.Session() as s:
         for name, role in ROLES.items():
             existing = s.scalar(select(User).where(User.name == name))
-            user = existing or accounts.create_user(s, name, role, now=ctx.now(), password=PASSWORDS.get(name))
+            user = existing or accounts.create_user(
+                s, name, role, now=ctx.now(), password=PASSWORDS.get(name)
+            )
             tokens[name] = accounts.issue_token(s, user, now=ctx.now())
         s.commit()
     return Store(app, app.test_client(), ctx, tokens, data_dir)

@@ -21,23 +21,41 @@ BODIES: list[bytes] = []
 def world(shared_store, corpus):
     st = shared_store
     digits = corpus / "models" / "digits"
-    assert st.upload("sally", digits / "digits_mlp_base.onnx", name="pub", targets="onnx-fp32").status_code == 202
-    r = st.upload("sally", digits / "digits_mlp_finetuned.onnx", name="priv", targets="onnx-fp32", visibility="private")
+    assert (
+        st.upload("sally", digits / "digits_mlp_base.onnx", name="pub", targets="onnx-fp32").status_code
+        == 202
+    )
+    r = st.upload(
+        "sally", digits / "digits_mlp_finetuned.onnx", name="priv", targets="onnx-fp32", visibility="private"
+    )
     assert r.status_code == 202
     priv_job = r.json["jobs"][0]
     r = st.upload("sally", digits / "digits_mlp_independent.onnx", name="pub2", targets="onnx-fp32")
     pub_job = r.json["jobs"][0]
     st.wait()
     keys = drm.DeviceKeys.generate()
-    device = st.client.post("/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=st.auth("bob")).json
-    lic = st.client.post("/api/v1/listings/pub/eval-license", json={"device_id": keys.device_id, "target": "onnx-fp32"},
-                         headers=st.auth("bob")).json
+    device = st.client.post(
+        "/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=st.auth("bob")
+    ).json
+    lic = st.client.post(
+        "/api/v1/listings/pub/eval-license",
+        json={"device_id": keys.device_id, "target": "onnx-fp32"},
+        headers=st.auth("bob"),
+    ).json
     assert "license_id" in lic, lic
     betty_keys = drm.DeviceKeys.generate()
-    st.client.post("/api/v1/devices/enroll", json={"csr": betty_keys.csr().decode()}, headers=st.auth("betty"))
+    st.client.post(
+        "/api/v1/devices/enroll", json={"csr": betty_keys.csr().decode()}, headers=st.auth("betty")
+    )
     pub_hex = lic["build_hash"].split(":")[1]
-    return {"device": device["device_id"], "license": lic["license_id"], "pub_hex": pub_hex, "priv_job": priv_job,
-            "pub_job": pub_job, "betty_device": betty_keys.device_id}
+    return {
+        "device": device["device_id"],
+        "license": lic["license_id"],
+        "pub_hex": pub_hex,
+        "priv_job": priv_job,
+        "pub_job": pub_job,
+        "betty_device": betty_keys.device_id,
+    }
 
 
 def _expect(table: dict[str, int], who: str) -> int:
@@ -48,10 +66,20 @@ def _expect(table: dict[str, int], who: str) -> int:
 MATRIX = [
     ("GET", "/api/v1/listings/pub", None, {"*": 200}),
     ("GET", "/api/v1/listings/priv", None, {"sally": 200, "ada": 200, "*": 404}),
-    ("GET", "/api/v1/listings/priv/builds/onnx-fp32/quality.html", None, {"sally": 200, "ada": 200, "*": 404}),
+    (
+        "GET",
+        "/api/v1/listings/priv/builds/onnx-fp32/quality.html",
+        None,
+        {"sally": 200, "ada": 200, "*": 404},
+    ),
     ("GET", "/api/v1/jobs/{priv_job}", None, {"anon": 401, "sally": 200, "ada": 200, "*": 404}),
     ("GET", "/api/v1/builds/{pub_hex}", None, {"anon": 401, "sally": 200, "bob": 200, "ada": 200, "*": 403}),
-    ("GET", "/api/v1/licenses/{license}", None, {"anon": 401, "bob": 200, "sally": 200, "ada": 200, "*": 404}),
+    (
+        "GET",
+        "/api/v1/licenses/{license}",
+        None,
+        {"anon": 401, "bob": 200, "sally": 200, "ada": 200, "*": 404},
+    ),
     ("GET", "/api/v1/listings/pub/usage", None, {"anon": 401, "sally": 200, "ada": 200, "*": 403}),
     ("GET", "/api/v1/listings?status=blocked", None, {"ada": 200, "*": 403}),
     ("GET", "/api/v1/listings?mine=1", None, {"anon": 403, "*": 200}),
@@ -59,15 +87,27 @@ MATRIX = [
     ("GET", "/api/v1/licenses", None, {"anon": 401, "*": 200}),
     ("GET", "/api/v1/devices", None, {"anon": 401, "*": 200}),
     ("GET", "/api/v1/revocations", None, {"*": 200}),
-    ("POST", "/api/v1/listings/pub/eval-license", {"device_id": "{device}", "target": "onnx-fp32"},
-     {"anon": 401, "bob": 200, "sally": 403, "sam": 403, "ada": 404, "*": 404}),
-    ("POST", "/api/v1/listings/priv/eval-license", {"device_id": "{betty_device}", "target": "onnx-fp32"},
-     {"anon": 401, "sally": 403, "sam": 403, "betty": 404, "bob": 404, "bill": 404, "ada": 404}),
+    (
+        "POST",
+        "/api/v1/listings/pub/eval-license",
+        {"device_id": "{device}", "target": "onnx-fp32"},
+        {"anon": 401, "bob": 200, "sally": 403, "sam": 403, "ada": 404, "*": 404},
+    ),
+    (
+        "POST",
+        "/api/v1/listings/priv/eval-license",
+        {"device_id": "{betty_device}", "target": "onnx-fp32"},
+        {"anon": 401, "sally": 403, "sam": 403, "betty": 404, "bob": 404, "bill": 404, "ada": 404},
+    ),
     ("POST", "/api/v1/devices/{device}/usage", None, {"anon": 401, "bob": 200, "*": 404}),
     ("POST", "/api/v1/licenses/{license}/revoke", None, {"anon": 401, "*": 403, "ada": None}),
     ("POST", "/api/v1/listings/pub/review", {"action": "approve"}, {"anon": 401, "ada": 400, "*": 403}),
-    ("POST", "/api/v1/listings/pub2/production-licenses", {"target": "onnx-fp32", "fleet_key": "{fleet}", "seats": 2},
-     {"anon": 401, "bill": 201, "ada": 201, "*": 403}),
+    (
+        "POST",
+        "/api/v1/listings/pub2/production-licenses",
+        {"target": "onnx-fp32", "fleet_key": "{fleet}", "seats": 2},
+        {"anon": 401, "bill": 201, "ada": 201, "*": 403},
+    ),
     ("POST", "/api/v1/listings", None, {"anon": 401, "bob": 403, "betty": 403, "bill": 403}),
 ]
 
@@ -86,8 +126,12 @@ def test_matrix(shared_store, world, who, method, path, body, table):
     expected = _expect(table, who)
     if expected == 0 or expected is None:
         pytest.skip("not part of this row (covered elsewhere)")
-    fleet = x25519.X25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    fleet = (
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     values = {**world, "fleet": fleet}
     headers = shared_store.auth(who if who != "anon" else None)
     url = _fill(path, values)
@@ -106,24 +150,42 @@ def test_buyers_see_only_their_own_licenses(shared_store, world):
     assert world["license"] in {x["license_id"] for x in mine}
     theirs = shared_store.client.get("/api/v1/licenses", headers=shared_store.auth("betty")).json["items"]
     assert world["license"] not in {x["license_id"] for x in theirs}
-    seller_view = shared_store.client.get(f"/api/v1/licenses/{world['license']}", headers=shared_store.auth("sally")).json
+    seller_view = shared_store.client.get(
+        f"/api/v1/licenses/{world['license']}", headers=shared_store.auth("sally")
+    ).json
     assert "license" not in seller_view  # the seller sees the license, not the buyer's token
 
 
 def test_public_search_hides_unpublished(shared_store, world):
     ids = {x["id"] for x in shared_store.client.get("/api/v1/listings").json["items"]}
     assert "pub" in ids and "priv" not in ids
-    ids = {x["id"] for x in shared_store.client.get("/api/v1/listings?q=pri", headers=shared_store.auth("sam")).json["items"]}
+    ids = {
+        x["id"]
+        for x in shared_store.client.get("/api/v1/listings?q=pri", headers=shared_store.auth("sam")).json[
+            "items"
+        ]
+    }
     assert "priv" not in ids
-    mine = {x["id"] for x in shared_store.client.get("/api/v1/listings?mine=1", headers=shared_store.auth("sally")).json["items"]}
+    mine = {
+        x["id"]
+        for x in shared_store.client.get("/api/v1/listings?mine=1", headers=shared_store.auth("sally")).json[
+            "items"
+        ]
+    }
     assert {"pub", "priv"} <= mine
 
 
 def test_no_response_ever_carries_a_plaintext_key(shared_store, world):
     """Runs after the matrix (same module): grep every body seen for every CEK and the KEK, in every encoding."""
     st = shared_store
-    for path in ("/api/v1/listings/pub", "/api/v1/listings?mine=1", f"/api/v1/licenses/{world['license']}",
-                 "/api/v1/licenses", "/openapi.json", "/api/v1/listings/pub/usage"):
+    for path in (
+        "/api/v1/listings/pub",
+        "/api/v1/listings?mine=1",
+        f"/api/v1/licenses/{world['license']}",
+        "/api/v1/licenses",
+        "/openapi.json",
+        "/api/v1/listings/pub/usage",
+    ):
         for who in ("sally", "bob", "ada"):
             BODIES.append(st.client.get(path, headers=st.auth(who)).data)
     secrets = [(st.data_dir / "keys" / "kek.key").read_bytes()]
@@ -133,8 +195,14 @@ def test_no_response_ever_carries_a_plaintext_key(shared_store, world):
     assert len(secrets) >= 3
     needles = []
     for key in secrets:
-        needles += [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key),
-                    base64.urlsafe_b64encode(key), base64.urlsafe_b64encode(key).rstrip(b"=")]
+        needles += [
+            key,
+            key.hex().encode(),
+            key.hex().upper().encode(),
+            base64.b64encode(key),
+            base64.urlsafe_b64encode(key),
+            base64.urlsafe_b64encode(key).rstrip(b"="),
+        ]
     assert len(BODIES) > 50
     for body in BODIES:
         for needle in needles:

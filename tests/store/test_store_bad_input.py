@@ -24,14 +24,28 @@ def test_all_problems_reported_together_and_nothing_left_behind(store, digits_ba
     bad_card = "---\nlicense: [unclosed\n---\n# card\n"
     npz = io.BytesIO()
     np.savez(npz, labels=np.array(["a", "b"]))  # no numeric input arrays
-    r = store.upload("sally", digits_base.read_bytes()[:500], name="", license="MIT ANDD (", targets="arm-cpu,tpu-x",
-                     calibration=npz.getvalue(), card=bad_card)
+    r = store.upload(
+        "sally",
+        digits_base.read_bytes()[:500],
+        name="",
+        license="MIT ANDD (",
+        targets="arm-cpu,tpu-x",
+        calibration=npz.getvalue(),
+        card=bad_card,
+    )
     assert r.status_code == 422, r.json
     err = r.json["error"]
     assert err["code"] == "invalid_upload"
     assert _fields(r) == {"name", "license", "targets", "model", "calibration", "card"}
     codes = {p["code"] for p in err["problems"]}
-    assert {"missing", "invalid_license", "unknown_target", "invalid_model", "invalid_calibration", "invalid_card"} <= codes
+    assert {
+        "missing",
+        "invalid_license",
+        "unknown_target",
+        "invalid_model",
+        "invalid_calibration",
+        "invalid_card",
+    } <= codes
     assert "tpu-x" in err["message"]
     assert store.counts() == before
 
@@ -46,7 +60,12 @@ def test_missing_everything(store):
 
 @pytest.mark.parametrize(
     "payload, needle",
-    [(b"", "empty"), (b"\x00" * 1000, "model"), (b"not a model at all" * 50, "model"), (b"TFL3" * 10, "model")],
+    [
+        (b"", "empty"),
+        (b"\x00" * 1000, "model"),
+        (b"not a model at all" * 50, "model"),
+        (b"TFL3" * 10, "model"),
+    ],
     ids=["empty", "zeros", "text", "tflite-magic-only"],
 )
 def test_garbage_and_truncated_models(store, payload, needle):
@@ -118,7 +137,9 @@ def test_non_multipart_upload(store):
     ids=["malformed", "array", "empty", "huge", "bad-csr", "csr-type", "binary"],
 )
 def test_bad_json_bodies(store, body, content_type, status, needle):
-    r = store.client.post("/api/v1/devices/enroll", data=body, content_type=content_type, headers=store.auth("bob"))
+    r = store.client.post(
+        "/api/v1/devices/enroll", data=body, content_type=content_type, headers=store.auth("bob")
+    )
     assert r.status_code == status, r.json
     assert needle in r.json["error"]["message"]
 
@@ -127,7 +148,9 @@ def test_bad_ids_and_methods(store):
     h = store.auth("bob")
     assert store.client.get("/api/v1/builds/zzz", headers=h).status_code == 400
     assert store.client.get("/api/v1/builds/" + "ab" * 32, headers=h).status_code == 404
-    r = store.client.post("/api/v1/listings/nope/eval-license", json={"device_id": "x", "target": "arm-cpu"}, headers=h)
+    r = store.client.post(
+        "/api/v1/listings/nope/eval-license", json={"device_id": "x", "target": "arm-cpu"}, headers=h
+    )
     assert r.status_code == 404
     r = store.client.delete("/api/v1/listings", headers=h)
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
@@ -145,7 +168,12 @@ def test_usage_garbage_is_reported_not_crashed(store):
     url = f"/api/v1/devices/{keys.device_id}/usage"
     for body in (b"garbage\n", b"{}\n", b'{"rec": 1, "sig": 2}\n', b"\xff" * 100):
         r = store.client.post(url, data=body, headers=store.auth("bob"))
-        assert r.status_code == 200 and r.json["ok"] is False and r.json["first_bad"] == 0 and r.json["accepted"] == 0
+        assert (
+            r.status_code == 200
+            and r.json["ok"] is False
+            and r.json["first_bad"] == 0
+            and r.json["accepted"] == 0
+        )
 
 
 def test_idempotent_upload_retry_returns_the_first_response(store, digits_base):

@@ -6,10 +6,10 @@ import json
 import sys
 import threading
 
-import licenses
 import pytest
 from werkzeug.serving import make_server
 
+import licenses
 from edgemart.cli import main
 from store import create_app
 
@@ -40,22 +40,89 @@ def test_create_user_and_upload_with_wait(live, capsys, corpus, digits_calibrati
     assert main(["store", "create-user", "sally", "--role", "seller", "--data-dir", str(data)]) == 1  # exists
     capsys.readouterr()
     model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
-    code = main(["seller", "upload", str(model), "--name", "digits", "--license", "MIT", "--targets", "arm-cpu,onnx-fp32",
-                 "--calibration", str(digits_calibration), "--store", url, "--token", token, "--wait", "--json"])
+    code = main(
+        [
+            "seller",
+            "upload",
+            str(model),
+            "--name",
+            "digits",
+            "--license",
+            "MIT",
+            "--targets",
+            "arm-cpu,onnx-fp32",
+            "--calibration",
+            str(digits_calibration),
+            "--store",
+            url,
+            "--token",
+            token,
+            "--wait",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     doc = json.loads(out.out)
     assert doc["listing"] == "digits" and doc["results"]["arm-cpu"]["state"] == "done"
 
     # Bad input: exit 2 with every problem on one line.
-    code = main(["seller", "upload", str(digits_calibration), "--name", "", "--license", "MIT ANDD",
-                 "--targets", "nope", "--store", url, "--token", token])
+    code = main(
+        [
+            "seller",
+            "upload",
+            str(digits_calibration),
+            "--name",
+            "",
+            "--license",
+            "MIT ANDD",
+            "--targets",
+            "nope",
+            "--store",
+            url,
+            "--token",
+            token,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "name is required" in err and "unknown target" in err and "model:" in err
-    assert main(["seller", "upload", str(model), "--name", "x", "--license", "MIT", "--store", url, "--token", "bad"]) == 2
-    assert main(["seller", "upload", str(tmp_path / "missing.onnx"), "--name", "x", "--license", "MIT",
-                 "--store", url, "--token", token]) == 2
+    assert (
+        main(
+            [
+                "seller",
+                "upload",
+                str(model),
+                "--name",
+                "x",
+                "--license",
+                "MIT",
+                "--store",
+                url,
+                "--token",
+                "bad",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "seller",
+                "upload",
+                str(tmp_path / "missing.onnx"),
+                "--name",
+                "x",
+                "--license",
+                "MIT",
+                "--store",
+                url,
+                "--token",
+                token,
+            ]
+        )
+        == 2
+    )
 
 
 def test_upload_block_exits_1(live, capsys, corpus):
@@ -65,8 +132,23 @@ def test_upload_block_exits_1(live, capsys, corpus):
     licenses.LicenseIndex(data / "license-index").add(
         (digits / "digits_mlp_base.onnx").read_bytes(), name="digits-mlp-base", license="CC-BY-4.0"
     )
-    code = main(["seller", "upload", str(digits / "digits_mlp_pruned.onnx"), "--name", "copy", "--license",
-                 "LicenseRef-Proprietary", "--targets", "onnx-fp32", "--store", url, "--token", token])
+    code = main(
+        [
+            "seller",
+            "upload",
+            str(digits / "digits_mlp_pruned.onnx"),
+            "--name",
+            "copy",
+            "--license",
+            "LicenseRef-Proprietary",
+            "--targets",
+            "onnx-fp32",
+            "--store",
+            url,
+            "--token",
+            token,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "blocked" in err and "digits-mlp-base" in err
@@ -74,8 +156,21 @@ def test_upload_block_exits_1(live, capsys, corpus):
 
 def test_unreachable_store(capsys, corpus):
     model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
-    code = main(["seller", "upload", str(model), "--name", "x", "--license", "MIT", "--store", "http://127.0.0.1:9",
-                 "--token", "t"])
+    code = main(
+        [
+            "seller",
+            "upload",
+            str(model),
+            "--name",
+            "x",
+            "--license",
+            "MIT",
+            "--store",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+        ]
+    )
     assert code == 1 and "cannot reach" in capsys.readouterr().err
 
 

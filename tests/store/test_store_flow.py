@@ -13,8 +13,14 @@ import drm
 
 
 def test_upload_package_enroll_license_decrypt(store, digits_base, digits_calibration, digits_test):
-    r = store.upload("sally", digits_base, name="Digits MLP", license="LicenseRef-Proprietary",
-                     targets="arm-cpu,onnx-fp32", calibration=digits_calibration)
+    r = store.upload(
+        "sally",
+        digits_base,
+        name="Digits MLP",
+        license="LicenseRef-Proprietary",
+        targets="arm-cpu,onnx-fp32",
+        calibration=digits_calibration,
+    )
     assert r.status_code == 202, r.json
     listing_id = r.json["listing"]["id"]
     assert listing_id == "digits-mlp"
@@ -36,8 +42,11 @@ def test_upload_package_enroll_license_decrypt(store, digits_base, digits_calibr
 
     # The device makes its own keys; the store certifies them.
     keys = drm.DeviceKeys.generate()
-    r = store.client.post("/api/v1/devices/enroll", json={"csr": keys.csr().decode(), "name": "board-1"},
-                          headers=store.auth("bob"))
+    r = store.client.post(
+        "/api/v1/devices/enroll",
+        json={"csr": keys.csr().decode(), "name": "board-1"},
+        headers=store.auth("bob"),
+    )
     assert r.status_code == 201, r.json
     assert r.json["device_id"] == keys.device_id
     root = drm.cert_from_bytes(r.json["root"].encode())
@@ -45,13 +54,17 @@ def test_upload_package_enroll_license_decrypt(store, digits_base, digits_calibr
     now = int(time.time())
     drm.verify_cert(cert, root, now=now, purpose=drm.EKU_DEVICE)
 
-    r = store.client.post(f"/api/v1/listings/{listing_id}/eval-license",
-                          json={"device_id": keys.device_id, "target": "arm-cpu"}, headers=store.auth("bob"))
+    r = store.client.post(
+        f"/api/v1/listings/{listing_id}/eval-license",
+        json={"device_id": keys.device_id, "target": "arm-cpu"},
+        headers=store.auth("bob"),
+    )
     assert r.status_code == 201, r.json
     lic = r.json
     assert lic["build_hash"] == builds["arm-cpu"]["build_hash"]
-    verified = drm.verify_license(lic["license"].encode(), root=root, now=now, device_id=keys.device_id,
-                                  build_hash=lic["build_hash"])
+    verified = drm.verify_license(
+        lic["license"].encode(), root=root, now=now, device_id=keys.device_id, build_hash=lic["build_hash"]
+    )
     claims = verified.claims
     assert claims.kind == "eval" and claims.listing == listing_id and claims.max_runs == 1000
     assert claims.not_after is not None and claims.not_after - now <= 14 * 86400 + 5
@@ -72,8 +85,11 @@ def test_upload_package_enroll_license_decrypt(store, digits_base, digits_calibr
     assert (labels == y).mean() > 0.9
 
     # Re-requesting returns the same license: the run counter cannot be reset.
-    again = store.client.post(f"/api/v1/listings/{listing_id}/eval-license",
-                              json={"device_id": keys.device_id, "target": "arm-cpu"}, headers=store.auth("bob"))
+    again = store.client.post(
+        f"/api/v1/listings/{listing_id}/eval-license",
+        json={"device_id": keys.device_id, "target": "arm-cpu"},
+        headers=store.auth("bob"),
+    )
     assert again.status_code == 200
     assert again.json["license_id"] == lic["license_id"] and again.json["license"] == lic["license"]
 
@@ -84,31 +100,69 @@ def test_usage_sync_accepts_only_the_verified_continuation(store, digits_base, d
     store.wait()
     keys = drm.DeviceKeys.generate()
     store.client.post("/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=store.auth("bob"))
-    lic = store.client.post("/api/v1/listings/usage-model/eval-license",
-                            json={"device_id": keys.device_id, "target": "onnx-fp32"}, headers=store.auth("bob")).json
+    lic = store.client.post(
+        "/api/v1/listings/usage-model/eval-license",
+        json={"device_id": keys.device_id, "target": "onnx-fp32"},
+        headers=store.auth("bob"),
+    ).json
     lines: list[bytes] = []
     for i in range(5):
-        lines.append(drm.make_record(keys.sign, prev_line=lines[-1] if lines else None, seq=i, device_id=keys.device_id,
-                                     t=1_800_000_000 + i, event="run", license_id=lic["license_id"],
-                                     build_hash=lic["build_hash"], runs=i + 1))
+        lines.append(
+            drm.make_record(
+                keys.sign,
+                prev_line=lines[-1] if lines else None,
+                seq=i,
+                device_id=keys.device_id,
+                t=1_800_000_000 + i,
+                event="run",
+                license_id=lic["license_id"],
+                build_hash=lic["build_hash"],
+                runs=i + 1,
+            )
+        )
     url = f"/api/v1/devices/{keys.device_id}/usage"
-    post = lambda body: store.client.post(url, data=body, headers={**store.auth("bob"), "Content-Type": "application/x-ndjson"})  # noqa: E731
+
+    def post(body: bytes):
+        return store.client.post(
+            url, data=body, headers={**store.auth("bob"), "Content-Type": "application/x-ndjson"}
+        )
+
     r = post(b"\n".join(lines[:3]) + b"\n")
     assert r.json == {"ok": True, "accepted": 3, "first_bad": None, "reason": "", "held": 3}
     r = post(b"\n".join(lines) + b"\n")  # the whole log again: only the two new records count
     assert r.json["ok"] and r.json["accepted"] == 2
     r = post(b"\n".join(lines[3:]) + b"\n")  # a replayed tail adds nothing
     assert r.json["ok"] and r.json["accepted"] == 0
-    forged = drm.make_record(keys.sign, prev_line=lines[1], seq=2, device_id=keys.device_id, t=1_800_000_100,
-                             event="run", license_id=lic["license_id"], build_hash=lic["build_hash"], runs=1)
+    forged = drm.make_record(
+        keys.sign,
+        prev_line=lines[1],
+        seq=2,
+        device_id=keys.device_id,
+        t=1_800_000_100,
+        event="run",
+        license_id=lic["license_id"],
+        build_hash=lic["build_hash"],
+        runs=1,
+    )
     r = post(forged + b"\n")  # a rewritten record 2 is detected
     assert not r.json["ok"] and r.json["accepted"] == 0
     tampered = lines[4].replace(b'"runs":5', b'"runs":1')
-    extra = drm.make_record(keys.sign, prev_line=lines[4], seq=5, device_id=keys.device_id, t=1_800_000_005,
-                            event="run", license_id=lic["license_id"], build_hash=lic["build_hash"], runs=6)
+    extra = drm.make_record(
+        keys.sign,
+        prev_line=lines[4],
+        seq=5,
+        device_id=keys.device_id,
+        t=1_800_000_005,
+        event="run",
+        license_id=lic["license_id"],
+        build_hash=lic["build_hash"],
+        runs=6,
+    )
     r = post(tampered + b"\n" + extra + b"\n")
     assert not r.json["ok"] and r.json["first_bad"] == 0
     usage = store.client.get("/api/v1/listings/usage-model/usage", headers=store.auth("sally")).json
     assert usage["totals"]["run"] == 5
     assert usage["devices"][0]["device_id"] == keys.device_id
-    assert store.client.get("/api/v1/listings/usage-model/usage", headers=store.auth("sam")).status_code == 403
+    assert (
+        store.client.get("/api/v1/listings/usage-model/usage", headers=store.auth("sam")).status_code == 403
+    )

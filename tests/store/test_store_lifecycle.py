@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import time
 
-import licenses
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from sqlalchemy import select
 
 import drm
+import licenses
 from store.models import Build, Job
 from tests.store.conftest import make_store
 
 
 def _enroll(store, who: str) -> drm.DeviceKeys:
     keys = drm.DeviceKeys.generate()
-    r = store.client.post("/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=store.auth(who))
+    r = store.client.post(
+        "/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=store.auth(who)
+    )
     assert r.status_code == 201, r.json
     return keys
 
@@ -29,22 +31,37 @@ def test_blocked_upload_is_kept_for_appeal_never_packaged(store, corpus):
         (digits / "digits_mlp_base.onnx").read_bytes(), name="digits-mlp-base", license="CC-BY-4.0"
     )
     before = store.counts()
-    r = store.upload("sally", digits / "digits_mlp_pruned.onnx", name="pruned copy", license="LicenseRef-Proprietary",
-                     targets="onnx-fp32")
+    r = store.upload(
+        "sally",
+        digits / "digits_mlp_pruned.onnx",
+        name="pruned copy",
+        license="LicenseRef-Proprietary",
+        targets="onnx-fp32",
+    )
     assert r.status_code == 403
     assert r.json["error"]["code"] == "blocked"
     assert r.json["decision"]["outcome"] == "block"
     assert any(f["code"] == "undeclared_derivative" for f in r.json["error"]["problems"])
     after = store.counts()
-    assert after["listings"] == before["listings"] + 1 and after["jobs"] == before["jobs"] and after["builds"] == 0
+    assert (
+        after["listings"] == before["listings"] + 1
+        and after["jobs"] == before["jobs"]
+        and after["builds"] == 0
+    )
     assert store.client.get("/api/v1/listings/pruned-copy").status_code == 404
     assert store.client.get("/api/v1/listings/pruned-copy", headers=store.auth("sam")).status_code == 404
-    assert store.client.get("/api/v1/listings/pruned-copy", headers=store.auth("sally")).json["status"] == "blocked"
+    assert (
+        store.client.get("/api/v1/listings/pruned-copy", headers=store.auth("sally")).json["status"]
+        == "blocked"
+    )
     queue = store.client.get("/api/v1/listings?status=blocked", headers=store.auth("ada")).json["items"]
     assert [x["id"] for x in queue] == ["pruned-copy"]
     # The admin approves on appeal: only then is it packaged.
-    r = store.client.post("/api/v1/listings/pruned-copy/review", json={"action": "approve", "note": "licensed"},
-                          headers=store.auth("ada"))
+    r = store.client.post(
+        "/api/v1/listings/pruned-copy/review",
+        json={"action": "approve", "note": "licensed"},
+        headers=store.auth("ada"),
+    )
     assert r.status_code == 200 and len(r.json["jobs"]) == 1
     store.wait()
     assert store.client.get("/api/v1/listings/pruned-copy").json["status"] == "listed"
@@ -100,22 +117,31 @@ def listed(store, digits_base):
 
 def test_revocation_list_is_signed_and_versioned(store, listed):
     keys = _enroll(store, "bob")
-    lic = store.client.post(f"/api/v1/listings/{listed}/eval-license",
-                            json={"device_id": keys.device_id, "target": "onnx-fp32"}, headers=store.auth("bob")).json
+    lic = store.client.post(
+        f"/api/v1/listings/{listed}/eval-license",
+        json={"device_id": keys.device_id, "target": "onnx-fp32"},
+        headers=store.auth("bob"),
+    ).json
     assert lic["max_runs"] == 50
     root = drm.cert_from_bytes(store.client.get("/api/v1/root.crt").data)
     now = int(time.time())
     v1 = drm.verify_revocation_list(store.client.get("/api/v1/revocations").data, root=root, now=now)
     r = store.client.post(f"/api/v1/licenses/{lic['license_id']}/revoke", headers=store.auth("ada"))
     assert r.status_code == 200 and r.json["revocation_version"] == v1.version + 1
-    v2 = drm.verify_revocation_list(store.client.get("/api/v1/revocations").data, root=root, now=now,
-                                    current_version=v1.version)
+    v2 = drm.verify_revocation_list(
+        store.client.get("/api/v1/revocations").data, root=root, now=now, current_version=v1.version
+    )
     assert lic["license_id"] in v2.revoked
     with pytest.raises(drm.LicenseRefused):
-        drm.verify_license(lic["license"].encode(), root=root, now=now, device_id=keys.device_id, revoked=v2.revoked)
+        drm.verify_license(
+            lic["license"].encode(), root=root, now=now, device_id=keys.device_id, revoked=v2.revoked
+        )
     # A revoked license is not re-issued (that would reset its counters) and no longer opens the build.
-    again = store.client.post(f"/api/v1/listings/{listed}/eval-license",
-                              json={"device_id": keys.device_id, "target": "onnx-fp32"}, headers=store.auth("bob"))
+    again = store.client.post(
+        f"/api/v1/listings/{listed}/eval-license",
+        json={"device_id": keys.device_id, "target": "onnx-fp32"},
+        headers=store.auth("bob"),
+    )
     assert again.status_code == 403
     assert store.client.get(lic["build_url"], headers=store.auth("bob")).status_code == 403
 
@@ -123,12 +149,18 @@ def test_revocation_list_is_signed_and_versioned(store, listed):
 def test_eval_device_limit(store, listed):
     for _ in range(3):
         keys = _enroll(store, "bob")
-        r = store.client.post(f"/api/v1/listings/{listed}/eval-license",
-                              json={"device_id": keys.device_id, "target": "onnx-fp32"}, headers=store.auth("bob"))
+        r = store.client.post(
+            f"/api/v1/listings/{listed}/eval-license",
+            json={"device_id": keys.device_id, "target": "onnx-fp32"},
+            headers=store.auth("bob"),
+        )
         assert r.status_code == 201
     keys = _enroll(store, "bob")
-    r = store.client.post(f"/api/v1/listings/{listed}/eval-license",
-                          json={"device_id": keys.device_id, "target": "onnx-fp32"}, headers=store.auth("bob"))
+    r = store.client.post(
+        f"/api/v1/listings/{listed}/eval-license",
+        json={"device_id": keys.device_id, "target": "onnx-fp32"},
+        headers=store.auth("bob"),
+    )
     assert r.status_code == 403 and "limit" in r.json["error"]["message"]
 
 
@@ -137,26 +169,40 @@ def test_production_licenses_per_device_and_fleet(store, listed):
     now = int(time.time())
     fleet_devices = [drm.DeviceKeys.generate() for _ in range(2)]
     certs = [drm.cert_to_pem(k.self_signed_cert(now=now)).decode() for k in fleet_devices]
-    r = store.client.post(f"/api/v1/listings/{listed}/production-licenses",
-                          json={"target": "onnx-fp32", "device_certs": certs}, headers=store.auth("bill"))
+    r = store.client.post(
+        f"/api/v1/listings/{listed}/production-licenses",
+        json={"target": "onnx-fp32", "device_certs": certs},
+        headers=store.auth("bill"),
+    )
     assert r.status_code == 201, r.json
     for keys, item in zip(fleet_devices, r.json["licenses"], strict=True):
-        claims = drm.verify_license(item["license"].encode(), root=root, now=now, device_id=keys.device_id).claims
+        claims = drm.verify_license(
+            item["license"].encode(), root=root, now=now, device_id=keys.device_id
+        ).claims
         assert claims.kind == "production" and claims.not_after is None
         assert len(drm.unwrap_cek(claims, keys)) == 32
     fleet = x25519.X25519PrivateKey.generate()
-    pem = fleet.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    r = store.client.post(f"/api/v1/listings/{listed}/production-licenses",
-                          json={"target": "onnx-fp32", "fleet_key": pem.decode(), "seats": 100}, headers=store.auth("bill"))
+    pem = fleet.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    r = store.client.post(
+        f"/api/v1/listings/{listed}/production-licenses",
+        json={"target": "onnx-fp32", "fleet_key": pem.decode(), "seats": 100},
+        headers=store.auth("bill"),
+    )
     assert r.status_code == 201
     item = r.json["licenses"][0]
-    claims = drm.verify_license(item["license"].encode(), root=root, now=now,
-                                fleet_key_ids=frozenset({item["fleet_key_id"]})).claims
+    claims = drm.verify_license(
+        item["license"].encode(), root=root, now=now, fleet_key_ids=frozenset({item["fleet_key_id"]})
+    ).claims
     cek = drm.unwrap_cek(claims, fleet)
     sealed = store.client.get(item["build_url"], headers=store.auth("bill")).data
     drm.open_sealed(sealed, key=cek, expected_build_hash=claims.build_hash)
-    r = store.client.post(f"/api/v1/listings/{listed}/production-licenses",
-                          json={"target": "onnx-fp32", "device_certs": ["not a cert"]}, headers=store.auth("bill"))
+    r = store.client.post(
+        f"/api/v1/listings/{listed}/production-licenses",
+        json={"target": "onnx-fp32", "device_certs": ["not a cert"]},
+        headers=store.auth("bill"),
+    )
     assert r.status_code == 400 and "device_certs" in r.json["error"]["message"]
 
 

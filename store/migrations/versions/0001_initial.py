@@ -197,6 +197,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("idempotency", "revocations", "usage", "licenses", "devices", "jobs", "builds", "listings",
-                  "api_tokens", "users"):
+    for table in (
+        "idempotency",
+        "revocations",
+        "usage",
+        "licenses",
+        "devices",
+        "jobs",
+        "builds",
+        "listings",
+        "api_tokens",
+        "users",
+    ):
         op.drop_table(table)

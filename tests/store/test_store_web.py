@@ -1,0 +1,93 @@
+"""The web UI through the Flask test client: login with CSRF, secure cookies, seller upload form,
+listing page with decision and quality report, buyer/seller/admin pages; cookies never authorize API writes."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import drm
+
+
+def _csrf(client, path: str = "/login") -> str:
+    page = client.get(path).get_data(as_text=True)
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def _login(store, name: str, password: str):
+    client = store.app.test_client()
+    token = _csrf(client)
+    r = client.post("/login", data={"name": name, "password": password, "csrf_token": token})
+    assert r.status_code == 302, r.data
+    return client, r
+
+
+def test_login_sets_secure_cookie_and_needs_csrf(store):
+    client = store.app.test_client()
+    r = client.post("/login", data={"name": "sally", "password": "pw-sally-12345"})
+    assert r.status_code == 403  # no CSRF token
+    token = _csrf(client)
+    r = client.post("/login", data={"name": "sally", "password": "wrong-password", "csrf_token": token})
+    assert r.status_code == 401 and b"wrong user name or password" in r.data
+    _, r = _login(store, "sally", "pw-sally-12345")
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_seller_uploads_through_the_form_and_sees_progress(store, digits_base, digits_calibration):
+    client, _ = _login(store, "sally", "pw-sally-12345")
+    token = _csrf(client, "/sell")
+    r = client.post(
+        "/sell",
+        data={
+            "csrf_token": token,
+            "name": "Web Digits",
+            "license": "MIT",
+            "targets": ["arm-cpu", "onnx-fp32"],
+            "model": (io.BytesIO(digits_base.read_bytes()), "m.onnx"),
+            "calibration": (io.BytesIO(digits_calibration.read_bytes()), "c.npz"),
+        },
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 302
+    assert "/listings/web-digits?jobs=job_" in r.headers["Location"]
+    page = client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "/api/v1/jobs/" in page  # the polling script
+    job_id = r.headers["Location"].split("jobs=")[1].split(",")[0]
+    assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200  # cookie works for reads
+    store.wait()
+    page = client.get("/listings/web-digits").get_data(as_text=True)
+    assert "Compliance decision" in page and "quality.html" in page and "arm-cpu" in page
+    assert client.get("/me/usage").status_code == 200
+    # The same form with a problem re-renders with every problem listed.
+    token = _csrf(client, "/sell")
+    r = client.post(
+        "/sell",
+        data={"csrf_token": token, "name": "", "license": "MIT ANDD", "targets": ["x"]},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 422
+    text = r.get_data(as_text=True)
+    assert "name is required" in text and "unknown target" in text and "model file is required" in text
+
+
+def test_cookie_cannot_write_through_the_api(store):
+    client, _ = _login(store, "bob", "pw-bob-12345")
+    keys = drm.DeviceKeys.generate()
+    r = client.post("/api/v1/devices/enroll", json={"csr": keys.csr().decode()})
+    assert r.status_code == 401
+    assert client.get("/api/v1/me").json["name"] == "bob"
+
+
+def test_pages_by_role(store):
+    bob, _ = _login(store, "bob", "pw-bob-12345")
+    assert bob.get("/me/licenses").status_code == 200
+    assert bob.get("/sell").status_code == 403
+    assert bob.get("/admin/review").status_code == 403
+    ada, _ = _login(store, "ada", "pw-ada-12345")
+    assert ada.get("/admin/review").status_code == 200
+    anon = store.app.test_client()
+    assert anon.get("/").status_code == 200
+    r = anon.get("/sell")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    assert anon.get("/listings/nope").status_code == 404
