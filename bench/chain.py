@@ -11,6 +11,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ import numpy as np
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall on the small reply
     def log_message(self, *a):
         pass
     def do_POST(self):
@@ -155,6 +157,8 @@ def bench_http(array: np.ndarray, n: int, *, as_json: bool) -> float:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
         conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def trip() -> None:
             body = json.dumps(array.tolist()).encode() if as_json else array.tobytes()
@@ -253,7 +257,7 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
     queue_1, queue_16 = bench_queue(one, n * 2), bench_queue(sixteen, n)
     json_1 = bench_http(one, 3 if quick else 10, as_json=True)
     raw_1 = bench_http(one, n * 2, as_json=False)
-    chain_fps, single_fps = bench_pipeline(30 if quick else 120)
+    chain_fps, single_fps = bench_pipeline(120 if quick else 400)
     ms = lambda v: f"{v:.3f} ms"  # noqa: E731
     return {
         "chain.speedup_vs_queue_1mb": _entry(queue_1 / slots_1, ">= 10",

@@ -123,13 +123,16 @@ class Node:
         others: list[tuple[Channel, dict[str, Any]]] = []
         for selector_key, _ in self.selector.select(timeout):
             channel: Channel = selector_key.data
-            message, fds = channel.recv(None)
-            if channel in self.control:
-                for fd in fds:
-                    _close_fd(fd)
-                others.append((channel, message))
-            else:
-                self.handle(channel, message, fds)
+            got: tuple[dict[str, Any], list[int]] | None = channel.recv(None)
+            while got is not None:  # drain everything queued on this channel
+                message, fds = got
+                if channel in self.control:
+                    for fd in fds:
+                        _close_fd(fd)
+                    others.append((channel, message))
+                else:
+                    self.handle(channel, message, fds)
+                got = channel.recv_nowait()
         return others
 
     def close(self) -> None:

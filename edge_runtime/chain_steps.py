@@ -290,8 +290,9 @@ def _resize(img: np.ndarray, size: tuple[int, int], nhwc: bool, method: str) -> 
         wy = (fy - y0).astype(np.float32)[None, :, None, None]
         wx = (fx - x0).astype(np.float32)[None, None, :, None]
         xf = x.astype(np.float32, copy=False)
-        top = xf[:, y0][:, :, x0] * (1 - wx) + xf[:, y0][:, :, x1] * wx
-        bottom = xf[:, y1][:, :, x0] * (1 - wx) + xf[:, y1][:, :, x1] * wx
+        rows0, rows1 = xf[:, y0], xf[:, y1]
+        top = rows0[:, :, x0] * (1 - wx) + rows0[:, :, x1] * wx
+        bottom = rows1[:, :, x0] * (1 - wx) + rows1[:, :, x1] * wx
         out = (top * (1 - wy) + bottom * wy).astype(np.float32)
     if not nhwc:
         out = out.transpose(0, 3, 1, 2)

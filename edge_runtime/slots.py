@@ -206,8 +206,19 @@ class Channel:
             ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
             if not ready:
                 raise TimeoutError(f"no message from {self.peer} within {timeout:g} s")
+        got = self._recv(0)
+        assert got is not None
+        return got
+
+    def recv_nowait(self) -> tuple[dict[str, Any], list[int]] | None:
+        """The next message if one is queued, else None (PeerGone on EOF)."""
+        return self._recv(socket.MSG_DONTWAIT)
+
+    def _recv(self, flags_in: int) -> tuple[dict[str, Any], list[int]] | None:
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS_PER_MESSAGE)
+            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS_PER_MESSAGE, flags_in)
+        except BlockingIOError:
+            return None
         except ConnectionResetError as exc:
             raise PeerGone(f"{self.peer} closed its channel") from exc
         if not data:

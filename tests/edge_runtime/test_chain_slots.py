@@ -1,0 +1,70 @@
+"""The slot transport on its own: memfd slots, in-place read-only views, credits, regrowth, EOF."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from edge_runtime.chain_node import Node
+from edge_runtime.slots import HEADER_BYTES, PAGE, Channel, PeerGone, SlotError
+
+
+def _pair(slots: int = 2) -> tuple[Node, Node]:
+    to_consumer, to_producer = Channel.pair("producer", "consumer")
+    producer = Node("producer", {"consumer": to_consumer}, {"t": ["consumer"]}, {}, slots)
+    consumer = Node("consumer", {"producer": to_producer}, {}, {"t": "producer"}, slots)
+    return producer, consumer
+
+
+def test_views_are_in_place_read_only_and_credited() -> None:
+    fds_before = set(os.listdir("/proc/self/fd"))
+    producer, consumer = _pair()
+    a = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    producer.publish("t", 0, a)
+    producer.publish("t", 1, a * 2)
+    assert not producer.can_publish("t", 2)  # both slots held: the producer must wait
+    consumer.pump(1.0)
+    view = consumer.view("t", 0)
+    assert np.array_equal(view, a) and not view.flags.writeable and not view.flags.owndata
+    # The payload starts on a page boundary of the mapping (HEADER_BYTES is a whole page).
+    assert HEADER_BYTES % PAGE == 0 and view.ctypes.data % PAGE == 0
+    del view
+    consumer.release("t", 0)
+    producer.pump(1.0)
+    assert producer.can_publish("t", 2) and not producer.can_publish("t", 3)
+    # A bigger tensor regrows the slot: a new memfd travels with the ready message.
+    big = np.ones((3, 5000), dtype=np.int64)
+    producer.publish("t", 2, big)
+    consumer.pump(1.0)
+    assert np.array_equal(consumer.view("t", 2), big) and np.array_equal(consumer.view("t", 1), a * 2)
+    consumer.release("t", 1)
+    consumer.release("t", 2)
+    producer.close()
+    consumer.close()
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert open("/proc/self/maps").read().count("edgemart-slot") == 0
+
+
+def test_stale_frame_and_closed_peer_are_detected() -> None:
+    producer, consumer = _pair()
+    producer.publish("t", 0, np.zeros(4, np.float32))
+    consumer.pump(1.0)
+    consumer._announced[("t", 2)] = 0  # a message claiming frame 2 for a slot that holds frame 0
+    with pytest.raises(SlotError, match="holds frame 0"):
+        consumer.view("t", 2)
+    producer.close()
+    with pytest.raises(PeerGone):
+        consumer.pump(1.0)
+    consumer.close()
+
+
+def test_channel_timeout() -> None:
+    a, b = Channel.pair("x", "y")
+    with pytest.raises(TimeoutError, match="no message from y"):
+        a.recv(0.05)
+    b.send({"t": "ping"})
+    assert a.recv(1.0)[0] == {"t": "ping"}
+    a.close()
+    b.close()
