@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -417,7 +417,7 @@ class Chain:
     def _process_of(self, channel: Channel) -> _Process:
         return next(p for p in self._processes.values() if p.control is channel)
 
-    def _raise_reported(self, process: _Process, message: dict[str, Any]) -> None:
+    def _raise_reported(self, process: _Process, message: dict[str, Any]) -> NoReturn:
         if message.get("t") != "error":
             raise StageFailed(
                 f"{process.label} sent an unexpected {message.get('t')!r} message", kind="protocol"
@@ -432,7 +432,7 @@ class Chain:
             raise UsageError(text)
         raise StageFailed(text, stage=stage, pid=process.popen.pid, kind=str(message.get("kind", "")))
 
-    def _raise_dead(self) -> None:
+    def _raise_dead(self) -> NoReturn:
         """A peer closed a socket: find the process that exited and say how."""
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
@@ -448,7 +448,7 @@ class Chain:
             time.sleep(0.01)
         raise StageFailed("a stage process closed its channel without exiting", kind="died")
 
-    def _raise_hung(self, seq: int) -> None:
+    def _raise_hung(self, seq: int) -> NoReturn:
         for stage in self.spec.stages:
             if self._last_done[stage.name] < seq:
                 process = self._processes[self.spec.process_of(stage)]

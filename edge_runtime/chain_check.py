@@ -67,16 +67,16 @@ def check_signatures(
                     f"(inputs: {', '.join(model_inputs)})"
                 )
         for name, expected in model_inputs.items():
-            binding = stage.inputs.get(name)
-            if binding is None:
+            bound = stage.inputs.get(name)
+            if bound is None:
                 raise UsageError(f"stage {stage.name!r}: model input {name!r} is not bound to any tensor")
             where = f"stage {stage.name!r} input {name!r}"
-            actual = through_steps(binding, where)
+            actual = through_steps(bound, where)
             if not fits(actual, expected):
-                via = f" after {', '.join(s.op for s in binding.steps)}" if binding.steps else ""
+                via = f" after {', '.join(s.op for s in bound.steps)}" if bound.steps else ""
                 raise UsageError(
                     f"{where}: the model expects {expected.describe()}, "
-                    f"but {binding.source}{via} gives {actual.describe()}"
+                    f"but {bound.source}{via} gives {actual.describe()}"
                 )
     result = {name: through_steps(b, f"chain output {name!r}") for name, b in spec.outputs.items()}
     return inputs, result

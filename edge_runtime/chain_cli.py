@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         }
     if args.save_outputs:
         stacked = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in outputs.items()}
-        np.savez(args.save_outputs, **stacked)
+        np.savez(args.save_outputs, **stacked)  # type: ignore[arg-type]
         report["saved_outputs"] = str(args.save_outputs)
     if args.json:
         print(json.dumps(report, sort_keys=True))

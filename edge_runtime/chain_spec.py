@@ -124,8 +124,12 @@ class _Reader:
         return value
 
     def keys(
-        self, obj: dict[str, Any], where: str, allowed: set[str], required: set[str] = frozenset()
-    ) -> None:  # type: ignore[assignment]
+        self,
+        obj: dict[str, Any],
+        where: str,
+        allowed: set[str],
+        required: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         for key in obj:
             if key not in allowed:
                 raise self.fail(

@@ -592,7 +592,8 @@ class Device:
     def runs_left(self, claims: drm.LicenseClaims) -> int | None:
         if claims.max_runs is None:
             return None
-        st, _ = self.ledger.load()
+        with _fs.locked(self.ledger.lock_path):  # a load may roll the state forward: never beside a commit
+            st, _ = self.ledger.load()
         return max(0, claims.max_runs - st.runs.get(claims.license_id, 0))
 
     def status(self, *, now: int | None = None) -> dict[str, Any]:

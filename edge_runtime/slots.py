@@ -6,6 +6,7 @@ the slot read-only and read tensors in place; only (slot, seq) messages cross th
 
 from __future__ import annotations
 
+import array
 import json
 import mmap
 import os
@@ -168,6 +169,18 @@ class MappedSlot:
             self._map = None
 
 
+def _recv_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int], int]:
+    """socket.recv_fds, but honouring `flags` (Python 3.11's version drops them)."""
+    fds = array.array("i")
+    data, ancillary, msg_flags, _ = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS_PER_MESSAGE * fds.itemsize), flags
+    )
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    return data, list(fds), msg_flags
+
+
 class Channel:
     """A SOCK_SEQPACKET Unix socket carrying one JSON message (plus optional fds) per packet."""
 
@@ -216,7 +229,7 @@ class Channel:
 
     def _recv(self, flags_in: int) -> tuple[dict[str, Any], list[int]] | None:
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS_PER_MESSAGE, flags_in)
+            data, fds, flags = _recv_fds(self.sock, flags_in)
         except BlockingIOError:
             return None
         except ConnectionResetError as exc:

@@ -224,7 +224,9 @@ def test_killed_stage_is_reported_and_nothing_leaks(device_dir: Path, faces: np.
 
 def test_hung_stage_is_detected_within_the_timeout(device_dir: Path, faces: np.ndarray) -> None:
     fds_before = _fds()
-    chain = Chain.from_file(EXAMPLES / "face_mesh.yaml", device_dir, timeouts=Timeouts(frame=2.0)).start()
+    chain = Chain.from_file(
+        EXAMPLES / "face_mesh.yaml", device_dir, timeouts=Timeouts(frame=2.0, stop=1.0)
+    ).start()
     pids = chain.stage_pids
     stopped_at = None
     with pytest.raises(StageHung, match=r"stage 'detect'.*no progress.*2 s") as info:
