@@ -117,7 +117,27 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
     devices: dict[str, dict[str, Any]] = {}
     totals = {"run": 0, "refused": 0, "sync": 0}
     by_target: dict[str, dict[str, int]] = {}
+    # Devices meter runs in reserved blocks ("reserve:n" / "release:n"), so a license's runs are the counter
+    # carried by its latest run record, not the number of run records.
+    latest: dict[tuple[str, str], tuple[int, int]] = {}
+    for device_id, license_id, seq, runs in session.execute(
+        select(UsageRecord.device_id, UsageRecord.license_id, UsageRecord.seq, UsageRecord.runs)
+        .join(
+            License,
+            (License.license_id == UsageRecord.license_id)
+            & or_(License.device_id == UsageRecord.device_id, License.fleet_key_id.is_not(None)),
+        )
+        .where(License.listing_id == listing.id, UsageRecord.event == "run")
+    ):
+        key = (device_id, license_id)
+        if key not in latest or seq > latest[key][0]:
+            latest[key] = (seq, runs)
+    run_counts: dict[str, int] = {}
+    for (device_id, _), (_, runs) in latest.items():
+        run_counts[device_id] = run_counts.get(device_id, 0) + runs
     for device_id, kind, event, count, last_t, build_id in rows:
+        if event == "run":
+            count = run_counts.pop(device_id, 0)
         d = devices.setdefault(
             device_id,
             {
