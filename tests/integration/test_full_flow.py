@@ -75,7 +75,7 @@ def test_expired_license_is_refused(flow: Path, corpus: Path) -> None:
         pytest.skip("faketime not installed (make test installs it)")
     dev = flow / "device"
     proc = edgemart("device", "eval", "digits-mlp", "--device-dir", str(dev),
-                    "--data", str(corpus / "data/digits/digits_test.npz"), prefix=["faketime", "+400d"])
+                    "--data", str(corpus / "data/digits/digits_test.npz"), prefix=["faketime", "-f", "+400d"])
     assert proc.returncode == 1, proc.stderr
     assert "license refused" in proc.stderr
 
