@@ -19,7 +19,7 @@ import numpy as np
 import drm
 from drm._canonical import FormatError
 from drm.license import LICENSE_TYP
-from edge_runtime import _fs
+from edge_runtime import fileio
 from edge_runtime.backends import Backend, TensorSpec, open_backend
 from edge_runtime.ledger import (
     DEFAULT_POLICY,
@@ -103,8 +103,8 @@ class Device:
                 root = drm.cert_from_bytes(trust)
             except FormatError as exc:
                 raise drm.UsageError(f"--trust: {exc.message}") from None
-        d.mkdir(parents=True, exist_ok=True, mode=_fs.PRIVATE_DIR)
-        os.chmod(d, _fs.PRIVATE_DIR)
+        d.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
+        os.chmod(d, fileio.PRIVATE_DIR)
         existing = [n for n in (*KEY_FILES, "state.key", "state.bin") if (d / n).exists()]
         if existing:
             raise drm.UsageError(
@@ -112,14 +112,14 @@ class Device:
             )
         keys = drm.DeviceKeys.generate(pq=pq)
         for name, data in keys.to_files().items():
-            _fs.create_private(d / name, data)
+            fileio.create_private(d / name, data)
         state_key = os.urandom(32)
-        _fs.create_private(d / "state.key", state_key)
-        _fs.atomic_write(d / "device.crt", drm.cert_to_pem(keys.self_signed_cert(now=now)), mode=0o644)
+        fileio.create_private(d / "state.key", state_key)
+        fileio.atomic_write(d / "device.crt", drm.cert_to_pem(keys.self_signed_cert(now=now)), mode=0o644)
         if root is not None:
-            _fs.atomic_write(d / "root.crt", drm.cert_to_pem(root), mode=0o644)
-        (d / "licenses").mkdir(mode=_fs.PRIVATE_DIR, exist_ok=True)
-        (d / "builds").mkdir(mode=_fs.PRIVATE_DIR, exist_ok=True)
+            fileio.atomic_write(d / "root.crt", drm.cert_to_pem(root), mode=0o644)
+        (d / "licenses").mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
+        (d / "builds").mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
         device = cls(d, keys, state_key, anchor_dir=anchor_dir)
         device.ledger.create(now=now)
         return device
@@ -324,10 +324,10 @@ class Device:
             drm.verify_cert(cert, root, now=self._clock(now), purpose=drm.EKU_DEVICE)
         except drm.LicenseRefused as exc:
             raise drm.ForbiddenError(f"store-issued device certificate is invalid: {exc.reason}") from None
-        _fs.atomic_write(self.dir / "device.crt", drm.cert_to_pem(cert), mode=0o644)
-        _fs.atomic_write(pinned, drm.cert_to_pem(root), mode=0o644)
+        fileio.atomic_write(self.dir / "device.crt", drm.cert_to_pem(cert), mode=0o644)
+        fileio.atomic_write(pinned, drm.cert_to_pem(root), mode=0o644)
         store_cfg = {"url": store_url, "token": token, "device_id": self.device_id}
-        _fs.atomic_write(self.dir / "store.json", json.dumps(store_cfg, indent=2).encode())
+        fileio.atomic_write(self.dir / "store.json", json.dumps(store_cfg, indent=2).encode())
         return {"device_id": self.device_id, "store": store_url, "issuer": cert.issuer.rfc4514_string()}
 
     def install(
@@ -341,14 +341,14 @@ class Device:
         if len(license) > self.policy.max_license_bytes:
             raise drm.UsageError("license file too large")
         clock = self._clock(now)
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             claims, _, _ = self._verify_locked(license, build_hash=header.build_hash, clock=clock)
         hexdigest = claims.build_hash.split(":", 1)[1]
         build_rel, lic_rel = f"builds/{hexdigest}.emdl", f"licenses/{claims.license_id}.lic"
         for sub in ("builds", "licenses"):
-            (self.dir / sub).mkdir(mode=_fs.PRIVATE_DIR, exist_ok=True)
-        _fs.atomic_write(self.dir / build_rel, bytes(build))
-        _fs.atomic_write(self.dir / lic_rel, bytes(license))
+            (self.dir / sub).mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
+        fileio.atomic_write(self.dir / build_rel, bytes(build))
+        fileio.atomic_write(self.dir / lic_rel, bytes(license))
         entry = {
             "target": claims.target,
             "license_id": claims.license_id,
@@ -357,10 +357,10 @@ class Device:
             "license": lic_rel,
             "kind": claims.kind,
         }
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             table = self.installed()
             table[listing or claims.listing] = entry
-            _fs.atomic_write(
+            fileio.atomic_write(
                 self.dir / "installed.json", json.dumps(table, indent=2, sort_keys=True).encode()
             )
         return {"listing": listing or claims.listing, **entry}
@@ -368,7 +368,7 @@ class Device:
     def install_revocations(self, blob: bytes, *, now: int | None = None) -> dict[str, Any]:
         """Install a signed revocation list; an older version than the one already seen is refused."""
         clock = self._clock(now)
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             st = self._load_state(clock)
             trusted = max(clock, st.hwm)
             try:
@@ -379,7 +379,7 @@ class Device:
                 self._refuse(st, f"revocation list rejected: {exc.reason}", t=trusted)
             if rl.version == st.revocation_version and (self.dir / "revocation.bin").is_file():
                 return {"version": rl.version, "revoked": len(rl.revoked), "updated": False}
-            _fs.atomic_write(self.dir / "revocation.bin", blob, mode=0o644)
+            fileio.atomic_write(self.dir / "revocation.bin", blob, mode=0o644)
             st.revocation_version = rl.version
             self.ledger.commit(st, event="sync", t=trusted, detail=f"revocation list version {rl.version}")
         return {"version": rl.version, "revoked": len(rl.revoked), "updated": True}
@@ -418,7 +418,7 @@ class Device:
         revocations = self._fetch_revocations(client, now=now)
         clock = self._clock(now)
         records = log.count(b"\n")
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             st = self._load_state(clock)
             self.ledger.commit(
                 st,
@@ -465,7 +465,7 @@ class Device:
             header = drm.read_header(container[: 64 * 1024])
         except FormatError as exc:
             raise drm.UsageError(f"{path} is not an edgemart container: {exc.message}") from None
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             claims, st, trusted = self._verify_locked(
                 license_bytes, build_hash=header.build_hash, clock=clock
             )
@@ -479,7 +479,7 @@ class Device:
         try:
             _, plaintext = drm.open_sealed(container, key=cek, expected_build_hash=claims.build_hash)
         except drm.IntegrityError:
-            with _fs.locked(self.ledger.lock_path):
+            with fileio.locked(self.ledger.lock_path):
                 st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
                 self._refuse(
                     st,
@@ -502,7 +502,7 @@ class Device:
         the in-memory checks of the fast path do not all pass (so the refusal is judged and recorded here)."""
         claims = meter.claims
         lid, bh = claims.license_id, claims.build_hash
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             st = self._load_state(clock, license_id=lid, build_hash=bh)
             # This model may have seen a later clock than the state holds (hwms are persisted only when
             # reserving); a rollback below it is still a rollback.
@@ -553,7 +553,7 @@ class Device:
         """Give ``unused`` reserved runs back with one durable "release" record (only a live process can)."""
         claims = meter.claims
         lid = claims.license_id
-        with _fs.locked(self.ledger.lock_path):
+        with fileio.locked(self.ledger.lock_path):
             try:
                 st, _ = self.ledger.load()
             except StateProblem as problem:
@@ -592,7 +592,7 @@ class Device:
     def runs_left(self, claims: drm.LicenseClaims) -> int | None:
         if claims.max_runs is None:
             return None
-        with _fs.locked(self.ledger.lock_path):  # a load may roll the state forward: never beside a commit
+        with fileio.locked(self.ledger.lock_path):  # a load may roll the state forward: never beside a commit
             st, _ = self.ledger.load()
         return max(0, claims.max_runs - st.runs.get(claims.license_id, 0))
 

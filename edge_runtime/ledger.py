@@ -18,7 +18,7 @@ from typing import Any
 import drm
 from drm._canonical import FormatError
 from drm.usagelog import genesis, parse_record
-from edge_runtime import _fs
+from edge_runtime import fileio
 
 STATE_VERSION = 1
 _TAIL_BYTES = 3 * 4096 + 2  # two whole records at most 4 KiB each, plus slack
@@ -199,9 +199,9 @@ class Ledger:
             log_seq=0,
             log_head=genesis(self.device_id),
         )
-        _fs.create_private(self.log_path, b"")
+        fileio.create_private(self.log_path, b"")
         self._write_anchor(st)
-        _fs.atomic_write(self.state_path, self._seal(st, "state"))
+        fileio.atomic_write(self.state_path, self._seal(st, "state"))
         return st
 
     # ------------------------------------------------------------------ sealing
@@ -216,14 +216,14 @@ class Ledger:
         return obj
 
     def _write_anchor(self, st: State) -> None:
-        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=_fs.PRIVATE_DIR)
-        _fs.atomic_write(self.anchor_path, self._seal(st, "anchor"))
+        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
+        fileio.atomic_write(self.anchor_path, self._seal(st, "anchor"))
 
     # ------------------------------------------------------------------ loading
 
     def _log_tail(self) -> tuple[list[bytes], int]:
         """The last (up to) two complete record lines and the seq of the last one (-1 when empty)."""
-        tail = _fs.read_tail(self.log_path, _TAIL_BYTES)
+        tail = fileio.read_tail(self.log_path, _TAIL_BYTES)
         if not tail:
             return [], -1
         if not tail.endswith(b"\n"):
@@ -294,7 +294,7 @@ class Ledger:
         self._check_anchor(st, also=before if rolled else None)
         if rolled:
             self._write_anchor(st)
-            _fs.atomic_write(self.state_path, self._seal(st, "state"))
+            fileio.atomic_write(self.state_path, self._seal(st, "state"))
         return st, rolled
 
     @staticmethod
@@ -361,10 +361,10 @@ class Ledger:
 
     def write(self, line: bytes, anchor_blob: bytes, state_blob: bytes) -> None:
         """I/O part of a commit, in crash-safe order: log record, anchor, state (each durable)."""
-        _fs.append_durable(self.log_path, line + b"\n")
-        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=_fs.PRIVATE_DIR)
-        _fs.atomic_write(self.anchor_path, anchor_blob)
-        _fs.atomic_write(self.state_path, state_blob)
+        fileio.append_durable(self.log_path, line + b"\n")
+        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
+        fileio.atomic_write(self.anchor_path, anchor_blob)
+        fileio.atomic_write(self.state_path, state_blob)
 
     def commit(self, st: State, **record: Any) -> State:
         line, anchor_blob, state_blob, new = self.prepare(st, **record)
@@ -383,7 +383,7 @@ class Ledger:
         }
         with open(self.audit_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
-        os.chmod(self.audit_path, _fs.PRIVATE_FILE)
+        os.chmod(self.audit_path, fileio.PRIVATE_FILE)
 
     def record_refusal(
         self, st: State | None, *, t: int, license_id: str, build_hash: str, reason: str
@@ -418,4 +418,4 @@ class Ledger:
             runs=0,
             detail=reason,
         )
-        _fs.append_durable(self.log_path, line + b"\n")
+        fileio.append_durable(self.log_path, line + b"\n")

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -100,19 +99,14 @@ def _atomic_write_chunks(out: Path, chunks: Any) -> str:
     """Write to a temp file beside ``out`` then rename; returns the sha256 tag of what was written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                digest.update(chunk)
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from edge_runtime.fileio import atomic_write
+
+    def produce(fh: Any) -> None:
+        for chunk in chunks:
+            digest.update(chunk)
+            fh.write(chunk)
+
+    atomic_write(out, produce, mode=0o644)
     return "sha256:" + digest.hexdigest()
 
 

@@ -5,12 +5,9 @@ Module top imports only stdlib and drm.errors; drm and store.keyvault load insid
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,18 +65,9 @@ def _atomic_write(path: Path, produce: Any, mode: int = 0o644) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise NotFoundError(f"output directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            produce(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from edge_runtime.fileio import atomic_write
+
+    atomic_write(path, produce, mode=mode)
 
 
 def _media_type(path: Path, head: bytes) -> tuple[str, str]:
@@ -109,7 +97,8 @@ def cmd_seal(args: argparse.Namespace) -> int:
     import hashlib
 
     import drm
-    from store.keyvault import FileKeyVault, write_private
+    from edge_runtime.fileio import atomic_write
+    from store.keyvault import FileKeyVault
 
     model, out = Path(args.model), Path(args.out)
     if not model.is_file():
@@ -134,7 +123,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
     else:
         cek = drm.generate_content_key()
         wrapped_path.parent.mkdir(mode=0o700, exist_ok=True)
-        write_private(wrapped_path, vault.wrap_cek(cek, build_hash))
+        atomic_write(wrapped_path, vault.wrap_cek(cek, build_hash))
 
     def produce(dst: Any) -> None:
         with model.open("rb") as src:

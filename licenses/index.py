@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from drm.errors import ConflictError, UsageError
+from edge_runtime.fileio import atomic_write
 from licenses._fingerprint import DEFAULT_POLICY, Fingerprint, MatchPolicy, fingerprint, match, shape_key
 from licenses._formats import parse_model
 
@@ -70,7 +70,7 @@ class LicenseIndex:
         _atomic_npy(self.directory / "owners.npy", self._owners)
         _atomic_npy(self.directory / "shapekeys.npy", self._shapekeys)
         payload = json.dumps({"version": _INDEX_VERSION, "models": self._entries}, indent=1, sort_keys=True)
-        _atomic_write(self.directory / "index.json", payload.encode("utf-8"))
+        atomic_write(self.directory / "index.json", payload.encode("utf-8"))
         self._sort_keys()
 
     # ---------------------------------------------------------------------------------- public API
@@ -229,25 +229,12 @@ def _name_key(name: str) -> str:
     return re.sub(r"\s+", " ", name.strip()).lower()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
     import io
 
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -255,4 +242,4 @@ def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

@@ -16,10 +16,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from drm.errors import UsageError
+from edge_runtime.fileio import atomic_write
 from store import db
 from store.blobs import BlobStore, FileBlobStore
 from store.jobs import JobQueue, NoWorker
-from store.keyvault import FileKeyVault, KeyVault, write_private
+from store.keyvault import FileKeyVault, KeyVault
 
 DEFAULTS: dict[str, Any] = {
     "DATA_DIR": None,  # $EDGEMART_DATA_DIR or ./edgemart-data
@@ -119,5 +120,5 @@ def secret_key(cfg: dict[str, Any]) -> bytes:
         return key.encode() if isinstance(key, str) else bytes(key)
     path = Path(cfg["DATA_DIR"]) / "secret.key"
     if not path.is_file():
-        write_private(path, secrets.token_bytes(32))
+        atomic_write(path, secrets.token_bytes(32))
     return path.read_bytes()

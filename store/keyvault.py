@@ -6,16 +6,14 @@ exist at rest only wrapped under the KEK. Crypto lives in ``drm``; this module o
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import drm
 from drm.errors import ConflictError, UsageError
 from drm.keywrap import generate_kek, unwrap_key, wrap_key
+from edge_runtime.fileio import atomic_write, locked
 
 ROOT_FILES = ("root.key", "root.crt")
 ISSUER_FILES = ("issuer.key", "issuer.crt", "issuer-pq.key")
@@ -39,27 +37,6 @@ class KeyVault(Protocol):
     def unwrap_cek(self, wrapped: bytes, build_hash: str) -> bytes: ...
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp file in the same dir, fsync, rename, fsync dir) with ``mode``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class FileKeyVault:
     """Key vault backed by a directory (the layout ``edgemart drm keygen --out DIR`` writes)."""
 
@@ -71,15 +48,9 @@ class FileKeyVault:
 
     # ------------------------------------------------------------------ creation
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[int]:
         # Several store workers may call ensure() at once; only one may create keys.
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return locked(self.directory / ".lock")
 
     def _exists(self, name: str) -> bool:
         return (self.directory / name).is_file()
@@ -130,7 +101,7 @@ class FileKeyVault:
 
     def _write(self, files: dict[str, bytes]) -> None:
         for name, data in files.items():
-            write_private(self.directory / name, data)
+            atomic_write(self.directory / name, data)
 
     # ------------------------------------------------------------------ loading
 

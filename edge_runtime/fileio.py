@@ -1,14 +1,17 @@
-"""File primitives for the device directory: private files, atomic replace with fsync, a process lock.
+"""File primitives: private files, atomic replace with fsync, durable appends, a process lock.
 
-Every write that guards a security decision (state, anchor, keys) goes through here."""
+The one place edgemart writes files that must survive a crash whole: the device's state, anchor
+and keys, and the store's and CLIs' key files, index and outputs all go through here."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -22,16 +25,32 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = PRIVATE_FILE) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old or the new file, never a mix, even after a crash.
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
-    Temp file in the same directory + fsync + os.replace + fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+
+def atomic_write(
+    path: Path,
+    data: bytes | bytearray | memoryview | Callable[[BinaryIO], object],
+    *,
+    mode: int = PRIVATE_FILE,
+) -> None:
+    """Write ``path`` so a reader sees the old or the new file, never a mix, even after a crash.
+
+    ``data`` is the bytes, or a callable that writes them to the file it is given (streaming, for
+    outputs too large to hold). Temp file in the same directory + fsync + os.replace + fsync of the
+    directory; the temp file is removed on any failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        if callable(data):
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                data(fh)
+        else:
+            _write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -47,9 +66,7 @@ def create_private(path: Path, data: bytes) -> None:
     """Create a new 0600 file; refuses to overwrite (O_EXCL)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -59,9 +76,7 @@ def append_durable(path: Path, line: bytes) -> None:
     """Append one line and fsync before returning (the usage log is evidence; it must survive a crash)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
     try:
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -90,28 +105,3 @@ def locked(lock_path: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-class Lock:
-    """A lock that can be taken on one thread and released on another (the run path hands it to its writer)."""
-
-    def __init__(self, lock_path: Path) -> None:
-        self._path = lock_path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def __enter__(self) -> Lock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
