@@ -12,24 +12,10 @@ from typing import Any
 import numpy as np
 
 from drm.errors import UsageError
+from edge_runtime.slots import DTYPES
 
 Shape = tuple[int | None, ...] | None  # None = rank unknown; None entries = dynamic dims
 Fetch = Callable[[str], np.ndarray]
-
-DTYPES = (
-    "bool",
-    "int8",
-    "uint8",
-    "int16",
-    "uint16",
-    "int32",
-    "uint32",
-    "int64",
-    "uint64",
-    "float16",
-    "float32",
-    "float64",
-)
 
 
 @dataclass(frozen=True)

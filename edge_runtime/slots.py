@@ -29,21 +29,20 @@ MAX_FDS_PER_MESSAGE = 16
 _MAGIC = 0x45534C54  # "ESLT"
 # magic, version, ndim, seq, nbytes, dtype (16 bytes, numpy str), shape[MAX_DIMS]
 _HEADER = struct.Struct(f"<IHHqQ16s{MAX_DIMS}q")
-_DTYPES = frozenset(
-    [
-        "bool",
-        "int8",
-        "uint8",
-        "int16",
-        "uint16",
-        "int32",
-        "uint32",
-        "int64",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-    ]
+# The element types a slot carries (and a chain file may name).
+DTYPES = (
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
 )
 
 
@@ -67,9 +66,9 @@ def page_round(n: int) -> int:
 
 def check_dtype(dtype: np.dtype) -> str:
     name = np.dtype(dtype).name
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise UsageError(
-            f"dtype {name} cannot travel through a slot (supported: {', '.join(sorted(_DTYPES))})"
+            f"dtype {name} cannot travel through a slot (supported: {', '.join(sorted(DTYPES))})"
         )
     return name
 
