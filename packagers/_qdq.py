@@ -4,11 +4,17 @@ Per-layer error compares intermediate activations of the fp32 and the QDQ model 
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from drm.errors import UsageError
+from packagers._base import Conversion, QualityOptions
+from packagers._data import take
 from packagers._runtime import OnnxRunner
 from packagers.quality import snr_db
 
@@ -294,3 +300,68 @@ def quantize_qdq(
         extra_options=extra,
     )
     return onnx.load(dst)
+
+
+LAYER_SAMPLES = 16  # samples used for the per-layer comparison (intermediates are large)
+
+
+@dataclass(frozen=True)
+class QdqOptions(QualityOptions):
+    """Options every onnxruntime static-QDQ target shares."""
+
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999  # only for calibration_method=percentile
+    per_channel: bool = True
+    nodes_to_exclude: tuple[str, ...] = ()  # node names kept in float
+    preprocess: bool = True  # onnxruntime quant_pre_process (shape inference + optimization)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"option percentile must be in (50, 100], got {self.percentile}")
+
+
+def quantize_with_options(
+    model: bytes, info, calibration, opts: QdqOptions, progress, *, symmetric_activations: bool, what: str
+) -> tuple[object, object, dict]:
+    """Pre-process and statically quantize per ``opts`` (temp files in a TemporaryDirectory): fp32, qdq, metadata."""
+    with tempfile.TemporaryDirectory(prefix="edgemart-qdq-") as tmp:
+        progress(0.05, "pre-processing (shape inference, opset)")
+        fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess)
+        progress(0.2, what)
+        qdq = quantize_qdq(
+            fp32,
+            calibration,
+            info,
+            tmp,
+            per_channel=opts.per_channel,
+            method=opts.calibration_method,
+            percentile=opts.percentile,
+            nodes_to_exclude=opts.nodes_to_exclude,
+            symmetric_activations=symmetric_activations,
+        )
+    meta.update(
+        calibration_method=opts.calibration_method,
+        per_channel=opts.per_channel,
+        nodes_excluded=list(opts.nodes_to_exclude),
+    )
+    return fp32, qdq, meta
+
+
+def qdq_conversion(
+    fp32, qdq, calibration, meta: dict, *, layer_samples: int = LAYER_SAMPLES, notes: list[str] | None = None
+) -> Conversion:
+    """The quality evidence every QDQ target reports: worst layers by SNR, suggested exclusions, op coverage."""
+    n = min(layer_samples, next(iter(calibration.values())).shape[0])
+    worst, suggested = layer_errors(fp32, qdq, take(calibration, slice(0, n)))
+    floats, quantized = op_coverage(qdq)
+    return Conversion(
+        payload=qdq.SerializeToString(),
+        format="onnx",
+        metadata=meta,
+        worst_layers=worst,
+        suggested_nodes_to_exclude=suggested,
+        float_ops=floats,
+        quantized_ops=quantized,
+        notes=notes or [],
+    )

@@ -6,35 +6,23 @@ float scale's exponent, and of the max-abs scale's), not by blind rounding; int3
 from __future__ import annotations
 
 import math
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from drm.errors import UsageError
-from packagers._base import Conversion, Packager, QualityOptions, register
+from packagers._base import Conversion, Packager, register
 from packagers._data import take
-from packagers._qdq import _with_outputs, layer_errors, op_coverage, prepare_for_qdq, quantize_qdq
+from packagers._qdq import LAYER_SAMPLES, QdqOptions, _with_outputs, qdq_conversion, quantize_with_options
 from packagers._runtime import OnnxRunner
 
 ACTIVATION_SAMPLES = 32  # calibration samples whose activations choose each power of two
-LAYER_SAMPLES = 16
 
 
 @dataclass(frozen=True)
-class FpgaXint8Options(QualityOptions):
-    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
-    percentile: float = 99.999
+class FpgaXint8Options(QdqOptions):
     per_channel: bool = False  # DPU-style accelerators use one power-of-two scale per tensor
-    nodes_to_exclude: tuple[str, ...] = ()
-    preprocess: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 50.0 < self.percentile <= 100.0:
-            raise UsageError(f"option percentile must be in (50, 100], got {self.percentile}")
 
 
 def is_power_of_two(values: np.ndarray) -> bool:
@@ -75,47 +63,28 @@ class FpgaXint8Packager(Packager):
     def convert(self, model, info, calibration, progress) -> Conversion:
         opts = self.options
         assert isinstance(opts, FpgaXint8Options) and calibration is not None
-        with tempfile.TemporaryDirectory(prefix="edgemart-fpga-") as tmp:
-            progress(0.05, "pre-processing (shape inference, opset)")
-            fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess)
-            progress(0.2, "calibrating and quantizing (symmetric int8)")
-            qdq = quantize_qdq(
-                fp32,
-                calibration,
-                info,
-                tmp,
-                per_channel=opts.per_channel,
-                method=opts.calibration_method,
-                percentile=opts.percentile,
-                nodes_to_exclude=opts.nodes_to_exclude,
-                symmetric_activations=True,
-            )
+        fp32, qdq, meta = quantize_with_options(
+            model,
+            info,
+            calibration,
+            opts,
+            progress,
+            symmetric_activations=True,
+            what="calibrating and quantizing (symmetric int8)",
+        )
         progress(0.6, "snapping scales to powers of two")
         n = min(ACTIVATION_SAMPLES, next(iter(calibration.values())).shape[0])
         stats = snap_to_powers_of_two(qdq, fp32, take(calibration, slice(0, n)))
         progress(0.85, "comparing intermediate activations")
-        worst, suggested = layer_errors(fp32, qdq, take(calibration, slice(0, min(n, LAYER_SAMPLES))))
-        floats, quantized = op_coverage(qdq)
         meta.update(
             quantization="onnxruntime static QDQ int8 (symmetric), scales snapped to powers of two",
-            calibration_method=opts.calibration_method,
-            per_channel=opts.per_channel,
-            nodes_excluded=list(opts.nodes_to_exclude),
             power_of_two=stats,
         )
-        return Conversion(
-            payload=qdq.SerializeToString(),
-            format="onnx",
-            metadata=meta,
-            worst_layers=worst,
-            suggested_nodes_to_exclude=suggested,
-            float_ops=floats,
-            quantized_ops=quantized,
-            notes=[
-                f"{stats['scales']} scales snapped to powers of two; {stats['differs_from_nearest']} differ "
-                "from blind rounding of the exponent (chosen by least MSE on calibration data)"
-            ],
-        )
+        notes = [
+            f"{stats['scales']} scales snapped to powers of two; {stats['differs_from_nearest']} differ "
+            "from blind rounding of the exponent (chosen by least MSE on calibration data)"
+        ]
+        return qdq_conversion(fp32, qdq, calibration, meta, layer_samples=min(n, LAYER_SAMPLES), notes=notes)
 
 
 def snap_to_powers_of_two(qdq, fp32, samples) -> dict:
