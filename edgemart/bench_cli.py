@@ -30,7 +30,15 @@ def _met(value: float, target: str | None) -> bool | None:
         return None
     op, _, num = target.partition(" ")
     bound = float(num)
-    return value <= bound if op == "<=" else value >= bound if op == ">=" else value < bound if op == "<" else value > bound
+    return (
+        value <= bound
+        if op == "<="
+        else value >= bound
+        if op == ">="
+        else value < bound
+        if op == "<"
+        else value > bound
+    )
 
 
 def collect(quick: bool, only: list[str]) -> dict[str, Any]:
@@ -91,5 +99,7 @@ def run(args: argparse.Namespace) -> int:
             v = f.get("value")
             val = f"{v:.4g}" if isinstance(v, float) else str(v)
             met = {True: "met", False: "MISSED", None: ""}[f.get("met")]
-            print(f"{key:<{width}}  {val:>10} {f.get('unit') or '':<5} {f.get('target') or '':<8} {met:<6} {f.get('note', '')}")
+            print(
+                f"{key:<{width}}  {val:>10} {f.get('unit') or '':<5} {f.get('target') or '':<8} {met:<6} {f.get('note', '')}"
+            )
     return 0

@@ -78,12 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:
         # File-system problems on user-supplied paths are bad input, not crashes.
-        sys.stderr.write(f"edgemart: error: {exc.strerror or exc}: {exc.filename or ''}\n".replace(": \n", "\n"))
+        sys.stderr.write(
+            f"edgemart: error: {exc.strerror or exc}: {exc.filename or ''}\n".replace(": \n", "\n")
+        )
         return 2
     except Exception as exc:  # noqa: BLE001 - last resort: one line, full trace only on request
         if os.environ.get("EDGEMART_DEBUG"):
             raise
-        sys.stderr.write(f"edgemart: internal error: {exc.__class__.__name__}: {exc} (set EDGEMART_DEBUG=1 for a trace)\n")
+        sys.stderr.write(
+            f"edgemart: internal error: {exc.__class__.__name__}: {exc} (set EDGEMART_DEBUG=1 for a trace)\n"
+        )
         return 70
 
 

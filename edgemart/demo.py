@@ -62,12 +62,16 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--corpus", default=os.environ.get("EDGEMART_CORPUS", str(Path.home() / ".cache/edgemart-corpus")))
+    ap.add_argument(
+        "--corpus", default=os.environ.get("EDGEMART_CORPUS", str(Path.home() / ".cache/edgemart-corpus"))
+    )
     ap.add_argument("--out", default="demo-out")
     a = ap.parse_args(argv)
     corpus = Path(a.corpus)
     if not (corpus / "manifest.json").is_file():
-        raise SystemExit(f"demo: corpus not found at {corpus}; run `make corpus` (needs ../shared beside this checkout)")
+        raise SystemExit(
+            f"demo: corpus not found at {corpus}; run `make corpus` (needs ../shared beside this checkout)"
+        )
     out = Path(a.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     data_dir, device_dir = out / "store-data", out / "device"
@@ -76,8 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
 
     step("1. Store: an open-model index entry and three users (embedded default: SQLite + files)")
-    cli("licenses", "index", "add", str(digits / "digits_mlp_base.onnx"), "--name", "digits-mlp-base",
-        "--license", "CC-BY-4.0", "--index", str(data_dir / "license-index"))
+    cli(
+        "licenses",
+        "index",
+        "add",
+        str(digits / "digits_mlp_base.onnx"),
+        "--name",
+        "digits-mlp-base",
+        "--license",
+        "CC-BY-4.0",
+        "--index",
+        str(data_dir / "license-index"),
+    )
     tokens = {}
     for name, role in (("sally", "seller"), ("bob", "buyer"), ("ada", "admin")):
         proc = cli("store", "create-user", name, "--role", role, "--data-dir", str(data_dir))
@@ -87,40 +101,97 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     step(f"2. Start the store at {url}")
     log = open(out / "store.log", "wb")
-    server = subprocess.Popen([*BIN, "store", "serve", "--data-dir", str(data_dir), "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [*BIN, "store", "serve", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_healthy(url, server)
         print("store is up")
 
-        step("3. Compliance gate: an undeclared derivative of an indexed open model is blocked, with evidence")
-        cli("seller", "upload", str(digits / "digits_mlp_pruned.onnx"), "--name", "digits-pruned-copy",
-            "--license", "LicenseRef-Proprietary", "--targets", "arm-cpu", "--store", url, "--token", tokens["seller"],
-            expect=(1,))
+        step(
+            "3. Compliance gate: an undeclared derivative of an indexed open model is blocked, with evidence"
+        )
+        cli(
+            "seller",
+            "upload",
+            str(digits / "digits_mlp_pruned.onnx"),
+            "--name",
+            "digits-pruned-copy",
+            "--license",
+            "LicenseRef-Proprietary",
+            "--targets",
+            "arm-cpu",
+            "--store",
+            url,
+            "--token",
+            tokens["seller"],
+            expect=(1,),
+        )
 
-        step("4. Seller uploads a declared fine-tune (CC-BY-4.0 base) → allowed with obligations → arm-cpu int8 packaging")
+        step(
+            "4. Seller uploads a declared fine-tune (CC-BY-4.0 base) → allowed with obligations → arm-cpu int8 packaging"
+        )
         card = out / "digits-card.md"
-        card.write_text("---\nlicense: cc-by-4.0\nbase_model: digits-mlp-base\ndatasets: [uci-optdigits]\n---\n"
-                        "# Digits MLP, fine-tuned\nAn 8x8 handwritten digit classifier.\n")
-        cli("seller", "upload", str(digits / "digits_mlp_finetuned.onnx"), "--name", "digits-mlp",
-            "--license", "CC-BY-4.0", "--card", str(card), "--targets", "arm-cpu,onnx-fp32",
-            "--calibration", str(corpus / "data/digits/digits_calibration.npz"),
-            "--store", url, "--token", tokens["seller"], "--wait")
+        card.write_text(
+            "---\nlicense: cc-by-4.0\nbase_model: digits-mlp-base\ndatasets: [uci-optdigits]\n---\n"
+            "# Digits MLP, fine-tuned\nAn 8x8 handwritten digit classifier.\n"
+        )
+        cli(
+            "seller",
+            "upload",
+            str(digits / "digits_mlp_finetuned.onnx"),
+            "--name",
+            "digits-mlp",
+            "--license",
+            "CC-BY-4.0",
+            "--card",
+            str(card),
+            "--targets",
+            "arm-cpu,onnx-fp32",
+            "--calibration",
+            str(corpus / "data/digits/digits_calibration.npz"),
+            "--store",
+            url,
+            "--token",
+            tokens["seller"],
+            "--wait",
+        )
 
         step("5. Buyer's dev board: keys made on the device, certificate from the store")
         cli("device", "init", "--device-dir", str(device_dir))
         cli("device", "enroll", "--store", url, "--token", tokens["buyer"], "--device-dir", str(device_dir))
 
-        step("6. Evaluation license (bound to this device and build; expiry + run cap) and the encrypted build")
+        step(
+            "6. Evaluation license (bound to this device and build; expiry + run cap) and the encrypted build"
+        )
         cli("device", "fetch", "digits-mlp", "--target", "arm-cpu", "--device-dir", str(device_dir))
 
         step("7. On-device eval: verify, decrypt in memory, run on the buyer's data")
         html = out / "report.html"
-        proc = cli("device", "eval", "digits-mlp", "--device-dir", str(device_dir),
-                   "--data", str(corpus / "data/digits/digits_test.npz"), "--json", "--html", str(html))
+        proc = cli(
+            "device",
+            "eval",
+            "digits-mlp",
+            "--device-dir",
+            str(device_dir),
+            "--data",
+            str(corpus / "data/digits/digits_test.npz"),
+            "--json",
+            "--html",
+            str(html),
+        )
         (out / "report.json").write_text(proc.stdout)
-        cli("device", "eval", "digits-mlp", "--device-dir", str(device_dir),
-            "--data", str(corpus / "data/digits/digits_test.npz"))
+        cli(
+            "device",
+            "eval",
+            "digits-mlp",
+            "--device-dir",
+            str(device_dir),
+            "--data",
+            str(corpus / "data/digits/digits_test.npz"),
+        )
 
         step("8. Usage sync: the device uploads its signed, hash-chained usage log")
         cli("device", "sync", "--device-dir", str(device_dir))
@@ -132,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     step("Done")
     report = json.loads((out / "report.json").read_text())
     print(f"report: {out / 'report.html'} (HTML with plots), {out / 'report.json'} (JSON)")
-    print(f"on-device accuracy of the int8 build: {report['classification']['accuracy']:.4f} on {report['samples']} "
-          f"held-out digits; latency p50 {report['latency_ms']['p50']:.2f} ms per call")
+    print(
+        f"on-device accuracy of the int8 build: {report['classification']['accuracy']:.4f} on {report['samples']} "
+        f"held-out digits; latency p50 {report['latency_ms']['p50']:.2f} ms per call"
+    )
     print(f"whole flow took {time.monotonic() - t_start:.0f}s")
     return 0
 

@@ -12,10 +12,23 @@ import pytest
 from edgemart.cli import GROUPS, main
 
 CONTRACT = [
-    ["store", "serve"], ["store", "create-user"], ["seller", "upload"], ["device", "init"], ["device", "enroll"],
-    ["device", "fetch"], ["device", "eval"], ["device", "run"], ["package"], ["licenses", "check"],
-    ["licenses", "index", "add"], ["drm", "keygen"], ["drm", "seal"], ["drm", "issue"], ["bundle", "build"],
-    ["bundle", "verify"], ["bench"],
+    ["store", "serve"],
+    ["store", "create-user"],
+    ["seller", "upload"],
+    ["device", "init"],
+    ["device", "enroll"],
+    ["device", "fetch"],
+    ["device", "eval"],
+    ["device", "run"],
+    ["package"],
+    ["licenses", "check"],
+    ["licenses", "index", "add"],
+    ["drm", "keygen"],
+    ["drm", "seal"],
+    ["drm", "issue"],
+    ["bundle", "build"],
+    ["bundle", "verify"],
+    ["bench"],
 ]
 
 
@@ -71,8 +84,17 @@ def test_bad_usage_is_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFix
 
 
 def test_missing_file_is_bad_input_not_traceback(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["drm", "seal", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.emdl"),
-                 "--key-dir", str(tmp_path / "keys")])
+    code = main(
+        [
+            "drm",
+            "seal",
+            str(tmp_path / "missing.onnx"),
+            "--out",
+            str(tmp_path / "x.emdl"),
+            "--key-dir",
+            str(tmp_path / "keys"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1

@@ -19,16 +19,27 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def edgemart(*args: str, env: dict | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(prefix or []), sys.executable, "-m", "edgemart", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+def edgemart(
+    *args: str, env: dict | None = None, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-m", "edgemart", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     out = tmp_path_factory.mktemp("flow") / "demo"
-    proc = subprocess.run([sys.executable, "-m", "edgemart.demo", "--corpus", str(corpus), "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgemart.demo", "--corpus", str(corpus), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
 
@@ -64,8 +75,18 @@ def test_license_for_another_device_is_refused(flow: Path, corpus: Path, tmp_pat
     root = flow / "device" / "root.crt"
     assert edgemart("device", "init", "--device-dir", str(other), "--trust", str(root)).returncode == 0
     dev = flow / "device"
-    proc = edgemart("device", "eval", "--build", str(dev / inst["build"]), "--license", str(dev / inst["license"]),
-                    "--device-dir", str(other), "--data", str(corpus / "data/digits/digits_test.npz"))
+    proc = edgemart(
+        "device",
+        "eval",
+        "--build",
+        str(dev / inst["build"]),
+        "--license",
+        str(dev / inst["license"]),
+        "--device-dir",
+        str(other),
+        "--data",
+        str(corpus / "data/digits/digits_test.npz"),
+    )
     assert proc.returncode == 1, proc.stderr
     assert "license refused" in proc.stderr
 
@@ -74,8 +95,16 @@ def test_expired_license_is_refused(flow: Path, corpus: Path) -> None:
     if shutil.which("faketime") is None:
         pytest.skip("faketime not installed (make test installs it)")
     dev = flow / "device"
-    proc = edgemart("device", "eval", "digits-mlp", "--device-dir", str(dev),
-                    "--data", str(corpus / "data/digits/digits_test.npz"), prefix=["faketime", "-f", "+400d"])
+    proc = edgemart(
+        "device",
+        "eval",
+        "digits-mlp",
+        "--device-dir",
+        str(dev),
+        "--data",
+        str(corpus / "data/digits/digits_test.npz"),
+        prefix=["faketime", "-f", "+400d"],
+    )
     assert proc.returncode == 1, proc.stderr
     assert "license refused" in proc.stderr
 
@@ -88,8 +117,18 @@ def test_tampered_build_is_refused(flow: Path, corpus: Path, tmp_path: Path) -> 
     blob = bytearray(build.read_bytes())
     blob[len(blob) // 2] ^= 0x01
     build.write_bytes(bytes(blob))
-    proc = edgemart("device", "eval", "--build", str(build), "--license", str(dev / inst["license"]),
-                    "--device-dir", str(dev), "--data", str(corpus / "data/digits/digits_test.npz"))
+    proc = edgemart(
+        "device",
+        "eval",
+        "--build",
+        str(build),
+        "--license",
+        str(dev / inst["license"]),
+        "--device-dir",
+        str(dev),
+        "--data",
+        str(corpus / "data/digits/digits_test.npz"),
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     # The opaque refusal's precise reason is in the local audit log only.
