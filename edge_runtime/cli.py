@@ -8,11 +8,10 @@ import argparse
 import importlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from drm.errors import EdgemartError, UsageError
+from drm.errors import UsageError
 
 
 def register(subparsers: Any) -> None:
@@ -257,15 +256,3 @@ def _status(args: argparse.Namespace) -> int:
         lines.append("license    none installed")
     _emit(args, st, "\n".join(lines))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m edge_runtime device ...`) mirroring the edgemart composition root."""
-    parser = argparse.ArgumentParser(prog="edgemart")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except EdgemartError as exc:
-        print(f"edgemart: {exc.diagnostics()}", file=sys.stderr)
-        return exc.exit_code

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -221,21 +220,3 @@ def cmd_issue(args: argparse.Namespace) -> int:
     }
     _emit(args, obj, f"issued {claims.license_id} for device {device_id} -> {args.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (tests, debugging); the real CLI is edgemart.cli."""
-    from drm.errors import EdgemartError
-
-    parser = argparse.ArgumentParser(prog="edgemart")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except EdgemartError as exc:
-        print(f"edgemart: {exc.diagnostics()}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import drm
-from edgemart import drm_cli
+from edgemart.cli import main
 
 
 @pytest.fixture()
@@ -22,7 +22,7 @@ def work() -> Iterator[Path]:
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict | None, str]:
-    code = drm_cli.main(["drm", *argv])
+    code = main(["drm", *argv])
     out, err = capsys.readouterr()
     return code, (json.loads(out) if out.strip().startswith("{") else None), err
 

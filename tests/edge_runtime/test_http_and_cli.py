@@ -144,7 +144,7 @@ def store(factory, digits_build, now):
 
 def _cli(*args, env_extra=None, faketime=None, cwd=None):
     env = {**os.environ, **(env_extra or {})}
-    cmd = [sys.executable, "-m", "edge_runtime", "device", *map(str, args)]
+    cmd = [sys.executable, "-m", "edgemart", "device", *map(str, args)]
     if faketime:
         cmd = ["faketime", "-f", faketime, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
