@@ -95,15 +95,19 @@ def _issue(
     build: Build,
     listing: Listing,
     *,
+    buyer: User,
     kind: str,
     recipient: drm.KemKeys,
     days: float | None,
     max_runs: int | None,
     device_id: str | None = None,
     fleet_key_id: str | None = None,
-) -> tuple[str, bytes]:
+    seats: int = 1,
+) -> License:
+    """Sign a license and return its (unsaved) row; token and row share one clock reading."""
     assert build.build_hash is not None and build.wrapped_cek is not None
     license_id = drm.new_license_id()
+    now = ctx.now()
     cek = ctx.vault.unwrap_cek(build.wrapped_cek, build.build_hash)
     token = drm.issue_license(
         issuer=ctx.vault.issuer(),
@@ -113,14 +117,27 @@ def _issue(
         listing=listing.id,
         build_hash=build.build_hash,
         target=build.target,
-        now=ctx.now(),
+        now=now,
         days=days,
         max_runs=max_runs,
         device_id=device_id,
         fleet_key_id=fleet_key_id,
         license_id=license_id,
     )
-    return license_id, token
+    return License(
+        license_id=license_id,
+        listing_id=listing.id,
+        build_id=build.id,
+        device_id=device_id,
+        fleet_key_id=fleet_key_id,
+        buyer_id=buyer.id,
+        kind=kind,
+        seats=seats,
+        issued_at=now,
+        not_after=None if days is None else now + int(days * 86400),
+        max_runs=max_runs,
+        token=token,
+    )
 
 
 def eval_license(
@@ -156,29 +173,16 @@ def eval_license(
             f"for {listing.id}"
         )
     cert = drm.cert_from_bytes(device.cert_pem.encode())
-    license_id, token = _issue(
+    row = _issue(
         ctx,
         build,
         listing,
+        buyer=user,
         kind="eval",
         recipient=drm.cert_kem_keys(cert),
         days=listing.eval_days,
         max_runs=listing.eval_runs,
         device_id=device.device_id,
-    )
-    now = ctx.now()
-    row = License(
-        license_id=license_id,
-        listing_id=listing.id,
-        build_id=build.id,
-        device_id=device.device_id,
-        buyer_id=user.id,
-        kind="eval",
-        seats=1,
-        issued_at=now,
-        not_after=now + listing.eval_days * 86400,
-        max_runs=listing.eval_runs,
-        token=token,
     )
     session.add(row)
     try:
@@ -244,7 +248,6 @@ def production_licenses(
         raise UsageError(
             "give exactly one of device_certs (list of PEM) and fleet_key (PEM X25519 public key)"
         )
-    now = ctx.now()
     rows: list[License] = []
     if certs is not None:
         if not isinstance(certs, list) or not certs or len(certs) > MAX_DEVICE_CERTS:
@@ -268,28 +271,16 @@ def production_licenses(
             if existing is not None:
                 rows.append(existing)
                 continue
-            license_id, token = _issue(
+            row = _issue(
                 ctx,
                 build,
                 listing,
+                buyer=user,
                 kind="production",
                 recipient=drm.cert_kem_keys(cert),
                 days=None,
                 max_runs=None,
                 device_id=device_id,
-            )
-            row = License(
-                license_id=license_id,
-                listing_id=listing.id,
-                build_id=build.id,
-                device_id=device_id,
-                buyer_id=user.id,
-                kind="production",
-                seats=1,
-                issued_at=now,
-                not_after=None,
-                max_runs=None,
-                token=token,
             )
             session.add(row)
             rows.append(row)
@@ -305,29 +296,17 @@ def production_licenses(
             raise UsageError("fleet_key must be an X25519 public key")
         raw = key.public_bytes_raw()
         fleet_key_id = drm.key_id(raw)
-        license_id, token = _issue(
+        row = _issue(
             ctx,
             build,
             listing,
+            buyer=user,
             kind="production",
             recipient=drm.KemKeys(raw, None),
             days=None,
             max_runs=None,
             fleet_key_id=fleet_key_id,
-        )
-        row = License(
-            license_id=license_id,
-            listing_id=listing.id,
-            build_id=build.id,
-            device_id=None,
-            fleet_key_id=fleet_key_id,
-            buyer_id=user.id,
-            kind="production",
             seats=seats,
-            issued_at=now,
-            not_after=None,
-            max_runs=None,
-            token=token,
         )
         session.add(row)
         rows.append(row)
