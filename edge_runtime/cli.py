@@ -77,11 +77,12 @@ def register(subparsers: Any) -> None:
         importlib.import_module("edge_runtime.chain_cli").register_run(sub)
 
 
-def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    """A command's result: one JSON object on stdout with --json, else the human text. Every CLI group uses it."""
     if getattr(args, "json", False):
         print(json.dumps(obj, sort_keys=True, default=str))
     else:
-        print(text)
+        print(text.rstrip("\n"))
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -98,7 +99,7 @@ def _init(args: argparse.Namespace) -> int:
 
     trust = _read(args.trust, "--trust") if args.trust else None
     device = Device.init(args.device_dir, trust=trust)
-    _emit(
+    emit(
         args,
         {"device_id": device.device_id, "device_dir": str(device.dir), "root_pinned": trust is not None},
         f"initialized device {device.device_id} in {device.dir}"
@@ -118,7 +119,7 @@ def _open_or_init(directory: Path) -> Any:
 def _enroll(args: argparse.Namespace) -> int:
     device = _open_or_init(args.device_dir)
     result = device.enroll(args.store, args.token, name=args.name)
-    _emit(args, result, f"enrolled device {result['device_id']} with {result['store']}")
+    emit(args, result, f"enrolled device {result['device_id']} with {result['store']}")
     return 0
 
 
@@ -126,7 +127,7 @@ def _fetch(args: argparse.Namespace) -> int:
     from edge_runtime.device import Device
 
     entry = Device.open(args.device_dir).fetch(args.listing, args.target)
-    _emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
+    emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
     return 0
 
 
@@ -136,7 +137,7 @@ def _install(args: argparse.Namespace) -> int:
     entry = Device.open(args.device_dir).install(
         build=_read(args.build, "--build"), license=_read(args.license, "--license"), listing=args.listing
     )
-    _emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
+    emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
     return 0
 
 
@@ -185,7 +186,7 @@ def _eval(args: argparse.Namespace) -> int:
         np.savez(args.save_outputs, **report.outputs)  # type: ignore[arg-type]
     if args.html:
         args.html.write_text(report.to_html(), encoding="utf-8")
-    _emit(args, report.to_dict(), report.to_text() + (f"\nhtml       {args.html}" if args.html else ""))
+    emit(args, report.to_dict(), report.to_text() + (f"\nhtml       {args.html}" if args.html else ""))
     return 0
 
 
@@ -194,7 +195,7 @@ def _sync(args: argparse.Namespace) -> int:
 
     result = Device.open(args.device_dir).sync()
     store = result["store"]
-    _emit(
+    emit(
         args,
         result,
         f"uploaded {result['uploaded']} usage records; store: ok={store.get('ok')}"
@@ -214,7 +215,7 @@ def _verify_log(args: argparse.Namespace) -> int:
         text = f"usage log BAD at line {result['first_bad']}: {result['reason']} ({result['records']} good records before it)"
     if not result["matches_state"]:
         text += f"\nstate: {result['state_problem']}"
-    _emit(args, result, text)
+    emit(args, result, text)
     return 0 if result["ok"] and result["matches_state"] else 1
 
 
@@ -254,5 +255,5 @@ def _status(args: argparse.Namespace) -> int:
         )
     if not st["licenses"]:
         lines.append("license    none installed")
-    _emit(args, st, "\n".join(lines))
+    emit(args, st, "\n".join(lines))
     return 0

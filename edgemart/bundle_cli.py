@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from drm.errors import EdgemartError, UsageError
+from edge_runtime.cli import emit
 
 DEFAULT_KEY_ENV = "EDGEMART_BUNDLE_KEY"
 _MAX_INPUT_BYTES = 1024**3
@@ -137,13 +138,6 @@ def _load_builder_key(path: Path | None) -> Any:
     from drm.bundle import load_builder_public_key
 
     return load_builder_public_key(_read(path, "builder key", 64 * 1024))
-
-
-def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
-    if args.json:
-        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
-    else:
-        sys.stdout.write(text.rstrip("\n") + "\n")
 
 
 # --------------------------------------------------------------------------- keygen
@@ -452,7 +446,7 @@ def _build(args: argparse.Namespace) -> int:
         f"  {len(result['builds'])} build(s), {len(result['licenses'])} license(s), {len(result['chains'])} chain file(s); "
         f"signed by builder key {result['builder_kid']}"
     )
-    _emit(args, result, text)
+    emit(args, result, text)
     return 0
 
 
@@ -493,7 +487,7 @@ def _verify(args: argparse.Namespace) -> int:
         b = lic["binding"]
         lines.append(f"  {lic['path']}: {lic['kind']} {lic['listing']} -> {b['kind']} {b['id']}")
     lines += [f"  warning: {w}" for w in report["warnings"]]
-    _emit(args, report, "\n".join(lines))
+    emit(args, report, "\n".join(lines))
     return 0
 
 
@@ -510,7 +504,7 @@ def _install(args: argparse.Namespace) -> int:
     lines = [f"installed {len(result['installed'])} model(s) on device {result['device_id']}"]
     lines += [f"  {i['listing']} ({i['target']}) license {i['license_id']}" for i in result["installed"]]
     lines += [f"  skipped {s['license_id']}: {s['reason']}" for s in result["skipped"]]
-    _emit(args, result, "\n".join(lines))
+    emit(args, result, "\n".join(lines))
     return 0
 
 

@@ -5,13 +5,13 @@ Module top imports only stdlib and drm.errors; drm and store.keyvault load insid
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 from drm.errors import LicenseRefused, NotFoundError, UsageError
+from edge_runtime.cli import emit
 
 _LISTING = re.compile(r"[^A-Za-z0-9._:\-]+")
 
@@ -52,13 +52,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_issue)
 
 
-def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(obj, sort_keys=True))
-    else:
-        print(text)
-
-
 def _atomic_write(path: Path, produce: Any, mode: int = 0o644) -> None:
     """Call ``produce(file)`` on a temp file beside ``path``; rename on success, delete on any failure."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -84,7 +77,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     vault = FileKeyVault(args.out).ensure(int(time.time()))
     issuer = vault.issuer()
     obj = {"dir": str(Path(args.out).resolve()), "issuer_kid": issuer.kid, "pq": issuer.pq_key is not None}
-    _emit(args, obj, f"key directory ready: {obj['dir']} (issuer {issuer.kid})")
+    emit(args, obj, f"key directory ready: {obj['dir']} (issuer {issuer.kid})")
     return 0
 
 
@@ -141,7 +134,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
     _atomic_write(out, produce)
     obj = {"build_hash": build_hash, "target": target, "out": str(out), "plaintext_len": size}
-    _emit(args, obj, f"sealed {model} -> {out} ({build_hash}, target {target})")
+    emit(args, obj, f"sealed {model} -> {out} ({build_hash}, target {target})")
     return 0
 
 
@@ -218,5 +211,5 @@ def cmd_issue(args: argparse.Namespace) -> int:
         "max_runs": claims.max_runs,
         "out": str(args.out),
     }
-    _emit(args, obj, f"issued {claims.license_id} for device {device_id} -> {args.out}")
+    emit(args, obj, f"issued {claims.license_id} for device {device_id} -> {args.out}")
     return 0
