@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, loads, sha256_tag
 from drm.envelope import _message, parse_envelope
 from drm.errors import IntegrityError, UsageError
-from drm.keys import key_id
+from drm.keys import ed25519_from_pem, key_id
 from drm.license import LICENSE_TYP, LicenseClaims
 
 BUNDLE_FORMAT = "edgemart-bundle"
@@ -590,13 +590,7 @@ def builder_public_pem(pub: ed25519.Ed25519PublicKey) -> bytes:
 
 
 def load_builder_private_key(pem: bytes) -> ed25519.Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        raise UsageError("builder key: not an unencrypted PEM private key") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise UsageError("builder key: expected an Ed25519 private key")
-    return key
+    return ed25519_from_pem(pem, what="builder key")
 
 
 def load_builder_public_key(pem: bytes) -> ed25519.Ed25519PublicKey:

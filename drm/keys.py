@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -58,24 +59,24 @@ def private_key_to_pem(key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey)
     )
 
 
-def ed25519_from_pem(pem: bytes) -> ed25519.Ed25519PrivateKey:
+def private_key_from_pem(pem: bytes, kind: Any, *, what: str = "key") -> Any:
+    """Load an unencrypted PKCS#8 PEM private key of exactly ``kind``; UsageError naming ``what`` otherwise."""
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
-        raise UsageError("not a PEM private key") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise UsageError("expected an Ed25519 private key")
+        raise UsageError(f"{what}: not an unencrypted PEM private key") from None
+    if not isinstance(key, kind):
+        algorithm = "Ed25519" if kind is ed25519.Ed25519PrivateKey else "X25519"
+        raise UsageError(f"{what}: expected an {algorithm} private key")
     return key
 
 
-def x25519_from_pem(pem: bytes) -> x25519.X25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        raise UsageError("not a PEM private key") from None
-    if not isinstance(key, x25519.X25519PrivateKey):
-        raise UsageError("expected an X25519 private key")
-    return key
+def ed25519_from_pem(pem: bytes, *, what: str = "key") -> ed25519.Ed25519PrivateKey:
+    return private_key_from_pem(pem, ed25519.Ed25519PrivateKey, what=what)
+
+
+def x25519_from_pem(pem: bytes, *, what: str = "key") -> x25519.X25519PrivateKey:
+    return private_key_from_pem(pem, x25519.X25519PrivateKey, what=what)
 
 
 def cert_to_pem(cert: x509.Certificate) -> bytes:
