@@ -38,13 +38,11 @@ def build_parser(group: str | None) -> argparse.ArgumentParser:
     parser = _Parser(prog="edgemart", description="A store for ML model IP aimed at edge devices.")
     parser.add_argument("--version", action="version", version="edgemart 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    modules_done: set[str] = set()
-    for name, (module, help_text) in GROUPS.items():
-        if group == name and module not in modules_done:
-            importlib.import_module(module).register(sub)
-            modules_done.add(module)
-        elif name not in sub.choices and (group is None or group != name):
+    if group is None:  # top-level help: list the groups without importing any of them
+        for name, (_, help_text) in GROUPS.items():
             sub.add_parser(name, help=help_text, add_help=False)
+    else:
+        importlib.import_module(GROUPS[group][0]).register(sub)
     return parser
 
 

@@ -21,11 +21,9 @@ def _data_dir_default() -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the ``store`` and ``seller`` groups (each only if the composition root has not placed it yet)."""
-    if "store" not in sub.choices:
-        _register_store(sub)
-    if "seller" not in sub.choices:
-        _register_seller(sub)
+    """Add the ``store`` and ``seller`` groups."""
+    _register_store(sub)
+    _register_seller(sub)
 
 
 def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
