@@ -29,6 +29,8 @@ EKU_DEVICE = ObjectIdentifier(_ARC + ".11")
 EKU_BUNDLE_SIGNER = ObjectIdentifier(_ARC + ".12")
 MAX_CERT_BYTES = 16 * 1024
 _ED25519_SIG_OID = ObjectIdentifier("1.3.101.112")
+# AlgorithmIdentifier{id-Ed25519} (no parameters) then BIT STRING of 65 bytes with 0 unused bits.
+_ED25519_SIGNATURE_TRAILER = bytes.fromhex("300506032b6570") + bytes.fromhex("034100")
 _ED25519_ALG_ID = b"\x30\x05\x06\x03\x2b\x65\x70"  # AlgorithmIdentifier{id-Ed25519}, no parameters
 
 
@@ -386,6 +388,11 @@ def _verify_cert(
 ) -> None:
     if cert.signature_algorithm_oid != _ED25519_SIG_OID:
         raise LicenseRefused(reason="certificate signature algorithm is not Ed25519")
+    # The signature does not cover its own algorithm identifier and BIT STRING header, and the parser
+    # tolerates variants of both (e.g. nonzero unused bits): accept exactly one encoding of them.
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if not der.endswith(_ED25519_SIGNATURE_TRAILER + cert.signature) or len(cert.signature) != 64:
+        raise LicenseRefused(reason="certificate signature has a non-canonical encoding")
     if cert.issuer != root.subject:
         raise LicenseRefused(reason="certificate was not issued by the pinned root")
     root_pub = root.public_key()

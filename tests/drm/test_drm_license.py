@@ -338,3 +338,22 @@ def test_the_issuer_refuses_to_sign_what_a_verifier_would_reject(issue: IssueFn)
         issue(listing="has spaces")
     with pytest.raises(drm.FormatError):
         issue(days=None)  # an eval license must expire
+
+
+def test_nonzero_unused_bits_in_the_certificate_signature_are_refused(store: Store, device: drm.DeviceKeys) -> None:
+    """Regression (found by the exhaustive bit-flip test): the signature BIT STRING's unused-bits byte is not
+    covered by the signature, and the X.509 parser accepts 1..7 when the signature's last bits are zero."""
+    for _ in range(64):  # until the signature ends in a 0 bit, so one unused bit still parses (p = 1/2 each)
+        cert = store.authority.issue_device_cert(device.csr(), now=NOW)
+        if cert.signature[-1] & 1 == 0:
+            break
+    der = bytearray(cert.public_bytes(serialization.Encoding.DER))
+    tail = b"\x03\x41\x00" + cert.signature
+    assert der.endswith(tail)
+    der[len(der) - len(tail) + 2] = 0x01  # one unused bit
+    malleated = drm.cert_from_bytes(bytes(der))
+    assert malleated.signature == cert.signature  # same signature, different bytes
+    drm.verify_cert(cert, store.authority.cert, now=NOW, purpose=drm.EKU_DEVICE)
+    with pytest.raises(drm.LicenseRefused) as info:
+        drm.verify_cert(malleated, store.authority.cert, now=NOW, purpose=drm.EKU_DEVICE)
+    assert "encoding" in info.value.reason
