@@ -340,7 +340,9 @@ def test_the_issuer_refuses_to_sign_what_a_verifier_would_reject(issue: IssueFn)
         issue(days=None)  # an eval license must expire
 
 
-def test_nonzero_unused_bits_in_the_certificate_signature_are_refused(store: Store, device: drm.DeviceKeys) -> None:
+def test_nonzero_unused_bits_in_the_certificate_signature_are_refused(
+    store: Store, device: drm.DeviceKeys
+) -> None:
     """Regression (found by the exhaustive bit-flip test): the signature BIT STRING's unused-bits byte is not
     covered by the signature, and the X.509 parser accepts 1..7 when the signature's last bits are zero."""
     for _ in range(64):  # until the signature ends in a 0 bit, so one unused bit still parses (p = 1/2 each)
