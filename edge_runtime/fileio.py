@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,24 @@ from typing import BinaryIO
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
+
+# TEST-ONLY fault injection (tests/faults/): EDGEMART_FAULT_AT="<op>:<file name>:<point>[:<n>]" makes the
+# n-th (default 1st) matching call SIGKILL its own process at that point, to prove every write is crash-safe.
+# op:point is atomic_write:before_replace | atomic_write:after_replace (before the directory fsync) |
+# append:before | append:after. Read once at import; when unset the hook costs one `is None` test.
+_FAULT_AT = os.environ.get("EDGEMART_FAULT_AT") or None
+_fault_hits = 0
+
+
+def _fault_point(op: str, path: Path, point: str) -> None:
+    global _fault_hits
+    assert _FAULT_AT is not None
+    want_op, want_name, want_point, *count = _FAULT_AT.split(":")
+    if (want_op, want_name, want_point) != (op, Path(path).name, point):
+        return
+    _fault_hits += 1
+    if _fault_hits == int(count[0] if count else 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -58,7 +77,11 @@ def atomic_write(
             os.unlink(tmp)
         raise
     os.close(fd)
+    if _FAULT_AT is not None:
+        _fault_point("atomic_write", path, "before_replace")
     os.replace(tmp, path)
+    if _FAULT_AT is not None:
+        _fault_point("atomic_write", path, "after_replace")
     fsync_dir(path.parent)
 
 
@@ -76,8 +99,21 @@ def append_durable(path: Path, line: bytes) -> None:
     """Append one line and fsync before returning (the usage log is evidence; it must survive a crash)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
     try:
-        _write_all(fd, line)
-        os.fsync(fd)
+        if _FAULT_AT is not None:
+            _fault_point("append", path, "before")
+        size = os.fstat(fd).st_size
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)
+        except OSError:
+            # Disk full (or an I/O error) after part of the line went out: cut the torn line off so the file
+            # still ends with a whole record (callers append under the device lock, so nobody else wrote).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            raise
+        if _FAULT_AT is not None:
+            _fault_point("append", path, "after")
     finally:
         os.close(fd)
 

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from drm.errors import NotFoundError, UsageError
 
 _KEY = re.compile(r"^(sha256-[0-9a-f]{64}|id-[0-9a-f]{32})$")
 CHUNK = 1 << 20
+# A temp file no write has touched for this long belongs to a put that died (a store killed mid-upload);
+# a live put_stream writes every CHUNK, so the sweep never races one, even from another process.
+STALE_TEMP_SECONDS = 3600
 
 
 class TooLarge(UsageError):
@@ -77,6 +81,18 @@ class FileBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(exist_ok=True)
+        self.sweep_temp()
+
+    def sweep_temp(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Delete temp files left by puts that never finished (the process was killed); returns how many."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self._tmp):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
 
     def _path(self, key: str) -> Path:
         check_key(key)
