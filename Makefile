@@ -18,12 +18,12 @@ $(STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,dev]'
 	touch $@
 
-# Debian packages the tests use (faketime for clock-rollback tests on the CLI).
+# Debian packages the tests use (faketime for clock-rollback tests on the CLI, chromium for the Playwright UI test).
 apt: $(APT_STAMP)
-$(APT_STAMP): | $(STAMP)
-	@if ! command -v faketime >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; \
-	  else echo "make: faketime missing and not root; the faketime tests will be skipped"; fi; fi
+$(APT_STAMP): Makefile | $(STAMP)
+	@if ! command -v faketime >/dev/null || ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime chromium >/dev/null; \
+	  else echo "make: faketime or chromium missing and not root; the faketime / browser UI tests will be skipped"; fi; fi
 	touch $@
 
 corpus:

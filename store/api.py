@@ -82,7 +82,7 @@ def me() -> Any:
     """Who the token belongs to.
     ---
     summary: The authenticated user
-    responses: {200: {description: "{id, name, role}"}, 401: {description: unauthenticated}}
+    responses: {200: {description: "{id, name, role}", schema: Me}, 401: {description: unauthenticated}}
     """
     user = require_user()
     return {"id": user.id, "name": user.name, "role": user.role}
@@ -102,7 +102,7 @@ def list_listings() -> Any:
       - {name: page, in: query, schema: {type: integer, minimum: 1}}
       - {name: mine, in: query, schema: {type: string, enum: ["1"]}}
       - {name: status, in: query, schema: {type: string}}
-    responses: {200: {description: "{items: [listing], page, pages}"}}
+    responses: {200: {description: "{items: [listing], page, pages}", schema: ListingPage}, 403: {description: "mine=1 or status=S without the right account"}}
     """
     user = current_user(required=False)
     page = _page()
@@ -146,7 +146,7 @@ def upload_listing() -> Any:
               eval_runs: {type: integer}
               price_per_seat: {type: integer, description: cents}
     responses:
-      202: {description: "{listing, jobs: [job id]}"}
+      202: {description: "{listing, jobs: [job id]}", schema: {type: object, required: [listing, jobs], properties: {listing: {$ref: "#/components/schemas/Listing"}, jobs: {type: array, items: {type: string}}}}}
       403: {description: blocked by the compliance gate (decision included) or not a seller}
       413: {description: too large}
       422: {description: every problem found, in error.problems}
@@ -202,7 +202,7 @@ def get_listing(listing_id: str) -> Any:
     ---
     summary: A listing
     parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
-    responses: {200: {description: listing}, 404: {description: absent or not visible to you}}
+    responses: {200: {description: listing, schema: Listing}, 404: {description: absent or not visible to you}}
     """
     user = current_user(required=False)
     return listings.listing_to_dict(listings.get_visible(db(), listing_id, user), user)
@@ -271,7 +271,7 @@ def get_job(job_id: str) -> Any:
     ---
     summary: A job (the listing's seller or an admin)
     parameters: [{name: job_id, in: path, required: true, schema: {type: string}}]
-    responses: {200: {description: "{id, state, progress, message, error, listing, target}"}, 404: {description: not found}}
+    responses: {200: {description: "{id, state, progress, message, error, listing, target}", schema: Job}, 404: {description: not found}}
     """
     user = require_user()
     job = db().get(Job, job_id) if len(job_id) <= 40 else None
@@ -298,7 +298,7 @@ def enroll_device() -> Any:
     ---
     summary: Enroll a device
     requestBody: {content: {application/json: {schema: {type: object, required: [csr], properties: {csr: {type: string}, name: {type: string}}}}}}
-    responses: {201: {description: "{device_id, certificate, root}"}, 200: {description: re-enrolled}, 409: {description: device owned by another account}}
+    responses: {201: {description: "{device_id, certificate, root}", schema: Enrolled}, 200: {description: re-enrolled, schema: Enrolled}, 409: {description: device owned by another account}}
     """
     user = require_user()
     body = json_body()
@@ -315,7 +315,7 @@ def list_devices() -> Any:
     """Your enrolled devices.
     ---
     summary: My devices
-    responses: {200: {description: "{items: [device]}"}}
+    responses: {200: {description: "{items: [device]}", schema: DeviceList}}
     """
     from sqlalchemy import select
 
@@ -333,7 +333,7 @@ def upload_usage(device_id: str) -> Any:
     summary: Usage-log sync
     parameters: [{name: device_id, in: path, required: true, schema: {type: string}}]
     requestBody: {content: {application/x-ndjson: {schema: {type: string}}}}
-    responses: {200: {description: "{ok, accepted, first_bad, reason, held}"}}
+    responses: {200: {description: "{ok, accepted, first_bad, reason, held}", schema: UsageResult}, 403: {description: not your device}, 413: {description: too large}}
     """
     user = require_user()
     device = licensing.get_own_device(db(), user, device_id)
@@ -349,8 +349,8 @@ def eval_license(listing_id: str) -> Any:
     parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
     requestBody: {content: {application/json: {schema: {type: object, required: [device_id, target], properties: {device_id: {type: string}, target: {type: string}}}}}}
     responses:
-      201: {description: "{license, license_id, build_hash, build_url}"}
-      200: {description: the license issued before, unchanged}
+      201: {description: "{license, license_id, build_hash, build_url}", schema: License}
+      200: {description: the license issued before, unchanged, schema: License}
       403: {description: device limit reached or revoked}
     """
     user = require_user()
@@ -391,7 +391,7 @@ def list_licenses() -> Any:
     """Licenses you hold (buyers), licenses on your listings (sellers, without tokens), all (admins).
     ---
     summary: Licenses
-    responses: {200: {description: "{items: [license]}"}}
+    responses: {200: {description: "{items: [license]}", schema: LicenseList}}
     """
     user = require_user()
     rows = licensing.visible_licenses(db(), user)
@@ -404,7 +404,7 @@ def get_license(license_id: str) -> Any:
     ---
     summary: A license
     parameters: [{name: license_id, in: path, required: true, schema: {type: string}}]
-    responses: {200: {description: license}, 404: {description: not found}}
+    responses: {200: {description: license, schema: License}, 404: {description: not found}}
     """
     user = require_user()
     lic = licensing.get_license(db(), user, license_id)

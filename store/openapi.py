@@ -24,10 +24,117 @@ def operation_from_doc(doc: str | None) -> dict[str, Any]:
             op.update(loaded)
     op.setdefault("summary", summary_line)
     responses = op.setdefault("responses", {200: {"description": "OK"}})
-    op["responses"] = {str(k): v for k, v in responses.items()}
+    op["responses"] = {str(k): _response(v) for k, v in responses.items()}
     for code in ("400", "401", "404"):
         op["responses"].setdefault(code, {"$ref": "#/components/responses/Error"})
     return op
+
+
+def _response(resp: Any) -> Any:
+    """``{description, schema: Name | {...}}`` (docstring shorthand) -> an application/json response."""
+    if not isinstance(resp, dict) or "schema" not in resp:
+        return resp
+    resp = dict(resp)
+    schema = resp.pop("schema")
+    if isinstance(schema, str):
+        schema = {"$ref": f"#/components/schemas/{schema}"}
+    resp["content"] = {"application/json": {"schema": schema}}
+    return resp
+
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_NSTR = {"type": "string", "nullable": True}
+_NINT = {"type": "integer", "nullable": True}
+
+
+def _obj(required: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": {**required, **optional}}
+
+
+def _list_of(name: str) -> dict[str, Any]:
+    return _obj({"items": {"type": "array", "items": {"$ref": f"#/components/schemas/{name}"}}})
+
+
+SCHEMAS: dict[str, Any] = {
+    "Build": _obj(
+        {
+            "target": _STR,
+            "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+            "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            "message": _NSTR,
+            "build_hash": _NSTR,
+            "quality": {"type": "object", "nullable": True},
+            "error": _NSTR,
+            "build_url": _NSTR,
+        },
+        format=_NSTR,
+        size=_NINT,
+    ),
+    "Listing": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "seller": _STR,
+            "license": _STR,
+            "status": _STR,
+            "decision": {"type": "object", "nullable": True},
+            "eval_days": _INT,
+            "eval_runs": _INT,
+            "builds": {"type": "array", "items": {"$ref": "#/components/schemas/Build"}},
+        },
+        visibility={"type": "string", "enum": ["public", "private"]},
+        created_at=_INT,
+        card=_NSTR,
+        targets={"type": "array", "items": _STR},
+    ),
+    "ListingPage": _obj(
+        {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Listing"}},
+            "page": {"type": "integer", "minimum": 1},
+            "pages": {"type": "integer", "minimum": 0},
+        }
+    ),
+    "Job": _obj(
+        {
+            "id": _STR,
+            "state": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+            "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            "message": _NSTR,
+            "error": _NSTR,
+            "listing": _STR,
+            "target": _STR,
+        }
+    ),
+    "Device": _obj({"device_id": _STR, "name": _NSTR, "enrolled_at": _INT}),
+    "DeviceList": _list_of("Device"),
+    "Enrolled": _obj({"device_id": _STR, "certificate": _STR, "root": _STR}),
+    "License": _obj(
+        {
+            "license_id": _STR,
+            "kind": {"type": "string", "enum": ["eval", "production"]},
+            "listing": _STR,
+            "target": _STR,
+            "build_hash": _STR,
+            "build_url": _STR,
+            "device_id": _NSTR,
+            "fleet_key_id": _NSTR,
+            "issued_at": _INT,
+            "not_after": _NINT,
+            "max_runs": _NINT,
+            "revoked": {"type": "boolean"},
+        },
+        license=_STR,
+        seats=_NINT,
+    ),
+    "LicenseList": _list_of("License"),
+    "Me": _obj({"id": _INT, "name": _STR, "role": _STR}),
+    "UsageResult": _obj(
+        {"ok": {"type": "boolean"}, "accepted": _INT},
+        first_bad=_NINT,
+        reason=_NSTR,
+    ),
+}
 
 
 def build_spec(app: Flask) -> dict[str, Any]:
@@ -62,6 +169,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
                 }
             },
             "schemas": {
+                **SCHEMAS,
                 "Error": {
                     "type": "object",
                     "properties": {
@@ -75,7 +183,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
                             },
                         }
                     },
-                }
+                },
             },
         },
         "security": [{"bearer": []}],

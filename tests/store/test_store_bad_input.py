@@ -205,3 +205,40 @@ def test_fuzzed_uploads_never_500_and_leave_nothing(store, name, license, target
     assert r.status_code in (400, 413, 422), r.json
     assert r.json["error"]["message"]
     assert store.counts() == before
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 64), np.float32))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "calibration, needle",
+    [
+        (_zip({"a.txt": b"a"}), "'a.txt' is not a .npy array"),  # numpy hands back bytes (was a 500)
+        (_zip({"x.npy": b""}), "'x.npy' is not a .npy array"),  # bytes again (was a 500)
+        (_zip({"x.npy": b"not an array"}), "'x.npy' is not a .npy array"),
+        (_zip({"x.npy": _npy_bytes()[:20]}), "as .npz"),  # truncated header: the loader's ValueError
+        (b"", "calibration"),  # empty file: EOFError from numpy (was a 500)
+    ],
+    ids=["non-npy-member", "empty-member", "not-npy-member", "truncated-member", "empty-file"],
+)
+def test_malformed_calibration_npz_is_a_problem(store, digits_base, calibration, needle):
+    """Found by schemathesis: both used to escape the loader as AttributeError / EOFError."""
+    before = store.counts()
+    r = store.upload("sally", digits_base, targets="arm-cpu", calibration=calibration)
+    assert r.status_code == 422, r.json
+    problems = [p for p in r.json["error"]["problems"] if p["field"] == "calibration"]
+    assert len(problems) == 1 and needle in problems[0]["message"], problems
+    assert store.counts() == before
