@@ -5,6 +5,7 @@ Every mismatch (name, rank, dim, dtype) is a UsageError that says which input an
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from os import PathLike
 
@@ -20,12 +21,24 @@ SINGLE_INPUT_KEY = "x"
 def load_calibration(path: str | PathLike[str]) -> dict[str, np.ndarray]:
     """Read an `.npz` of samples keyed by input name (or `x`); labels `y` and text arrays are dropped."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
+            members = set(npz.zip.namelist())
     except FileNotFoundError:
         raise UsageError(f"sample file not found: {path}") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise UsageError(f"cannot read sample file {path} as .npz: {exc}") from None
+    except (OSError, ValueError, EOFError, zlib.error, NotImplementedError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"cannot read sample file {path} as .npz: {str(exc)[:120]}") from None
+    for key, value in arrays.items():
+        if not isinstance(
+            value, np.ndarray
+        ):  # numpy hands back raw bytes for a member without the .npy magic
+            member = key + ".npy" if key + ".npy" in members else key
+            raise UsageError(
+                f"cannot read sample file {path} as .npz: member {member[:60]!r} is not a .npy array"
+            )
     samples = {
         key: value
         for key, value in arrays.items()

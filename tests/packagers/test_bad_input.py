@@ -140,3 +140,35 @@ def test_load_calibration_drops_labels_and_text(corpus: Path, tmp_path: Path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(UsageError, match="cannot read sample file"):
         load_calibration(bad)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "as .npz"),  # EOFError from numpy
+        ("zip:a.txt", "'a.txt' is not a .npy array"),  # numpy hands back bytes
+        ("zip:x.npy", "'x.npy' is not a .npy array"),
+        ("npy", "a single .npy array"),  # np.load returns an ndarray, which is no context manager
+    ],
+)
+def test_load_calibration_refuses_malformed_files(tmp_path, content, needle) -> None:
+    """Found by schemathesis through the store upload; the loader itself must refuse them precisely."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from packagers import load_calibration
+
+    path = tmp_path / "cal.npz"
+    if content == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 64), np.float32))
+        path.write_bytes(buf.getvalue())
+    elif isinstance(content, str):
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(content.split(":", 1)[1], b"not an array")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=needle):
+        load_calibration(path)
