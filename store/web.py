@@ -5,6 +5,7 @@ Views stay thin: they parse the form, call store.services and render. Every POST
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
@@ -17,6 +18,14 @@ from store.models import Device, User
 from store.services import accounts, licensing, listings, usage
 
 bp = Blueprint("web", __name__)
+
+
+@bp.app_template_filter("utc")
+def utc(ts: int | None) -> str:
+    """Unix seconds as a readable UTC time for the pages (the API keeps integers)."""
+    if not ts:
+        return "–"
+    return datetime.datetime.fromtimestamp(int(ts), tz=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @bp.app_context_processor
