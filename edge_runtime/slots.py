@@ -119,8 +119,12 @@ class OwnedSlot:
         assert self._map is not None
         if array.nbytes:
             target = np.frombuffer(self._map, dtype=array.dtype, count=array.size, offset=HEADER_BYTES)
-            np.copyto(target.reshape(array.shape), array, casting="no")
-            del target
+            try:
+                np.copyto(target.reshape(array.shape), array, casting="no")
+            finally:
+                # Even when interrupted (Ctrl-C mid-copy): a view kept alive by the traceback's frame would
+                # pin the mapping, and close() would then fail with BufferError.
+                del target
         self._map[: _HEADER.size] = _pack_header(seq, array)
         return grown
 

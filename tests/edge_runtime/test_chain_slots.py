@@ -68,3 +68,26 @@ def test_channel_timeout() -> None:
     assert a.recv(1.0)[0] == {"t": "ping"}
     a.close()
     b.close()
+
+
+def test_interrupt_during_a_slot_write_does_not_pin_the_mapping(monkeypatch) -> None:
+    """Regression (intermittent SIGINT test failure in CI): a KeyboardInterrupt raised inside the copy left
+    the slot's numpy view alive in the traceback's frame, so close() failed with BufferError and Ctrl-C
+    turned into a crash with exit 1."""
+    import edge_runtime.slots as slots_mod
+
+    slot = slots_mod.OwnedSlot("interrupt")
+    slot.write(0, np.zeros(1024, np.float32))
+
+    def interrupted_copy(*args, **kwargs):
+        del args, kwargs  # like the C copy: the interrupt itself holds no reference to the arrays
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slots_mod.np, "copyto", interrupted_copy)
+    try:
+        slot.write(1, np.ones(1024, np.float32))
+    except KeyboardInterrupt:
+        slot.close()  # the traceback (and its frames) is still alive here, as in the supervisor's handler
+    else:
+        raise AssertionError("the write was not interrupted")
+    assert slot.fd == -1
