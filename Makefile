@@ -18,12 +18,15 @@ $(STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,dev]'
 	touch $@
 
-# Debian packages the tests use (faketime for clock-rollback tests on the CLI, chromium for the Playwright UI test).
+# Debian packages the tests use: faketime (clock-rollback tests on the CLI), chromium (Playwright UI test),
+# postgresql (the scale-out database suites), softhsm2 (the PKCS#11 key vault suite).
+APT_PACKAGES := faketime chromium postgresql softhsm2
 apt: $(APT_STAMP)
 $(APT_STAMP): Makefile | $(STAMP)
-	@if ! command -v faketime >/dev/null || ! command -v chromium >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime chromium >/dev/null; \
-	  else echo "make: faketime or chromium missing and not root; the faketime / browser UI tests will be skipped"; fi; fi
+	@if ! command -v faketime >/dev/null || ! command -v chromium >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v softhsm2-util >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else echo "make: some of $(APT_PACKAGES) missing and not root; the tests needing them will be skipped"; fi; fi
 	touch $@
 
 corpus:

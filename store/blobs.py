@@ -59,6 +59,10 @@ class BlobStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def modified(self, key: str) -> float:
+        """When the blob was written (Unix seconds); the orphan sweep spares young blobs."""
+        ...
+
     def list(self) -> Iterator[str]: ...
 
 
@@ -157,6 +161,12 @@ class FileBlobStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def modified(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {key} not found") from None
 
     def list(self) -> Iterator[str]:
         for shard in sorted(self.root.iterdir()):

@@ -24,7 +24,13 @@ from store.keyvault import FileKeyVault, KeyVault
 
 DEFAULTS: dict[str, Any] = {
     "DATA_DIR": None,  # $EDGEMART_DATA_DIR or ./edgemart-data
-    "DATABASE_URL": None,  # sqlite:///DATA_DIR/store.db
+    "DATABASE_URL": None,  # sqlite:///DATA_DIR/store.db; postgresql+psycopg://... for scale-out
+    "BLOB_URL": None,  # file:DATA_DIR/blobs (default) or s3://BUCKET[/PREFIX] (S3_ENDPOINT_URL, AWS_* env)
+    "S3_ENDPOINT_URL": None,  # e.g. http://127.0.0.1:8333 for SeaweedFS; None = AWS
+    "KEY_VAULT": None,  # "file" (DATA_DIR/keys, default) or "pkcs11" (PKCS11_MODULE, PKCS11_TOKEN, PKCS11_PIN)
+    "PKCS11_MODULE": None,
+    "PKCS11_TOKEN": None,
+    "PKCS11_PIN": None,
     "MAX_UPLOAD_BYTES": 512 * 1024 * 1024,
     "MAX_JSON_BYTES": 256 * 1024,
     "MAX_USAGE_BYTES": 8 * 1024 * 1024,
@@ -46,8 +52,43 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("EDGEMART_DATA_DIR") or "edgemart-data")
 
 
+# Settings a deployment gives as environment variables (EDGEMART_<KEY>); an explicit config wins.
+ENV_KEYS = (
+    "DATABASE_URL",
+    "BLOB_URL",
+    "S3_ENDPOINT_URL",
+    "KEY_VAULT",
+    "PKCS11_MODULE",
+    "PKCS11_TOKEN",
+    "PKCS11_PIN",
+    "WORKER",
+    "SECRET_KEY",
+    "LICENSE_INDEX_DIR",
+    "MAX_UPLOAD_BYTES",
+    "JOB_POLL_SECONDS",
+    "JOB_LEASE_SECONDS",
+)
+
+
+def env_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The EDGEMART_* settings present in the environment (numbers converted)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in ENV_KEYS:
+        value = env.get(f"EDGEMART_{key}")
+        if value:
+            if isinstance(DEFAULTS.get(key), int | float):
+                try:
+                    out[key] = type(DEFAULTS[key])(value)
+                except ValueError:
+                    raise UsageError(f"EDGEMART_{key} must be a number, got {value!r}") from None
+            else:
+                out[key] = value
+    return out
+
+
 def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **(config or {})}
+    cfg = {**DEFAULTS, **env_config(), **(config or {})}
     unknown_worker = cfg["WORKER"] not in ("thread", "none")
     if unknown_worker:
         raise UsageError(f"WORKER must be 'thread' or 'none', got {cfg['WORKER']!r}")
@@ -101,16 +142,49 @@ def open_context(config: dict[str, Any] | None = None) -> StoreContext:
     engine = db.make_engine(cfg["DATABASE_URL"])
     db.migrate(engine)
     clock = cfg["CLOCK"] or time.time
-    vault = FileKeyVault(data_dir / "keys")
+    vault = make_vault(cfg)
     vault.ensure(int(clock()))
     return StoreContext(
         config=cfg,
         engine=engine,
         Session=db.session_factory(engine),
-        blobs=FileBlobStore(data_dir / "blobs"),
+        blobs=make_blobs(cfg),
         vault=vault,
         clock=clock,
     )
+
+
+def make_blobs(cfg: dict[str, Any]) -> BlobStore:
+    """The blob backend named by BLOB_URL: the filesystem (default) or an S3-compatible bucket."""
+    url = cfg.get("BLOB_URL") or f"file:{Path(cfg['DATA_DIR']) / 'blobs'}"
+    if url.startswith("file:"):
+        return FileBlobStore(url.removeprefix("file:").removeprefix("//"))
+    if url.startswith("s3://"):
+        from store.blobs_s3 import S3BlobStore
+
+        return S3BlobStore.from_url(url, endpoint_url=cfg.get("S3_ENDPOINT_URL"))
+    raise UsageError(f"BLOB_URL must start with file: or s3://, got {url!r}")
+
+
+def make_vault(cfg: dict[str, Any]) -> KeyVault:
+    """The key vault named by KEY_VAULT: files under DATA_DIR/keys (default) or a PKCS#11 token."""
+    kind = cfg.get("KEY_VAULT") or "file"
+    directory = Path(cfg["DATA_DIR"]) / "keys"
+    if kind == "file":
+        return FileKeyVault(directory)
+    if kind == "pkcs11":
+        from store.keyvault_pkcs11 import Pkcs11KeyVault
+
+        missing = [k for k in ("PKCS11_MODULE", "PKCS11_TOKEN", "PKCS11_PIN") if not cfg.get(k)]
+        if missing:
+            raise UsageError("KEY_VAULT=pkcs11 needs " + ", ".join(f"EDGEMART_{k}" for k in missing))
+        return Pkcs11KeyVault(
+            directory,
+            module=cfg["PKCS11_MODULE"],
+            token_label=cfg["PKCS11_TOKEN"],
+            pin=cfg["PKCS11_PIN"],
+        )
+    raise UsageError(f"KEY_VAULT must be 'file' or 'pkcs11', got {kind!r}")
 
 
 def secret_key(cfg: dict[str, Any]) -> bytes:
