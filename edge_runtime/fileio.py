@@ -20,7 +20,7 @@ PRIVATE_DIR = 0o700
 # TEST-ONLY fault injection (tests/faults/): EDGEMART_FAULT_AT="<op>:<file name>:<point>[:<n>]" makes the
 # n-th (default 1st) matching call SIGKILL its own process at that point, to prove every write is crash-safe.
 # op:point is atomic_write:before_replace | atomic_write:after_replace (before the directory fsync) |
-# append:before | append:after. Read once at import; when unset the hook costs one `is None` test.
+# append:before | append:after, or a named point of fault_point() (store:upload:before_commit). Read once at import; when unset the hook costs one `is None` test.
 _FAULT_AT = os.environ.get("EDGEMART_FAULT_AT") or None
 _fault_hits = 0
 
@@ -34,6 +34,13 @@ def _fault_point(op: str, path: Path, point: str) -> None:
     _fault_hits += 1
     if _fault_hits == int(count[0] if count else 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_point(op: str, name: str, point: str) -> None:
+    """A named crash point outside this module (e.g. the store between a blob put and its row commit);
+    free when EDGEMART_FAULT_AT is unset."""
+    if _FAULT_AT is not None:
+        _fault_point(op, Path(name), point)
 
 
 def fsync_dir(directory: Path) -> None:

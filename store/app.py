@@ -13,7 +13,7 @@ from flask import Flask, jsonify
 from store import errors
 from store.auth import close_db
 from store.context import StoreContext, open_context, secret_key
-from store.jobs import NoWorker, ThreadJobQueue
+from store.jobs import NoWorker, ThreadJobQueue, WorkerLoop
 
 log = logging.getLogger("edgemart.store")
 
@@ -71,19 +71,24 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _start_worker(ctx: StoreContext) -> None:
-    from store.services import packaging
-
     if ctx.config["WORKER"] != "thread":
         ctx.queue = NoWorker()
         return
-    requeued = packaging.recover_jobs(ctx)
-    if requeued:
-        log.warning("re-queued %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
-    ctx.queue = ThreadJobQueue(
-        claim=lambda: packaging.claim_next(ctx),
-        run=lambda job_id: packaging.run_job(ctx, job_id),
-        pending=lambda: packaging.pending_count(ctx),
-        poll_seconds=float(ctx.config["JOB_POLL_SECONDS"]),
-    )
+    ctx.queue = ThreadJobQueue(worker_loop(ctx))
     ctx.queue.start()
     atexit.register(ctx.queue.stop, 5.0)
+
+
+def worker_loop(ctx: StoreContext) -> WorkerLoop:
+    """The job loop over the packaging service, for a thread here or an `edgemart store worker` process."""
+    from store.services import packaging
+
+    cfg = ctx.config
+    return WorkerLoop(
+        claim=lambda: packaging.claim_next(ctx),
+        run=lambda lease: packaging.run_job(ctx, lease),
+        pending=lambda: packaging.pending_count(ctx),
+        recover=lambda: packaging.recover_jobs(ctx),
+        poll_seconds=float(cfg["JOB_POLL_SECONDS"]),
+        recover_seconds=max(1.0, float(cfg["JOB_LEASE_SECONDS"]) / 4),
+    )

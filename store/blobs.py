@@ -60,7 +60,8 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def modified(self, key: str) -> float:
-        """When the blob was written (Unix seconds); the orphan sweep spares young blobs."""
+        """When the blob was last written, or last put again with the same content (Unix seconds).
+        The orphan sweep spares young blobs: an upload puts its blob before its row commits."""
         ...
 
     def list(self) -> Iterator[str]: ...
@@ -125,6 +126,7 @@ class FileBlobStore:
             path = self._path(final_key)
             if path.exists():
                 os.unlink(tmp)
+                os.utime(path)  # in use again: the orphan sweep judges age by modification time
                 return PutResult(final_key, size, digest.hexdigest(), created=False)
             path.parent.mkdir(exist_ok=True)
             os.replace(tmp, path)

@@ -41,6 +41,30 @@ def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--workers", type=int, default=1, help="web worker processes (gunicorn)")
     p.set_defaults(func=serve)
 
+    p = ssub.add_parser(
+        "worker", help="run packaging jobs in this process (scale-out: any number, on any machine)"
+    )
+    p.add_argument("--data-dir", default=_data_dir_default())
+    p.add_argument("--once", action="store_true", help="exit when no job is runnable (instead of waiting)")
+    p.set_defaults(func=worker)
+
+    p = ssub.add_parser("migrate", help="bring the database schema to the newest revision, create keys")
+    p.add_argument("--data-dir", default=_data_dir_default())
+    p.set_defaults(func=migrate)
+
+    p = ssub.add_parser("gc", help="delete blobs no row references (left by crashed uploads)")
+    p.add_argument("--data-dir", default=_data_dir_default())
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=3600,
+        metavar="SECONDS",
+        help="spare blobs younger than this (uploads in flight; default 3600)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=gc)
+
     p = ssub.add_parser("create-user", help="create a user and print an API token")
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=ROLES)
@@ -112,6 +136,74 @@ def serve(args: argparse.Namespace) -> int:
             return create_app(config)
 
     _Gunicorn().run()
+    return 0
+
+
+def _context(args: argparse.Namespace, **extra: Any) -> Any:
+    from store.context import open_context
+
+    return open_context({"DATA_DIR": str(Path(args.data_dir).resolve()), **extra})
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Claim and run jobs until SIGTERM/SIGINT (the job in hand is finished first) or, with --once, until
+    nothing is runnable. A worker killed outright loses nothing: its job is re-queued by the others."""
+    import logging
+    import signal
+
+    from store.app import worker_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = _context(args, WORKER="none")
+    loop = worker_loop(ctx)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        sys.stderr.write(f"edgemart worker: signal {signum}, stopping after the current job\n")
+        loop.stopping.set()
+        loop.wake.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    sys.stderr.write(f"edgemart worker: pid {os.getpid()}, database {ctx.engine.url.render_as_string()}\n")
+    try:
+        if args.once:
+            loop.drain()
+        else:
+            loop.run_forever()
+    finally:
+        ctx.close()
+    sys.stderr.write(f"edgemart worker: ran {loop.jobs_run} job(s)\n")
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    from store.context import secret_key
+
+    ctx = _context(args, WORKER="none")
+    try:
+        secret_key(ctx.config)
+        print(f"schema up to date on {ctx.engine.url.render_as_string()}")
+    finally:
+        ctx.close()
+    return 0
+
+
+def gc(args: argparse.Namespace) -> int:
+    from edge_runtime.cli import emit
+    from store.services.maintenance import sweep_orphan_blobs
+
+    ctx = _context(args, WORKER="none")
+    try:
+        report = sweep_orphan_blobs(ctx, older_than=args.older_than, dry_run=args.dry_run)
+    finally:
+        ctx.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    emit(
+        args,
+        report.to_dict() | {"dry_run": args.dry_run},
+        f"scanned {report.scanned} blobs: {report.referenced} referenced, {report.young} young orphans kept, "
+        f"{verb} {len(report.deleted)}",
+    )
     return 0
 
 

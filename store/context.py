@@ -37,7 +37,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CARD_BYTES": 256 * 1024,
     "WORKER": "thread",  # "thread": in-process worker; "none": this process runs no jobs
     "JOB_POLL_SECONDS": 2.0,
-    "JOB_LEASE_SECONDS": 900,  # a running job without a heartbeat for this long is re-queued at start
+    "JOB_LEASE_SECONDS": 120,  # a running job without a heartbeat for this long is re-queued
+    "JOB_HEARTBEAT_SECONDS": 10.0,  # a running job renews its lease this often
+    "JOB_MAX_ATTEMPTS": 3,  # then the job is dead-lettered for an admin
+    "JOB_RETRY_BASE_SECONDS": 10.0,  # backoff after a failed attempt: base * 4^(attempt-1), capped
+    "JOB_RETRY_MAX_SECONDS": 600.0,
     "EVAL_DEVICE_LIMIT": 3,
     "PAGE_SIZE": 20,
     "SECRET_KEY": None,  # else DATA_DIR/secret.key (created 0600)
@@ -67,6 +71,10 @@ ENV_KEYS = (
     "MAX_UPLOAD_BYTES",
     "JOB_POLL_SECONDS",
     "JOB_LEASE_SECONDS",
+    "JOB_HEARTBEAT_SECONDS",
+    "JOB_MAX_ATTEMPTS",
+    "JOB_RETRY_BASE_SECONDS",
+    "JOB_RETRY_MAX_SECONDS",
 )
 
 

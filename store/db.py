@@ -5,8 +5,9 @@ SQLite (the embedded default) gets WAL and a busy timeout so the job worker and 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -39,6 +40,20 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def lock_row(session: Session, table: Any, pk: Any) -> None:
+    """Hold a write lock on one row until the session's transaction ends, so check-then-insert sequences
+    that count other rows (seats, limits) run one at a time per row, across processes and machines.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE`` (later statements in READ COMMITTED see what the previous holder
+    committed). SQLite: pysqlite only opens a transaction at the first write, so a no-op UPDATE is that
+    first write; it takes the database write lock (waiting out busy_timeout) before anything is counted."""
+    column = table.__mapper__.primary_key[0]
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(table).where(column == pk).values({column.key: column}))
+    else:
+        session.execute(select(column).where(column == pk).with_for_update())
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

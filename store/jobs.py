@@ -1,7 +1,12 @@
-"""Background jobs behind one interface (``JobQueue``) with an in-process thread worker.
+"""Background jobs: the queue is the ``jobs`` table itself (PostgreSQL ``FOR UPDATE SKIP LOCKED`` claims,
+an atomic conditional UPDATE on SQLite), run by a ``WorkerLoop`` in a thread of the web process (embedded
+default) or in separate ``edgemart store worker`` processes on any number of machines (scale-out).
 
-Jobs live in the database; the queue only wakes a worker. A worker claims a job with one atomic
-UPDATE (queued -> running), so several processes can share a database without running a job twice."""
+Why the database and not Redis/RabbitMQ: a job is created in the same transaction as the listing and
+build it packages, so no upload can be committed without its job or vice versa; claims, leases, retries
+and the dead-letter state are rows anyone can query; and there is one less server to run and back up.
+Packaging jobs take seconds to minutes, so polling a few times a second is far below what PostgreSQL
+handles (see docs/DEPLOY.md for the measured figures)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger("edgemart.store.jobs")
 
@@ -32,40 +37,96 @@ class JobQueue(Protocol):
     def wait_idle(self, timeout: float) -> bool: ...
 
 
-class ThreadJobQueue:
-    """One daemon thread that claims queued jobs from the database and runs them one at a time.
+class WorkerLoop:
+    """Claims runnable jobs and runs them one at a time until stopped; also re-queues jobs whose worker
+    died, every ``recover_seconds``. The same loop runs in a thread of the web process (embedded
+    default) or in the foreground of an ``edgemart store worker`` process (scale-out).
 
-    ``claim`` returns the id of a job it atomically moved to running (or None); ``run`` executes it and
-    records the outcome; ``pending`` counts queued + running jobs (for ``wait_idle``)."""
+    ``claim`` returns a lease (or None); ``run`` executes it and records the outcome; ``recover``
+    re-queues abandoned jobs; ``pending`` counts queued + running jobs (for ``wait_idle``)."""
 
     def __init__(
         self,
         *,
-        claim: Callable[[], str | None],
-        run: Callable[[str], None],
+        claim: Callable[[], Any],
+        run: Callable[[Any], None],
         pending: Callable[[], int],
+        recover: Callable[[], list[str]] | None = None,
         poll_seconds: float = 2.0,
+        recover_seconds: float = 30.0,
     ) -> None:
         self._claim = claim
         self._run = run
         self._pending = pending
+        self._recover = recover
         self._poll = poll_seconds
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
+        self._recover_every = recover_seconds
+        self._next_recover = 0.0
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.jobs_run = 0
+
+    def _maybe_recover(self) -> None:
+        if self._recover is None or time.monotonic() < self._next_recover:
+            return
+        self._next_recover = time.monotonic() + self._recover_every
+        try:
+            requeued = self._recover()
+        except Exception:  # noqa: BLE001 - a database blip must not kill the worker; retried next round
+            log.exception("recovering abandoned jobs failed")
+            return
+        if requeued:
+            log.warning("re-queued %d abandoned job(s): %s", len(requeued), ", ".join(requeued))
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            self._maybe_recover()
+            try:
+                lease = self._claim()
+            except Exception:  # noqa: BLE001 - database restarting: wait and claim again
+                log.exception("claiming a job failed; retrying")
+                lease = None
+            if lease is None:
+                self.wake.wait(self._poll)
+                self.wake.clear()
+                continue
+            self._run(lease)
+            self.jobs_run += 1
+
+
+    def drain(self) -> None:
+        """Run jobs until none is runnable right now (or stopped)."""
+        self._next_recover = 0.0
+        self._maybe_recover()
+        while not self.stopping.is_set():
+            lease = self._claim()
+            if lease is None:
+                return
+            self._run(lease)
+            self.jobs_run += 1
+
+
+class ThreadJobQueue:
+    """The embedded default: one daemon thread of the web process runs the ``WorkerLoop``."""
+
+    def __init__(self, loop: WorkerLoop) -> None:
+        self._loop = loop
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._stopping.clear()
-            self._thread = threading.Thread(target=self._loop, name="edgemart-job-worker", daemon=True)
+            self._loop.stopping.clear()
+            self._thread = threading.Thread(
+                target=self._loop.run_forever, name="edgemart-job-worker", daemon=True
+            )
             self._thread.start()
 
     def enqueue(self, job_id: str) -> None:
-        self._wake.set()
+        self._loop.wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        self._wake.set()
+        self._loop.stopping.set()
+        self._loop.wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -73,21 +134,11 @@ class ThreadJobQueue:
         """Block until no job is queued or running (True) or ``timeout`` seconds passed (False)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._pending() == 0:
+            if self._loop._pending() == 0:
                 return True
-            self._wake.set()
+            self._loop.wake.set()
             time.sleep(0.05)
-        return self._pending() == 0
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self._poll)
-            self._wake.clear()
-            while not self._stopping.is_set():
-                job_id = self._claim()
-                if job_id is None:
-                    break
-                self._run(job_id)
+        return self._loop._pending() == 0
 
 
 class NoWorker:

@@ -130,6 +130,8 @@ class Job(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+    run_after: Mapped[int | None] = mapped_column(Integer)  # a retry waits for its backoff to pass
     worker: Mapped[str | None] = mapped_column(String(128))  # host:pid holding the job while running
     heartbeat_at: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(Integer)
@@ -137,6 +139,8 @@ class Job(Base):
     finished_at: Mapped[int | None] = mapped_column(Integer)
 
     build: Mapped[Build] = relationship()
+
+    __table_args__ = (Index("ix_jobs_state_run_after", "state", "run_after"),)
 
 
 class Device(Base):

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 import drm
 from drm.errors import ConflictError, ForbiddenError, LicenseRefused, NotFoundError, Refusal, UsageError
 from store.context import StoreContext
+from store.db import lock_row
 from store.models import Build, Device, License, Listing, Revocation, User
 from store.services.listings import get_visible
 
@@ -152,7 +153,13 @@ def eval_license(
     device = get_own_device(session, user, device_id)
     build = _licensable_build(listing, target)
     existing = _existing_eval(session, user, device, build)
+    if existing is None:
+        # Serialize this buyer's eval requests: the device count below and the insert must not interleave
+        # with another request's (N concurrent requests for the last seat issue exactly one license).
+        lock_row(session, User, user.id)
+        existing = _existing_eval(session, user, device, build)
     if existing is not None:
+        session.rollback()  # release the lock before answering
         if existing.revoked_at is not None:
             raise Refusal(f"your evaluation license {existing.license_id} for this device was revoked")
         return existing, False
@@ -168,6 +175,7 @@ def eval_license(
         or 0
     )
     if devices >= listing.eval_device_limit:
+        session.rollback()
         raise Refusal(
             f"evaluation limit reached: {listing.eval_device_limit} devices already hold evaluation licenses "
             f"for {listing.id}"
@@ -249,6 +257,7 @@ def production_licenses(
             "give exactly one of device_certs (list of PEM) and fleet_key (PEM X25519 public key)"
         )
     rows: list[License] = []
+    lock_row(session, User, user.id)  # concurrent retries of one purchase must not issue twice
     if certs is not None:
         if not isinstance(certs, list) or not certs or len(certs) > MAX_DEVICE_CERTS:
             raise UsageError(f"device_certs must be a list of 1 to {MAX_DEVICE_CERTS} PEM certificates")

@@ -16,6 +16,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from drm.errors import ForbiddenError, NotFoundError, Refusal, UsageError
+from edge_runtime.fileio import fault_point
 from store.blobs import TooLarge
 from store.context import StoreContext
 from store.models import Build, Job, Listing, User
@@ -300,7 +301,10 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             created_at=now,
         )
         session.add(listing)
-        job_ids = [] if blocked else add_build_jobs(session, listing, targets, now=now)
+        fault_point("store", "upload", "before_commit")  # tests/faults: a crash between blob and row
+        job_ids = [] if blocked else add_build_jobs(
+            session, listing, targets, now=now, max_attempts=int(ctx.config["JOB_MAX_ATTEMPTS"])
+        )
         session.commit()
     except BaseException:
         session.rollback()
@@ -312,7 +316,9 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
     return UploadResult(listing, job_ids, blocked)
 
 
-def add_build_jobs(session: Session, listing: Listing, targets: list[str], *, now: int) -> list[str]:
+def add_build_jobs(
+    session: Session, listing: Listing, targets: list[str], *, now: int, max_attempts: int = 3
+) -> list[str]:
     job_ids = []
     for target in targets:
         build = Build(
@@ -334,6 +340,7 @@ def add_build_jobs(session: Session, listing: Listing, targets: list[str], *, no
             progress=0.0,
             message="queued",
             attempts=0,
+            max_attempts=max_attempts,
             created_at=now,
         )
         session.add(job)
@@ -469,6 +476,7 @@ def review(
             listing,
             [t for t in listing.targets if t not in {b.target for b in listing.builds}],
             now=ctx.now(),
+            max_attempts=int(ctx.config["JOB_MAX_ATTEMPTS"]),
         )
     else:
         listing.status = "rejected"

@@ -6,18 +6,33 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 import drm
-from drm.errors import ConflictError, EdgemartError
+from drm.errors import ConflictError, EdgemartError, NotFoundError
 from store.context import StoreContext
 from store.jobs import worker_id
 from store.models import Build, Job, Listing
 
 log = logging.getLogger("edgemart.store.packaging")
 PROGRESS_STEP = 0.02  # write progress to the database at most every 2 %
+
+
+class JobLost(EdgemartError):
+    """This worker no longer holds the job (its lease expired and another worker took it): stop quietly."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed job: only the holder of (worker, attempt) may write its progress or outcome."""
+
+    job_id: str
+    attempt: int
+    worker: str
 
 
 def pending_count(ctx: StoreContext) -> int:
@@ -27,67 +42,149 @@ def pending_count(ctx: StoreContext) -> int:
         )
 
 
-def claim_next(ctx: StoreContext) -> str | None:
-    """Atomically move the oldest queued job to running for this worker; its id, or None."""
+def claim_next(ctx: StoreContext) -> Lease | None:
+    """Move the oldest runnable queued job to running for this worker and return its lease, or None.
+
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets any number of workers claim side by side without
+    blocking on each other's candidate; the conditional UPDATE (state still queued) makes the claim
+    atomic on SQLite too, where the row lock clause is ignored."""
+    me = worker_id()
+    now = ctx.now()
     with ctx.Session() as s:
         candidates = s.scalars(
-            select(Job.id).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(10)
+            select(Job.id)
+            .where(Job.state == "queued", or_(Job.run_after.is_(None), Job.run_after <= now))
+            .order_by(Job.created_at, Job.id)
+            .limit(5)
+            .with_for_update(skip_locked=True)
         ).all()
-        now = ctx.now()
         for job_id in candidates:
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == "queued")
                 .values(
                     state="running",
-                    worker=worker_id(),
+                    worker=me,
                     started_at=now,
                     heartbeat_at=now,
                     attempts=Job.attempts + 1,
                     message="starting",
                 )
+                .returning(Job.attempts)
             )
-            if res.rowcount == 1:  # type: ignore[attr-defined]
+            attempt = res.scalar()
+            if attempt is not None:
                 s.commit()
-                return job_id
+                return Lease(job_id, int(attempt), me)
         s.commit()
     return None
 
 
-def _pid_alive(worker: str | None) -> bool:
+def _fenced(lease: Lease) -> Any:
+    """WHERE clause: the job is still running under this lease."""
+    return (
+        (Job.id == lease.job_id)
+        & (Job.state == "running")
+        & (Job.worker == lease.worker)
+        & (Job.attempts == lease.attempt)
+    )
+
+
+def heartbeat(ctx: StoreContext, lease: Lease) -> None:
+    """Renew the lease; JobLost if another worker took the job meanwhile."""
+    with ctx.Session() as s:
+        res = s.execute(update(Job).where(_fenced(lease)).values(heartbeat_at=ctx.now()))
+        s.commit()
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        raise JobLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.worker}")
+
+
+_RUNNING_HERE: set[str] = set()  # ids of the jobs this process is executing right now
+
+
+def _worker_gone(worker: str | None) -> bool:
+    """True when ``worker`` (host:pid) is a process of this host that no longer exists, or this very
+    process (a job it is not running is a leftover of an earlier process that had the same pid).
+    Other hosts' workers are judged by their lease alone."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
+    if int(pid) == os.getpid():
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return int(pid) != os.getpid()  # our own pid at start: left over from a previous process
+    except PermissionError:
+        return False
+    return False
 
 
 def recover_jobs(ctx: StoreContext) -> list[str]:
-    """Re-queue jobs left running by a process that died (same host, pid gone) or whose lease expired."""
+    """Re-queue running jobs whose worker is gone: a dead pid on this host, or a lease (heartbeat) older
+    than JOB_LEASE_SECONDS anywhere. A job that used up its attempts goes to the dead-letter state."""
     lease = int(ctx.config["JOB_LEASE_SECONDS"])
     now = ctx.now()
     requeued = []
     with ctx.Session() as s:
-        for job in s.scalars(select(Job).where(Job.state == "running")):
+        running = s.scalars(select(Job).where(Job.state == "running").with_for_update(skip_locked=True)).all()
+        for job in running:
+            if job.id in _RUNNING_HERE:
+                continue
             stale = job.heartbeat_at is None or now - job.heartbeat_at > lease
-            if stale or not _pid_alive(job.worker):
-                job.state, job.worker, job.message = "queued", None, "re-queued after a worker stopped"
-                job.build.status, job.build.message = "queued", "re-queued after a worker stopped"
-                requeued.append(job.id)
+            if not (stale or _worker_gone(job.worker)):
+                continue
+            why = f"worker {job.worker} stopped during attempt {job.attempts}"
+            if job.attempts >= job.max_attempts:
+                _dead_letter(job, f"gave up after {job.attempts} attempts: {why}", now)
+            else:
+                job.state, job.worker, job.run_after, job.message = "queued", None, now, f"re-queued: {why}"
+                job.build.status, job.build.message = "queued", job.message
+            requeued.append(job.id)
         s.commit()
     return requeued
+
+
+def _dead_letter(job: Job, error: str, now: int) -> None:
+    job.state, job.error, job.message, job.finished_at, job.worker = "dead", error, error, now, None
+    build = job.build
+    build.status, build.error, build.message, build.updated_at = "failed", error, error, now
+    _settle_listing(build.listing)
+
+
+def _settle_listing(listing: Listing) -> None:
+    if listing.status == "pending" and all(b.status in ("failed", "rejected") for b in listing.builds):
+        listing.status = "failed"
+
+
+def retry_delay(ctx: StoreContext, attempt: int) -> int:
+    """Exponential backoff after a failed attempt: base * 4^(attempt-1), capped."""
+    base = float(ctx.config["JOB_RETRY_BASE_SECONDS"])
+    return int(min(base * 4 ** max(0, attempt - 1), float(ctx.config["JOB_RETRY_MAX_SECONDS"])))
+
+
+def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
+    """An admin sends a dead-lettered (or failed) job back to the queue with fresh attempts."""
+    with ctx.Session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id[:40]!r}")
+        if job.state not in ("dead", "failed"):
+            raise ConflictError(f"job {job.id} is {job.state}; only dead or failed jobs can be retried")
+        job.state, job.attempts, job.run_after, job.error, job.message = "queued", 0, None, None, "queued by admin"
+        job.progress, job.finished_at, job.worker = 0.0, None, None
+        job.build.status, job.build.error, job.build.message, job.build.progress = "queued", None, "queued", 0.0
+        if job.build.listing.status == "failed":
+            job.build.listing.status = "pending"
+        s.commit()
+        return job
 
 
 class _Progress:
     """Writes (fraction, message) to the job and its build, throttled, refreshing the job's heartbeat."""
 
-    def __init__(self, ctx: StoreContext, job_id: str, build_id: int, start: float, span: float) -> None:
-        self.ctx, self.job_id, self.build_id = ctx, job_id, build_id
+    def __init__(self, ctx: StoreContext, lease: Lease, build_id: int, start: float, span: float) -> None:
+        self.ctx, self.lease, self.build_id = ctx, lease, build_id
         self.start, self.span = start, span
         self.last = -1.0
 
@@ -96,17 +193,18 @@ class _Progress:
         if value - self.last < PROGRESS_STEP and fraction < 1.0:
             return
         self.last = value
-        set_progress(self.ctx, self.job_id, self.build_id, value, message)
+        set_progress(self.ctx, self.lease, self.build_id, value, message)
 
 
-def set_progress(ctx: StoreContext, job_id: str, build_id: int, value: float, message: str) -> None:
+def set_progress(ctx: StoreContext, lease: Lease, build_id: int, value: float, message: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(progress=value, message=message[:500], heartbeat_at=now)
+        res = s.execute(
+            update(Job).where(_fenced(lease)).values(progress=value, message=message[:500], heartbeat_at=now)
         )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            s.rollback()
+            raise JobLost(f"job {lease.job_id} attempt {lease.attempt} was taken over; stopping")
         s.execute(
             update(Build)
             .where(Build.id == build_id)
@@ -115,21 +213,68 @@ def set_progress(ctx: StoreContext, job_id: str, build_id: int, value: float, me
         s.commit()
 
 
-def run_job(ctx: StoreContext, job_id: str) -> None:
-    """Run one claimed job to completion and record the outcome; a failure is recorded, never lost."""
+def run_job(ctx: StoreContext, lease: Lease) -> None:
+    """Run one claimed job and record the outcome; a failure is recorded, never lost.
+
+    A refusal from the packagers (EdgemartError: unsupported ops, bad calibration...) is final. Anything
+    else (a bug, a lost database connection, a full disk) is retried with backoff up to the job's
+    max_attempts, then dead-lettered for an admin. A lost lease stops the job without writing anything."""
+    _RUNNING_HERE.add(lease.job_id)
+    beat = _Heartbeat(ctx, lease)
+    beat.start()
     try:
-        _package(ctx, job_id)
+        _package(ctx, lease)
+    except JobLost as exc:
+        log.warning("%s", exc.message)
     except EdgemartError as exc:
-        _finish(ctx, job_id, ok=False, error=exc.message, build_status="failed")
+        _finish(ctx, lease, ok=False, error=exc.message, build_status="failed")
     except Exception as exc:  # noqa: BLE001 - the worker must outlive a broken job; recorded below
-        log.exception("packaging job %s crashed", job_id)
-        _finish(
-            ctx,
-            job_id,
-            ok=False,
-            error=f"internal error: {type(exc).__name__}: {exc}"[:2000],
-            build_status="failed",
-        )
+        log.exception("packaging job %s attempt %d crashed", lease.job_id, lease.attempt)
+        _retry_or_dead(ctx, lease, f"internal error: {type(exc).__name__}: {exc}"[:2000])
+    finally:
+        beat.stop()
+        _RUNNING_HERE.discard(lease.job_id)
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a running job's lease every JOB_HEARTBEAT_SECONDS, even through long silent steps (one
+    quantization call can run for minutes without a progress callback); stops once the lease is lost."""
+
+    def __init__(self, ctx: StoreContext, lease: Lease) -> None:
+        super().__init__(name=f"heartbeat-{lease.job_id}", daemon=True)
+        self.ctx, self.lease = ctx, lease
+        self.every = float(ctx.config["JOB_HEARTBEAT_SECONDS"])
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every):
+            try:
+                heartbeat(self.ctx, self.lease)
+            except JobLost:
+                log.warning("job %s: lease lost; its result will be discarded", self.lease.job_id)
+                return
+            except Exception:  # noqa: BLE001 - database restarting: the next beat retries
+                log.warning("job %s: heartbeat failed; retrying", self.lease.job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5.0)
+
+
+def _retry_or_dead(ctx: StoreContext, lease: Lease, error: str) -> None:
+    now = ctx.now()
+    with ctx.Session() as s:
+        job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
+        if job is None:
+            return
+        if job.attempts >= job.max_attempts:
+            _dead_letter(job, f"gave up after {job.attempts} attempts: {error}", now)
+        else:
+            delay = retry_delay(ctx, job.attempts)
+            job.state, job.worker, job.run_after = "queued", None, now + delay
+            job.error, job.message = error, f"attempt {job.attempts} failed; retrying in {delay} s: {error}"[:500]
+            job.build.status, job.build.message = "queued", job.message
+        s.commit()
 
 
 def _load_samples(ctx: StoreContext, listing: Listing) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -146,9 +291,10 @@ def _load_samples(ctx: StoreContext, listing: Listing) -> tuple[dict[str, Any] |
     return {k: v[: n - held] for k, v in samples.items()}, {k: v[n - held : n] for k, v in samples.items()}
 
 
-def _package(ctx: StoreContext, job_id: str) -> None:
+def _package(ctx: StoreContext, lease: Lease) -> None:
     import packagers
 
+    job_id = lease.job_id
     with ctx.Session() as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -158,14 +304,14 @@ def _package(ctx: StoreContext, job_id: str) -> None:
         build_id, target, listing_id = build.id, build.target, listing.id
         model_key = listing.model_blob
         calibration, holdout = _load_samples(ctx, listing)
-    set_progress(ctx, job_id, build_id, 0.0, f"packaging for {target}")
+    set_progress(ctx, lease, build_id, 0.0, f"packaging for {target}")
     model = ctx.blobs.get(model_key)
     result = packagers.package_model(
         model,
         target,
         calibration=calibration,
         holdout=holdout,
-        progress=_Progress(ctx, job_id, build_id, 0.0, 0.9),
+        progress=_Progress(ctx, lease, build_id, 0.0, 0.9),
     )
     quality = result.quality.to_dict()
     if not result.quality.passed:
@@ -182,14 +328,14 @@ def _package(ctx: StoreContext, job_id: str) -> None:
             raise
         _finish(
             ctx,
-            job_id,
+            lease,
             ok=False,
             error=f"quality check failed: {result.quality.verdict_reason}",
             build_status="rejected",
         )
         return
 
-    set_progress(ctx, job_id, build_id, 0.92, "sealing the build")
+    set_progress(ctx, lease, build_id, 0.92, "sealing the build")
     cek = drm.generate_content_key()
     sealed = drm.seal(result.payload, key=cek, target=target)
     header = drm.read_header(sealed[:65536])
@@ -206,6 +352,9 @@ def _package(ctx: StoreContext, job_id: str) -> None:
         if html_put.created:
             created.append(html_put.key)
         with ctx.Session() as s:
+            job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
+            if job is None:
+                raise JobLost(f"job {job_id} attempt {lease.attempt} was taken over; result discarded")
             clash = s.scalar(select(Build).where(Build.build_hash == result.build_hash, Build.id != build_id))
             if clash is not None:
                 raise ConflictError(
@@ -224,8 +373,6 @@ def _package(ctx: StoreContext, job_id: str) -> None:
             build.build_metadata = _jsonable(result.metadata)
             build.status, build.progress, build.message, build.error = "done", 1.0, "done", None
             build.updated_at = now
-            job = s.get(Job, job_id)
-            assert job is not None
             job.state, job.progress, job.message, job.error, job.finished_at = "done", 1.0, "done", None, now
             listing = s.get(Listing, listing_id)
             assert listing is not None
@@ -244,19 +391,17 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _finish(ctx: StoreContext, job_id: str, *, ok: bool, error: str | None, build_status: str) -> None:
+def _finish(ctx: StoreContext, lease: Lease, *, ok: bool, error: str | None, build_status: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
-        job = s.get(Job, job_id)
+        job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
         if job is None:
-            return
+            return  # taken over: the new holder records the outcome
         job.state = "done" if ok else "failed"
         job.error = error
         job.message = error or "done"
         job.finished_at = now
         build = job.build
         build.status, build.error, build.message, build.updated_at = build_status, error, error or "done", now
-        listing = build.listing
-        if listing.status == "pending" and all(b.status in ("failed", "rejected") for b in listing.builds):
-            listing.status = "failed"
+        _settle_listing(build.listing)
         s.commit()

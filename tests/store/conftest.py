@@ -114,10 +114,30 @@ def make_store(data_dir: Path, **config: Any) -> Store:
     return Store(app, app.test_client(), ctx, tokens, data_dir)
 
 
+# These suites run twice: on the embedded default (SQLite) and on a real PostgreSQL server.
+BOTH_DATABASES = {"test_store_flow", "test_store_lifecycle", "test_store_bad_input", "test_store_authz"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database" in metafunc.fixturenames and metafunc.module.__name__ in BOTH_DATABASES:
+        metafunc.parametrize(
+            "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)], indirect=True
+        )
+
+
 @pytest.fixture
-def store() -> Iterator[Store]:
+def database(request: pytest.FixtureRequest) -> str | None:
+    """The DATABASE_URL for a store: None (SQLite in the data dir) or a fresh PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    server = request.getfixturevalue("postgres_server")
+    return str(server.create_database())
+
+
+@pytest.fixture
+def store(database: str | None) -> Iterator[Store]:
     with tempfile.TemporaryDirectory(prefix="edgemart-store-") as tmp:
-        st = make_store(Path(tmp))
+        st = make_store(Path(tmp), **({"DATABASE_URL": database} if database else {}))
         try:
             yield st
         finally:

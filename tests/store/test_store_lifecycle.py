@@ -3,6 +3,9 @@ the OpenAPI document."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import time
 
 import pytest
@@ -90,21 +93,53 @@ def test_failed_job_is_recorded_with_its_message(store, digits_base):
     assert store.client.get("/api/v1/listings/no-calibration").status_code == 404
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_interrupted_jobs_are_requeued_at_start(tmp_path, digits_base):
     st = make_store(tmp_path, WORKER="none")
     r = st.upload("sally", digits_base, name="restart", targets="onnx-fp32")
     job_id = r.json["jobs"][0]
-    with st.ctx.Session() as s:  # a worker died mid-job: state running, pid gone
+    with st.ctx.Session() as s:  # a worker of this host died mid-job: state running, pid gone
         job = s.get(Job, job_id)
-        job.state, job.worker, job.heartbeat_at = "running", "nohost-that-died:999999", int(time.time())
+        job.state, job.worker, job.heartbeat_at = (
+            "running",
+            f"{socket.gethostname()}:{_dead_pid()}",
+            int(time.time()),
+        )
+        job.attempts = 1
         s.commit()
     st.ctx.close()
     st2 = make_store(tmp_path)
     try:
         st2.wait()
-        assert st2.client.get(f"/api/v1/jobs/{job_id}", headers=st2.auth("sally")).json["state"] == "done"
+        body = st2.client.get(f"/api/v1/jobs/{job_id}", headers=st2.auth("sally")).json
+        assert body["state"] == "done"
+        with st2.ctx.Session() as s:
+            assert s.get(Job, job_id).attempts == 2
     finally:
         st2.ctx.close()
+
+
+def test_other_hosts_jobs_are_requeued_only_when_their_lease_expires(tmp_path, digits_base):
+    st = make_store(tmp_path, WORKER="none")
+    fresh = st.upload("sally", digits_base, name="fresh", targets="onnx-fp32").json["jobs"][0]
+    stale = st.upload("sally", digits_base, name="stale", targets="onnx-fp32", eval_days=2).json["jobs"][0]
+    now = int(time.time())
+    with st.ctx.Session() as s:
+        for job_id, beat in ((fresh, now), (stale, now - 10_000)):
+            job = s.get(Job, job_id)
+            job.state, job.worker, job.heartbeat_at, job.attempts = "running", "elsewhere:42", beat, 1
+        s.commit()
+    from store.services import packaging
+
+    assert packaging.recover_jobs(st.ctx) == [stale]
+    with st.ctx.Session() as s:
+        assert s.get(Job, fresh).state == "running" and s.get(Job, stale).state == "queued"
+    st.ctx.close()
 
 
 @pytest.fixture
@@ -210,10 +245,32 @@ def test_cek_is_stored_only_wrapped(store, listed):
     with store.ctx.Session() as s:
         build = s.scalar(select(Build).where(Build.listing_id == listed))
         cek = store.ctx.vault.unwrap_cek(build.wrapped_cek, build.build_hash)
-    raw = (store.data_dir / "store.db").read_bytes()
-    for path in store.data_dir.glob("store.db*"):
-        raw += path.read_bytes()
+    url = store.ctx.engine.url
+    if url.get_backend_name() == "sqlite":
+        raw = b"".join(path.read_bytes() for path in store.data_dir.glob("store.db*"))
+    else:  # the whole database as pg_dump writes it (what a backup would hold)
+        from store.localservers.postgres import pg_bindir
+
+        raw = subprocess.run(
+            [
+                str(pg_bindir() / "pg_dump"),
+                "-h",
+                url.host,
+                "-p",
+                str(url.port),
+                "-U",
+                url.username,
+                url.database,
+            ],
+            env={**os.environ, "PGPASSWORD": url.password},
+            check=True,
+            capture_output=True,
+        ).stdout
+        assert b"COPY public.builds" in raw and build.build_hash.encode() in raw  # the dump is real
     assert cek not in raw and cek.hex().encode() not in raw
+    import base64
+
+    assert base64.b64encode(cek) not in raw
 
 
 def test_openapi_lists_every_api_route(store):
