@@ -12,8 +12,8 @@ from flask import Blueprint, Response, jsonify, request, send_file
 from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
 from store.auth import ctx, current_user, db, require_user, roles
 from store.errors import error_payload
-from store.models import IdempotentResponse, Job, Listing
-from store.services import licensing, listings, usage
+from store.models import IdempotentResponse, Listing
+from store.services import licensing, listings, packaging, usage
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -265,28 +265,49 @@ def listing_usage(listing_id: str) -> Any:
 # ------------------------------------------------------------------------------------------ jobs
 
 
+@bp.get("/jobs")
+def list_jobs() -> Any:
+    """Jobs, newest first; state=dead is the dead-letter view (jobs that used up their attempts).
+    ---
+    summary: Jobs (admins see all; sellers the jobs of their own listings)
+    parameters:
+      - {name: state, in: query, schema: {type: string, enum: [queued, running, done, failed, dead]}}
+      - {name: page, in: query, schema: {type: integer, minimum: 1}}
+    responses: {200: {description: "{items: [job], page, pages}", schema: JobPage}, 403: {description: not a seller or admin}}
+    """
+    user = require_user()
+    if user.role not in ("seller", "admin"):
+        raise ForbiddenError(f"a {user.role} account has no jobs")
+    page = _page()
+    items, pages = packaging.search_jobs(
+        db(), user, state=request.args.get("state"), page=page, page_size=int(ctx().config["PAGE_SIZE"])
+    )
+    return {"items": [packaging.job_to_dict(j) for j in items], "page": page, "pages": pages}
+
+
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Any:
     """Progress of a packaging job.
     ---
     summary: A job (the listing's seller or an admin)
     parameters: [{name: job_id, in: path, required: true, schema: {type: string}}]
-    responses: {200: {description: "{id, state, progress, message, error, listing, target}", schema: Job}, 404: {description: not found}}
+    responses: {200: {description: "{id, state, progress, message, error, listing, target, attempts}", schema: Job}, 404: {description: not found}}
     """
-    user = require_user()
-    job = db().get(Job, job_id) if len(job_id) <= 40 else None
-    if job is None or not (user.role == "admin" or job.build.listing.seller_id == user.id):
-        raise NotFoundError(f"no job {job_id[:40]!r}")
-    return {
-        "id": job.id,
-        "state": job.state,
-        "progress": round(job.progress, 4),
-        "message": job.message,
-        "error": job.error,
-        "listing": job.build.listing_id,
-        "target": job.build.target,
-        "build_status": job.build.status,
-    }
+    return packaging.job_to_dict(packaging.get_visible_job(db(), require_user(), job_id))
+
+
+@bp.post("/jobs/<job_id>/retry")
+@roles("admin")
+def retry_job(job_id: str) -> Any:
+    """Send a dead-lettered or failed job back to the queue with fresh attempts.
+    ---
+    summary: Retry a dead or failed job (admin)
+    parameters: [{name: job_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: the job, schema: Job}, 404: {description: not found}, 409: {description: "not dead or failed"}}
+    """
+    job = packaging.requeue_dead(ctx(), job_id)
+    ctx().queue.enqueue(job.id)
+    return packaging.job_to_dict(packaging.get_visible_job(db(), require_user(), job.id))
 
 
 # ------------------------------------------------------------------------------------------ devices & licenses

@@ -129,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("timeout", 600)
             self.cfg.set("graceful_timeout", 20)
             self.cfg.set("accesslog", "-")
+            self.cfg.set("control_socket_disable", True)  # one per host would clash between stores
 
         def load(self) -> Any:
             from store.app import create_app

@@ -8,12 +8,29 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from drm.errors import UsageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def normalize_url(url: str) -> str:
+    """SQLite or PostgreSQL through psycopg 3 (``postgresql://`` means psycopg 3 here, not psycopg2)."""
+    if not isinstance(url, str) or not url:
+        raise UsageError("DATABASE_URL is empty")
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith(("sqlite://", "postgresql+psycopg://")):
+        return url
+    scheme = url.split(":", 1)[0][:40]
+    raise UsageError(f"DATABASE_URL must be sqlite:///PATH or postgresql://USER:PASS@HOST/DB, not {scheme}:")
+
+
 def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -26,7 +43,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Each web/worker process keeps a small pool; pre-ping drops connections a database restart cut.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
 
 
 def migrate(engine: Engine) -> None:
@@ -37,9 +55,14 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except OperationalError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0][:300] if exc.orig else str(exc)[:300]
+        raise UsageError(f"cannot use the database {where}: {reason}") from None
 
 
 def lock_row(session: Session, table: Any, pk: Any) -> None:

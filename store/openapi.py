@@ -98,12 +98,23 @@ SCHEMAS: dict[str, Any] = {
     "Job": _obj(
         {
             "id": _STR,
-            "state": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+            "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "dead"]},
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
             "message": _NSTR,
             "error": _NSTR,
             "listing": _STR,
             "target": _STR,
+            "attempts": _INT,
+            "max_attempts": _INT,
+            "run_after": _NINT,
+            "worker": _NSTR,
+        }
+    ),
+    "JobPage": _obj(
+        {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+            "page": {"type": "integer", "minimum": 1},
+            "pages": {"type": "integer", "minimum": 0},
         }
     ),
     "Device": _obj({"device_id": _STR, "name": _NSTR, "enrolled_at": _INT}),

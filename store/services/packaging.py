@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
 import drm
-from drm.errors import ConflictError, EdgemartError, NotFoundError
+from drm.errors import ConflictError, EdgemartError, NotFoundError, UsageError
+from edge_runtime.fileio import fault_point
 from store.context import StoreContext
 from store.jobs import worker_id
-from store.models import Build, Job, Listing
+from store.models import Build, Job, Listing, User
 
 log = logging.getLogger("edgemart.store.packaging")
 PROGRESS_STEP = 0.02  # write progress to the database at most every 2 %
@@ -161,6 +163,52 @@ def retry_delay(ctx: StoreContext, attempt: int) -> int:
     """Exponential backoff after a failed attempt: base * 4^(attempt-1), capped."""
     base = float(ctx.config["JOB_RETRY_BASE_SECONDS"])
     return int(min(base * 4 ** max(0, attempt - 1), float(ctx.config["JOB_RETRY_MAX_SECONDS"])))
+
+
+JOB_STATES = ("queued", "running", "done", "failed", "dead")
+
+
+def get_visible_job(session: Session, user: User, job_id: str) -> Job:
+    """A job its listing's seller or an admin may see; NotFoundError for everyone else."""
+    job = session.get(Job, job_id) if isinstance(job_id, str) and len(job_id) <= 40 else None
+    if job is None or not (user.role == "admin" or job.build.listing.seller_id == user.id):
+        raise NotFoundError(f"no job {str(job_id)[:40]!r}")
+    return job
+
+
+def search_jobs(
+    session: Session, user: User, *, state: str | None, page: int, page_size: int
+) -> tuple[list[Job], int]:
+    if state is not None and state not in JOB_STATES:
+        raise UsageError(f"state must be one of {', '.join(JOB_STATES)}")
+    stmt = select(Job)
+    if user.role != "admin":
+        stmt = stmt.join(Build, Job.build_id == Build.id).join(Listing, Build.listing_id == Listing.id)
+        stmt = stmt.where(Listing.seller_id == user.id)
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = session.scalars(
+        stmt.order_by(Job.created_at.desc(), Job.id).offset((page - 1) * page_size).limit(page_size)
+    ).all()
+    return list(rows), -(-total // page_size)
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "state": job.state,
+        "progress": round(job.progress, 4),
+        "message": job.message,
+        "error": job.error,
+        "listing": job.build.listing_id,
+        "target": job.build.target,
+        "build_status": job.build.status,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "run_after": job.run_after,
+        "worker": job.worker,
+    }
 
 
 def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
@@ -351,6 +399,7 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
         html_put = ctx.blobs.put_bytes(result.quality.to_html().encode())
         if html_put.created:
             created.append(html_put.key)
+        fault_point("store", "job", "before_commit")  # tests: a worker killed between its blobs and its row
         with ctx.Session() as s:
             job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
             if job is None:

@@ -73,6 +73,9 @@ MATRIX = [
         {"sally": 200, "ada": 200, "*": 404},
     ),
     ("GET", "/api/v1/jobs/{priv_job}", None, {"anon": 401, "sally": 200, "ada": 200, "*": 404}),
+    ("GET", "/api/v1/jobs", None, {"anon": 401, "sally": 200, "sam": 200, "ada": 200, "*": 403}),
+    ("GET", "/api/v1/jobs?state=dead", None, {"anon": 401, "sally": 200, "sam": 200, "ada": 200, "*": 403}),
+    ("POST", "/api/v1/jobs/{pub_job}/retry", None, {"anon": 401, "ada": 409, "*": 403}),
     ("GET", "/api/v1/builds/{pub_hex}", None, {"anon": 401, "sally": 200, "bob": 200, "ada": 200, "*": 403}),
     (
         "GET",
@@ -143,6 +146,16 @@ def test_matrix(shared_store, world, who, method, path, body, table):
     assert r.status_code == expected, (who, url, r.data[:300])
     if r.is_json and r.status_code >= 400:
         assert set(r.json["error"]) == {"code", "message", "problems"}
+
+
+def test_sellers_see_only_the_jobs_of_their_own_listings(shared_store, world):
+    mine = shared_store.client.get("/api/v1/jobs", headers=shared_store.auth("sally")).json["items"]
+    assert {world["priv_job"], world["pub_job"]} <= {j["id"] for j in mine}
+    assert shared_store.client.get("/api/v1/jobs", headers=shared_store.auth("sam")).json["items"] == []
+    everything = shared_store.client.get("/api/v1/jobs", headers=shared_store.auth("ada")).json["items"]
+    assert {j["id"] for j in everything} >= {j["id"] for j in mine}
+    r = shared_store.client.get("/api/v1/jobs?state=bogus", headers=shared_store.auth("ada"))
+    assert r.status_code == 400 and "state must be one of" in r.json["error"]["message"]
 
 
 def test_buyers_see_only_their_own_licenses(shared_store, world):
