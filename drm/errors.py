@@ -36,6 +36,14 @@ class UsageError(EdgemartError):
     code = "bad_input"
 
 
+class Unavailable(EdgemartError):
+    """A service this needs is down for the moment (database restarting...): retry later (exit 75, HTTP 503)."""
+
+    exit_code = 75  # EX_TEMPFAIL
+    http_status = 503
+    code = "unavailable"
+
+
 class NotFoundError(EdgemartError):
     """A named thing does not exist."""
 

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
 from store.auth import ctx, current_user, db, require_user, roles
@@ -70,7 +71,10 @@ def _idempotent(view: Any) -> Response:
                 created_at=ctx().now(),
             )
         )
-        db().commit()
+        try:
+            db().commit()
+        except DBIntegrityError:
+            db().rollback()  # a concurrent retry with the same key recorded its (equivalent) answer first
     return resp  # type: ignore[no-any-return]
 
 
@@ -156,7 +160,13 @@ def upload_listing() -> Any:
         raise ForbiddenError("only sellers can upload models")
     request.max_content_length = 2 * int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
 
+    key = request.headers.get("Idempotency-Key")
+
     def view() -> Response:
+        if key is not None:
+            existing = listings.by_idempotency_key(db(), user, key)
+            if existing is not None:  # retried after the first attempt's answer was lost
+                return _upload_response(existing, listings.job_ids_of(db(), existing), user)
         if not (request.mimetype or "").startswith("multipart/form-data"):
             raise UsageError("upload must be multipart/form-data with a 'model' file part")
         form, files = request.form, request.files
@@ -172,22 +182,31 @@ def upload_listing() -> Any:
             price_per_seat=form.get("price_per_seat"),
             model=files["model"].stream if "model" in files else None,
             calibration=files["calibration"].stream if "calibration" in files else None,
+            idempotency_key=key,
         )
-        result = listings.create_listing(ctx(), db(), user, upload)
-        body = {"listing": listings.listing_to_dict(result.listing, user), "jobs": result.job_ids}
-        if result.blocked:
-            findings = (result.listing.decision or {}).get("findings", [])
-            exc = listings.Blocked(
-                f"upload blocked by the compliance gate: {_decision_summary(result.listing.decision)}",
-                details=findings if isinstance(findings, list) else [],
-            )
-            exc.body = {"decision": result.listing.decision, "listing": body["listing"]}  # type: ignore[attr-defined]
-            raise exc
-        resp = jsonify(body)
-        resp.status_code = 202
-        return resp
+        try:
+            result = listings.create_listing(ctx(), db(), user, upload)
+        except listings.DuplicateUpload as dup:
+            return _upload_response(dup.listing, listings.job_ids_of(db(), dup.listing), user)
+        return _upload_response(result.listing, result.job_ids, user)
 
     return _idempotent(view)
+
+
+def _upload_response(listing: Listing, job_ids: list[str], user: Any) -> Response:
+    """202 {listing, jobs}, or the gate's 403 with its decision for a blocked upload."""
+    body = {"listing": listings.listing_to_dict(listing, user), "jobs": job_ids}
+    if listing.status == "blocked":
+        findings = (listing.decision or {}).get("findings", [])
+        exc = listings.Blocked(
+            f"upload blocked by the compliance gate: {_decision_summary(listing.decision)}",
+            details=findings if isinstance(findings, list) else [],
+        )
+        exc.body = {"decision": listing.decision, "listing": body["listing"]}  # type: ignore[attr-defined]
+        raise exc
+    resp = jsonify(body)
+    resp.status_code = 202
+    return resp
 
 
 def _decision_summary(decision: dict[str, Any] | None) -> str:

@@ -4,6 +4,7 @@ SQLite (the embedded default) gets WAL and a busy timeout so the job worker and 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from drm.errors import UsageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+CONNECT_RETRY_SECONDS = 10.0
 
 
 def normalize_url(url: str) -> str:
@@ -44,7 +46,22 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # Each web/worker process keeps a small pool; pre-ping drops connections a database restart cut.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_retry(dialect, _rec, cargs, cparams):  # type: ignore[no-untyped-def]
+        # A restarting server refuses connections for a second or two: wait it out (bounded) so a
+        # database restart shows as latency, not as failed requests.
+        deadline = time.monotonic() + CONNECT_RETRY_SECONDS
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.25)
+
+    return engine
 
 
 def migrate(engine: Engine) -> None:

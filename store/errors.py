@@ -7,9 +7,10 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from drm.errors import EdgemartError, LicenseRefused
+from drm.errors import EdgemartError, LicenseRefused, Unavailable
 
 log = logging.getLogger("edgemart.store")
 
@@ -80,6 +81,22 @@ def register(app: Flask) -> None:
                 resp.headers["Allow"] = ", ".join(valid)
             return resp
         return render_template("error.html", status=status, message=message, problems=[]), status
+
+    @app.errorhandler(OperationalError)
+    def _database_down(exc: OperationalError) -> Any:
+        # The database is restarting or unreachable: tell the client to retry instead of a bare 500.
+        log.warning("database unavailable on %s %s: %s", request.method, request.path, str(exc.orig)[:200])
+        exc_out = Unavailable("the database is unavailable for a moment; retry shortly")
+        if _wants_json():
+            resp = error_response(exc_out)
+        else:  # no template: the page layout itself reads the database (the signed-in user)
+            resp = Response(
+                f"<!doctype html><title>503</title><h1>Service unavailable</h1><p>{exc_out.message}</p>",
+                status=503,
+                mimetype="text/html",
+            )
+        resp.headers["Retry-After"] = "2"
+        return resp
 
     @app.errorhandler(Exception)
     def _internal(exc: Exception) -> Any:

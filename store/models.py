@@ -87,11 +87,14 @@ class Listing(Base):
     model_size: Mapped[int] = mapped_column(Integer)
     calibration_blob: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))  # the upload's Idempotency-Key
     reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     review_note: Mapped[str | None] = mapped_column(Text)
 
     seller: Mapped[User] = relationship(foreign_keys=[seller_id])
     builds: Mapped[list[Build]] = relationship(back_populates="listing", order_by="Build.target")
+
+    __table_args__ = (Index("uq_listings_seller_idempotency", "seller_id", "idempotency_key", unique=True),)
 
 
 class Build(Base):

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
-from drm.errors import ForbiddenError, NotFoundError, Refusal, UsageError
+from drm.errors import ConflictError, EdgemartError, ForbiddenError, NotFoundError, Refusal, UsageError
 from edge_runtime.fileio import fault_point
-from store.blobs import TooLarge
+from store.blobs import TooLarge, new_blob_id
 from store.context import StoreContext
 from store.models import Build, Job, Listing, User
 
@@ -63,6 +64,7 @@ class UploadForm:
     price_per_seat: str | int | None = None
     model: BinaryIO | None = None
     calibration: BinaryIO | None = None
+    idempotency_key: str | None = None  # a retried upload with the same key gets the first one's listing
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -237,7 +239,11 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             problems.append(Problem("model", "missing", "model file is required"))
         else:
             try:
-                model_put = ctx.blobs.put_stream(form.model, max_bytes=cfg["MAX_UPLOAD_BYTES"])
+                # Each upload gets its own blob (not a content-addressed one another upload may share), so
+                # deleting it when this upload fails can never take a blob from under a concurrent one.
+                model_put = ctx.blobs.put_stream(
+                    form.model, max_bytes=cfg["MAX_UPLOAD_BYTES"], key=new_blob_id()
+                )
             except TooLarge as exc:
                 problems.append(Problem("model", "too_large", exc.message))
             else:
@@ -252,7 +258,9 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
         calibration_put = None
         if form.calibration is not None:
             try:
-                calibration_put = ctx.blobs.put_stream(form.calibration, max_bytes=cfg["MAX_UPLOAD_BYTES"])
+                calibration_put = ctx.blobs.put_stream(
+                    form.calibration, max_bytes=cfg["MAX_UPLOAD_BYTES"], key=new_blob_id()
+                )
             except TooLarge as exc:
                 problems.append(Problem("calibration", "too_large", exc.message))
             else:
@@ -299,13 +307,23 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             model_size=model_put.size,
             calibration_blob=calibration_put.key if calibration_put else None,
             created_at=now,
+            idempotency_key=form.idempotency_key,
         )
         session.add(listing)
         fault_point("store", "upload", "before_commit")  # tests/faults: a crash between blob and row
-        job_ids = [] if blocked else add_build_jobs(
-            session, listing, targets, now=now, max_attempts=int(ctx.config["JOB_MAX_ATTEMPTS"])
-        )
-        session.commit()
+        try:
+            job_ids = (
+                []
+                if blocked
+                else add_build_jobs(
+                    session, listing, targets, now=now, max_attempts=int(ctx.config["JOB_MAX_ATTEMPTS"])
+                )
+            )
+            session.commit()
+        except DBIntegrityError:
+            # A concurrent upload took the name, or a concurrent retry of this upload (same key) won.
+            session.rollback()
+            raise _lost_race(session, seller, slug, form.idempotency_key) from None
     except BaseException:
         session.rollback()
         for key in created:
@@ -314,6 +332,39 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
     for job_id in job_ids:
         ctx.queue.enqueue(job_id)
     return UploadResult(listing, job_ids, blocked)
+
+
+class DuplicateUpload(EdgemartError):
+    """A retry of an upload that already succeeded (same Idempotency-Key): answer with that listing."""
+
+    def __init__(self, listing: Listing) -> None:
+        super().__init__(f"upload already received as listing {listing.id}")
+        self.listing = listing
+
+
+def _lost_race(session: Session, seller: User, slug: str, key: str | None) -> EdgemartError:
+    if key is not None:
+        existing = by_idempotency_key(session, seller, key)
+        if existing is not None:
+            return DuplicateUpload(existing)
+    return ConflictError(f"a listing {slug!r} was just created by another upload; choose another name")
+
+
+def by_idempotency_key(session: Session, seller: User, key: str) -> Listing | None:
+    return session.scalar(
+        select(Listing).where(Listing.seller_id == seller.id, Listing.idempotency_key == key)
+    )
+
+
+def job_ids_of(session: Session, listing: Listing) -> list[str]:
+    return list(
+        session.scalars(
+            select(Job.id)
+            .join(Build, Job.build_id == Build.id)
+            .where(Build.listing_id == listing.id)
+            .order_by(Job.created_at, Job.id)
+        )
+    )
 
 
 def add_build_jobs(

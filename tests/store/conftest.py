@@ -115,7 +115,13 @@ def make_store(data_dir: Path, **config: Any) -> Store:
 
 
 # These suites run twice: on the embedded default (SQLite) and on a real PostgreSQL server.
-BOTH_DATABASES = {"test_store_flow", "test_store_lifecycle", "test_store_bad_input", "test_store_authz"}
+BOTH_DATABASES = {
+    "test_store_flow",
+    "test_store_lifecycle",
+    "test_store_bad_input",
+    "test_store_authz",
+    "test_store_concurrency",
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

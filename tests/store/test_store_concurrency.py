@@ -1,0 +1,139 @@
+"""Concurrency on both databases: 50 simultaneous requests for the last evaluation seat issue exactly one
+license; simultaneous retries of one upload (same Idempotency-Key) create one listing; simultaneous
+uploads under one name give one listing and clean 4xx answers, never a 500."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+
+import drm
+from store.models import License, Listing
+
+N = 50
+
+
+def _together(n: int, fn) -> list:  # type: ignore[no-untyped-def]
+    """Run fn(i) in n threads released at the same instant."""
+    barrier = threading.Barrier(n)
+
+    def go(i: int):  # type: ignore[no-untyped-def]
+        barrier.wait()
+        return fn(i)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(go, range(n)))
+
+
+@pytest.fixture
+def last_seat(store, digits_base):
+    """A listed model whose buyer bob already holds evaluation licenses on all but one allowed device,
+    and 50 more enrolled devices of bob's."""
+    assert store.upload("sally", digits_base, name="seat", targets="onnx-fp32").status_code == 202
+    store.wait()
+    with store.ctx.Session() as s:
+        s.get(Listing, "seat").eval_device_limit = 3
+        s.commit()
+
+    def enroll() -> str:
+        keys = drm.DeviceKeys.generate()
+        r = store.client.post(
+            "/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=store.auth("bob")
+        )
+        assert r.status_code == 201, r.json
+        return keys.device_id
+
+    for _ in range(2):
+        r = store.client.post(
+            "/api/v1/listings/seat/eval-license",
+            json={"device_id": enroll(), "target": "onnx-fp32"},
+            headers=store.auth("bob"),
+        )
+        assert r.status_code in (200, 201), r.json
+    return [enroll() for _ in range(N)]
+
+
+def test_fifty_requests_for_the_last_eval_seat_issue_exactly_one_license(store, last_seat):
+    def ask(i: int) -> int:
+        client = store.app.test_client()
+        r = client.post(
+            "/api/v1/listings/seat/eval-license",
+            json={"device_id": last_seat[i], "target": "onnx-fp32"},
+            headers=store.auth("bob"),
+        )
+        assert r.status_code < 500, r.data[:300]
+        return r.status_code
+
+    statuses = _together(N, ask)
+    assert sorted(statuses).count(403) == N - 1, statuses
+    assert len([s for s in statuses if s in (200, 201)]) == 1
+    with store.ctx.Session() as s:
+        devices = s.scalar(
+            select(func.count(func.distinct(License.device_id))).where(
+                License.listing_id == "seat", License.kind == "eval"
+            )
+        )
+        assert devices == 3
+
+
+def test_concurrent_retries_of_one_upload_create_one_listing(store, digits_base):
+    raw = digits_base.read_bytes()
+
+    def upload(i: int) -> tuple[int, str | None]:
+        st_client = store.app.test_client()
+        import io
+
+        r = st_client.post(
+            "/api/v1/listings",
+            data={
+                "model": (io.BytesIO(raw), "m.onnx"),
+                "name": "retry",
+                "license": "MIT",
+                "targets": "onnx-fp32",
+            },
+            headers={**store.auth("sally"), "Idempotency-Key": "upload-42"},
+            content_type="multipart/form-data",
+        )
+        return r.status_code, (r.json or {}).get("listing", {}).get("id")
+
+    results = _together(8, upload)
+    assert {code for code, _ in results} == {202}, results
+    assert {listing for _, listing in results} == {"retry"}
+    store.wait()
+    with store.ctx.Session() as s:
+        assert s.scalar(select(func.count()).select_from(Listing)) == 1
+    blobs = store.counts()
+    assert blobs["listings"] == 1 and blobs["builds"] == 1 and blobs["jobs"] == 1
+
+
+def test_concurrent_uploads_under_one_name_give_one_listing_and_clean_errors(store, digits_base):
+    raw = digits_base.read_bytes()
+    before = store.counts()
+
+    def upload(i: int) -> int:
+        import io
+
+        r = store.app.test_client().post(
+            "/api/v1/listings",
+            data={
+                "model": (io.BytesIO(raw), "m.onnx"),
+                "name": "same",
+                "license": "MIT",
+                "targets": "onnx-fp32",
+            },
+            headers=store.auth("sally"),
+            content_type="multipart/form-data",
+        )
+        assert r.status_code < 500, r.data[:300]
+        return r.status_code
+
+    statuses = _together(6, upload)
+    assert statuses.count(202) == 1 and all(s in (202, 409, 422) for s in statuses), statuses
+    store.wait()
+    after = store.counts()
+    assert after["listings"] == before["listings"] + 1
+    # the losers' model blobs were removed: one model + one sealed build + one quality report remain
+    assert after["blobs"] == before["blobs"] + 3
