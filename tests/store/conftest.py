@@ -94,7 +94,9 @@ class Store:
                 models.UsageRecord,
             ):
                 out[model.__tablename__] = s.scalar(select(func.count()).select_from(model)) or 0
-        out["tmp_files"] = len(list((self.data_dir / "blobs" / ".tmp").iterdir()))
+        pending = getattr(self.ctx.blobs, "pending_uploads", None)
+        tmp = self.data_dir / "blobs" / ".tmp"
+        out["tmp_files"] = len(pending()) if pending else len(list(tmp.iterdir()))
         return out
 
 
@@ -114,7 +116,8 @@ def make_store(data_dir: Path, **config: Any) -> Store:
     return Store(app, app.test_client(), ctx, tokens, data_dir)
 
 
-# These suites run twice: on the embedded default (SQLite) and on a real PostgreSQL server.
+# These suites run twice: on the embedded default (SQLite + files) and scaled out (a real PostgreSQL server
+# + a real SeaweedFS S3 bucket), the same code configured differently.
 BOTH_DATABASES = {
     "test_store_flow",
     "test_store_lifecycle",
@@ -132,18 +135,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def database(request: pytest.FixtureRequest) -> str | None:
-    """The DATABASE_URL for a store: None (SQLite in the data dir) or a fresh PostgreSQL database."""
+def database(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Store config for the backends: {} (SQLite + files in the data dir) or PostgreSQL + S3."""
     if getattr(request, "param", "sqlite") == "sqlite":
-        return None
+        return {}
     server = request.getfixturevalue("postgres_server")
-    return str(server.create_database())
+    seaweed = request.getfixturevalue("seaweed")
+    bucket = seaweed.blob_store().bucket  # a fresh bucket per test
+    for key, value in seaweed.env().items():
+        request.getfixturevalue("monkeypatch").setenv(key, value)
+    return {
+        "DATABASE_URL": str(server.create_database()),
+        "BLOB_URL": f"s3://{bucket}/blobs",
+        "S3_ENDPOINT_URL": seaweed.endpoint_url,
+    }
 
 
 @pytest.fixture
-def store(database: str | None) -> Iterator[Store]:
+def store(database: dict[str, Any]) -> Iterator[Store]:
     with tempfile.TemporaryDirectory(prefix="edgemart-store-") as tmp:
-        st = make_store(Path(tmp), **({"DATABASE_URL": database} if database else {}))
+        st = make_store(Path(tmp), **database)
         try:
             yield st
         finally:
