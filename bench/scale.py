@@ -843,7 +843,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(render(res), flush=True)
             results[name] = res
-    results["passed"] = all(results[n]["passed"] for n, _ in phases)
+        results["passed"] = all(results[n]["passed"] for n, _ in phases)
+        if not results["passed"]:  # keep the servers' logs for the post-mortem
+            keep = Path(tempfile.gettempdir()) / "edgemart-scale-logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir()
+            for f in c.workdir.glob("*.log"):
+                shutil.copy(f, keep / f.name)
+            print(f"server logs kept in {keep}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print("scale test " + ("PASSED" if results["passed"] else "FAILED"))

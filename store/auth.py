@@ -6,6 +6,7 @@ so a forged cross-site form can never act through the API."""
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from collections.abc import Callable
 from functools import wraps
@@ -22,6 +23,8 @@ from store.services import accounts
 F = TypeVar("F", bound=Callable[..., Any])
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
+log = logging.getLogger("edgemart.store.auth")
+
 
 def ctx() -> StoreContext:
     return current_app.extensions["edgemart"]  # type: ignore[no-any-return]
@@ -36,7 +39,10 @@ def db() -> Session:
 def close_db(_exc: BaseException | None = None) -> None:
     s = g.pop("db", None)
     if s is not None:
-        s.close()
+        try:
+            s.close()
+        except Exception:  # noqa: BLE001 - the answer is already made; a dead connection is dropped by the pool
+            log.warning("closing the database session failed", exc_info=True)
 
 
 def current_user(*, required: bool = True, cookie_ok: bool | None = None) -> User | None:

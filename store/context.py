@@ -75,6 +75,7 @@ ENV_KEYS = (
     "JOB_MAX_ATTEMPTS",
     "JOB_RETRY_BASE_SECONDS",
     "JOB_RETRY_MAX_SECONDS",
+    "SESSION_COOKIE_SECURE",
 )
 
 
@@ -85,7 +86,9 @@ def env_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     for key in ENV_KEYS:
         value = env.get(f"EDGEMART_{key}")
         if value:
-            if isinstance(DEFAULTS.get(key), int | float):
+            if isinstance(DEFAULTS.get(key), bool):
+                out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(DEFAULTS.get(key), int | float):
                 try:
                     out[key] = type(DEFAULTS[key])(value)
                 except ValueError:

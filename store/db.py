@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import Engine, create_engine, event, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +16,7 @@ from drm.errors import UsageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONNECT_RETRY_SECONDS = 10.0
+MIGRATION_LOCK = 0x6564676D  # "edgm": the advisory lock key migrations hold on PostgreSQL
 
 
 def normalize_url(url: str) -> str:
@@ -74,6 +75,9 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Several app hosts starting at once: one migrates, the others wait and find it done.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except OperationalError as exc:

@@ -61,3 +61,31 @@ def test_requests_ride_out_a_database_restart_and_a_long_outage_is_a_503(
         assert r.status_code == 200 and len(r.json["items"]) == 1
     finally:
         st.ctx.close()
+
+
+def test_hosts_starting_together_migrate_once(postgres_server):
+    """Four processes' worth of engines upgrade one empty database at the same moment: one migrates (under
+    an advisory lock), the others find the schema current; no duplicate-table error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import inspect, text
+
+    from store import db
+
+    url = postgres_server.create_database()
+    engines = [db.make_engine(url) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+
+    def go(engine):  # type: ignore[no-untyped-def]
+        barrier.wait()
+        db.migrate(engine)
+
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            list(pool.map(go, engines))
+        with engines[0].connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+            assert "jobs" in inspect(conn).get_table_names()
+    finally:
+        for engine in engines:
+            engine.dispose()
