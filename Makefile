@@ -46,8 +46,13 @@ test: venv apt corpus lint
 test-fast: venv corpus
 	$(VENV)/bin/pytest -q -m 'not slow' -x
 
+# Every parser's hypothesis fuzzer at 20,000 inputs (make test runs them at 300), then the coverage-guided
+# atheris harnesses for the binary formats when atheris is installed (pip install '.[fuzz]').
 fuzz: venv
 	EDGEMART_FUZZ_EXAMPLES=20000 $(VENV)/bin/pytest -q tests -k fuzz
+	@if $(PY) -c 'import atheris' 2>/dev/null; then \
+	  $(PY) tests/drm/fuzz_atheris.py -atheris_runs=200000 && $(PY) tests/fuzz/fuzz_atheris_bundle.py -atheris_runs=500000; \
+	else echo "make fuzz: atheris not installed (pip install '.[fuzz]'); skipping the coverage-guided runs"; fi
 
 # The store scaled out on this machine: PostgreSQL + SeaweedFS (S3) + 4 gunicorn app workers + 2 job workers,
 # 64 concurrent clients for 60 s steady and 60 s with faults (job worker and app worker SIGKILLed, PostgreSQL

@@ -10,6 +10,7 @@ import io
 import json
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +308,10 @@ def verify_members(
     extra = [n for n in names if n not in expected]
     if extra:
         raise BundleInvalid(f"extra file {extra[0]!r} (not in the manifest)")
+    # iter_members refuses duplicates, but a caller may hand members over directly.
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)
+    if twice:
+        raise BundleInvalid(f"duplicate member {twice[0]!r}")
     for position, (got, want) in enumerate(zip(names, expected, strict=True)):
         if got != want:
             raise BundleInvalid(f"member {position + 1} is {got!r}, expected {want!r} (members reordered)")

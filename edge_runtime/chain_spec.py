@@ -6,7 +6,9 @@ checked later, when the stages have loaded their models (chain_check)."""
 from __future__ import annotations
 
 import json
+import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,25 @@ from edge_runtime.chain_steps import DTYPES, Step, TensorType, parse_step
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 ISOLATION = ("vendor", "stage")
 SUPERVISOR = "supervisor"
+MAX_CHAIN_BYTES = 1024 * 1024  # a chain file is a few kB; bundles carry them under the same bound
+_MAX_JSON_INT_DIGITS = 100  # as edge_runtime.safe_yaml's default for YAML integers
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr for error messages: a few levels and items, whatever the value (aliases, huge integers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict, self.maxtuple = 3, 6, 6, 6
+        self.maxstring, self.maxother, self.maxlong = 60, 60, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:
+            return f"<{x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+
+_show = _ShortRepr().repr
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,7 @@ class _Reader:
 
     def name(self, value: Any, where: str) -> str:
         if not isinstance(value, str) or not _NAME.match(value):
-            raise self.fail(where, f"expected a name of letters, digits, '_' or '-', got {value!r}")
+            raise self.fail(where, f"expected a name of letters, digits, '_' or '-', got {_show(value)}")
         return value
 
     def keys(
@@ -144,7 +165,7 @@ class _Reader:
         self.keys(obj, where, {"shape", "dtype"}, {"dtype"})
         dtype = obj["dtype"]
         if dtype not in DTYPES:
-            raise self.fail(f"{where}.dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise self.fail(f"{where}.dtype", f"expected one of {', '.join(DTYPES)}, got {_show(dtype)}")
         shape = obj.get("shape")
         if shape is not None:
             ok = isinstance(shape, list) and all(
@@ -152,7 +173,7 @@ class _Reader:
             )
             if not ok:
                 raise self.fail(
-                    f"{where}.shape", f"expected a list of sizes (null for dynamic), got {shape!r}"
+                    f"{where}.shape", f"expected a list of sizes (null for dynamic), got {_show(shape)}"
                 )
             shape = tuple(shape)
         return TensorType(shape, dtype)
@@ -165,7 +186,8 @@ class _Reader:
         source = obj["from"]
         if not isinstance(source, str) or not source:
             raise self.fail(
-                f"{where}.from", f"expected a tensor reference ('input' or 'stage.output'), got {source!r}"
+                f"{where}.from",
+                f"expected a tensor reference ('input' or 'stage.output'), got {_show(source)}",
             )
         raw_steps = obj.get("steps") or []
         if not isinstance(raw_steps, list):
@@ -178,9 +200,13 @@ class _Reader:
 
     def number(self, obj: dict[str, Any], key: str, where: str, default: float) -> float:
         value = obj.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise self.fail(f"{where}.{key}", f"expected a positive number of seconds, got {value!r}")
-        return float(value)
+        try:
+            seconds = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+        except OverflowError:  # an integer too large for a float
+            seconds = math.inf
+        if not (0 < seconds < math.inf):  # also refuses NaN
+            raise self.fail(f"{where}.{key}", f"expected a positive number of seconds, got {_show(value)}")
+        return seconds
 
 
 def parse_chain(data: Any, path: Path) -> ChainSpec:
@@ -195,15 +221,15 @@ def parse_chain(data: Any, path: Path) -> ChainSpec:
     )
     if top.get("version", 1) != 1:
         raise r.fail(
-            "version", f"unsupported chain file version {top.get('version')!r} (this runtime reads 1)"
+            "version", f"unsupported chain file version {_show(top.get('version'))} (this runtime reads 1)"
         )
     name = r.name(top.get("name", "chain"), "name")
     isolation = top.get("isolation", "vendor")
     if isolation not in ISOLATION:
-        raise r.fail("isolation", f"expected vendor or stage, got {isolation!r}")
+        raise r.fail("isolation", f"expected vendor or stage, got {_show(isolation)}")
     slots = top.get("slots", 2)
     if not isinstance(slots, int) or isinstance(slots, bool) or not 2 <= slots <= 64:
-        raise r.fail("slots", f"expected an integer from 2 to 64 (slots per output), got {slots!r}")
+        raise r.fail("slots", f"expected an integer from 2 to 64 (slots per output), got {_show(slots)}")
     t = r.mapping(top.get("timeouts", {}), "timeouts")
     r.keys(t, "timeouts", {"start", "frame", "stop"})
     d = Timeouts()
@@ -228,7 +254,7 @@ def parse_chain(data: Any, path: Path) -> ChainSpec:
         r.keys(obj, where, {"name", "vendor", "model", "inputs"}, {"name", "vendor", "model", "inputs"})
         stage_name = r.name(obj["name"], f"{where}.name")
         if any(s.name == stage_name for s in stages) or stage_name in inputs:
-            raise r.fail(f"{where}.name", f"duplicate name {stage_name!r}")
+            raise r.fail(f"{where}.name", f"duplicate name {_show(stage_name)}")
         vendor = r.name(obj["vendor"], f"{where}.vendor")
         model = r.mapping(obj["model"], f"{where}.model")
         if "listing" in model:
@@ -238,8 +264,8 @@ def parse_chain(data: Any, path: Path) -> ChainSpec:
             r.keys(model, f"{where}.model", {"build", "license", "listing"}, {"build", "license"})
             paths = {}
             for key in ("build", "license"):
-                if not isinstance(model[key], str) or not model[key]:
-                    raise r.fail(f"{where}.model.{key}", f"expected a file path, got {model[key]!r}")
+                if not isinstance(model[key], str) or not model[key] or "\0" in model[key]:
+                    raise r.fail(f"{where}.model.{key}", f"expected a file path, got {_show(model[key])}")
                 paths[key] = (path.parent / model[key]).resolve()
             ref = ModelRef(build=paths["build"], license=paths["license"])
         bindings = {}
@@ -266,11 +292,11 @@ def _check_refs(
         stage, tensor = split_ref(ref)
         if "." not in ref:
             if inputs and ref not in inputs:
-                raise r.fail(where, f"{ref!r} is not a chain input (inputs: {', '.join(inputs)})")
+                raise r.fail(where, f"{_show(ref)} is not a chain input (inputs: {', '.join(inputs)})")
             if not _NAME.match(ref):
-                raise r.fail(where, f"bad tensor reference {ref!r} (use 'input' or 'stage.output')")
+                raise r.fail(where, f"bad tensor reference {_show(ref)} (use 'input' or 'stage.output')")
         elif not tensor or not any(s.name == stage for s in earlier):
-            raise r.fail(where, f"{ref!r} does not name an output of an earlier stage")
+            raise r.fail(where, f"{_show(ref)} does not name an output of an earlier stage")
 
 
 def parse_binding(value: Any, path: Path, where: str) -> Binding:
@@ -278,21 +304,49 @@ def parse_binding(value: Any, path: Path, where: str) -> Binding:
     return _Reader(path).binding(value, where)
 
 
+def parse_chain_text(text: str, path: Path) -> ChainSpec:
+    """Parse the text of a chain file: JSON when ``path`` ends in .json, else YAML (bounded: size,
+    nesting, alias expansion); relative build/license paths resolve against ``path``."""
+    if len(text) > MAX_CHAIN_BYTES:
+        raise UsageError(f"{path}: {len(text)} characters exceeds the chain file limit of {MAX_CHAIN_BYTES}")
+    if path.suffix.lower() != ".json":
+        from edge_runtime.safe_yaml import YamlLimits, load_yaml  # stage workers never read YAML
+
+        limits = YamlLimits(max_chars=MAX_CHAIN_BYTES)
+        return parse_chain(load_yaml(text, what=f"{path}: not valid YAML", limits=limits), path)
+    try:
+        data = json.loads(text, parse_int=_json_int, parse_constant=_json_constant)
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not valid JSON: nested too deeply") from None
+    return parse_chain(data, path)
+
+
+def _json_int(text: str) -> int:
+    if len(text) > _MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer longer than {_MAX_JSON_INT_DIGITS} digits")
+    return int(text)
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def load_chain(path: str | Path) -> ChainSpec:
     """Read and parse a chain file (.yaml, .yml or .json)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CHAIN_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"chain file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UsageError(f"cannot read chain file {path}: {exc}") from None
-    import yaml
-
+    if len(raw) > MAX_CHAIN_BYTES:
+        raise UsageError(f"chain file {path} is larger than the limit of {MAX_CHAIN_BYTES} bytes")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except ValueError as exc:
-        raise UsageError(f"{path}: not valid JSON: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_chain(data, path)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read chain file {path}: {exc}") from None
+    return parse_chain_text(text, path)

@@ -186,7 +186,7 @@ def parse_step(raw: Any, path: str) -> Step:
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: expected a mapping with an 'op' field, got {type(raw).__name__}")
     op = raw.get("op")
-    if op not in _PARSERS:
+    if not isinstance(op, str) or op not in _PARSERS:  # `op: [..]` is unhashable: no dict lookup
         raise UsageError(f"{path}.op: unknown step {op!r} (built-in steps: {', '.join(STEP_NAMES)})")
     p = _Params(raw, path)
     params, refs = _PARSERS[op](p)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from drm.errors import UsageError
+from edge_runtime.safe_yaml import load_yaml
 
 _FENCE = "---"
 
@@ -54,14 +53,13 @@ def parse_model_card(text: str) -> ModelCard:
             "model card: YAML front matter opened on line 1 is never closed with '---'"
         ) from None
     block = "\n".join(lines[1:end])
-    try:
-        data = yaml.safe_load(block) if block.strip() else {}
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 2}, column {mark.column + 1}" if mark is not None else "front matter"
-        raise UsageError(f"model card: malformed YAML front matter at {where}: {exc.problem or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"model card: malformed YAML front matter: {exc}") from exc
+    # Bounded (size, nesting, alias expansion) and JSON-compatible: the card lands in the model
+    # index, the ML-BOM and the NOTICE, which all serialize it.
+    data = (
+        load_yaml(block, what="model card: malformed YAML front matter", first_line=2)
+        if block.strip()
+        else {}
+    )
     if data is None:
         data = {}
     if not isinstance(data, dict):
