@@ -6,16 +6,19 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import logging
+import time
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify, request
 
 from store import errors
 from store.auth import close_db
 from store.context import StoreContext, open_context, secret_key
 from store.jobs import NoWorker, ThreadJobQueue, WorkerLoop
+from store.logs import request_id
 
 log = logging.getLogger("edgemart.store")
+access = logging.getLogger("edgemart.store.access")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -58,6 +61,34 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         from store.openapi import build_spec
 
         return jsonify(build_spec(app))
+
+    @app.before_request
+    def _start_request() -> None:
+        g.request_id = request_id(request.headers.get("X-Request-Id"))
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _access_log(resp: Any) -> Any:
+        resp.headers["X-Request-Id"] = g.get("request_id", "")
+        user = g.get("user")
+        access.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            resp.status_code,
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": request.path[:300],
+                    "status": resp.status_code,
+                    "ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000, 2),
+                    "user_id": getattr(user, "id", None),
+                    "remote": request.remote_addr,
+                    "bytes": resp.calculate_content_length(),
+                }
+            },
+        )
+        return resp
 
     @app.after_request
     def _security_headers(resp: Any) -> Any:

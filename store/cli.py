@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from drm.errors import Refusal, UsageError
+
+log = logging.getLogger("edgemart.store.cli")
 
 ROLES = ("seller", "buyer", "builder", "admin")
 
@@ -107,8 +110,16 @@ def serve(args: argparse.Namespace) -> int:
     ctx = open_context(config)
     secret_key(ctx.config)
     ctx.close()
-    sys.stderr.write(
-        f"edgemart store: data in {config['DATA_DIR']}, listening on http://{args.host}:{args.port}\n"
+    from store.logs import configure as configure_logging
+    from store.logs import gunicorn_logconfig
+
+    configure_logging()
+    log.info(
+        "edgemart store: data in %s, listening on http://%s:%s",
+        config["DATA_DIR"],
+        args.host,
+        args.port,
+        extra={"fields": {"database": ctx.engine.url.render_as_string(), "workers": args.workers}},
     )
     try:
         from gunicorn.app.base import BaseApplication
@@ -128,12 +139,14 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("threads", 4)
             self.cfg.set("timeout", 600)
             self.cfg.set("graceful_timeout", 20)
-            self.cfg.set("accesslog", "-")
+            self.cfg.set("accesslog", None)  # the app writes one structured access record per request
+            self.cfg.set("logconfig_dict", gunicorn_logconfig())
             self.cfg.set("control_socket_disable", True)  # one per host would clash between stores
 
         def load(self) -> Any:
             from store.app import create_app
 
+            configure_logging()
             return create_app(config)
 
     _Gunicorn().run()
@@ -149,23 +162,23 @@ def _context(args: argparse.Namespace, **extra: Any) -> Any:
 def worker(args: argparse.Namespace) -> int:
     """Claim and run jobs until SIGTERM/SIGINT (the job in hand is finished first) or, with --once, until
     nothing is runnable. A worker killed outright loses nothing: its job is re-queued by the others."""
-    import logging
     import signal
 
     from store.app import worker_loop
+    from store.logs import configure as configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO)
     ctx = _context(args, WORKER="none")
     loop = worker_loop(ctx)
 
     def _stop(signum: int, _frame: Any) -> None:
-        sys.stderr.write(f"edgemart worker: signal {signum}, stopping after the current job\n")
+        log.info("edgemart worker: signal %d, stopping after the current job", signum)
         loop.stopping.set()
         loop.wake.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    sys.stderr.write(f"edgemart worker: pid {os.getpid()}, database {ctx.engine.url.render_as_string()}\n")
+    log.info("edgemart worker: pid %d, database %s", os.getpid(), ctx.engine.url.render_as_string())
     try:
         if args.once:
             loop.drain()
@@ -173,7 +186,7 @@ def worker(args: argparse.Namespace) -> int:
             loop.run_forever()
     finally:
         ctx.close()
-    sys.stderr.write(f"edgemart worker: ran {loop.jobs_run} job(s)\n")
+    log.info("edgemart worker: ran %d job(s)", loop.jobs_run, extra={"fields": {"jobs_run": loop.jobs_run}})
     return 0
 
 
