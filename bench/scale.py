@@ -15,6 +15,7 @@ client produced is stored once, every build blob a license points to exists.
 
     python -m bench.scale [--duration 60] [--clients 64] [--app-workers 4] [--job-workers 2]
                           [--no-faults] [--json FILE]
+    python -m bench.scale --markdown bench/results-scale.json   # the README table of a saved run
 Exit status 0 when every check passed, 1 otherwise."""
 
 from __future__ import annotations
@@ -805,6 +806,37 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The README / DEPLOY table from a saved run (`--markdown FILE`)."""
+    cfg = results["config"]
+    rows = [
+        f"{cfg['clients']} clients, {cfg['app_workers']} app workers, {cfg['job_workers']} job workers, "
+        f"{cfg['duration']:.0f} s per phase, all on one 2-core machine with the load generator:",
+        "",
+        "| phase | requests | req/s | p50 ms | p99 ms | 500s | 503s (retried) | uploads accepted / lost | "
+        "eval licenses / over limit / double | usage records stored / produced | jobs retried | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("steady", "faults"):
+        r = results.get(name)
+        if not r:
+            continue
+        ch = r["checks"]
+        rows.append(
+            f"| {name} | {r['requests']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['status'].get('500', 0)} | {r['status'].get('503', 0)} | "
+            f"{ch['uploads_accepted']} / {len(ch['uploads_lost'])} | "
+            f"{ch['eval_licenses']} / {len(ch['seats_over_limit'])} / {len(ch['seats_double_issued'])} | "
+            f"{ch['usage_records_stored']} / {ch['usage_records_produced']} | {ch['jobs_retried']} | "
+            f"{'pass' if r['passed'] else 'FAIL'} |"
+        )
+    faults = results.get("faults", {}).get("faults", [])
+    if faults:
+        rows.append("")
+        rows.append("Faults injected: " + "; ".join(f"{ev['event']} at {ev['t']} s" for ev in faults) + ".")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     global CALIBRATION
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
@@ -814,7 +846,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job-workers", type=int, default=2)
     ap.add_argument("--no-faults", action="store_true", help="skip the fault-injection phase")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--markdown", type=Path, metavar="RESULTS", help="print the results table of a saved run")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     if args.clients < 3 or args.duration < 5:
         ap.error("need at least 3 clients and 5 seconds")
     CALIBRATION = (CORPUS / "data" / "digits" / "digits_calibration.npz").read_bytes()
