@@ -14,7 +14,7 @@ from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
 from store.auth import ctx, current_user, db, require_user, roles
 from store.errors import error_payload
 from store.models import IdempotentResponse, Listing
-from store.services import licensing, listings, packaging, usage
+from store.services import accounts, licensing, listings, packaging, usage
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -90,6 +90,43 @@ def me() -> Any:
     """
     user = require_user()
     return {"id": user.id, "name": user.name, "role": user.role}
+
+
+@bp.get("/tokens")
+def list_tokens() -> Any:
+    """Your API tokens (prefix and dates; the token text is shown only when created).
+    ---
+    summary: Your API tokens
+    responses: {200: {description: "{items: [token]}", schema: TokenList}, 401: {description: unauthenticated}}
+    """
+    return {"items": [accounts.token_to_dict(t) for t in accounts.list_tokens(db(), require_user())]}
+
+
+@bp.post("/tokens")
+def create_token() -> Any:
+    """A new API token with your account's role (shown once; store only its hash server-side).
+    ---
+    summary: Create an API token
+    responses: {201: {description: "{token, id, prefix, role}", schema: NewToken}, 401: {description: unauthenticated}}
+    """
+    user = require_user()
+    token = accounts.issue_token(db(), user, now=ctx().now())
+    db().commit()
+    row = accounts.list_tokens(db(), user)[-1]
+    return {"token": token, **accounts.token_to_dict(row)}, 201
+
+
+@bp.post("/tokens/<int:token_id>/revoke")
+def revoke_token(token_id: int) -> Any:
+    """Revoke one of your tokens at once (admins: anyone's — the response to a stolen token).
+    ---
+    summary: Revoke an API token
+    parameters: [{name: token_id, in: path, required: true, schema: {type: integer}}]
+    responses: {200: {description: the token, schema: Token}, 404: {description: "not yours / no such token"}}
+    """
+    row = accounts.revoke_token(db(), require_user(), token_id, now=ctx().now())
+    db().commit()
+    return accounts.token_to_dict(row)
 
 
 # ------------------------------------------------------------------------------------------ listings

@@ -68,6 +68,15 @@ def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=gc)
 
+    p = ssub.add_parser("tokens", help="list a user's API tokens, or revoke them (a stolen token)")
+    p.add_argument("name", help="the user")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--revoke", type=int, metavar="ID", help="revoke the token with this id")
+    group.add_argument("--revoke-all", action="store_true", help="revoke every token of the user")
+    p.add_argument("--data-dir", default=_data_dir_default())
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=tokens)
+
     p = ssub.add_parser("create-user", help="create a user and print an API token")
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=ROLES)
@@ -218,6 +227,47 @@ def gc(args: argparse.Namespace) -> int:
         report.to_dict() | {"dry_run": args.dry_run, "stale_partial_writes_removed": stale},
         f"scanned {report.scanned} blobs: {report.referenced} referenced, {report.young} young orphans kept, "
         f"{verb} {len(report.deleted)}; {stale} stale partial writes removed",
+    )
+    return 0
+
+
+def tokens(args: argparse.Namespace) -> int:
+    """The operator's view of a user's tokens; revocation takes effect on the next request."""
+    from sqlalchemy import select
+
+    from drm.errors import NotFoundError
+    from edge_runtime.cli import emit
+    from store.models import User
+    from store.services import accounts
+
+    ctx = _context(args, WORKER="none")
+    try:
+        with ctx.Session() as s:
+            user = s.scalar(select(User).where(User.name == args.name))
+            if user is None:
+                raise NotFoundError(f"no user {args.name[:64]!r}")
+            rows = accounts.list_tokens(s, user)
+            targets = [r.id for r in rows if r.revoked_at is None] if args.revoke_all else []
+            if args.revoke is not None:
+                if args.revoke not in {r.id for r in rows}:
+                    raise NotFoundError(f"user {args.name} has no token {args.revoke}")
+                targets = [args.revoke]
+            for token_id in targets:
+                accounts.revoke_token(s, user, token_id, now=ctx.now())
+            s.commit()
+            items = [accounts.token_to_dict(r) for r in accounts.list_tokens(s, user)]
+    finally:
+        ctx.close()
+    lines = [
+        f"{t['id']:>5}  {t['prefix']}…  {t['role']:<8} "
+        + ("revoked" if t["revoked_at"] else f"last used {t['last_used_at'] or 'never'}")
+        for t in items
+    ]
+    note = f"revoked {len(targets)} token(s)\n" if targets else ""
+    emit(
+        args,
+        {"user": args.name, "revoked": targets, "tokens": items},
+        note + ("\n".join(lines) or "no tokens"),
     )
     return 0
 

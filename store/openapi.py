@@ -117,6 +117,18 @@ SCHEMAS: dict[str, Any] = {
             "pages": {"type": "integer", "minimum": 0},
         }
     ),
+    "Token": _obj(
+        {
+            "id": _INT,
+            "prefix": _STR,
+            "role": _STR,
+            "created_at": _INT,
+            "last_used_at": _NINT,
+            "revoked_at": _NINT,
+        }
+    ),
+    "TokenList": _list_of("Token"),
+    "NewToken": _obj({"token": _STR, "id": _INT, "prefix": _STR, "role": _STR}),
     "Device": _obj({"device_id": _STR, "name": _NSTR, "enrolled_at": _INT}),
     "DeviceList": _list_of("Device"),
     "Enrolled": _obj({"device_id": _STR, "certificate": _STR, "root": _STR}),

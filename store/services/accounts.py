@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -75,11 +76,31 @@ def issue_token(session: Session, user: User, *, now: int) -> str:
     return token
 
 
-def revoke_token(session: Session, user: User, token_id: int, *, now: int) -> None:
+def revoke_token(session: Session, user: User, token_id: Any, *, now: int) -> ApiToken:
+    """Revoke one of ``user``'s tokens (an admin may revoke anyone's: the answer to a stolen token)."""
+    if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 < token_id < 2**62:
+        raise NotFoundError(f"no token {str(token_id)[:20]}")
     row = session.get(ApiToken, token_id)
-    if row is None or row.user_id != user.id:
+    if row is None or (row.user_id != user.id and user.role != "admin"):
         raise NotFoundError(f"no token {token_id}")
     row.revoked_at = row.revoked_at or now
+    return row
+
+
+def list_tokens(session: Session, user: User) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)))
+
+
+def token_to_dict(row: ApiToken) -> dict[str, Any]:
+    """What a token list shows: never the token or its hash, only the prefix that tells tokens apart."""
+    return {
+        "id": row.id,
+        "prefix": row.prefix,
+        "role": row.role,
+        "created_at": row.created_at,
+        "last_used_at": row.last_used_at,
+        "revoked_at": row.revoked_at,
+    }
 
 
 def authenticate_token(session: Session, token: str, *, now: int) -> tuple[User, ApiToken]:

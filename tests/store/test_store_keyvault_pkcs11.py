@@ -320,3 +320,55 @@ def test_the_store_refuses_a_wrong_pin_at_start(hsm: SoftHsm, tmp: Path) -> None
 
     with pytest.raises(drm.UsageError, match="PIN incorrect"):
         create_app({"DATA_DIR": str(tmp / "data"), "WORKER": "none", **hsm.store_config(), "PKCS11_PIN": "0"})
+
+
+# docs/FORMAT.md section 2 (PKCS#11 vault) test vector: computed here with `cryptography` from the spec alone,
+# then opened by the token; and the token's own output opened by `cryptography` under the same known KEK.
+VECTOR_KEK = bytes(range(32))
+VECTOR_IV = bytes.fromhex("000102030405060708090a0b")
+VECTOR_CEK = bytes.fromhex("11" * 32)
+VECTOR_BUILD = "sha256:" + "ab" * 32
+VECTOR_WRAPPED = (
+    "454d4b5001000102030405060708090a0b"
+    "5613c70ad4f4d30a9c50869aa0f8697c92c79625e16a4e6d2976f4940c7811a3"
+    "54b372846785f8f0a4b93af05d04cdb3"
+)
+
+
+def _spec_wrap(kek: bytes, iv: bytes, cek: bytes, build_hash: str) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aad = b"EMKP\x01" + b"edgemart-cek-wrap/1\x00" + build_hash.encode("ascii")
+    return b"EMKP\x01" + iv + AESGCM(kek).encrypt(iv, cek, aad)
+
+
+def test_format_vector_for_pkcs11_wrapped_content_keys(hsm: SoftHsm, tmp: Path) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    wrapped = _spec_wrap(VECTOR_KEK, VECTOR_IV, VECTOR_CEK, VECTOR_BUILD)
+    assert wrapped.hex() == VECTOR_WRAPPED, wrapped.hex()  # the vector printed in docs/FORMAT.md
+    label = "edgemart-vector-kek"
+    with hsm.session() as session:  # provision a KEK of known value (only a test would ever do this)
+        for old in session.get_objects({pkcs11.Attribute.LABEL: label}):
+            old.destroy()
+        session.create_object(
+            {
+                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                pkcs11.Attribute.KEY_TYPE: pkcs11.KeyType.AES,
+                pkcs11.Attribute.VALUE: VECTOR_KEK,
+                pkcs11.Attribute.LABEL: label,
+                pkcs11.Attribute.ID: b"vector-kek-id-16",
+                pkcs11.Attribute.TOKEN: True,
+                pkcs11.Attribute.PRIVATE: True,
+                pkcs11.Attribute.SENSITIVE: True,
+                pkcs11.Attribute.EXTRACTABLE: False,
+                pkcs11.Attribute.ENCRYPT: True,
+                pkcs11.Attribute.DECRYPT: True,
+            }
+        )
+    v = hsm.vault(tmp / "keys", kek_label=label)
+    assert v.unwrap_cek(bytes.fromhex(VECTOR_WRAPPED), VECTOR_BUILD) == VECTOR_CEK
+    ours = v.wrap_cek(VECTOR_CEK, VECTOR_BUILD)
+    iv, body = ours[5:17], ours[17:]
+    aad = b"EMKP\x01" + b"edgemart-cek-wrap/1\x00" + VECTOR_BUILD.encode()
+    assert ours[:5] == b"EMKP\x01" and AESGCM(VECTOR_KEK).decrypt(iv, body, aad) == VECTOR_CEK

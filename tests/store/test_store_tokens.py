@@ -137,3 +137,53 @@ def test_forged_and_malformed_tokens_are_a_clean_401(store, header: str) -> None
         assert r.status_code == 401, (value, r.data[:200])
         assert r.json["error"]["code"] == "unauthorized"
     assert store.client.get("/api/v1/me", headers=store.auth("bob")).status_code == 200
+
+
+def test_tokens_api_create_list_revoke(store) -> None:
+    """A user mints a second token, sees both by prefix only, revokes the first; an admin can revoke anyone's
+    (a stolen token), another user cannot even see it exists."""
+    r = store.client.post("/api/v1/tokens", headers=store.auth("bob"))
+    assert r.status_code == 201 and r.json["token"].startswith("emt_")
+    new_token = r.json["token"]
+    listed = store.client.get("/api/v1/tokens", headers={"Authorization": f"Bearer {new_token}"}).json["items"]
+    assert len(listed) == 2 and all("token" not in t and "token_hash" not in t for t in listed)
+    assert new_token not in str(listed) and {t["role"] for t in listed} == {"buyer"}
+    first = listed[0]["id"]
+    assert store.client.post(f"/api/v1/tokens/{first}/revoke", headers=store.auth("betty")).status_code == 404
+    r = store.client.post(f"/api/v1/tokens/{first}/revoke", headers={"Authorization": f"Bearer {new_token}"})
+    assert r.status_code == 200 and r.json["revoked_at"] is not None
+    assert store.client.get("/api/v1/me", headers=store.auth("bob")).status_code == 401  # the old one is dead
+    second = listed[1]["id"]
+    r = store.client.post(f"/api/v1/tokens/{second}/revoke", headers=store.auth("ada"))
+    assert r.status_code == 200
+    assert store.client.get("/api/v1/me", headers={"Authorization": f"Bearer {new_token}"}).status_code == 401
+    assert store.client.post("/api/v1/tokens/99999/revoke", headers=store.auth("ada")).status_code == 404
+
+
+def test_operator_revokes_a_users_tokens_from_the_cli(store, tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgemart", "store", "tokens", *args, "--data-dir", str(store.data_dir)],
+            env={**os.environ, "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    listed = json.loads(cli("sam", "--json").stdout)
+    assert [t["revoked_at"] for t in listed["tokens"]] == [None]
+    done = cli("sam", "--revoke-all", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["revoked"] == [listed["tokens"][0]["id"]]
+    assert store.client.get("/api/v1/me", headers=store.auth("sam")).status_code == 401
+    missing = cli("nobody")
+    assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr and "Traceback" not in missing.stderr
+    other = cli("sam", "--revoke", "1")  # token 1 is sally's, not sam's
+    assert other.returncode == 2 and "has no token 1" in other.stderr
