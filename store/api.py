@@ -116,15 +116,16 @@ def create_token() -> Any:
     return {"token": token, **accounts.token_to_dict(row)}, 201
 
 
-@bp.post("/tokens/<int:token_id>/revoke")
-def revoke_token(token_id: int) -> Any:
+@bp.post("/tokens/<token_id>/revoke")
+def revoke_token(token_id: str) -> Any:
     """Revoke one of your tokens at once (admins: anyone's — the response to a stolen token).
     ---
     summary: Revoke an API token
     parameters: [{name: token_id, in: path, required: true, schema: {type: integer}}]
     responses: {200: {description: the token, schema: Token}, 404: {description: "not yours / no such token"}}
     """
-    row = accounts.revoke_token(db(), require_user(), token_id, now=ctx().now())
+    number = int(token_id) if token_id.isdigit() and len(token_id) < 19 else token_id
+    row = accounts.revoke_token(db(), require_user(), number, now=ctx().now())
     db().commit()
     return accounts.token_to_dict(row)
 

@@ -1,20 +1,27 @@
 """The web UI (blueprint ``web``): browse and search, listing pages with quality reports and the compliance
-decision, seller upload with live job progress, buyer licenses and devices, seller usage, admin review.
+decision, seller upload with live job progress, buyer licenses and devices, builder production seats with
+the downloads `edgemart bundle build` needs, seller usage, admin review.
 
 Views stay thin: they parse the form, call store.services and render. Every POST checks the CSRF token."""
 
 from __future__ import annotations
 
 import datetime
-from typing import Any
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import IO, Any
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
 from sqlalchemy import select
 
-from drm.errors import AuthError, ForbiddenError
+from drm.errors import AuthError, ConflictError, EdgemartError, ForbiddenError, NotFoundError, UsageError
 from store import auth
 from store.auth import check_csrf, csrf_token, ctx, db
-from store.models import Device, User
+from store.errors import error_payload
+from store.models import Build, Device, License, Listing, User
 from store.services import accounts, licensing, listings, usage
 
 bp = Blueprint("web", __name__)
@@ -26,6 +33,13 @@ def utc(ts: int | None) -> str:
     if not ts:
         return "–"
     return datetime.datetime.fromtimestamp(int(ts), tz=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@bp.app_template_filter("cents")
+def cents(amount: int | None) -> str:
+    """A price in cents as a decimal amount ("free" for 0)."""
+    amount = int(amount or 0)
+    return f"{amount // 100:,}.{amount % 100:02d}" if amount else "free"
 
 
 @bp.app_context_processor
@@ -55,7 +69,20 @@ def _web_user(*roles: str) -> User:
 @bp.before_request
 def _csrf() -> None:
     if request.method == "POST":
+        # The CSRF check parses the form, so a view's larger body limit must be set before it.
+        limit = _body_limit(request.endpoint)
+        if limit is not None:
+            request.max_content_length = limit
         check_csrf()
+
+
+def _body_limit(endpoint: str | None) -> int | None:
+    cfg = ctx().config
+    if endpoint == "web.sell":
+        return 2 * int(cfg["MAX_UPLOAD_BYTES"]) + (1 << 20)
+    if endpoint == "web.buy_seats":
+        return int(cfg["MAX_JSON_BYTES"]) + 64 * 1024  # what the API takes as JSON, plus multipart framing
+    return None
 
 
 @bp.get("/")
@@ -84,10 +111,102 @@ def index() -> Any:
 @bp.get("/listings/<listing_id>")
 def listing(listing_id: str) -> Any:
     user = auth.current_user(required=False, cookie_ok=True)
-    item = listings.get_visible(db(), listing_id, user)
+    return _listing_page(listings.get_visible(db(), listing_id, user), user, SeatOrder())
+
+
+def _listing_page(item: Listing, user: User | None, order: SeatOrder, status: int = 200) -> Any:
     owner = user is not None and (user.role == "admin" or user.id == item.seller_id)
     jobs = [j for j in request.args.get("jobs", "").split(",") if j][:10] if owner else []
-    return render_template("listing.html", l=item, owner=owner, jobs=jobs)
+    return render_template("listing.html", l=item, owner=owner, jobs=jobs, order=order), status
+
+
+# ------------------------------------------------------------------------------------------ production seats
+
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]{1,40}-----.+?-----END [A-Z0-9 ]{1,40}-----", re.S)
+_SEATS = re.compile(r"[0-9]{1,9}")
+MAX_FLEET_SEATS = 10_000_000  # as licensing.production_licenses checks
+
+
+@dataclass
+class SeatOrder:
+    """The "Buy production seats" form as typed: carried from the form to its review and confirmation."""
+
+    target: str = ""
+    mode: str = "fleet"  # "fleet" (fleet key + seats) or "devices" (one license per certificate)
+    device_certs: str = ""
+    fleet_key: str = ""
+    seats: str = "1"
+    error: str | None = None
+    reviewed: bool = False
+
+    @classmethod
+    def from_form(cls) -> SeatOrder:
+        form = request.form
+        return cls(
+            target=form.get("target", "")[:40],
+            mode="devices" if form.get("mode") == "devices" else "fleet",
+            device_certs=_pem_field("device_certs"),
+            fleet_key=_pem_field("fleet_key"),
+            seats=form.get("seats", "").strip()[:20],
+        )
+
+    def certs(self) -> list[str]:
+        """One item per PEM block; text without any block is passed on whole for the service to refuse."""
+        blocks = _PEM_BLOCK.findall(self.device_certs)
+        return blocks or ([self.device_certs] if self.device_certs.strip() else [])
+
+    def seat_count(self) -> int | None:
+        if self.mode == "devices":
+            return len(self.certs()) or None
+        seats = int(self.seats) if _SEATS.fullmatch(self.seats) else 0
+        return seats if 1 <= seats <= MAX_FLEET_SEATS else None
+
+    def body(self) -> dict[str, Any]:
+        """The request body of POST /api/v1/listings/<id>/production-licenses."""
+        if self.mode == "devices":
+            return {"target": self.target, "device_certs": self.certs()}
+        seats: Any = int(self.seats) if _SEATS.fullmatch(self.seats) else self.seats
+        return {"target": self.target, "fleet_key": self.fleet_key, "seats": seats}
+
+
+def _pem_field(name: str) -> str:
+    """A PEM form field: the uploaded ``<name>_file`` when one was chosen, else the pasted text."""
+    upload = request.files.get(f"{name}_file")
+    if upload is not None and upload.filename:
+        return upload.stream.read().decode("ascii", "replace")
+    return request.form.get(name, "")
+
+
+@bp.post("/listings/<listing_id>/production-seats")
+def buy_seats(listing_id: str) -> Any:
+    """Review (price shown) then confirm a production-seat order; the licensing service issues it."""
+    user = _web_user("builder", "admin")
+    item = listings.get_visible(db(), listing_id, user)
+    order = SeatOrder.from_form()
+    step = request.form.get("step", "review")
+    if step == "edit":
+        return _listing_page(item, user, order)
+    if step != "confirm":
+        if order.seat_count() is None:
+            order.error = (
+                "paste or upload at least one device certificate (PEM)"
+                if order.mode == "devices"
+                else f"seats must be a whole number between 1 and {MAX_FLEET_SEATS}"
+            )
+            return _listing_page(item, user, order, 400)
+        order.reviewed = True
+        return _listing_page(item, user, order)
+    try:
+        rows = licensing.production_licenses(ctx(), db(), user, item.id, order.body())
+    except EdgemartError as exc:
+        db().rollback()  # nothing half-issued may be flushed while the page re-renders
+        order.error = error_payload(exc)["error"]["message"]
+        return _listing_page(item, user, order, exc.http_status)
+    flash(
+        f"{len(rows)} production license(s) for {item.id} ({order.target}), "
+        f"{sum(r.seats for r in rows)} seat(s): download them below."
+    )
+    return redirect(url_for("web.my_licenses", _anchor="production"))
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -122,7 +241,6 @@ def sell() -> Any:
         return render_template(
             "sell.html", problems=[], form={}, targets=packagers.TARGETS, chosen=["arm-cpu"]
         )
-    request.max_content_length = 2 * int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
     form, files = request.form, request.files
     card = files.get("card")
     upload = listings.UploadForm(
@@ -161,7 +279,90 @@ def my_licenses() -> Any:
         db().scalars(select(Device).where(Device.owner_id == user.id).order_by(Device.enrolled_at)).all()
     )
     rows = licensing.visible_licenses(db(), user) if user.role != "seller" else []
-    return render_template("licenses.html", licenses=rows, devices=devices)
+    held = [r for r in rows if r.kind == "production" and r.buyer_id == user.id]
+    return render_template(
+        "licenses.html",
+        licenses=[r for r in rows if r not in held],
+        production=[licensing.license_to_dict(r, with_token=False) for r in held],
+        devices=devices,
+    )
+
+
+def _held_license(user: User, license_id: str) -> License:
+    """A license whose token ``user`` may download: like the API, only its holder (others get 404)."""
+    lic = licensing.get_license(db(), user, license_id)
+    if lic.buyer_id != user.id:
+        raise NotFoundError(f"no license {license_id[:64]!r}")
+    return lic
+
+
+@bp.get("/me/licenses/<license_id>.lic")
+def license_token(license_id: str) -> Any:
+    lic = _held_license(_web_user(), license_id)
+    resp = Response(lic.token, mimetype="application/octet-stream")
+    resp.headers["Content-Disposition"] = f"attachment; filename={lic.license_id}.lic"
+    return resp
+
+
+BUNDLE_README = """Inputs for `edgemart bundle build`, as downloaded from the store:
+  licenses/  production license tokens (*.lic)
+  builds/    the sealed builds they unlock (*.emdl)
+  cards/     the listings' model cards (<listing>.md): license and lineage for the ML-BOM and NOTICE
+  root.crt   the store root certificate, to check every license before signing
+
+  edgemart bundle build --licenses licenses --builds builds --cards cards --root root.crt \\
+      --signing-key builder.pem --out fleet.tar.gz
+
+(make a builder key once with `edgemart bundle keygen --out builder.pem`)
+"""
+
+
+@bp.get("/me/licenses/bundle-inputs.zip")
+def bundle_inputs() -> Any:
+    """The chosen production licenses with their builds, cards and the store root, as one ZIP."""
+    user = _web_user()
+    ids = list(dict.fromkeys(request.args.getlist("license")))
+    if not ids or len(ids) > 1000:
+        raise UsageError("choose between 1 and 1000 licenses to download")
+    held = [_held_license(user, license_id) for license_id in ids]
+    for lic in held:
+        if lic.revoked_at is not None:
+            raise ConflictError(f"license {lic.license_id} is revoked; leave it out of the bundle")
+    builds: dict[str | None, Build] = {}
+    for lic in held:
+        # The build download is authorized as in the API: an unrevoked license for it, held by you.
+        build = licensing.build_for_download(db(), user, (lic.build.build_hash or "").split(":", 1)[-1])
+        builds[build.build_hash] = build
+    return send_file(
+        _zip_bundle_inputs(held, list(builds.values())),
+        mimetype="application/zip",
+        download_name="bundle-inputs.zip",
+        as_attachment=True,
+        max_age=0,
+    )
+
+
+def _zip_bundle_inputs(held: list[License], builds: list[Build]) -> IO[bytes]:
+    out = tempfile.TemporaryFile()
+    stored = zipfile.ZIP_STORED  # sealed builds do not compress
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("README.txt", BUNDLE_README)
+        zf.writestr("root.crt", ctx().root_cert_pem())
+        zf.mkdir("cards")
+        for lic in sorted(held, key=lambda x: x.license_id):
+            zf.writestr(f"licenses/{lic.license_id}.lic", lic.token)
+        for build in sorted(builds, key=lambda b: b.build_hash or ""):
+            assert build.build_hash is not None and build.blob_key is not None
+            info = zipfile.ZipInfo(f"builds/{build.build_hash.split(':', 1)[-1]}.emdl")
+            info.compress_type = stored
+            info.external_attr = 0o644 << 16
+            with ctx().blobs.open(build.blob_key) as src, zf.open(info, "w", force_zip64=True) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        for listing in sorted({lic.listing for lic in held}, key=lambda x: x.id):
+            if listing.card:
+                zf.writestr(f"cards/{listing.id}.md", listing.card)
+    out.seek(0)
+    return out
 
 
 @bp.get("/me/usage")

@@ -1,6 +1,7 @@
 """The web UI end to end in headless Chromium (Playwright) against a real store server on 127.0.0.1:
 seller upload with live job progress, listing page with the quality report, buyer licenses and devices,
-admin review. Screenshots go to test-artifacts/ui/ (gitignored)."""
+admin review; a firmware builder buying fleet seats and downloading the token and bundle inputs.
+Screenshots go to test-artifacts/ui/ (gitignored)."""
 
 from __future__ import annotations
 
@@ -86,11 +87,11 @@ def _api(base: str, path: str, token: str, body: dict[str, Any]) -> dict[str, An
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
-def _login(page: Any, base: str, name: str) -> None:
+def _login(page: Any, base: str, name: str, password: str | None = None) -> None:
     page.context.clear_cookies()
     page.goto(f"{base}/login")
     page.fill("input[name=name]", name)
-    page.fill("input[name=password]", PASSWORDS[name])
+    page.fill("input[name=password]", password or PASSWORDS[name])
     page.click("form button[type=submit]")
     page.wait_for_selector(f"text=Sign out {name}")
 
@@ -201,3 +202,88 @@ def test_ui_seller_buyer_admin(
     assert "admin" in page.inner_text("p.error")
     _shot(page, "07-buyer-forbidden")
     page.close()
+
+
+def test_ui_builder_buys_fleet_seats_and_downloads(
+    served: tuple[Store, str], browser: Any, corpus: Path
+) -> None:
+    import time
+    import zipfile
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    import drm
+    from store.models import User
+    from store.services import accounts
+
+    st, base = served
+    # Its own model: a build identical to one packaged by the walk-through above would be refused.
+    model = corpus / "models" / "digits" / "digits_mlp_independent.onnx"
+    r = st.upload("sally", model, name="UI fleet digits", targets="onnx-fp32", price_per_seat=125)
+    assert r.status_code == 202, r.json
+    listing_id = r.json["listing"]["id"]
+    st.wait()
+    got = st.client.get(f"/api/v1/listings/{listing_id}", headers=st.auth("sally")).json
+    assert got["status"] == "listed", got
+    with st.ctx.Session() as s:
+        accounts.set_password(s, s.query(User).filter_by(name="bill").one(), "pw-bill-12345")
+        s.commit()
+    fleet = x25519.X25519PrivateKey.generate().public_key()
+    kid = drm.key_id(fleet.public_bytes_raw())
+    with tempfile.TemporaryDirectory(prefix="edgemart-ui-fleet-") as tmp:
+        key_file = Path(tmp) / "fleet.pub.pem"
+        key_file.write_bytes(
+            fleet.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        _login(page, base, "bill", "pw-bill-12345")
+        page.goto(f"{base}/listings/{listing_id}")
+        section = page.locator("#production-seats")
+        assert "Seats cost 1.25 each" in section.inner_text()
+        section.locator("select[name=target]").select_option("onnx-fp32")
+        section.locator("input[name=mode][value=fleet]").check()
+        section.locator("input[name=fleet_key_file]").set_input_files(str(key_file))
+        section.locator("input[name=seats]").fill("120")
+        _shot(page, "08-builder-seat-form")
+        # Buttons below the quality-report iframe are pressed from the keyboard: after a full-page
+        # screenshot, headless Chromium hit-tests mouse clicks there against stale geometry.
+        section.locator("button:has-text('Review order')").press("Enter")
+
+        # The price is on the page before anything is bought: 120 seats at 1.25.
+        page.wait_for_selector("#order-summary")
+        assert page.inner_text("[data-order-total]") == "150.00"
+        assert "120" in page.inner_text("[data-order-seats]")
+        _shot(page, "09-builder-order-review")
+        page.locator("button:has-text('Confirm purchase')").press("Enter")
+        page.wait_for_url("**/me/licenses#production")
+        assert "1 production license(s)" in page.inner_text("p.flash")
+        row = page.locator("table.production tr", has_text=kid)
+        assert row.count() == 1
+        cells = row.inner_text()
+        assert listing_id in cells and "onnx-fp32" in cells and "120" in cells and "valid" in cells
+        _shot(page, "10-builder-production-licenses")
+
+        with page.expect_download() as download:
+            row.locator("text=license token").click()
+        token = Path(download.value.path()).read_bytes()
+        assert download.value.suggested_filename.endswith(".lic")
+        root = drm.cert_from_bytes(st.ctx.root_cert_pem())
+        claims = drm.verify_license(
+            token, root=root, now=int(time.time()), fleet_key_ids=frozenset({kid})
+        ).claims
+        assert claims.listing == listing_id and claims.kind == "production"
+
+        # Only this license checked: the ZIP holds it, its sealed build, the model card dir and the root.
+        boxes = page.locator("table.production input[name=license]")
+        for i in range(boxes.count()):
+            if boxes.nth(i).get_attribute("value") != claims.license_id:
+                boxes.nth(i).uncheck()
+        with page.expect_download() as download:
+            page.click("button:has-text('Download bundle inputs (ZIP)')")
+        with zipfile.ZipFile(download.value.path()) as zf:
+            names = set(zf.namelist())
+        assert {f"licenses/{claims.license_id}.lic", "root.crt", "README.txt"} <= names
+        assert f"builds/{claims.build_hash[7:]}.emdl" in names
+        page.close()

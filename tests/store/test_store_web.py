@@ -44,6 +44,7 @@ def test_seller_uploads_through_the_form_and_sees_progress(store, digits_base, d
             "name": "Web Digits",
             "license": "MIT",
             "targets": ["arm-cpu", "onnx-fp32"],
+            "price_per_seat": "250",
             "model": (io.BytesIO(digits_base.read_bytes()), "m.onnx"),
             "calibration": (io.BytesIO(digits_calibration.read_bytes()), "c.npz"),
         },
@@ -58,6 +59,7 @@ def test_seller_uploads_through_the_form_and_sees_progress(store, digits_base, d
     store.wait()
     page = client.get("/listings/web-digits").get_data(as_text=True)
     assert "Compliance decision" in page and "quality.html" in page and "arm-cpu" in page
+    assert "production seat: <span data-price-per-seat>2.50</span>" in page
     assert client.get("/me/usage").status_code == 200
     # The same form with a problem re-renders with every problem listed.
     token = _csrf(client, "/sell")
@@ -91,3 +93,27 @@ def test_pages_by_role(store):
     r = anon.get("/sell")
     assert r.status_code == 302 and "/login" in r.headers["Location"]
     assert anon.get("/listings/nope").status_code == 404
+
+
+def test_sell_form_takes_models_larger_than_a_json_body(store):
+    """The CSRF check parses the form, so the upload limit must apply before it, not the 256 KiB JSON one."""
+    client, _ = _login(store, "sally", "pw-sally-12345")
+    token = _csrf(client, "/sell")
+    assert 'name="price_per_seat"' in client.get("/sell").get_data(as_text=True)
+    big = b"\0" * (int(store.ctx.config["MAX_JSON_BYTES"]) + 200_000)
+    before = store.counts()
+    r = client.post(
+        "/sell",
+        data={
+            "csrf_token": token,
+            "name": "Big",
+            "license": "MIT",
+            "targets": ["onnx-fp32"],
+            "price_per_seat": "-5",
+            "model": (io.BytesIO(big), "m.onnx"),
+        },
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 422, r.status_code  # read and judged, not refused as too large
+    assert "price_per_seat" in r.get_data(as_text=True)
+    assert store.counts() == before
