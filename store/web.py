@@ -22,7 +22,7 @@ from store import auth
 from store.auth import check_csrf, csrf_token, ctx, db
 from store.errors import error_payload
 from store.models import Build, Device, License, Listing, User
-from store.services import accounts, licensing, listings, usage
+from store.services import accounts, licensing, listings, packaging, usage
 
 bp = Blueprint("web", __name__)
 
@@ -386,3 +386,46 @@ def admin_decide(listing_id: str) -> Any:
     )
     flash(f"{listing_id}: {request.form.get('action')}d")
     return redirect(url_for("web.admin_review"))
+
+
+@bp.get("/admin/jobs")
+def admin_jobs() -> Any:
+    """The dead-letter view: jobs that used up their attempts (and final failures), with a retry button."""
+    user = _web_user("admin")
+    state = request.args.get("state", "dead")
+    items, _ = packaging.search_jobs(db(), user, state=state, page=1, page_size=200)
+    return render_template("jobs.html", items=items, state=state, states=packaging.JOB_STATES)
+
+
+@bp.post("/admin/jobs/<job_id>/retry")
+def admin_retry_job(job_id: str) -> Any:
+    _web_user("admin")
+    job = packaging.requeue_dead(ctx(), job_id)
+    ctx().queue.enqueue(job.id)
+    flash(f"job {job.id} queued again")
+    return redirect(url_for("web.admin_jobs"))
+
+
+@bp.get("/me/tokens")
+def my_tokens() -> Any:
+    user = _web_user()
+    return render_template("tokens.html", tokens=accounts.list_tokens(db(), user), new_token=None)
+
+
+@bp.post("/me/tokens")
+def create_token() -> Any:
+    user = _web_user()
+    token = accounts.issue_token(db(), user, now=ctx().now())
+    db().commit()
+    # Shown once, on this page only: it is stored as a hash.
+    return render_template("tokens.html", tokens=accounts.list_tokens(db(), user), new_token=token)
+
+
+@bp.post("/me/tokens/<token_id>/revoke")
+def revoke_token(token_id: str) -> Any:
+    user = _web_user()
+    number = int(token_id) if token_id.isdigit() and len(token_id) < 19 else token_id
+    row = accounts.revoke_token(db(), user, number, now=ctx().now())
+    db().commit()
+    flash(f"token {row.prefix}… revoked")
+    return redirect(url_for("web.my_tokens"))
