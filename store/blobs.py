@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from drm.errors import NotFoundError, UsageError
 
@@ -71,6 +71,21 @@ class BlobStore(Protocol):
         ...
 
 
+def copy_limited(stream: BinaryIO, out: BinaryIO, max_bytes: int) -> tuple[int, Any]:
+    """Copy ``stream`` to ``out`` in CHUNKs, hashing; TooLarge past ``max_bytes``. (size, sha256 object)."""
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        chunk = stream.read(CHUNK)
+        if not chunk:
+            return size, digest
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+        digest.update(chunk)
+        out.write(chunk)
+
+
 def new_blob_id() -> str:
     """A generated key for content that is not addressed by its hash."""
     return "id-" + secrets.token_hex(16)
@@ -110,20 +125,10 @@ class FileBlobStore:
 
     def put_stream(self, stream: BinaryIO, *, max_bytes: int, key: str | None = None) -> PutResult:
         """Copy ``stream`` in, refusing (TooLarge) past ``max_bytes``; keyed by content hash unless ``key``."""
-        digest = hashlib.sha256()
-        size = 0
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         try:
             with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
+                size, digest = copy_limited(stream, out, max_bytes)
                 out.flush()
                 os.fsync(out.fileno())
             final_key = check_key(key) if key is not None else "sha256-" + digest.hexdigest()

@@ -37,7 +37,7 @@ from typing import IO, Any, BinaryIO
 from urllib.parse import urlsplit
 
 from drm.errors import EdgemartError, NotFoundError, UsageError
-from store.blobs import _KEY, CHUNK, STALE_TEMP_SECONDS, PutResult, TooLarge, check_key
+from store.blobs import _KEY, CHUNK, STALE_TEMP_SECONDS, PutResult, check_key, copy_limited
 
 log = logging.getLogger("edgemart.store.blobs")
 
@@ -243,18 +243,8 @@ class S3BlobStore:
         """Copy ``stream`` in, refusing (TooLarge) past ``max_bytes``; keyed by content hash unless ``key``."""
         if key is not None:
             check_key(key)
-        digest = hashlib.sha256()
-        size = 0
         with tempfile.SpooledTemporaryFile(max_size=self.multipart_threshold, dir=self.spool_dir) as spool:
-            while True:
-                chunk = stream.read(CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > max_bytes:
-                    raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
-                digest.update(chunk)
-                spool.write(chunk)
+            size, digest = copy_limited(stream, spool, max_bytes)  # type: ignore[arg-type]
             final_key = key if key is not None else "sha256-" + digest.hexdigest()
             if self.exists(final_key):
                 return PutResult(final_key, size, digest.hexdigest(), created=False)

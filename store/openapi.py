@@ -56,6 +56,16 @@ def _list_of(name: str) -> dict[str, Any]:
     return _obj({"items": {"type": "array", "items": {"$ref": f"#/components/schemas/{name}"}}})
 
 
+def _page_of(name: str) -> dict[str, Any]:
+    return _obj(
+        {
+            "items": {"type": "array", "items": {"$ref": f"#/components/schemas/{name}"}},
+            "page": {"type": "integer", "minimum": 1},
+            "pages": {"type": "integer", "minimum": 0},
+        }
+    )
+
+
 SCHEMAS: dict[str, Any] = {
     "Build": _obj(
         {
@@ -88,13 +98,7 @@ SCHEMAS: dict[str, Any] = {
         card=_NSTR,
         targets={"type": "array", "items": _STR},
     ),
-    "ListingPage": _obj(
-        {
-            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Listing"}},
-            "page": {"type": "integer", "minimum": 1},
-            "pages": {"type": "integer", "minimum": 0},
-        }
-    ),
+    "ListingPage": _page_of("Listing"),
     "Job": _obj(
         {
             "id": _STR,
@@ -110,13 +114,7 @@ SCHEMAS: dict[str, Any] = {
             "worker": _NSTR,
         }
     ),
-    "JobPage": _obj(
-        {
-            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
-            "page": {"type": "integer", "minimum": 1},
-            "pages": {"type": "integer", "minimum": 0},
-        }
-    ),
+    "JobPage": _page_of("Job"),
     "Token": _obj(
         {
             "id": _INT,

@@ -19,12 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from drm.errors import UsageError
+from store.localservers import wait_for_signal
 
 SUPERUSER = "edgemart"
 
@@ -143,18 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--port", type=int)
     args = ap.parse_args(argv)
-    stop = False
-
-    def _term(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
     with running_postgres(args.dir, args.port) as server:
         print(server.url(), flush=True)
-        while not stop:
-            time.sleep(0.2)
+        wait_for_signal()
     return 0
 
 

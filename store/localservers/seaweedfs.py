@@ -33,6 +33,7 @@ from typing import Any
 from drm.errors import UsageError
 from edge_runtime.fileio import atomic_write
 from store.blobs_s3 import S3BlobStore
+from store.localservers import wait_for_signal
 
 REGION = "us-east-1"
 # weed reads master.toml from -config_dir. Two volumes per bucket instead of seven: each bucket is a
@@ -311,14 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--access-key", default=os.environ.get("AWS_ACCESS_KEY_ID"))
     ap.add_argument("--secret-key", default=os.environ.get("AWS_SECRET_ACCESS_KEY"))
     args = ap.parse_args(argv)
-    stop = False
-
-    def _term(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
     with running_seaweedfs(
         args.dir, args.port, access_key=args.access_key, secret_key=args.secret_key
     ) as server:
@@ -327,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = "".join(f"{name}={value}\n" for name, value in server.env().items())
         atomic_write(server.directory / "s3.env", lines.encode())
         print(server.endpoint_url, flush=True)
-        while not stop and server.alive():
-            time.sleep(0.2)
+        wait_for_signal(server.alive)
         if not server.alive():
             print(
                 f"weed exited with status {server.process.returncode}; see {server.log_path}", file=sys.stderr
