@@ -44,6 +44,14 @@ class Unavailable(EdgemartError):
     code = "unavailable"
 
 
+class TooManyAttempts(EdgemartError):
+    """Too many failed attempts in a row: wait and try again (exit 1, HTTP 429)."""
+
+    exit_code = 1
+    http_status = 429
+    code = "too_many_requests"
+
+
 class NotFoundError(EdgemartError):
     """A named thing does not exist."""
 

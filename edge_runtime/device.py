@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import threading
 import time
 import weakref
@@ -17,7 +19,10 @@ from typing import Any, NoReturn
 import numpy as np
 
 import drm
+from cryptography.hazmat.primitives.asymmetric import x25519
+
 from drm._canonical import FormatError
+from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
 from edge_runtime import fileio
 from edge_runtime.backends import Backend, TensorSpec, open_backend
@@ -35,6 +40,9 @@ from edge_runtime.ledger import (
 
 KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
 REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")
+FLEET_DIR = "fleet"  # DIR/fleet/<fleet_key_id>.key: X25519 PKCS#8 PEM, 0600, one per fleet the device is in
+MAX_FLEET_KEY_BYTES = 16 * 1024
+_FLEET_KEY_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _iso(t: int | None) -> str | None:
@@ -45,6 +53,54 @@ def _parse_claims(token: bytes) -> drm.LicenseClaims:
     """Structural parse of a license (no trust decision), for ids and display."""
     payload, _, _ = drm.parse_envelope(token, LICENSE_TYP)
     return drm.LicenseClaims.from_dict(payload)
+
+
+def fleet_key_id_of(key: x25519.X25519PrivateKey) -> str:
+    """The id licenses name a fleet by: drm.key_id of the raw X25519 public key."""
+    return drm.key_id(key.public_key().public_bytes_raw())
+
+
+def read_fleet_key(path: Path) -> x25519.X25519PrivateKey:
+    """Load one fleet key file, refusing (UsageError) anything but a private regular file holding the X25519
+    key its name announces. A fleet key opens every build of its fleet, so a key file that group or others
+    can read is refused rather than used: it may already have leaked, and quietly tightening it would hide
+    that (`edgemart device add-fleet-key` or chmod 600 repairs it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise drm.UsageError(f"fleet key {path} does not exist") from None
+    except OSError as exc:
+        raise drm.UsageError(f"fleet key {path} cannot be opened (a symbolic link?): {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise drm.UsageError(f"fleet key {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise drm.UsageError(
+                f"fleet key {path} is accessible to group or others (mode {stat.S_IMODE(info.st_mode):04o});"
+                f" a fleet key unlocks every build of its fleet: run `chmod 600 {path}` if it cannot have"
+                " leaked, or re-install it with `edgemart device add-fleet-key`"
+            )
+        if info.st_size > MAX_FLEET_KEY_BYTES:
+            raise drm.UsageError(f"fleet key {path} is larger than {MAX_FLEET_KEY_BYTES} bytes")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            pem = fh.read(MAX_FLEET_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    key = x25519_from_pem(pem, what=f"fleet key {path}")
+    kid = fleet_key_id_of(key)
+    if path.name != f"{kid}.key":
+        raise drm.UsageError(f"{path} holds the key of fleet {kid}, not {path.stem}")
+    return key
+
+
+def read_fleet_keys(directory: Path) -> dict[str, x25519.X25519PrivateKey]:
+    """Every fleet key a device directory holds (DIR/fleet/*.key), by fleet key id; each checked by
+    read_fleet_key, so one bad file is reported rather than skipped."""
+    folder = directory / FLEET_DIR
+    if not folder.is_dir():
+        return {}
+    return {path.stem: read_fleet_key(path) for path in sorted(folder.glob("*.key"))}
 
 
 class Device:

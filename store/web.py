@@ -17,7 +17,15 @@ from typing import IO, Any
 from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
 from sqlalchemy import select
 
-from drm.errors import AuthError, ConflictError, EdgemartError, ForbiddenError, NotFoundError, UsageError
+from drm.errors import (
+    AuthError,
+    ConflictError,
+    EdgemartError,
+    ForbiddenError,
+    NotFoundError,
+    TooManyAttempts,
+    UsageError,
+)
 from store import auth
 from store.auth import check_csrf, csrf_token, ctx, db
 from store.errors import error_payload
@@ -214,10 +222,10 @@ def login() -> Any:
     if request.method == "POST":
         try:
             user = accounts.authenticate_password(
-                db(), request.form.get("name", ""), request.form.get("password", "")
+                db(), request.form.get("name", ""), request.form.get("password", ""), now=ctx().now()
             )
-        except AuthError as exc:
-            return render_template("login.html", error=exc.message), 401
+        except (AuthError, TooManyAttempts) as exc:
+            return render_template("login.html", error=exc.message), exc.http_status
         auth.login(user)
         target = request.args.get("next", "")
         return redirect(

@@ -9,10 +9,10 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from drm.errors import AuthError, ConflictError, NotFoundError, UsageError
+from drm.errors import AuthError, ConflictError, NotFoundError, TooManyAttempts, UsageError
 from store.models import ROLES, ApiToken, User
 
 TOKEN_PREFIX = "emt_"
@@ -114,15 +114,42 @@ def authenticate_token(session: Session, token: str, *, now: int) -> tuple[User,
     return row.user, row
 
 
-def authenticate_password(session: Session, name: str, password: str) -> User:
+FREE_LOGIN_FAILURES = 5  # then each further failure locks password login for longer
+LOCKOUT_BASE_SECONDS = 30
+LOCKOUT_MAX_SECONDS = 900
+
+
+def lockout_seconds(failures: int) -> int:
+    """How long password login stays locked after ``failures`` consecutive failures (0 for the first few)."""
+    if failures <= FREE_LOGIN_FAILURES:
+        return 0
+    return int(min(LOCKOUT_BASE_SECONDS * 2 ** (failures - FREE_LOGIN_FAILURES - 1), LOCKOUT_MAX_SECONDS))
+
+
+def authenticate_password(session: Session, name: str, password: str, *, now: int) -> User:
+    """The user, or AuthError; after FREE_LOGIN_FAILURES wrong passwords in a row the account's password login
+    is locked with exponential backoff (TooManyAttempts, checked before the password so a locked account
+    gives no oracle). The counter lives in the database, so every web process enforces it."""
     user = session.scalar(select(User).where(User.name == name)) if isinstance(name, str) else None
     if user is None or not user.password_hash:
         _hasher.hash("timing-equaliser")  # do the same work for unknown users
         raise AuthError("wrong user name or password")
+    if user.locked_until is not None and user.locked_until > now:
+        raise TooManyAttempts(f"too many failed logins; try again in {user.locked_until - now} s", details=[])
     try:
         _hasher.verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
+        # One atomic UPDATE: concurrent failures from several processes all count.
+        session.execute(update(User).where(User.id == user.id).values(failed_logins=User.failed_logins + 1))
+        failures = session.scalar(select(User.failed_logins).where(User.id == user.id)) or 0
+        wait = lockout_seconds(failures)
+        if wait:
+            session.execute(update(User).where(User.id == user.id).values(locked_until=now + wait))
+        session.commit()
         raise AuthError("wrong user name or password") from None
+    if user.failed_logins or user.locked_until:
+        user.failed_logins, user.locked_until = 0, None
+        session.commit()
     return user
 
 

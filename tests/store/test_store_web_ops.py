@@ -68,3 +68,37 @@ def test_token_page_creates_once_and_revokes(store):
     assert client.get("/me/tokens", follow_redirects=False).status_code == 200
     anon = store.app.test_client()
     assert anon.get("/me/tokens").status_code == 302  # to the login page
+
+
+def test_password_guessing_locks_login_with_backoff_across_processes(tmp_path):
+    """Five wrong passwords are free; the sixth locks password login for 30 s, then 60 s, ...; while locked
+    even the right password is refused (429, no oracle); the counter is in the database, so a second app on
+    the same database (another web process) enforces the same lock; success resets it."""
+    clock = {"t": 1_900_000_000}
+    st = make_store(tmp_path, WORKER="none", CLOCK=lambda: clock["t"])
+    other = make_store(tmp_path, WORKER="none", CLOCK=lambda: clock["t"])  # a second web process
+    try:
+
+        def attempt(app_store, password: str) -> int:
+            client = app_store.app.test_client()
+            token = _csrf(client)
+            return client.post(
+                "/login", data={"name": "sally", "password": password, "csrf_token": token}
+            ).status_code
+
+        assert [attempt(st, "wrong") for _ in range(5)] == [401] * 5
+        assert attempt(other, "wrong") == 401  # the 6th failure, in the other process: now locked for 30 s
+        assert attempt(st, "pw-sally-12345") == 429
+        assert attempt(other, "pw-sally-12345") == 429
+        clock["t"] += 31
+        assert attempt(st, "wrong") == 401  # 7th failure: locked for 60 s
+        clock["t"] += 31
+        assert attempt(st, "pw-sally-12345") == 429
+        clock["t"] += 30
+        assert attempt(other, "pw-sally-12345") == 302  # signed in; the counter resets
+        assert attempt(st, "wrong") == 401 and attempt(st, "pw-sally-12345") == 302
+        # API tokens are unaffected by password lockout (they are not guessable)
+        assert st.client.get("/api/v1/me", headers=st.auth("sally")).status_code == 200
+    finally:
+        st.ctx.close()
+        other.ctx.close()
