@@ -439,27 +439,11 @@ __all__ = [
 
 
 def fleet_keys(device_dir: Path) -> dict[str, Any]:
-    """The fleet private keys a device holds: DIR/fleet/<fleet_key_id>.key (X25519 PEM), checked against their ids."""
-    from drm.keys import x25519_from_pem
+    """The fleet private keys a device holds: DIR/fleet/<fleet_key_id>.key (X25519 PEM, 0600), each checked
+    against its id (edge_runtime.device.read_fleet_keys; UsageError names a bad file)."""
+    from edge_runtime.device import read_fleet_keys
 
-    held: dict[str, Any] = {}
-    folder = device_dir / "fleet"
-    if not folder.is_dir():
-        return held
-    for path in sorted(folder.glob("*.key")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        key = x25519_from_pem(path.read_bytes())
-        kid = drm.key_id(key.public_key().public_bytes_raw())
-        if kid != path.stem:
-            raise UsageError(f"{path} holds the key of fleet {kid}, not {path.stem}")
-        held[kid] = key
-    return held
-
-
-def _device_fleet_support(device: Any) -> bool:
-    """Whether this edge_runtime's Device verifies and unwraps fleet-bound licenses itself."""
-    return callable(getattr(device, "fleet_key_ids", None))
+    return dict(read_fleet_keys(Path(device_dir)))
 
 
 def install_bundle(
@@ -479,11 +463,9 @@ def install_bundle(
     device = Device.open(directory)
     clock = int(time.time()) if now is None else int(now)
     verified = verify_bundle(source, now=clock, root=device.root(), builder_key=builder_key, limits=limits)
-    held = fleet_keys(directory)
-    fleet_ok = _device_fleet_support(device)
+    held = device.fleet_key_ids()
     chosen: list[tuple[str, drm.LicenseClaims]] = []
     skipped: list[dict[str, str]] = []
-    unsupported: list[str] = []
     for path, claims in sorted(verified.claims.items()):
         if claims.device_id is not None:
             if claims.device_id == device.device_id:
@@ -493,33 +475,19 @@ def install_bundle(
                     {"license_id": claims.license_id, "reason": f"bound to device {claims.device_id}"}
                 )
         elif claims.fleet_key_id in held:
-            if fleet_ok:
-                chosen.append((path, claims))
-            else:
-                # Prove the key opens this license, but do not install what the device could not run.
-                drm.unwrap_cek(claims, held[claims.fleet_key_id])
-                unsupported.append(claims.license_id)
-                skipped.append(
-                    {
-                        "license_id": claims.license_id,
-                        "reason": f"fleet {claims.fleet_key_id} is held, but this runtime's Device cannot "
-                        "run fleet-bound licenses yet",
-                    }
-                )
+            chosen.append((path, claims))
         else:
             skipped.append(
-                {"license_id": claims.license_id, "reason": f"bound to fleet key {claims.fleet_key_id}"}
+                {
+                    "license_id": claims.license_id,
+                    "reason": f"bound to fleet key {claims.fleet_key_id}, which this device does not hold",
+                }
             )
-    if not chosen and unsupported:
-        raise Refusal(
-            f"license(s) {', '.join(unsupported)} are bound to a fleet key this device holds, "
-            "but this runtime's Device cannot run fleet-bound licenses yet"
-        )
     if not chosen:
-        held_text = f" (fleet keys held: {', '.join(sorted(held))})" if held else ""
+        held_text = f" (fleet keys held: {', '.join(sorted(held))})" if held else " (no fleet keys held)"
         raise Refusal(
             f"device {device.device_id}{held_text} is not in this bundle's license set "
-            f"({len(verified.claims)} license(s), none bound to it)"
+            f"({len(verified.claims)} license(s), none bound to it or to a fleet key it holds)"
         )
     installed = []
     for path, claims in chosen:

@@ -1,4 +1,4 @@
-"""`edgemart device ...`: init, enroll, fetch, install, eval, sync, verify-log, status.
+"""`edgemart device ...`: init, enroll, add-fleet-key, fetch, install, eval, sync, verify-log, status.
 
 Only the standard library and drm.errors are imported at module level; handlers import the runtime."""
 
@@ -35,6 +35,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--token", required=True, help="API token")
     p.add_argument("--name", help="a name for this device at the store")
+    p.add_argument("--json", action="store_true")
+
+    p = add(
+        "add-fleet-key",
+        _add_fleet_key,
+        "install a fleet's X25519 private key (PEM) as DIR/fleet/<fleet key id>.key, 0600,"
+        " so licenses bound to that fleet install and run here",
+    )
+    p.add_argument("key", type=Path, metavar="KEY.pem", help="the fleet's X25519 private key (PKCS#8 PEM)")
     p.add_argument("--json", action="store_true")
 
     p = add("fetch", _fetch, "get an evaluation license and the encrypted build of a listing")
@@ -120,6 +129,23 @@ def _enroll(args: argparse.Namespace) -> int:
     device = _open_or_init(args.device_dir)
     result = device.enroll(args.store, args.token, name=args.name)
     emit(args, result, f"enrolled device {result['device_id']} with {result['store']}")
+    return 0
+
+
+def _add_fleet_key(args: argparse.Namespace) -> int:
+    from edge_runtime.device import MAX_FLEET_KEY_BYTES, Device
+
+    device = Device.open(args.device_dir)
+    if args.key.is_file() and args.key.stat().st_size > MAX_FLEET_KEY_BYTES:
+        raise UsageError(f"fleet key {args.key} is larger than {MAX_FLEET_KEY_BYTES} bytes")
+    result = device.add_fleet_key(_read(args.key, "fleet key"))
+    emit(
+        args,
+        result,
+        f"device {result['device_id']} holds fleet key {result['fleet_key_id']} in {result['path']} (0600)"
+        + (" (replaced)" if result["replaced"] else "")
+        + f"\n{args.key} is not needed on this device any more: keep it only where fleet keys are kept",
+    )
     return 0
 
 
@@ -238,6 +264,10 @@ def _status(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if st.get("fleet_key_problem"):
+        lines.append(f"fleet      PROBLEM: {st['fleet_key_problem']}")
+    for kid in st.get("fleet_keys", []):
+        lines.append(f"fleet      {kid}")
     for lic in st["licenses"]:
         if "error" in lic:
             lines.append(f"license    {lic['file']}: {lic['error']}")

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-
-import drm
 from cryptography.hazmat.primitives.asymmetric import x25519
 
+import drm
 from drm._canonical import FormatError
 from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
@@ -70,9 +69,11 @@ def read_fleet_key(path: Path) -> x25519.X25519PrivateKey:
     except FileNotFoundError:
         raise drm.UsageError(f"fleet key {path} does not exist") from None
     except OSError as exc:
-        raise drm.UsageError(f"fleet key {path} cannot be opened (a symbolic link?): {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
+        raise drm.UsageError(
+            f"fleet key {path} cannot be opened (a symbolic link?): {exc.strerror}"
+        ) from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise drm.UsageError(f"fleet key {path} is not a regular file")
         if info.st_mode & 0o077:
@@ -81,12 +82,9 @@ def read_fleet_key(path: Path) -> x25519.X25519PrivateKey:
                 f" a fleet key unlocks every build of its fleet: run `chmod 600 {path}` if it cannot have"
                 " leaked, or re-install it with `edgemart device add-fleet-key`"
             )
-        if info.st_size > MAX_FLEET_KEY_BYTES:
-            raise drm.UsageError(f"fleet key {path} is larger than {MAX_FLEET_KEY_BYTES} bytes")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            pem = fh.read(MAX_FLEET_KEY_BYTES + 1)
-    finally:
-        os.close(fd)
+        pem = fh.read(MAX_FLEET_KEY_BYTES + 1)
+    if len(pem) > MAX_FLEET_KEY_BYTES:
+        raise drm.UsageError(f"fleet key {path} is larger than {MAX_FLEET_KEY_BYTES} bytes")
     key = x25519_from_pem(pem, what=f"fleet key {path}")
     kid = fleet_key_id_of(key)
     if path.name != f"{kid}.key":
@@ -233,6 +231,39 @@ class Device:
         cfg = json.loads(path.read_text())
         return StoreClient(cfg["url"], cfg.get("token"))
 
+    # ------------------------------------------------------------------ fleet keys
+
+    def fleet_key_ids(self) -> frozenset[str]:
+        """Ids of the fleet keys this device holds in DIR/fleet (every file checked: see read_fleet_key)."""
+        return frozenset(read_fleet_keys(self.dir))
+
+    def _fleet_key(self, fleet_key_id: str) -> x25519.X25519PrivateKey | None:
+        """The private key of one fleet, or None when the device does not hold it."""
+        if not _FLEET_KEY_ID.match(fleet_key_id):
+            return None
+        path = self.dir / FLEET_DIR / f"{fleet_key_id}.key"
+        if not os.path.lexists(path):
+            return None
+        return read_fleet_key(path)
+
+    def add_fleet_key(self, pem: bytes) -> dict[str, Any]:
+        """Install a fleet's X25519 private key as DIR/fleet/<fleet_key_id>.key (0600 in a 0700 directory,
+        atomically; re-serialized, so nothing but the key is kept). Adding a key already held rewrites it
+        0600, which also repairs a file whose mode read_fleet_key refuses."""
+        if len(pem) > MAX_FLEET_KEY_BYTES:
+            raise drm.UsageError(f"a fleet key file is at most {MAX_FLEET_KEY_BYTES} bytes")
+        key = x25519_from_pem(pem, what="fleet key")
+        kid = fleet_key_id_of(key)
+        folder = self.dir / FLEET_DIR
+        folder.mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
+        os.chmod(folder, fileio.PRIVATE_DIR)
+        path = folder / f"{kid}.key"
+        held = os.path.lexists(path)
+        if held and (path.is_symlink() or not path.is_file()):
+            raise drm.UsageError(f"{path} exists and is not a regular file; remove it first")
+        fileio.atomic_write(path, private_key_to_pem(key), mode=fileio.PRIVATE_FILE)
+        return {"device_id": self.device_id, "fleet_key_id": kid, "path": str(path), "replaced": held}
+
     def installed(self) -> dict[str, dict[str, Any]]:
         path = self.dir / "installed.json"
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -325,12 +356,16 @@ class Device:
         st = self._load_state(clock, license_id=lid, build_hash=build_hash or "")
         trusted = max(clock, st.hwm, issued_at)
         revoked = self._revoked(st, trusted, license_id=lid, build_hash=build_hash or "")
+        # Only the key the license names is read: a device-bound license never touches DIR/fleet.
+        fleet = claims0.fleet_key_id
+        held = frozenset({fleet}) if fleet is not None and self._fleet_key(fleet) is not None else frozenset()
         try:
             verified = drm.verify_license(
                 token,
                 root=self.root(),
                 now=trusted,
                 device_id=self.device_id,
+                fleet_key_ids=held,
                 build_hash=build_hash,
                 revoked=revoked,
             )
@@ -526,8 +561,15 @@ class Device:
                 license_bytes, build_hash=header.build_hash, clock=clock
             )
             self._check_cap(st, claims, trusted)
+            recipient: drm.DeviceKeys | x25519.X25519PrivateKey | None = self.keys
+            if claims.fleet_key_id is not None:
+                recipient = self._fleet_key(claims.fleet_key_id)
             try:
-                cek = drm.unwrap_cek(claims, self.keys)
+                if recipient is None:  # the fleet key file went away since the license was verified
+                    raise drm.LicenseRefused(
+                        reason="license is bound to a fleet key this device does not hold"
+                    )
+                cek = drm.unwrap_cek(claims, recipient)
             except drm.LicenseRefused as exc:
                 self._refuse(
                     st, exc.reason, t=trusted, license_id=claims.license_id, build_hash=claims.build_hash
@@ -667,6 +709,10 @@ class Device:
             else None,
         }
         try:
+            out["fleet_keys"] = sorted(self.fleet_key_ids())
+        except drm.UsageError as exc:
+            out["fleet_keys"], out["fleet_key_problem"] = [], exc.message
+        try:
             st, _ = self.ledger.load()
             out["state"] = {
                 "ok": True,
@@ -694,6 +740,7 @@ class Device:
                     "license_id": claims.license_id,
                     "listing": by_license.get(claims.license_id, claims.listing),
                     "kind": claims.kind,
+                    "binding": f"fleet:{claims.fleet_key_id}" if claims.fleet_key_id else "device",
                     "target": claims.target,
                     "build_hash": claims.build_hash,
                     "runs_used": used,

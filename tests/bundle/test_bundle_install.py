@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 import drm
 from drm.keys import private_key_to_pem
 from edge_runtime import Device
-from edge_runtime.bundle import _device_fleet_support, fleet_keys, install_bundle, verify_bundle
+from edge_runtime.bundle import fleet_keys, install_bundle, verify_bundle
 from edgemart.cli import main
 
 
@@ -165,12 +165,9 @@ def test_fleet_key_license(
     with pytest.raises(drm.Refusal, match="not in this bundle's license set"):
         install_bundle(out.read_bytes(), dev_dir)
     (dev_dir / "fleet").mkdir(mode=0o700)
-    (dev_dir / "fleet" / f"{kid}.key").write_bytes(private_key_to_pem(fleet_key))
-    assert list(fleet_keys(dev_dir)) == [kid]
-    if _device_fleet_support(device):
-        result = install_bundle(out.read_bytes(), dev_dir)
-        assert [i["binding"] for i in result["installed"]] == ["fleet"]
-    else:
-        # edge_runtime's Device does not yet verify or unwrap fleet-bound licenses (reported to the lead).
-        with pytest.raises(drm.Refusal, match="cannot run fleet-bound licenses yet"):
-            install_bundle(out.read_bytes(), dev_dir)
+    key_file = dev_dir / "fleet" / f"{kid}.key"
+    key_file.write_bytes(private_key_to_pem(fleet_key))
+    key_file.chmod(0o600)
+    assert list(fleet_keys(dev_dir)) == [kid] and device.fleet_key_ids() == {kid}
+    result = install_bundle(out.read_bytes(), dev_dir)
+    assert [i["binding"] for i in result["installed"]] == ["fleet"]

@@ -78,6 +78,12 @@ def faces(corpus: Path) -> np.ndarray:
     return np.load(corpus / "data" / "mediapipe" / "face_detection_front.npz")["input"]
 
 
+def _shm() -> set[str]:
+    """/dev/shm entries that could be ours: a PostgreSQL server another suite left running for the session
+    creates and drops its own dynamic shared memory segments there at any time."""
+    return {name for name in os.listdir("/dev/shm") if not name.startswith("PostgreSQL.")}
+
+
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -96,7 +102,7 @@ def _write_chain(path: Path, text: str) -> Path:
 
 
 def test_face_chain_matches_sequential_run(device_dir: Path, faces: np.ndarray) -> None:
-    shm_before, fds_before = set(os.listdir("/dev/shm")), _fds()
+    shm_before, fds_before = _shm(), _fds()
     with Chain.from_file(EXAMPLES / "face_mesh.yaml", device_dir) as chain:
         pids = chain.stage_pids
         assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()  # one process per vendor
@@ -122,7 +128,7 @@ def test_face_chain_matches_sequential_run(device_dir: Path, faces: np.ndarray) 
     # The astronaut has a face, the coffee cup has none: the crop found the face.
     assert outputs[0]["face_flag"].item() > 0 > outputs[1]["face_flag"].item()
     assert all(_gone(pid) for pid in pids.values())
-    assert _fds() == fds_before and set(os.listdir("/dev/shm")) == shm_before and _slot_mappings() == 0
+    assert _fds() == fds_before and _shm() == shm_before and _slot_mappings() == 0
 
 
 def test_digits_two_vendors_and_stage_isolation(device_dir: Path, digits_test: Path, tmp_path: Path) -> None:
@@ -209,7 +215,7 @@ def _endless(faces: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
 
 
 def test_killed_stage_is_reported_and_nothing_leaks(device_dir: Path, faces: np.ndarray) -> None:
-    shm_before, fds_before = set(os.listdir("/dev/shm")), _fds()
+    shm_before, fds_before = _shm(), _fds()
     chain = Chain.from_file(EXAMPLES / "face_mesh.yaml", device_dir).start()
     pids = chain.stage_pids
     with pytest.raises(StageFailed, match=r"stages? 'mesh'.*killed by SIGKILL") as info:
@@ -219,7 +225,7 @@ def test_killed_stage_is_reported_and_nothing_leaks(device_dir: Path, faces: np.
     assert info.value.stage == "mesh" and info.value.returncode == -signal.SIGKILL
     chain.stop()
     assert all(_gone(pid) for pid in pids.values())
-    assert _fds() == fds_before and set(os.listdir("/dev/shm")) == shm_before and _slot_mappings() == 0
+    assert _fds() == fds_before and _shm() == shm_before and _slot_mappings() == 0
 
 
 def test_hung_stage_is_detected_within_the_timeout(device_dir: Path, faces: np.ndarray) -> None:
@@ -260,7 +266,7 @@ def test_sigint_to_supervisor_stops_cleanly(device_dir: Path) -> None:
                               "fds": sorted(os.listdir("/proc/self/fd"))}}), flush=True)
             sys.exit(130)
         """)  # fmt: skip
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = _shm()
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     try:
@@ -277,7 +283,7 @@ def test_sigint_to_supervisor_stops_cleanly(device_dir: Path) -> None:
     after = json.loads(out.strip().splitlines()[-1])
     assert after["maps"] == 0 and after["fds"] == ["0", "1", "2", "3"]  # stdio + the listdir handle
     assert all(_gone(pid) for pid in pids.values())
-    assert set(os.listdir("/dev/shm")) == shm_before
+    assert _shm() == shm_before
 
 
 def test_each_stage_enforces_its_own_license(
