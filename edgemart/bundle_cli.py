@@ -9,7 +9,9 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,35 @@ def register(subparsers: Any) -> None:
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=_verify)
 
+    buy = sub.add_parser(
+        "buy", help="buy production seats on a store: for a fleet key (with --seats) or device certificates"
+    )
+    buy.add_argument("listing", help="the listing id (slug)")
+    buy.add_argument("--target", required=True, help="the build's target, e.g. arm-cpu")
+    kind = buy.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--fleet-key", type=Path, metavar="FLEET.pub.pem", help="the fleet's X25519 public key")
+    kind.add_argument(
+        "--device-cert",
+        type=Path,
+        action="append",
+        metavar="DEVICE.crt",
+        help="a device certificate (repeat)",
+    )
+    buy.add_argument("--seats", type=int, help="seats for a fleet key")
+    _store_args(buy)
+    buy.add_argument("--json", action="store_true")
+    buy.set_defaults(func=_buy)
+
+    fetch = sub.add_parser(
+        "fetch", help="download your production licenses, their sealed builds, cards and the store root"
+    )
+    fetch.add_argument("--out", required=True, type=Path, metavar="DIR", help="the inputs for `bundle build`")
+    fetch.add_argument("--license", action="append", metavar="ID", help="only these licenses (repeat)")
+    fetch.add_argument("--listing", help="only licenses of this listing")
+    _store_args(fetch)
+    fetch.add_argument("--json", action="store_true")
+    fetch.set_defaults(func=_fetch)
+
     install = sub.add_parser("install", help="verify, then install this device's builds and licenses")
     install.add_argument("bundle", type=Path, metavar="BUNDLE")
     install.add_argument("--device-dir", required=True, type=Path, metavar="DIR")
@@ -65,6 +96,11 @@ def register(subparsers: Any) -> None:
     install.add_argument("--now", type=int, metavar="UNIX")
     install.add_argument("--json", action="store_true")
     install.set_defaults(func=_install)
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store URL, e.g. https://store.example")
+    p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -509,3 +545,116 @@ def _install(args: argparse.Namespace) -> int:
 
 
 __all__ = ["EdgemartError", "build_bundle", "collect_inputs", "register"]
+
+
+# --------------------------------------------------------------------------- buying and fetching (a builder's CLI)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from store.client import StoreClient
+
+    if not args.token:
+        raise UsageError("--token is required (or set EDGEMART_TOKEN)")
+    return StoreClient(args.store, args.token)
+
+
+def _buy(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"target": args.target}
+    if args.fleet_key is not None:
+        if args.seats is None:
+            raise UsageError("--seats is required with --fleet-key")
+        body["fleet_key"] = _read(args.fleet_key, "--fleet-key", 64 * 1024).decode("utf-8", "replace")
+        body["seats"] = args.seats
+    else:
+        if args.seats is not None:
+            raise UsageError("--seats goes with --fleet-key; device certificates are one seat each")
+        body["device_certs"] = [
+            _read(p, "--device-cert", 64 * 1024).decode("utf-8", "replace") for p in args.device_cert
+        ]
+    listing = args.listing.strip()
+    if not listing or "/" in listing:
+        raise UsageError("listing must be a listing id such as my-model")
+    items = _client(args).post_json(f"/api/v1/listings/{listing}/production-licenses", body)["licenses"]
+    emit(
+        args,
+        {"licenses": [{k: v for k, v in it.items() if k != "license"} for it in items]},
+        "\n".join(
+            f"{it['license_id']}  {it['listing']}/{it['target']}  "
+            + (
+                f"fleet {it['fleet_key_id']} x{it['seats']}"
+                if it.get("fleet_key_id")
+                else f"device {it['device_id']}"
+            )
+            for it in items
+        )
+        + f"\nnext: edgemart bundle fetch --out inputs/ --listing {listing} --store {args.store}",
+    )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    """Write out/licenses/<id>.lic, out/builds/<hex>.emdl (header checked against the license), out/cards/
+    <listing>.md and out/root.crt: exactly what `bundle build` reads."""
+    client = _client(args)
+    held = [
+        it
+        for it in client.get_json("/api/v1/licenses")["items"]
+        if it.get("kind") == "production" and it.get("license") and not it.get("revoked")
+    ]
+    if args.license:
+        wanted = set(args.license)
+        missing = wanted - {it["license_id"] for it in held}
+        if missing:
+            raise UsageError(f"no usable production license {', '.join(sorted(missing))} on this account")
+        held = [it for it in held if it["license_id"] in wanted]
+    if args.listing:
+        held = [it for it in held if it["listing"] == args.listing]
+    if not held:
+        raise UsageError("no production licenses to fetch (buy seats first: edgemart bundle buy)")
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        written = _fetch_into(client, held, stage)
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)  # all or nothing: a failed fetch leaves no half-filled input directory
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    emit(
+        args,
+        {"out": str(out), **written},
+        f"{len(written['licenses'])} license(s), {len(written['builds'])} build(s), {len(written['cards'])} "
+        f"card(s) and root.crt in {out}\nnext: edgemart bundle build --licenses {out}/licenses --builds "
+        f"{out}/builds --cards {out}/cards --root {out}/root.crt --signing-key builder.pem --out fleet.bundle",
+    )
+    return 0
+
+
+def _fetch_into(client: Any, held: list[dict[str, Any]], out: Path) -> dict[str, list[str]]:
+    import drm
+    from edge_runtime.fileio import atomic_write
+
+    for sub in ("licenses", "builds", "cards"):
+        (out / sub).mkdir()
+    written: dict[str, list[str]] = {"licenses": [], "builds": [], "cards": []}
+    for it in sorted(held, key=lambda x: x["license_id"]):
+        atomic_write(out / "licenses" / f"{it['license_id']}.lic", it["license"].encode(), mode=0o644)
+        written["licenses"].append(it["license_id"])
+    for build_hash, url in sorted({(it["build_hash"], it["build_url"]) for it in held}):
+        data = client.request("GET", url, headers={"Accept": "application/octet-stream"}).body
+        if drm.read_header(data[:65536]).build_hash != build_hash:
+            raise EdgemartError(f"the store sent another build than {build_hash} for {url}")
+        name = build_hash.split(":", 1)[-1] + ".emdl"
+        atomic_write(out / "builds" / name, data, mode=0o644)
+        written["builds"].append(name)
+    for listing in sorted({it["listing"] for it in held}):
+        card = client.get_json(f"/api/v1/listings/{listing}").get("card")
+        if card:
+            atomic_write(out / "cards" / f"{listing}.md", card.encode(), mode=0o644)
+            written["cards"].append(listing)
+    atomic_write(out / "root.crt", client.request("GET", "/api/v1/root.crt").body, mode=0o644)
+    return written
