@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, loads, sha256_tag
-from drm.envelope import _message, parse_envelope
+from drm.envelope import parse_envelope, signed_message
 from drm.errors import IntegrityError, UsageError
 from drm.keys import ed25519_from_pem, key_id
 from drm.license import LICENSE_TYP, LicenseClaims
@@ -562,7 +562,7 @@ def read_license_token(token: bytes, path: str) -> LicenseClaims:
     if not isinstance(pub, ed25519.Ed25519PublicKey):
         raise BundleInvalid(f"{path}: issuer key is not Ed25519")
     try:
-        pub.verify(sig, _message(LICENSE_TYP, body))
+        pub.verify(sig, signed_message(LICENSE_TYP, body))
     except InvalidSignature:
         raise BundleInvalid(f"{path}: license signature does not verify") from None
     if claims.issuer_kid != key_id(pub):

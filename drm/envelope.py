@@ -24,14 +24,15 @@ SIG_MLDSA65 = "ML-DSA-65"
 MLDSA65_SIG_LEN = 3309
 
 
-def _message(typ: str, payload: bytes) -> bytes:
+def signed_message(typ: str, payload: bytes) -> bytes:
+    """The exact bytes an envelope's signatures cover (docs/FORMAT.md section 4): domain, type, payload."""
     return b"edgemart-envelope/1\x00" + typ.encode("ascii") + b"\x00" + payload
 
 
 def sign_envelope(typ: str, payload: dict[str, Any], issuer: Issuer) -> bytes:
     """Sign ``payload`` as a ``typ`` envelope: Ed25519 always, ML-DSA-65 too when the issuer has the key."""
     body = dumps(payload)
-    msg = _message(typ, body)
+    msg = signed_message(typ, body)
     sigs = {SIG_ED25519: b64e(issuer.key.sign(msg))}
     if issuer.pq_key is not None:
         sigs[SIG_MLDSA65] = b64e(issuer.pq_key.sign(msg))
@@ -111,7 +112,7 @@ def verify_envelope(
     pub = cert.public_key()
     if not isinstance(pub, ed25519.Ed25519PublicKey):
         raise LicenseRefused(reason="issuer key is not Ed25519")
-    msg = _message(typ, parsed.body)
+    msg = signed_message(typ, parsed.body)
     try:
         pub.verify(parsed.ed_sig, msg)
     except InvalidSignature:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import drm
 from drm._canonical import b64d, b64e, dumps, loads
-from drm.envelope import _message, sign_envelope
+from drm.envelope import sign_envelope, signed_message
 from drm.license import LICENSE_TYP, LicenseClaims
 from drm.revocation import REVOCATION_TYP
 
@@ -174,7 +174,7 @@ def test_fuzz_license_claims_signed_by_the_issuer(
     claims = _mutate(json.loads(b64d(env["payload"], what="p", max_len=1 << 16)), data)
     body = _encode(claims)
     env["payload"] = b64e(body)
-    env["sig"] = {"Ed25519": b64e(store.issuer_ed_only.key.sign(_message(LICENSE_TYP, body)))}
+    env["sig"] = {"Ed25519": b64e(store.issuer_ed_only.key.sign(signed_message(LICENSE_TYP, body)))}
     try:
         LicenseClaims.from_dict(claims)
     except drm.FormatError:

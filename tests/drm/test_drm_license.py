@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import drm
 from drm._canonical import b64d, b64e, dumps
-from drm.envelope import _message
+from drm.envelope import signed_message
 from drm.license import LICENSE_TYP, LicenseClaims
 
 # Bit flips in x5c make certificates with odd serials; cryptography warns before it refuses them.
@@ -40,9 +40,9 @@ def _envelope(token: bytes) -> dict:
 
 def _resign(claims: dict, signer_key, cert, pq_key=None, typ: str = LICENSE_TYP) -> bytes:  # type: ignore[no-untyped-def]
     body = dumps(claims)
-    sigs = {"Ed25519": b64e(signer_key.sign(_message(typ, body)))}
+    sigs = {"Ed25519": b64e(signer_key.sign(signed_message(typ, body)))}
     if pq_key is not None:
-        sigs["ML-DSA-65"] = b64e(pq_key.sign(_message(typ, body)))
+        sigs["ML-DSA-65"] = b64e(pq_key.sign(signed_message(typ, body)))
     der = cert.public_bytes(serialization.Encoding.DER)
     return dumps({"payload": b64e(body), "sig": sigs, "typ": typ, "x5c": [b64e(der)]})
 
@@ -175,7 +175,7 @@ def test_an_ml_dsa_signature_from_another_key_is_refused(
     token = issue()
     env = _envelope(token)
     body = b64d(env["payload"], what="p", max_len=1 << 20)
-    env["sig"]["ML-DSA-65"] = b64e(mldsa.MLDSA65PrivateKey.generate().sign(_message(LICENSE_TYP, body)))
+    env["sig"]["ML-DSA-65"] = b64e(mldsa.MLDSA65PrivateKey.generate().sign(signed_message(LICENSE_TYP, body)))
     assert "ML-DSA" in _refused(dumps(env), store, device)
 
 
