@@ -132,7 +132,6 @@ def _listing_page(item: Listing, user: User | None, order: SeatOrder, status: in
 
 _PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]{1,40}-----.+?-----END [A-Z0-9 ]{1,40}-----", re.S)
 _SEATS = re.compile(r"[0-9]{1,9}")
-MAX_FLEET_SEATS = 10_000_000  # as licensing.production_licenses checks
 
 
 @dataclass
@@ -167,7 +166,7 @@ class SeatOrder:
         if self.mode == "devices":
             return len(self.certs()) or None
         seats = int(self.seats) if _SEATS.fullmatch(self.seats) else 0
-        return seats if 1 <= seats <= MAX_FLEET_SEATS else None
+        return seats if 1 <= seats <= licensing.MAX_FLEET_SEATS else None
 
     def body(self) -> dict[str, Any]:
         """The request body of POST /api/v1/listings/<id>/production-licenses."""
@@ -188,7 +187,7 @@ def _pem_field(name: str) -> str:
 @bp.post("/listings/<listing_id>/production-seats")
 def buy_seats(listing_id: str) -> Any:
     """Review (price shown) then confirm a production-seat order; the licensing service issues it."""
-    user = _web_user("builder", "admin")
+    user = _web_user(*licensing.PRODUCTION_BUYERS)
     item = listings.get_visible(db(), listing_id, user)
     order = SeatOrder.from_form()
     step = request.form.get("step", "review")
@@ -199,7 +198,7 @@ def buy_seats(listing_id: str) -> Any:
             order.error = (
                 "paste or upload at least one device certificate (PEM)"
                 if order.mode == "devices"
-                else f"seats must be a whole number between 1 and {MAX_FLEET_SEATS}"
+                else f"seats must be a whole number between 1 and {licensing.MAX_FLEET_SEATS}"
             )
             return _listing_page(item, user, order, 400)
         order.reviewed = True

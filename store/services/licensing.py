@@ -25,6 +25,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DEVICE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_DEVICE_CERTS = 1000
 LICENSE_BUYERS = ("buyer", "builder", "admin")
+PRODUCTION_BUYERS = ("builder", "admin")
+MAX_FLEET_SEATS = 10_000_000
 
 
 def _pem_text(value: Any, what: str) -> bytes:
@@ -245,7 +247,7 @@ def production_licenses(
     ctx: StoreContext, session: Session, user: User, listing_id: str, body: dict[str, Any]
 ) -> list[License]:
     """Production licenses for a firmware builder: one per device certificate, or one for a fleet key."""
-    if user.role not in ("builder", "admin"):
+    if user.role not in PRODUCTION_BUYERS:
         raise ForbiddenError("only builder accounts can take production licenses")
     listing = get_visible(session, listing_id, user)
     if listing.status != "listed":
@@ -295,8 +297,8 @@ def production_licenses(
             rows.append(row)
     else:
         seats = body.get("seats")
-        if not isinstance(seats, int) or isinstance(seats, bool) or not 1 <= seats <= 10_000_000:
-            raise UsageError("seats must be an integer between 1 and 10000000")
+        if not isinstance(seats, int) or isinstance(seats, bool) or not 1 <= seats <= MAX_FLEET_SEATS:
+            raise UsageError(f"seats must be an integer between 1 and {MAX_FLEET_SEATS}")
         try:
             key = serialization.load_pem_public_key(_pem_text(fleet, "fleet_key"))
         except (ValueError, TypeError):
