@@ -70,7 +70,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.after_request
     def _access_log(resp: Any) -> Any:
         resp.headers["X-Request-Id"] = g.get("request_id", "")
-        user = g.get("user")
+        # Only plain values here: after a database error the session's objects are expired, and loading
+        # one again (with the database down) would turn an answered request into a 500.
         access.info(
             "%s %s %s",
             request.method,
@@ -82,7 +83,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                     "path": request.path[:300],
                     "status": resp.status_code,
                     "ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000, 2),
-                    "user_id": getattr(user, "id", None),
+                    "user_id": g.get("user_id"),
                     "remote": request.remote_addr,
                     "bytes": resp.calculate_content_length(),
                 }

@@ -66,6 +66,7 @@ def current_user(*, required: bool = True, cookie_ok: bool | None = None) -> Use
                 user = db().get(User, uid)
             g.token_role = user.role if user is not None else None
         g.user = user
+        g.user_id = user.id if user is not None else None  # plain int: the access log must not touch the ORM
     if user is None and required:
         raise AuthError(
             "authentication required (Authorization: Bearer <token> from `edgemart store create-user`)"

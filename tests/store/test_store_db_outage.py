@@ -95,3 +95,33 @@ def test_hosts_starting_together_migrate_once(postgres_server):
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_database_lost_after_authentication_is_a_503_not_a_500(tmp_path, own_postgres, monkeypatch):
+    """Found by `make scale-test` (PostgreSQL restarted under load): a request that authenticated, then lost
+    the database while flushing its write, was answered 503 by the handler but turned into a 500 by the
+    access log reading the user object the failed flush had expired. The server stops exactly there here:
+    at the request's second flush (the first is the token's last-used stamp)."""
+    from sqlalchemy import event
+
+    st = make_store(tmp_path, WORKER="none", DATABASE_URL=own_postgres.create_database())
+    try:
+        import store.db
+
+        monkeypatch.setattr(store.db, "CONNECT_RETRY_SECONDS", 1.0)
+        flushes = {"n": 0, "armed": False}
+
+        def stop_at_second_flush(session, _ctx, _instances):  # type: ignore[no-untyped-def]
+            if flushes["armed"]:
+                flushes["n"] += 1
+                if flushes["n"] == 2:
+                    own_postgres.stop()
+
+        event.listen(st.ctx.Session, "before_flush", stop_at_second_flush)
+        flushes["armed"] = True
+        r = st.client.post("/api/v1/tokens", headers=st.auth("bob"))
+        assert flushes["n"] >= 2
+        assert r.status_code == 503 and r.json["error"]["code"] == "unavailable", r.data[:300]
+    finally:
+        own_postgres.start()
+        st.ctx.close()
