@@ -306,9 +306,10 @@ class World:
     uploads_accepted: dict[str, str] = field(default_factory=dict)  # idempotency key -> listing id
     uploads_lock: threading.Lock = field(default_factory=threading.Lock)
     usage_records: dict[str, int] = field(default_factory=dict)  # device id -> records produced
-    logs: dict[str, list[bytes]] = field(
-        default_factory=dict
-    )  # device id -> its usage log (kept across phases)
+    # device id -> its usage log (kept across phases)
+    logs: dict[str, list[bytes]] = field(default_factory=dict)
+    # jobs whose worker the fault phase SIGKILLed
+    killed_jobs: list[str] = field(default_factory=list)
 
 
 def seed(c: Cluster, n_buyers: int) -> World:
@@ -603,21 +604,34 @@ def inject_faults(
         log(f"fault: {what} {detail}")
 
     at(0.2)
-    # Make sure a job is running at the moment of the kill: upload one more model now.
-    threading.Thread(
-        target=upload,
-        args=(Http(c.port, world.seller_token, stats), world, 999_000 + int(t0) % 1000, "arm-cpu"),
-        daemon=True,
-    ).start()
-    victim = _worker_holding_a_job(c, wait=max(20.0, duration * 0.25))
-    if victim is not None:
+    for attempt in range(3):
+        # Make sure a job is running at the moment of the kill: upload one more model now.
+        threading.Thread(
+            target=upload,
+            args=(
+                Http(c.port, world.seller_token, stats),
+                world,
+                999_000 + 10 * (int(t0) % 1000) + attempt,
+                "arm-cpu",
+            ),
+            daemon=True,
+        ).start()
+        found = _worker_holding_a_job(c, wait=max(20.0, duration * 0.25))
+        if found is None:
+            continue
+        victim, job_id = found
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        note("job worker SIGKILLed while holding a job", pid=victim.pid)
         c.workers.remove(victim)
         c.start_worker()  # its supervisor (systemd) would restart it
+        if _job_state(c, job_id) == "done":  # it committed in the instant before the kill: try again
+            log(f"fault: job {job_id} finished just before its worker was killed; once more")
+            continue
+        note("job worker SIGKILLed while holding a job", pid=victim.pid, job=job_id)
+        world.killed_jobs.append(job_id)
+        break
     else:
-        note("no job was running within the wait; job worker kill skipped")
+        note("no running job could be hit; job worker kill skipped")
         events[-1]["skipped"] = True
     at(0.45)
     kids = c.app_worker_pids()
@@ -633,7 +647,8 @@ def inject_faults(
     )
 
 
-def _worker_holding_a_job(c: Cluster, wait: float) -> subprocess.Popen[bytes] | None:
+def _worker_holding_a_job(c: Cluster, wait: float) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A job worker of ours in the first half of a running job, and that job's id."""
     from sqlalchemy import select
 
     from store.models import Job
@@ -644,12 +659,27 @@ def _worker_holding_a_job(c: Cluster, wait: float) -> subprocess.Popen[bytes] | 
         by_pid = {p.pid: p for p in c.workers}
         while time.monotonic() < deadline:
             with ctx.Session() as s:
-                for worker in s.scalars(select(Job.worker).where(Job.state == "running")):
-                    pid = int((worker or "0").rsplit(":", 1)[-1] or 0)
-                    if pid in by_pid:
-                        return by_pid[pid]
-            time.sleep(0.05)
+                rows = s.execute(
+                    select(Job.id, Job.worker).where(Job.state == "running", Job.progress < 0.5)
+                ).all()
+            for job_id, worker in rows:
+                pid = int((worker or "0").rsplit(":", 1)[-1] or 0)
+                if pid in by_pid:
+                    return by_pid[pid], job_id
+            time.sleep(0.02)
         return None
+    finally:
+        ctx.close()
+
+
+def _job_state(c: Cluster, job_id: str) -> str:
+    from store.models import Job
+
+    ctx = open_ctx(c)
+    try:
+        with ctx.Session() as s:
+            job = s.get(Job, job_id)
+            return job.state if job is not None else "missing"
     finally:
         ctx.close()
 
@@ -683,6 +713,11 @@ def check_invariants(c: Cluster, world: World) -> dict[str, Any]:
             ).all()
             out["jobs_not_done"] = [f"{j}:{st}: {(err or '')[:300]}" for j, st, err in unfinished]
             out["jobs_retried"] = s.scalar(select(func.count()).select_from(Job).where(Job.attempts > 1)) or 0
+            out["killed_jobs_not_rerun"] = [
+                f"{j.id}: {j.state}, attempts {j.attempts}"
+                for j in (s.get(Job, job_id) for job_id in world.killed_jobs)
+                if j is None or j.state != "done" or j.attempts < 2
+            ]
             over = s.execute(
                 select(License.buyer_id, License.listing_id, func.count(func.distinct(License.device_id)))
                 .where(License.kind == "eval")
@@ -752,6 +787,7 @@ def summarize(
         "seats_over_limit",
         "seats_double_issued",
         "build_blobs_missing",
+        "killed_jobs_not_rerun",
     ):
         if checks[key]:
             failures.append(f"{key}: {checks[key][:5]}")

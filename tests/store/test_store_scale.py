@@ -29,6 +29,8 @@ def test_scale_harness_passes_with_faults(tmp_path, postgres_server, seaweed):
     steady, faults = result["steady"], result["faults"]
     assert steady["errors_5xx"] == 0 and steady["requests"] > 100
     assert [e["event"].split(" ")[0] for e in faults["faults"]] == ["job", "gunicorn", "PostgreSQL"]
+    killed = [e for e in faults["faults"] if e["event"].startswith("job worker")]
+    assert killed and killed[0]["job"] and faults["checks"]["killed_jobs_not_rerun"] == []
     assert faults["checks"]["jobs_retried"] >= 1  # the killed worker's job was finished by another
     for phase in (steady, faults):
         checks = phase["checks"]
