@@ -124,8 +124,7 @@ def revoke_token(token_id: str) -> Any:
     parameters: [{name: token_id, in: path, required: true, schema: {type: integer}}]
     responses: {200: {description: the token, schema: Token}, 404: {description: "not yours / no such token"}}
     """
-    number = int(token_id) if token_id.isdigit() and len(token_id) < 19 else token_id
-    row = accounts.revoke_token(db(), require_user(), number, now=ctx().now())
+    row = accounts.revoke_token(db(), require_user(), token_id, now=ctx().now())
     db().commit()
     return accounts.token_to_dict(row)
 
@@ -363,7 +362,6 @@ def retry_job(job_id: str) -> Any:
     responses: {200: {description: the job, schema: Job}, 404: {description: not found}, 409: {description: "not dead or failed"}}
     """
     job = packaging.requeue_dead(ctx(), job_id)
-    ctx().queue.enqueue(job.id)
     return packaging.job_to_dict(packaging.get_visible_job(db(), require_user(), job.id))
 
 

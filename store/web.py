@@ -408,7 +408,6 @@ def admin_jobs() -> Any:
 def admin_retry_job(job_id: str) -> Any:
     _web_user("admin")
     job = packaging.requeue_dead(ctx(), job_id)
-    ctx().queue.enqueue(job.id)
     flash(f"job {job.id} queued again")
     return redirect(url_for("web.admin_jobs"))
 
@@ -431,8 +430,7 @@ def create_token() -> Any:
 @bp.post("/me/tokens/<token_id>/revoke")
 def revoke_token(token_id: str) -> Any:
     user = _web_user()
-    number = int(token_id) if token_id.isdigit() and len(token_id) < 19 else token_id
-    row = accounts.revoke_token(db(), user, number, now=ctx().now())
+    row = accounts.revoke_token(db(), user, token_id, now=ctx().now())
     db().commit()
     flash(f"token {row.prefix}… revoked")
     return redirect(url_for("web.my_tokens"))

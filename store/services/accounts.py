@@ -77,7 +77,10 @@ def issue_token(session: Session, user: User, *, now: int) -> str:
 
 
 def revoke_token(session: Session, user: User, token_id: Any, *, now: int) -> ApiToken:
-    """Revoke one of ``user``'s tokens (an admin may revoke anyone's: the answer to a stolen token)."""
+    """Revoke one of ``user``'s tokens (an admin may revoke anyone's: the answer to a stolen token).
+    ``token_id`` may be the id as text, as it arrives in a URL."""
+    if isinstance(token_id, str) and token_id.isdigit() and len(token_id) < 19:
+        token_id = int(token_id)
     if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 < token_id < 2**62:
         raise NotFoundError(f"no token {str(token_id)[:20]}")
     row = session.get(ApiToken, token_id)

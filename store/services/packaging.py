@@ -213,7 +213,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 
 
 def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
-    """An admin sends a dead-lettered (or failed) job back to the queue with fresh attempts."""
+    """An admin sends a dead-lettered (or failed) job back to the queue with fresh attempts (and wakes a worker)."""
     with ctx.Session() as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -226,7 +226,8 @@ def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
         if job.build.listing.status == "failed":
             job.build.listing.status = "pending"
         s.commit()
-        return job
+    ctx.queue.enqueue(job.id)
+    return job
 
 
 class _Progress:
