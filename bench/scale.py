@@ -67,10 +67,23 @@ class Cluster:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     pg: Any = None
     s3: Any = None
+    _ctx: Any = None
 
     @property
     def data_dir(self) -> Path:
         return self.workdir / "store"
+
+    @property
+    def ctx(self) -> Any:
+        """The store context the processes use (same env), opened once, for seeding, polling and the checks
+        (its pool reconnects by itself after the PostgreSQL restart)."""
+        if self._ctx is None:
+            from store.context import env_config, open_context
+
+            self._ctx = open_context(
+                {**env_config(self.env), "DATA_DIR": str(self.data_dir), "WORKER": "none"}
+            )
+        return self._ctx
 
     def _spawn(self, *args: str, logname: str) -> subprocess.Popen[bytes]:
         out = open(self.workdir / logname, "ab")  # noqa: SIM115 - owned by the child for its lifetime
@@ -117,6 +130,8 @@ class Cluster:
         return kids
 
     def stop(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
         for proc in [*self.workers, *([self.app] if self.app else [])]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -181,13 +196,6 @@ def _migrate(c: Cluster) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"store migrate failed: {done.stderr[-2000:]}")
-
-
-def open_ctx(c: Cluster) -> Any:
-    """The store context the processes use (same env), for seeding and for the final checks."""
-    from store.context import env_config, open_context
-
-    return open_context({**env_config(c.env), "DATA_DIR": str(c.data_dir), "WORKER": "none"})
 
 
 # ------------------------------------------------------------------------------------------ HTTP
@@ -316,29 +324,26 @@ def seed(c: Cluster, n_buyers: int) -> World:
     import drm
     from store.services import accounts, licensing
 
-    ctx = open_ctx(c)
-    try:
-        with ctx.Session() as s:
-            seller = accounts.create_user(s, "seller", "seller", now=ctx.now())
-            admin = accounts.create_user(s, "admin", "admin", now=ctx.now())
-            world = World(
-                accounts.issue_token(s, seller, now=ctx.now()),
-                accounts.issue_token(s, admin, now=ctx.now()),
-                [],
-            )
-            users = []
-            for i in range(n_buyers):
-                u = accounts.create_user(s, f"buyer{i}", "buyer", now=ctx.now())
-                users.append(u)
-                world.buyers.append(Buyer(u.name, accounts.issue_token(s, u, now=ctx.now()), []))
-            s.commit()
-            for b, user in zip(world.buyers, users, strict=True):
-                for _ in range(DEVICES_PER_BUYER):
-                    keys = drm.DeviceKeys.generate()
-                    licensing.enroll(ctx, s, user, keys.csr().decode())
-                    b.devices.append(keys)
-    finally:
-        ctx.close()
+    ctx = c.ctx
+    with ctx.Session() as s:
+        seller = accounts.create_user(s, "seller", "seller", now=ctx.now())
+        admin = accounts.create_user(s, "admin", "admin", now=ctx.now())
+        world = World(
+            accounts.issue_token(s, seller, now=ctx.now()),
+            accounts.issue_token(s, admin, now=ctx.now()),
+            [],
+        )
+        users = []
+        for i in range(n_buyers):
+            u = accounts.create_user(s, f"buyer{i}", "buyer", now=ctx.now())
+            users.append(u)
+            world.buyers.append(Buyer(u.name, accounts.issue_token(s, u, now=ctx.now()), []))
+        s.commit()
+        for b, user in zip(world.buyers, users, strict=True):
+            for _ in range(DEVICES_PER_BUYER):
+                keys = drm.DeviceKeys.generate()
+                licensing.enroll(ctx, s, user, keys.csr().decode())
+                b.devices.append(keys)
     return world
 
 
@@ -393,19 +398,16 @@ def wait_jobs_idle(c: Cluster, timeout: float) -> dict[str, int]:
 
     from store.models import Job
 
-    ctx = open_ctx(c)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with ctx.Session() as s:
-                states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            if not states.get("queued") and not states.get("running"):
-                return {str(k): int(v) for k, v in states.items()}
-            if time.monotonic() > deadline:
-                return {str(k): int(v) for k, v in states.items()}
-            time.sleep(0.5)
-    finally:
-        ctx.close()
+    ctx = c.ctx
+    deadline = time.monotonic() + timeout
+    while True:
+        with ctx.Session() as s:
+            states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        if not states.get("queued") and not states.get("running"):
+            return {str(k): int(v) for k, v in states.items()}
+        if time.monotonic() > deadline:
+            return {str(k): int(v) for k, v in states.items()}
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------ clients
@@ -653,35 +655,29 @@ def _worker_holding_a_job(c: Cluster, wait: float) -> tuple[subprocess.Popen[byt
 
     from store.models import Job
 
-    ctx = open_ctx(c)
-    try:
-        deadline = time.monotonic() + wait
-        by_pid = {p.pid: p for p in c.workers}
-        while time.monotonic() < deadline:
-            with ctx.Session() as s:
-                rows = s.execute(
-                    select(Job.id, Job.worker).where(Job.state == "running", Job.progress < 0.5)
-                ).all()
-            for job_id, worker in rows:
-                pid = int((worker or "0").rsplit(":", 1)[-1] or 0)
-                if pid in by_pid:
-                    return by_pid[pid], job_id
-            time.sleep(0.02)
-        return None
-    finally:
-        ctx.close()
+    ctx = c.ctx
+    deadline = time.monotonic() + wait
+    by_pid = {p.pid: p for p in c.workers}
+    while time.monotonic() < deadline:
+        with ctx.Session() as s:
+            rows = s.execute(
+                select(Job.id, Job.worker).where(Job.state == "running", Job.progress < 0.5)
+            ).all()
+        for job_id, worker in rows:
+            pid = int((worker or "0").rsplit(":", 1)[-1] or 0)
+            if pid in by_pid:
+                return by_pid[pid], job_id
+        time.sleep(0.02)
+    return None
 
 
 def _job_state(c: Cluster, job_id: str) -> str:
     from store.models import Job
 
-    ctx = open_ctx(c)
-    try:
-        with ctx.Session() as s:
-            job = s.get(Job, job_id)
-            return job.state if job is not None else "missing"
-    finally:
-        ctx.close()
+    ctx = c.ctx
+    with ctx.Session() as s:
+        job = s.get(Job, job_id)
+        return job.state if job is not None else "missing"
 
 
 def check_invariants(c: Cluster, world: World) -> dict[str, Any]:
@@ -689,65 +685,62 @@ def check_invariants(c: Cluster, world: World) -> dict[str, Any]:
 
     from store.models import Build, Job, License, Listing, UsageRecord
 
-    ctx = open_ctx(c)
+    ctx = c.ctx
     out: dict[str, Any] = {}
-    try:
-        with ctx.Session() as s:
-            accepted = dict(world.uploads_accepted)
-            found = {
-                lid for (lid,) in s.execute(select(Listing.id).where(Listing.id.in_(list(accepted.values()))))
-            }
-            out["uploads_accepted"] = len(accepted)
-            out["uploads_lost"] = sorted(set(accepted.values()) - found)
-            dup = s.execute(
-                select(Listing.idempotency_key, func.count())
-                .where(Listing.idempotency_key.is_not(None))
-                .group_by(Listing.idempotency_key)
-                .having(func.count() > 1)
-            ).all()
-            out["uploads_duplicated"] = [k for k, _ in dup]
-            unfinished = s.execute(
-                select(Job.id, Job.state, Job.error)
-                .join(Build, Job.build_id == Build.id)
-                .where(Build.listing_id.in_(list(accepted.values())), Job.state != "done")
-            ).all()
-            out["jobs_not_done"] = [f"{j}:{st}: {(err or '')[:300]}" for j, st, err in unfinished]
-            out["jobs_retried"] = s.scalar(select(func.count()).select_from(Job).where(Job.attempts > 1)) or 0
-            out["killed_jobs_not_rerun"] = [
-                f"{j.id}: {j.state}, attempts {j.attempts}"
-                for j in (s.get(Job, job_id) for job_id in world.killed_jobs)
-                if j is None or j.state != "done" or j.attempts < 2
-            ]
-            over = s.execute(
-                select(License.buyer_id, License.listing_id, func.count(func.distinct(License.device_id)))
-                .where(License.kind == "eval")
-                .group_by(License.buyer_id, License.listing_id)
-                .having(func.count(func.distinct(License.device_id)) > EVAL_LIMIT)
-            ).all()
-            out["seats_over_limit"] = [f"buyer {b} listing {li}: {n}" for b, li, n in over]
-            twice = s.execute(
-                select(License.device_id, License.build_id, func.count())
-                .where(License.kind == "eval")
-                .group_by(License.device_id, License.build_id)
-                .having(func.count() > 1)
-            ).all()
-            out["seats_double_issued"] = [f"device {d} build {b}: {n}" for d, b, n in twice]
-            out["eval_licenses"] = s.scalar(
-                select(func.count()).select_from(License).where(License.kind == "eval")
-            )
-            stored = dict(
-                s.execute(select(UsageRecord.device_id, func.count()).group_by(UsageRecord.device_id)).all()
-            )
-            out["usage_records_produced"] = sum(world.usage_records.values())
-            out["usage_records_stored"] = sum(stored.get(d, 0) for d in world.usage_records)
-            out["usage_records_missing"] = {
-                d: n - stored.get(d, 0) for d, n in world.usage_records.items() if stored.get(d, 0) != n
-            }
-            keys = [k for (k,) in s.execute(select(Build.blob_key).where(Build.blob_key.is_not(None)))]
-        present = set(ctx.blobs.list())
-        out["build_blobs_missing"] = [k for k in keys if k not in present]
-    finally:
-        ctx.close()
+    with ctx.Session() as s:
+        accepted = dict(world.uploads_accepted)
+        found = {
+            lid for (lid,) in s.execute(select(Listing.id).where(Listing.id.in_(list(accepted.values()))))
+        }
+        out["uploads_accepted"] = len(accepted)
+        out["uploads_lost"] = sorted(set(accepted.values()) - found)
+        dup = s.execute(
+            select(Listing.idempotency_key, func.count())
+            .where(Listing.idempotency_key.is_not(None))
+            .group_by(Listing.idempotency_key)
+            .having(func.count() > 1)
+        ).all()
+        out["uploads_duplicated"] = [k for k, _ in dup]
+        unfinished = s.execute(
+            select(Job.id, Job.state, Job.error)
+            .join(Build, Job.build_id == Build.id)
+            .where(Build.listing_id.in_(list(accepted.values())), Job.state != "done")
+        ).all()
+        out["jobs_not_done"] = [f"{j}:{st}: {(err or '')[:300]}" for j, st, err in unfinished]
+        out["jobs_retried"] = s.scalar(select(func.count()).select_from(Job).where(Job.attempts > 1)) or 0
+        out["killed_jobs_not_rerun"] = [
+            f"{j.id}: {j.state}, attempts {j.attempts}"
+            for j in (s.get(Job, job_id) for job_id in world.killed_jobs)
+            if j is None or j.state != "done" or j.attempts < 2
+        ]
+        over = s.execute(
+            select(License.buyer_id, License.listing_id, func.count(func.distinct(License.device_id)))
+            .where(License.kind == "eval")
+            .group_by(License.buyer_id, License.listing_id)
+            .having(func.count(func.distinct(License.device_id)) > EVAL_LIMIT)
+        ).all()
+        out["seats_over_limit"] = [f"buyer {b} listing {li}: {n}" for b, li, n in over]
+        twice = s.execute(
+            select(License.device_id, License.build_id, func.count())
+            .where(License.kind == "eval")
+            .group_by(License.device_id, License.build_id)
+            .having(func.count() > 1)
+        ).all()
+        out["seats_double_issued"] = [f"device {d} build {b}: {n}" for d, b, n in twice]
+        out["eval_licenses"] = s.scalar(
+            select(func.count()).select_from(License).where(License.kind == "eval")
+        )
+        stored = dict(
+            s.execute(select(UsageRecord.device_id, func.count()).group_by(UsageRecord.device_id)).all()
+        )
+        out["usage_records_produced"] = sum(world.usage_records.values())
+        out["usage_records_stored"] = sum(stored.get(d, 0) for d in world.usage_records)
+        out["usage_records_missing"] = {
+            d: n - stored.get(d, 0) for d, n in world.usage_records.items() if stored.get(d, 0) != n
+        }
+        keys = [k for (k,) in s.execute(select(Build.blob_key).where(Build.blob_key.is_not(None)))]
+    present = set(ctx.blobs.list())
+    out["build_blobs_missing"] = [k for k in keys if k not in present]
     return out
 
 
