@@ -41,20 +41,12 @@ def digits_calibration(corpus: Path) -> Path:
 @pytest.fixture(scope="session")
 def postgres_server():  # type: ignore[no-untyped-def]
     """A real PostgreSQL cluster on 127.0.0.1 for the whole session (`make apt` installs the server)."""
-    import shutil
-    import tempfile
-
-    from store.localservers.postgres import pg_bindir, running_postgres
+    from store.localservers.postgres import pg_bindir, throwaway_postgres
 
     if pg_bindir() is None:
         pytest.skip("PostgreSQL server binaries not installed (run `make apt`)")
-    # Directly under /tmp: under root the cluster belongs to the postgres user, who must reach it.
-    directory = Path(tempfile.mkdtemp(prefix="edgemart-pg-"))
-    try:
-        with running_postgres(directory) as server:
-            yield server
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with throwaway_postgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

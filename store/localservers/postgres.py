@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,18 @@ def running_postgres(directory: Path, port: int | None = None) -> Iterator[Postg
         yield server
     finally:
         server.stop("immediate")
+
+
+@contextlib.contextmanager
+def throwaway_postgres(prefix: str = "edgemart-pg-") -> Iterator[PostgresServer]:
+    """A running cluster in a fresh directory directly under the temp dir (under root the cluster belongs to
+    the postgres user, who must be able to reach it), removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with running_postgres(directory) as server:
+            yield server
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

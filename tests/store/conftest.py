@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,7 @@ class Store:
         card: str | None = None,
         filename: str = "model.onnx",
         headers: dict[str, str] | None = None,
+        client: FlaskClient | None = None,  # a client of its own, for uploads from several threads
         **fields: Any,
     ) -> Any:
         data: dict[str, Any] = {k: str(v) for k, v in fields.items()}
@@ -70,7 +73,7 @@ class Store:
             data["calibration"] = (io.BytesIO(raw), "cal.npz")
         if card is not None:
             data["card"] = (io.BytesIO(card.encode()), "README.md")
-        return self.client.post(
+        return (client or self.client).post(
             "/api/v1/listings",
             data=data,
             headers={**self.auth(who), **(headers or {})},
@@ -98,6 +101,21 @@ class Store:
         tmp = self.data_dir / "blobs" / ".tmp"
         out["tmp_files"] = len(pending()) if pending else len(list(tmp.iterdir()))
         return out
+
+
+@contextlib.contextmanager
+def serve_http(app: Flask) -> Iterator[str]:
+    """The app served over real HTTP by werkzeug in a thread (threaded: pages poll jobs); yields its URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
 
 
 def make_store(data_dir: Path, **config: Any) -> Store:

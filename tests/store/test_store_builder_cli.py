@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ import onnxruntime as ort
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
-from werkzeug.serving import make_server
+
+from tests.store.conftest import serve_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,13 +35,8 @@ def _cli(*args: str, token: str | None = None, expect: int = 0) -> subprocess.Co
 
 @pytest.fixture
 def served(store):
-    server = make_server("127.0.0.1", 0, store.app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield store, f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
+    with serve_http(store.app) as url:
+        yield store, url
 
 
 def test_builder_buys_fetches_builds_and_a_fleet_device_runs_it(served, digits_base, digits_test, tmp_path):

@@ -83,19 +83,8 @@ def test_concurrent_retries_of_one_upload_create_one_listing(store, digits_base)
     raw = digits_base.read_bytes()
 
     def upload(i: int) -> tuple[int, str | None]:
-        st_client = store.app.test_client()
-        import io
-
-        r = st_client.post(
-            "/api/v1/listings",
-            data={
-                "model": (io.BytesIO(raw), "m.onnx"),
-                "name": "retry",
-                "license": "MIT",
-                "targets": "onnx-fp32",
-            },
-            headers={**store.auth("sally"), "Idempotency-Key": "upload-42"},
-            content_type="multipart/form-data",
+        r = store.upload(
+            "sally", raw, name="retry", headers={"Idempotency-Key": "upload-42"}, client=store.app.test_client()
         )
         return r.status_code, (r.json or {}).get("listing", {}).get("id")
 
@@ -114,19 +103,7 @@ def test_concurrent_uploads_under_one_name_give_one_listing_and_clean_errors(sto
     before = store.counts()
 
     def upload(i: int) -> int:
-        import io
-
-        r = store.app.test_client().post(
-            "/api/v1/listings",
-            data={
-                "model": (io.BytesIO(raw), "m.onnx"),
-                "name": "same",
-                "license": "MIT",
-                "targets": "onnx-fp32",
-            },
-            headers=store.auth("sally"),
-            content_type="multipart/form-data",
-        )
+        r = store.upload("sally", raw, name="same", client=store.app.test_client())
         assert r.status_code < 500, r.data[:300]
         return r.status_code
 

@@ -4,15 +4,12 @@ store serves again as soon as the database is back."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from store.localservers.postgres import pg_bindir, running_postgres
+from store.localservers.postgres import pg_bindir, throwaway_postgres
 from tests.store.conftest import make_store
 
 pytestmark = pytest.mark.slow
@@ -20,14 +17,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def own_postgres():
+    """A cluster of this test's own: the tests stop and restart it."""
     if pg_bindir() is None:
         pytest.skip("PostgreSQL server binaries not installed (run `make apt`)")
-    directory = Path(tempfile.mkdtemp(prefix="edgemart-pg-outage-"))
-    try:
-        with running_postgres(directory) as server:
-            yield server
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with throwaway_postgres("edgemart-pg-outage-") as server:
+        yield server
 
 
 def test_requests_ride_out_a_database_restart_and_a_long_outage_is_a_503(

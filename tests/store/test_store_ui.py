@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.store.conftest import PASSWORDS, Store, make_store
+from tests.store.conftest import PASSWORDS, Store, make_store, serve_http
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +45,12 @@ def _playwright() -> Any:
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Store, str]]:
     """A store served over real HTTP by werkzeug in a thread (threaded: the listing page polls jobs)."""
-    from werkzeug.serving import make_server
-
     with tempfile.TemporaryDirectory(prefix="edgemart-ui-") as tmp:
         st = make_store(Path(tmp))
-        server = make_server("127.0.0.1", 0, st.app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
         try:
-            yield st, f"http://127.0.0.1:{server.server_port}"
+            with serve_http(st.app) as url:
+                yield st, url
         finally:
-            server.shutdown()
-            thread.join(10)
             st.ctx.close()
 
 
