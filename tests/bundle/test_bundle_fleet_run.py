@@ -22,6 +22,7 @@ from drm.keys import private_key_to_pem
 from edge_runtime import Device
 from edge_runtime.bundle import install_bundle
 from edgemart.cli import main
+from tests.plaintext_scan import files_containing, windows
 
 
 @pytest.fixture(autouse=True)
@@ -75,25 +76,6 @@ def _plain_outputs(model: Model, x: np.ndarray, batch: int) -> dict[str, np.ndar
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
 
-def _windows(plaintext: bytes, count: int = 12, size: int = 48) -> list[bytes]:
-    step = max(1, (len(plaintext) - size) // count)
-    return [plaintext[i : i + size] for i in range(step // 2, len(plaintext) - size, step)][:count]
-
-
-def _scan(root: Path, needles: list[bytes]) -> list[str]:
-    hits = []
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if any(n in data for n in needles):
-                hits.append(str(path))
-    return hits
-
-
 def test_fleet_bundle_installs_and_runs_on_every_fleet_device(
     tmp_path: Path,
     pki: Pki,
@@ -110,7 +92,7 @@ def test_fleet_bundle_installs_and_runs_on_every_fleet_device(
     kid = _kid(fleet_key)
     x = np.load(digits_test)["x"]
     expected = _plain_outputs(model, x, 64)
-    needles = _windows(model.plain)
+    needles = windows(model.plain)
 
     for name in ("board-1", "board-2"):  # one fleet seat, two devices with their own device keys
         d = tmp_path / name
@@ -165,9 +147,9 @@ def test_fleet_bundle_installs_and_runs_on_every_fleet_device(
         assert (entry["binding"], entry["max_runs"], entry["expires"]) == (f"fleet:{kid}", None, None)
 
         # Decrypted weights only ever in memory; the fleet key only in DIR/fleet.
-        assert _scan(d, needles) == [] and _scan(private_tmp, needles) == []
+        assert files_containing(d, needles) == [] and files_containing(private_tmp, needles) == []
         pem = private_key_to_pem(fleet_key).splitlines()[1]
-        assert _scan(d, [pem]) == [str(held)] and _scan(private_tmp, [pem]) == []
+        assert files_containing(d, [pem]) == [str(held)] and files_containing(private_tmp, [pem]) == []
 
 
 def test_a_device_without_the_fleet_key_is_refused(

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import drm
 from edge_runtime import Device
+from tests.plaintext_scan import files_containing, windows
 
 TOKEN = "tok-buyer"
 
@@ -289,25 +289,6 @@ def test_cli_clock_rollback_and_expiry_with_faketime(sideload, digits_test):
     assert list(report["runs_by_license"].values()) == [1]
 
 
-def _windows(plaintext: bytes, count: int = 12, size: int = 48) -> list[bytes]:
-    step = max(1, (len(plaintext) - size) // count)
-    return [plaintext[i : i + size] for i in range(step // 2, len(plaintext) - size, step)][:count]
-
-
-def _scan(root: Path, needles: list[bytes]) -> list[str]:
-    hits = []
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if any(n in data for n in needles):
-                hits.append(str(path))
-    return hits
-
-
 @pytest.mark.parametrize("which", ["digits", "blazeface"])
 def test_no_plaintext_on_disk(
     tmp_path, factory, digits_build, blazeface_build, digits_test, blazeface_data, which, now
@@ -335,10 +316,10 @@ def test_no_plaintext_on_disk(
         env_extra={"TMPDIR": str(private_tmp)},
     )
     assert r.returncode == 0, r.stderr
-    needles = _windows(build.plaintext)
+    needles = windows(build.plaintext)
     control = tmp_path / "control"
     control.mkdir()
     (control / "plain.bin").write_bytes(build.plaintext)
-    assert _scan(control, needles) == [str(control / "plain.bin")]  # the scan does find plaintext
-    assert len(needles) >= 8 and _scan(d, needles) == [] and _scan(private_tmp, needles) == []
-    assert _scan(tmp_path / "in", needles) == []  # the container itself holds no plaintext run either
+    assert files_containing(control, needles) == [str(control / "plain.bin")]  # the scan does find plaintext
+    assert len(needles) >= 8 and files_containing(d, needles) == [] and files_containing(private_tmp, needles) == []
+    assert files_containing(tmp_path / "in", needles) == []  # the container itself holds no plaintext run either
