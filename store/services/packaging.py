@@ -93,13 +93,24 @@ def _fenced(lease: Lease) -> Any:
     )
 
 
+def _update_held(s: Session, lease: Lease, **values: Any) -> None:
+    """Update the job while this lease still holds it; JobLost (nothing written) if another worker took it."""
+    res = s.execute(update(Job).where(_fenced(lease)).values(**values))
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        s.rollback()
+        raise JobLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.worker}")
+
+
+def _held_job(s: Session, lease: Lease) -> Job | None:
+    """The job row, locked, while this lease still holds it (None once another worker took it)."""
+    return s.scalar(select(Job).where(_fenced(lease)).with_for_update())
+
+
 def heartbeat(ctx: StoreContext, lease: Lease) -> None:
     """Renew the lease; JobLost if another worker took the job meanwhile."""
     with ctx.Session() as s:
-        res = s.execute(update(Job).where(_fenced(lease)).values(heartbeat_at=ctx.now()))
+        _update_held(s, lease, heartbeat_at=ctx.now())
         s.commit()
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        raise JobLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.worker}")
 
 
 _RUNNING_HERE: set[str] = set()  # ids of the jobs this process is executing right now
@@ -249,12 +260,7 @@ class _Progress:
 def set_progress(ctx: StoreContext, lease: Lease, build_id: int, value: float, message: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
-        res = s.execute(
-            update(Job).where(_fenced(lease)).values(progress=value, message=message[:500], heartbeat_at=now)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
-            s.rollback()
-            raise JobLost(f"job {lease.job_id} attempt {lease.attempt} was taken over; stopping")
+        _update_held(s, lease, progress=value, message=message[:500], heartbeat_at=now)
         s.execute(
             update(Build)
             .where(Build.id == build_id)
@@ -318,7 +324,7 @@ class _Heartbeat(threading.Thread):
 def _retry_or_dead(ctx: StoreContext, lease: Lease, error: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
-        job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
+        job = _held_job(s, lease)
         if job is None:
             return
         if job.attempts >= job.max_attempts:
@@ -407,7 +413,7 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
             created.append(html_put.key)
         fault_point("store", "job", "before_commit")  # tests: a worker killed between its blobs and its row
         with ctx.Session() as s:
-            job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
+            job = _held_job(s, lease)
             if job is None:
                 raise JobLost(f"job {job_id} attempt {lease.attempt} was taken over; result discarded")
             clash = s.scalar(select(Build).where(Build.build_hash == result.build_hash, Build.id != build_id))
@@ -449,7 +455,7 @@ def _jsonable(value: Any) -> Any:
 def _finish(ctx: StoreContext, lease: Lease, *, ok: bool, error: str | None, build_status: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
-        job = s.scalar(select(Job).where(_fenced(lease)).with_for_update())
+        job = _held_job(s, lease)
         if job is None:
             return  # taken over: the new holder records the outcome
         job.state = "done" if ok else "failed"
