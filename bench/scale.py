@@ -403,9 +403,8 @@ def wait_jobs_idle(c: Cluster, timeout: float) -> dict[str, int]:
     while True:
         with ctx.Session() as s:
             states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        if not states.get("queued") and not states.get("running"):
-            return {str(k): int(v) for k, v in states.items()}
-        if time.monotonic() > deadline:
+        idle = not states.get("queued") and not states.get("running")
+        if idle or time.monotonic() > deadline:
             return {str(k): int(v) for k, v in states.items()}
         time.sleep(0.5)
 

@@ -273,10 +273,9 @@ def tokens(args: argparse.Namespace) -> int:
 
 
 def create_user(args: argparse.Namespace) -> int:
-    from store.context import open_context
     from store.services import accounts
 
-    ctx = open_context({"DATA_DIR": str(Path(args.data_dir).resolve()), "WORKER": "none"})
+    ctx = _context(args, WORKER="none")
     try:
         password = args.password or os.environ.get("EDGEMART_PASSWORD")
         with ctx.Session() as s:

@@ -57,7 +57,7 @@ class WorkerLoop:
     ) -> None:
         self._claim = claim
         self._run = run
-        self._pending = pending
+        self.pending = pending
         self._recover = recover
         self._poll = poll_seconds
         self._recover_every = recover_seconds
@@ -134,11 +134,11 @@ class ThreadJobQueue:
         """Block until no job is queued or running (True) or ``timeout`` seconds passed (False)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._loop._pending() == 0:
+            if self._loop.pending() == 0:
                 return True
             self._loop.wake.set()
             time.sleep(0.05)
-        return self._loop._pending() == 0
+        return self._loop.pending() == 0
 
 
 class NoWorker:
