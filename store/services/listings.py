@@ -199,6 +199,12 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
         elif not slug:
             problems.append(Problem("name", "no_slug", "name must contain letters or digits"))
         elif session.get(Listing, slug) is not None:
+            # A retry whose key lookup (in the view) ran before the first attempt committed meets the
+            # first attempt's listing here: it is that upload, not a name clash.
+            if form.idempotency_key is not None:
+                existing = by_idempotency_key(session, seller, form.idempotency_key)
+                if existing is not None:
+                    raise DuplicateUpload(existing)
             problems.append(
                 Problem("name", "name_taken", f"a listing {slug!r} already exists; choose another name")
             )

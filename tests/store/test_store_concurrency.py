@@ -8,10 +8,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 import drm
-from store.models import License, Listing
+from store.models import IdempotentResponse, License, Listing
 
 N = 50
 
@@ -84,7 +84,11 @@ def test_concurrent_retries_of_one_upload_create_one_listing(store, digits_base)
 
     def upload(i: int) -> tuple[int, str | None]:
         r = store.upload(
-            "sally", raw, name="retry", headers={"Idempotency-Key": "upload-42"}, client=store.app.test_client()
+            "sally",
+            raw,
+            name="retry",
+            headers={"Idempotency-Key": "upload-42"},
+            client=store.app.test_client(),
         )
         return r.status_code, (r.json or {}).get("listing", {}).get("id")
 
@@ -96,6 +100,43 @@ def test_concurrent_retries_of_one_upload_create_one_listing(store, digits_base)
         assert s.scalar(select(func.count()).select_from(Listing)) == 1
     blobs = store.counts()
     assert blobs["listings"] == 1 and blobs["builds"] == 1 and blobs["jobs"] == 1
+
+
+def test_retry_whose_key_lookup_ran_before_the_first_commit_gets_the_first_listing(
+    store, digits_base, monkeypatch
+):
+    """The interleaving behind a fresh-clone CI failure, forced: the retry's Idempotency-Key lookup in the
+    view misses (the first attempt had not committed yet), then the first attempt commits, then the retry
+    reaches the name check. It must answer with the first listing, never "name taken"."""
+    from store.services import listings
+
+    raw = digits_base.read_bytes()
+    first = store.upload("sally", raw, name="retry", headers={"Idempotency-Key": "upload-7"})
+    assert first.status_code == 202, first.json
+    store.wait()
+    with store.ctx.Session() as s:  # the first attempt has not yet recorded its answer for replay
+        s.execute(delete(IdempotentResponse))
+        s.commit()
+    before = store.counts()
+    real = listings.by_idempotency_key
+    calls: list[str] = []
+
+    def lookup_missing_once(session, seller, key):  # type: ignore[no-untyped-def]
+        calls.append(key)
+        return None if len(calls) == 1 else real(session, seller, key)
+
+    monkeypatch.setattr(listings, "by_idempotency_key", lookup_missing_once)
+    again = store.upload("sally", raw, name="retry", headers={"Idempotency-Key": "upload-7"})
+    assert len(calls) >= 2, "the view's lookup and the name check's re-check both ran"
+    assert again.status_code == 202, again.json
+    assert again.json["listing"]["id"] == "retry"
+    assert again.json["jobs"] == first.json["jobs"]
+    store.wait()
+    assert store.counts() == before  # the retry's model blob was not kept
+
+    # Without the key, the same name is still a clean refusal.
+    other = store.upload("sally", raw, name="retry")
+    assert other.status_code == 422 and "already exists" in other.json["error"]["message"]
 
 
 def test_concurrent_uploads_under_one_name_give_one_listing_and_clean_errors(store, digits_base):
