@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from drm.errors import UsageError
+from drm.model_safety import check_model_bytes
 
 # Execution providers worth using when the installed onnxruntime has them, per target (CPU is always last).
 _PREFERRED_PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -183,6 +184,7 @@ def _tflite_spec(d: dict[str, Any]) -> TensorSpec:
 def open_backend(plaintext: bytearray, *, target: str) -> Backend:
     """Open the right backend for a decrypted build. The caller wipes ``plaintext`` afterwards."""
     fmt = sniff_format(plaintext)
+    check_model_bytes(plaintext)  # in place, no copy: a build that reads files outside itself never opens
     if target in TFLITE_TARGETS and fmt != "tflite":
         raise UsageError(f"target {target} expects a TFLite build but the decrypted build is not TFLite")
     model = bytes(plaintext)  # the runtimes accept only bytes

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drm.errors import UsageError
+from drm.model_safety import check_model_bytes
 
 # Graph ops that carry channels from their (first) activation input to their output unchanged in order.
 _ONNX_CHANNEL_PRESERVING = frozenset(
@@ -69,6 +70,7 @@ def parse_model(model: bytes) -> ParsedModel:
     if not model:
         raise UsageError("empty model file")
     fmt = detect_format(model)
+    check_model_bytes(model)  # before any reader: external data, out-of-file buffers, oversized declarations
     sha = hashlib.sha256(model).hexdigest()
     if fmt == "tflite":
         layers, meta = _read_tflite(model)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drm.errors import UsageError
+from drm.model_safety import check_model_bytes
 
 TFLITE_IDENTIFIER = b"TFL3"
 # Oldest default-domain opset we accept; ORT's quantizer and version converter handle >= 7.
@@ -83,10 +84,13 @@ def inspect_model(model: bytes) -> ModelInfo:
 
 
 def parse_onnx(model: bytes):  # -> onnx.ModelProto
-    """Parse and check ONNX bytes; every failure is a one-line UsageError."""
+    """Parse and check ONNX bytes; every failure is a one-line UsageError.
+
+    The model-safety walk runs first: nothing below may see a model that points at files outside itself."""
     import onnx
     from google.protobuf.message import DecodeError
 
+    check_model_bytes(model)
     try:
         proto = onnx.load_model_from_string(model)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -168,6 +172,7 @@ def builtin_op_names() -> dict[int, str]:
 
 
 def _inspect_tflite(model: bytes) -> ModelInfo:
+    check_model_bytes(model)
     schema = tflite_schema()
     try:
         tfl = schema.ModelT.InitFromPackedBuf(model, 0)
