@@ -35,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_JSON_BYTES": 256 * 1024,
     "MAX_USAGE_BYTES": 8 * 1024 * 1024,
     "MAX_CARD_BYTES": 256 * 1024,
+    # Seller sample archives (.npz) are checked from their headers before anything is inflated.
+    "MAX_SAMPLE_BYTES": 256 * 1024 * 1024,  # all arrays together, uncompressed
+    "MAX_SAMPLE_MEMBERS": 1024,
+    "MAX_SAMPLE_RATIO": 200.0,  # uncompressed:compressed, per member above 1 MiB
     "WORKER": "thread",  # "thread": in-process worker; "none": this process runs no jobs
     "JOB_POLL_SECONDS": 2.0,
     "JOB_LEASE_SECONDS": 120,  # a running job without a heartbeat for this long is re-queued
@@ -69,6 +73,9 @@ ENV_KEYS = (
     "SECRET_KEY",
     "LICENSE_INDEX_DIR",
     "MAX_UPLOAD_BYTES",
+    "MAX_SAMPLE_BYTES",
+    "MAX_SAMPLE_MEMBERS",
+    "MAX_SAMPLE_RATIO",
     "JOB_POLL_SECONDS",
     "JOB_LEASE_SECONDS",
     "JOB_HEARTBEAT_SECONDS",

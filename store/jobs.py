@@ -93,7 +93,6 @@ class WorkerLoop:
             self._run(lease)
             self.jobs_run += 1
 
-
     def drain(self) -> None:
         """Run jobs until none is runnable right now (or stopped)."""
         self._next_recover = 0.0

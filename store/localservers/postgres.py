@@ -111,7 +111,9 @@ class PostgresServer:
 def init_cluster(directory: Path, port: int | None = None) -> PostgresServer:
     bindir = pg_bindir()
     if bindir is None:
-        raise UsageError("PostgreSQL server binaries not found (apt-get install postgresql; `make apt` does it)")
+        raise UsageError(
+            "PostgreSQL server binaries not found (apt-get install postgresql; `make apt` does it)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     server = PostgresServer(directory.resolve(), port or free_port(), secrets.token_urlsafe(18), bindir)
     pwfile = directory / "pw"

@@ -8,6 +8,7 @@ import math
 import re
 import secrets
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -160,18 +161,26 @@ def _targets(problems: list[Problem], raw: str | list[str] | None) -> list[str]:
     return targets
 
 
-def load_samples(data: bytes) -> dict[str, Any]:
-    """Parse an uploaded samples .npz with the packagers' loader (it reads paths, so via a private temp dir)."""
+def load_samples(data: bytes, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse an uploaded samples .npz with the packagers' loader (it reads paths, so via a private temp dir).
+
+    The archive's sizes, compression ratio and array headers are checked against the configured caps
+    (MAX_SAMPLE_BYTES, MAX_SAMPLE_MEMBERS, MAX_SAMPLE_RATIO) before anything is inflated."""
     import packagers
 
+    limits = packagers.SampleLimits(
+        max_bytes=int(config["MAX_SAMPLE_BYTES"]),
+        max_members=int(config["MAX_SAMPLE_MEMBERS"]),
+        max_ratio=float(config["MAX_SAMPLE_RATIO"]),
+    )
     with tempfile.TemporaryDirectory(prefix="edgemart-samples-") as tmp:
         path = Path(tmp) / "samples.npz"
         path.write_bytes(data)
         try:
-            return packagers.load_calibration(path)
+            return packagers.load_calibration(path, limits)
         except UsageError as exc:
             # The temp path means nothing to the uploader.
-            raise UsageError(exc.message.replace(str(path), "the calibration file")) from None
+            raise UsageError(exc.message.replace(f"sample file {path}", "the file")) from None
 
 
 # ------------------------------------------------------------------------------------------ upload
@@ -273,7 +282,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 if calibration_put.created:
                     created.append(calibration_put.key)
                 try:
-                    load_samples(ctx.blobs.get(calibration_put.key))
+                    load_samples(ctx.blobs.get(calibration_put.key), cfg)
                 except UsageError as exc:
                     problems.append(
                         Problem("calibration", "invalid_calibration", f"calibration: {exc.message}")

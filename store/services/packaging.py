@@ -231,9 +231,20 @@ def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
             raise NotFoundError(f"no job {job_id[:40]!r}")
         if job.state not in ("dead", "failed"):
             raise ConflictError(f"job {job.id} is {job.state}; only dead or failed jobs can be retried")
-        job.state, job.attempts, job.run_after, job.error, job.message = "queued", 0, None, None, "queued by admin"
+        job.state, job.attempts, job.run_after, job.error, job.message = (
+            "queued",
+            0,
+            None,
+            None,
+            "queued by admin",
+        )
         job.progress, job.finished_at, job.worker = 0.0, None, None
-        job.build.status, job.build.error, job.build.message, job.build.progress = "queued", None, "queued", 0.0
+        job.build.status, job.build.error, job.build.message, job.build.progress = (
+            "queued",
+            None,
+            "queued",
+            0.0,
+        )
         if job.build.listing.status == "failed":
             job.build.listing.status = "pending"
         s.commit()
@@ -332,7 +343,10 @@ def _retry_or_dead(ctx: StoreContext, lease: Lease, error: str) -> None:
         else:
             delay = retry_delay(ctx, job.attempts)
             job.state, job.worker, job.run_after = "queued", None, now + delay
-            job.error, job.message = error, f"attempt {job.attempts} failed; retrying in {delay} s: {error}"[:500]
+            job.error, job.message = (
+                error,
+                f"attempt {job.attempts} failed; retrying in {delay} s: {error}"[:500],
+            )
             job.build.status, job.build.message = "queued", job.message
         s.commit()
 
@@ -343,7 +357,7 @@ def _load_samples(ctx: StoreContext, listing: Listing) -> tuple[dict[str, Any] |
         return None, None
     from store.services.listings import load_samples
 
-    samples = load_samples(ctx.blobs.get(listing.calibration_blob))
+    samples = load_samples(ctx.blobs.get(listing.calibration_blob), ctx.config)
     n = min(len(v) for v in samples.values())
     held = int(n * float(ctx.config["HOLDOUT_FRACTION"]))
     if held < 10 or n - held < 10:

@@ -24,7 +24,9 @@ def upgrade() -> None:
     op.create_index("ix_jobs_state_run_after", "jobs", ["state", "run_after"])
     with op.batch_alter_table("listings") as batch:
         batch.add_column(sa.Column("idempotency_key", sa.String(128), nullable=True))
-    op.create_index("uq_listings_seller_idempotency", "listings", ["seller_id", "idempotency_key"], unique=True)
+    op.create_index(
+        "uq_listings_seller_idempotency", "listings", ["seller_id", "idempotency_key"], unique=True
+    )
 
 
 def downgrade() -> None:
