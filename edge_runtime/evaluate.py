@@ -333,23 +333,20 @@ def _agreement(
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (only for runs long enough to need one)."""
+    """The eval progress line on stderr (only for runs long enough to need one): see edge_runtime.progress."""
 
     def __init__(self, stream: Any = None, *, min_calls: int = 20, width: int = 30) -> None:
-        self.stream = stream or sys.stderr
+        from edge_runtime.progress import LineProgress
+
+        self.line = LineProgress(stream)
         self.min_calls = min_calls
         self.width = width
-        self._last = -1
 
     def __call__(self, done: int, total: int) -> None:
+        from edge_runtime.progress import bar
+
         if total < self.min_calls:
             return
-        filled = int(self.width * done / total)
-        if filled == self._last and done != total:
-            return
-        self._last = filled
-        bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {done}/{total}")
+        self.line.update(done / total, f"{bar(done / total, self.width)} {done}/{total}")
         if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
+            self.line.close()

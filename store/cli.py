@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from drm.errors import Refusal, UsageError
+from drm.errors import UsageError
 
 log = logging.getLogger("edgemart.store.cli")
 
@@ -295,17 +295,43 @@ def create_user(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ seller
 
 
-def _bar(states: dict[str, dict[str, Any]]) -> None:
-    width = 24
-    parts = []
-    for s in states.values():
-        frac = float(s.get("progress") or 0.0)
-        filled = int(round(frac * width))
-        parts.append(
-            f"{s.get('target', '?')} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:3.0f}% {s.get('state')}"
+def _job_progress() -> Any:
+    """The --wait progress line: one bar per target, drawn by edge_runtime.progress."""
+    from edge_runtime.progress import LineProgress, bar
+
+    line = LineProgress()
+
+    def show(states: dict[str, dict[str, Any]]) -> None:
+        fractions = [float(s.get("progress") or 0.0) for s in states.values()]
+        text = "  ".join(
+            f"{s.get('target', '?')} {bar(float(s.get('progress') or 0.0))} "
+            f"{float(s.get('progress') or 0.0) * 100:3.0f}% {s.get('state')}"
+            for s in states.values()
         )
-    sys.stderr.write("\r" + "  ".join(parts)[:200].ljust(80))
-    sys.stderr.flush()
+        line.update(sum(fractions) / max(1, len(fractions)), text)
+
+    show.line = line  # type: ignore[attr-defined]
+    return show
+
+
+def _failures(states: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each job that did not end in a build: target, state and the store's reason and next step."""
+    out = []
+    for job_id, v in states.items():
+        if v.get("state") == "done":
+            continue
+        failure = v.get("failure") or {}
+        out.append(
+            {
+                "job": job_id,
+                "target": v.get("target"),
+                "state": v.get("state"),
+                "code": failure.get("code"),
+                "reason": failure.get("reason") or v.get("error") or v.get("message") or "no reason given",
+                "next_step": failure.get("next_step"),
+            }
+        )
+    return out
 
 
 def seller_upload(args: argparse.Namespace) -> int:
@@ -365,23 +391,26 @@ def seller_upload(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out, sort_keys=True))
         return 0
-    states = client.wait_jobs(result["jobs"], on_update=None if args.json else _bar)
-    if not args.json:
-        sys.stderr.write("\n")
-    failed = {k: v for k, v in states.items() if v.get("state") != "done"}
+    progress = None if args.json else _job_progress()
+    try:
+        states = client.wait_jobs(result["jobs"], on_update=progress)
+    finally:
+        if progress is not None:
+            progress.line.clear()  # type: ignore[attr-defined]
+    failures = _failures(states)
     out["results"] = {
-        v.get("target", k): {"state": v.get("state"), "error": v.get("error")} for k, v in states.items()
+        v.get("target", k): {"state": v.get("state"), "error": v.get("error"), "failure": v.get("failure")}
+        for k, v in states.items()
     }
+    out["failures"] = failures
     if args.json:
         print(json.dumps(out, sort_keys=True))
-    else:
-        for v in states.values():
-            line = f"{v.get('target')}: {v.get('state')}"
-            if v.get("error"):
-                line += f" ({v['error']})"
-            print(line)
-    if failed:
-        if args.json:
-            return 1
-        raise Refusal(f"{len(failed)} of {len(states)} packaging job(s) failed")
-    return 0
+        return 1 if failures else 0
+    for v in states.values():
+        if v.get("state") == "done":
+            print(f"{v.get('target')}: done")
+    for f in failures:
+        sys.stderr.write(f"edgemart: {f['target']} {f['state']}: {f['reason']}\n")
+        if f["next_step"]:
+            sys.stderr.write(f"  next: {f['next_step']}\n")
+    return 1 if failures else 0

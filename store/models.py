@@ -30,7 +30,7 @@ NAMING = {
 
 ROLES = ("seller", "buyer", "builder", "admin")
 BUILD_STATES = ("queued", "running", "done", "failed", "rejected")
-JOB_STATES = ("queued", "running", "done", "failed")
+JOB_STATES = ("queued", "running", "done", "failed", "dead")
 # pending: packaging not finished yet; listed: at least one build is licensable; blocked: compliance gate
 # said no (kept for appeal); failed: every build failed; rejected: an admin upheld the block.
 LISTING_STATES = ("pending", "listed", "blocked", "failed", "rejected")
@@ -133,7 +133,9 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # the seller-facing reason (store.services.job_failures)
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    next_step: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
     run_after: Mapped[int | None] = mapped_column(Integer)  # a retry waits for its backoff to pass
