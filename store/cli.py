@@ -236,7 +236,7 @@ def tokens(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from drm.errors import NotFoundError
-    from edge_runtime.cli import emit
+    from edge_runtime.cli import emit, iso_utc
     from store.models import User
     from store.services import accounts
 
@@ -259,8 +259,12 @@ def tokens(args: argparse.Namespace) -> int:
     finally:
         ctx.close()
     lines = [
-        f"{t['id']:>5}  {t['prefix']}…  {t['role']:<8} "
-        + ("revoked" if t["revoked_at"] else f"last used {t['last_used_at'] or 'never'}")
+        f"{t['id']:>5}  {t['prefix']}…  {t['role']:<8} created {iso_utc(t['created_at'])}  "
+        + (
+            f"revoked {iso_utc(t['revoked_at'])}"
+            if t["revoked_at"]
+            else f"last used {iso_utc(t['last_used_at'])}"
+        )
         for t in items
     ]
     note = f"revoked {len(targets)} token(s)\n" if targets else ""

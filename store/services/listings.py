@@ -16,7 +16,15 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
-from drm.errors import ConflictError, EdgemartError, ForbiddenError, NotFoundError, Refusal, UsageError
+from drm.errors import (
+    ConflictError,
+    EdgemartError,
+    ForbiddenError,
+    NotFoundError,
+    Refusal,
+    UsageError,
+    with_prefix,
+)
 from edge_runtime.fileio import fault_point
 from store.blobs import TooLarge, new_blob_id
 from store.context import StoreContext
@@ -171,7 +179,8 @@ def load_samples(data: bytes) -> dict[str, Any]:
             return packagers.load_calibration(path)
         except UsageError as exc:
             # The temp path means nothing to the uploader.
-            raise UsageError(exc.message.replace(str(path), "the calibration file")) from None
+            message = exc.message.replace(f"sample file {path}", "the calibration file")
+            raise UsageError(message.replace(str(path), "the calibration file")) from None
 
 
 # ------------------------------------------------------------------------------------------ upload
@@ -230,7 +239,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             try:
                 parse_model_card(card)
             except UsageError as exc:
-                problems.append(Problem("card", "invalid_card", f"model card: {exc.message}"))
+                problems.append(Problem("card", "invalid_card", with_prefix("model card", exc.message)))
 
         model_bytes: bytes | None = None
         model_put = None
@@ -253,7 +262,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 try:
                     model_info = packagers.inspect_model(model_bytes)
                 except UsageError as exc:
-                    problems.append(Problem("model", "invalid_model", f"model: {exc.message}"))
+                    problems.append(Problem("model", "invalid_model", with_prefix("model", exc.message)))
 
         calibration_put = None
         if form.calibration is not None:
@@ -270,7 +279,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                     load_samples(ctx.blobs.get(calibration_put.key))
                 except UsageError as exc:
                     problems.append(
-                        Problem("calibration", "invalid_calibration", f"calibration: {exc.message}")
+                        Problem("calibration", "invalid_calibration", with_prefix("calibration", exc.message))
                     )
 
         if problems:
@@ -356,15 +365,12 @@ def by_idempotency_key(session: Session, seller: User, key: str) -> Listing | No
     )
 
 
-def job_ids_of(session: Session, listing: Listing) -> list[str]:
-    return list(
-        session.scalars(
-            select(Job.id)
-            .join(Build, Job.build_id == Build.id)
-            .where(Build.listing_id == listing.id)
-            .order_by(Job.created_at, Job.id)
-        )
-    )
+def job_ids_of(session: Session, listing: Listing, *, open_only: bool = False) -> list[str]:
+    """The listing's job ids, oldest first; ``open_only``: those queued or running (what its page follows)."""
+    stmt = select(Job.id).join(Build, Job.build_id == Build.id).where(Build.listing_id == listing.id)
+    if open_only:
+        stmt = stmt.where(Job.state.in_(("queued", "running")))
+    return list(session.scalars(stmt.order_by(Job.created_at, Job.id)))
 
 
 def add_build_jobs(
