@@ -186,6 +186,7 @@ def upload_listing() -> Any:
               eval_days: {type: integer}
               eval_runs: {type: integer}
               price_per_seat: {type: integer, description: cents}
+              options: {type: string, description: 'JSON packager options per target, e.g. {"arm-cpu": {"min_agreement": "0.99"}}'}
     responses:
       202: {description: "{listing, jobs: [job id]}", schema: {type: object, required: [listing, jobs], properties: {listing: {$ref: "#/components/schemas/Listing"}, jobs: {type: array, items: {type: string}}}}}
       403: {description: blocked by the compliance gate (decision included) or not a seller}
@@ -217,6 +218,7 @@ def upload_listing() -> Any:
             eval_days=form.get("eval_days"),
             eval_runs=form.get("eval_runs"),
             price_per_seat=form.get("price_per_seat"),
+            options=form.get("options"),
             model=files["model"].stream if "model" in files else None,
             calibration=files["calibration"].stream if "calibration" in files else None,
             idempotency_key=key,

@@ -98,9 +98,20 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--calibration", type=Path, help=".npz calibration samples keyed by input name (or x)")
     p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
-    p.add_argument("--eval-days", type=int)
-    p.add_argument("--eval-runs", type=int)
+    p.add_argument("--eval-days", type=int, help="days an evaluation license lasts (default 14)")
+    p.add_argument("--eval-runs", type=int, help="runs an evaluation license allows (default 1000)")
+    p.add_argument(
+        "--price", type=int, metavar="CENTS", help="price per production seat in cents (default 0)"
+    )
     p.add_argument("--visibility", choices=("public", "private"))
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="[TARGET:]KEY=VALUE",
+        help="packager option for one target (arm-cpu:min_agreement=0.99) or, without TARGET, for every"
+        " target; repeatable (see `edgemart package --help`)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=seller_upload)
@@ -338,6 +349,26 @@ def _failures(states: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _target_options(pairs: list[str], targets: list[str]) -> dict[str, dict[str, str]]:
+    """``[TARGET:]KEY=VALUE`` items -> {target: {key: value}}; without TARGET an option applies to every
+    target. The store checks each value against the target's typed options and reports every problem."""
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        head, sep, value = pair.partition("=")
+        target, colon, key = head.rpartition(":") if ":" in head else ("", "", head)
+        if not sep or not key.strip():
+            raise UsageError(f"--option expects [TARGET:]KEY=VALUE, got {pair!r}")
+        if colon and target.strip() not in targets:
+            raise UsageError(
+                f"--option {pair!r} names target {target!r}, not one of --targets {','.join(targets)}"
+            )
+        for t in [target.strip()] if colon else targets:
+            if key.strip() in out.setdefault(t, {}):
+                raise UsageError(f"--option {key.strip()} given twice for {t}")
+            out[t][key.strip()] = value
+    return out
+
+
 def seller_upload(args: argparse.Namespace) -> int:
     from store.client import StoreClient, StoreRefusal
 
@@ -351,6 +382,10 @@ def seller_upload(args: argparse.Namespace) -> int:
         extra["eval_runs"] = str(args.eval_runs)
     if args.visibility:
         extra["visibility"] = args.visibility
+    if args.price is not None:
+        extra["price_per_seat"] = str(args.price)
+    if args.option:
+        extra["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
     client = StoreClient(args.store, args.token)
     try:
         result = client.upload(

@@ -79,6 +79,8 @@ class Listing(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     visibility: Mapped[str] = mapped_column(String(16), default="public")
     targets: Mapped[list[str]] = mapped_column(JSON)  # what the seller asked for (re-queued on appeal)
+    # Packager options per target ({"arm-cpu": {"min_agreement": "0.99"}}), carried to the packaging jobs.
+    target_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     eval_days: Mapped[int] = mapped_column(Integer, default=14)
     eval_runs: Mapped[int] = mapped_column(Integer, default=1000)
     eval_device_limit: Mapped[int] = mapped_column(Integer, default=3)

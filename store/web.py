@@ -269,6 +269,7 @@ def sell() -> Any:
         eval_days=form.get("eval_days"),
         eval_runs=form.get("eval_runs"),
         price_per_seat=form.get("price_per_seat"),
+        options=form.get("options"),
         model=files["model"].stream if files.get("model") and files["model"].filename else None,
         calibration=files["calibration"].stream
         if files.get("calibration") and files["calibration"].filename

@@ -72,6 +72,9 @@ class UploadForm:
     price_per_seat: str | int | None = None
     model: BinaryIO | None = None
     calibration: BinaryIO | None = None
+    options: str | dict[str, Any] | None = (
+        None  # per target: {"arm-cpu": {"min_agreement": "0.99"}} (or JSON)
+    )
     idempotency_key: str | None = None  # a retried upload with the same key gets the first one's listing
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -168,6 +171,53 @@ def _targets(problems: list[Problem], raw: str | list[str] | None) -> list[str]:
     return targets
 
 
+MAX_OPTIONS_BYTES = 16 * 1024
+
+
+def _target_options(
+    problems: list[Problem], raw: str | dict[str, Any] | None, targets: list[str]
+) -> dict[str, Any]:
+    """Per-target packager options, each checked by its target's typed options dataclass."""
+    import json
+
+    import packagers
+
+    if raw in (None, "", {}):
+        return {}
+    if isinstance(raw, str):
+        if len(raw) > MAX_OPTIONS_BYTES:
+            problems.append(Problem("options", "too_large", f"options exceed {MAX_OPTIONS_BYTES} bytes"))
+            return {}
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            problems.append(
+                Problem("options", "not_json", 'options must be JSON: {"TARGET": {"KEY": "VALUE"}}')
+            )
+            return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        problems.append(Problem("options", "invalid", 'options must map each target to {"KEY": "VALUE"}'))
+        return {}
+    out: dict[str, Any] = {}
+    for target, values in raw.items():
+        if target not in targets:
+            problems.append(
+                Problem(
+                    "options",
+                    "unknown_target",
+                    f"options name target {str(target)[:40]!r}, which is not chosen",
+                )
+            )
+            continue
+        try:
+            packagers.get_packager(target, values)
+        except UsageError as exc:
+            problems.append(Problem("options", "invalid_option", exc.message))
+            continue
+        out[target] = {str(k): v for k, v in values.items()}
+    return out
+
+
 def load_samples(data: bytes) -> dict[str, Any]:
     """Parse an uploaded samples .npz with the packagers' loader (it reads paths, so via a private temp dir)."""
     import packagers
@@ -223,6 +273,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             problems.append(Problem("license", "invalid_license", msg))
 
         targets = _targets(problems, form.targets)
+        target_options = _target_options(problems, form.options, targets)
         visibility = (form.visibility or "public").strip()
         if visibility not in VISIBILITIES:
             problems.append(
@@ -306,6 +357,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             status="blocked" if blocked else "pending",
             visibility=visibility,
             targets=targets,
+            target_options=target_options,
             eval_days=eval_days,
             eval_runs=eval_runs,
             eval_device_limit=int(cfg["EVAL_DEVICE_LIMIT"]),
@@ -506,6 +558,7 @@ def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, A
     }
     if viewer is not None and (viewer.role == "admin" or viewer.id == listing.seller_id):
         out["targets"] = listing.targets
+        out["target_options"] = listing.target_options or {}
         out["review_note"] = listing.review_note
     return out
 

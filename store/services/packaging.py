@@ -421,6 +421,7 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
         build_id, target, listing_id = build.id, build.target, listing.id
         attempt.target, attempt.listing = target, listing_id
         model_key = listing.model_blob
+        options = (listing.target_options or {}).get(target)
         samples_blob = listing.calibration_blob
     set_progress(ctx, lease, build_id, 0.0, f"packaging for {target}")
     model = attempt.model = ctx.blobs.get(model_key)
@@ -432,6 +433,7 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
         target,
         calibration=calibration,
         holdout=holdout,
+        options=options,
         progress=_Progress(ctx, lease, build_id, 0.0, 0.9),
     )
     quality = result.quality.to_dict()
