@@ -48,8 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "SESSION_COOKIE_SECURE": False,
     "CLOCK": None,  # callable -> unix seconds; tests freeze time with it
     "LICENSE_INDEX_DIR": None,  # DATA_DIR/license-index
-    "HOLDOUT_FRACTION": 0.25,
-    "MIN_CALIBRATION_SAMPLES": 8,  # fewer cannot set int8 ranges worth selling: the job fails saying so  # share of the seller's samples kept out of calibration to measure quality
+    "HOLDOUT_FRACTION": 0.25,  # share of the seller's samples kept out of calibration to measure quality
+    "MIN_CALIBRATION_SAMPLES": 8,  # fewer cannot set int8 ranges worth selling: the job fails saying so
 }
 
 
