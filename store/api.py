@@ -266,6 +266,30 @@ def get_listing(listing_id: str) -> Any:
     return listings.listing_to_dict(listings.get_visible(db(), listing_id, user), user)
 
 
+@bp.post("/listings/<listing_id>/unpublish")
+def unpublish_listing(listing_id: str) -> Any:
+    """Take a listing off the store: no new licenses; the licenses already issued keep running.
+    ---
+    summary: Unpublish a listing (its seller or an admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: the listing, schema: Listing}, 403: {description: not yours}, 409: {description: not listed}}
+    """
+    user = require_user()
+    return listings.listing_to_dict(listings.unpublish(db(), user, listing_id), user)
+
+
+@bp.delete("/listings/<listing_id>")
+def delete_listing(listing_id: str) -> Any:
+    """Delete a listing no license was ever issued for (rows and blobs).
+    ---
+    summary: Delete a never-licensed listing (its seller or an admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: "{deleted}"}, 403: {description: not yours}, 409: {description: "licensed (unpublish instead) or being packaged"}}
+    """
+    listings.delete(ctx(), db(), require_user(), listing_id)
+    return {"deleted": listing_id}
+
+
 @bp.get("/listings/<listing_id>/builds/<target>/quality.html")
 def quality_html(listing_id: str, target: str) -> Any:
     """The quality report of one build as a self-contained HTML page (plots inline).

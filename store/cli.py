@@ -116,6 +116,19 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=seller_upload)
 
+    for name, handler, text in (
+        ("unpublish", seller_unpublish, "take a listing off the store (issued licenses keep running)"),
+        ("delete", seller_delete, "delete a listing no license was ever issued for"),
+    ):
+        p = ssub.add_parser(name, help=text, description=text)
+        p.add_argument("listing", help="the listing id")
+        p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
+        p.add_argument(
+            "--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)"
+        )
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=handler)
+
 
 # ------------------------------------------------------------------------------------------ store
 
@@ -453,3 +466,35 @@ def seller_upload(args: argparse.Namespace) -> int:
         if f["next_step"]:
             sys.stderr.write(f"  next: {f['next_step']}\n")
     return 1 if failures else 0
+
+
+def _seller_client(args: argparse.Namespace) -> Any:
+    from store.client import StoreClient
+
+    if not args.token:
+        raise UsageError("--token is required (or set EDGEMART_TOKEN)")
+    return StoreClient(args.store, args.token)
+
+
+def seller_unpublish(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from edge_runtime.cli import emit
+
+    listing = _seller_client(args).post_json(f"/api/v1/listings/{quote(args.listing, safe='')}/unpublish", {})
+    emit(
+        args,
+        listing,
+        f"unpublished {listing['id']}: no new licenses; issued ones keep running until they run out",
+    )
+    return 0
+
+
+def seller_delete(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from edge_runtime.cli import emit
+
+    doc = _seller_client(args).request("DELETE", f"/api/v1/listings/{quote(args.listing, safe='')}").json()
+    emit(args, doc, f"deleted {doc['deleted']}")
+    return 0

@@ -32,8 +32,9 @@ ROLES = ("seller", "buyer", "builder", "admin")
 BUILD_STATES = ("queued", "running", "done", "failed", "rejected")
 JOB_STATES = ("queued", "running", "done", "failed", "dead")
 # pending: packaging not finished yet; listed: at least one build is licensable; blocked: compliance gate
-# said no (kept for appeal); failed: every build failed; rejected: an admin upheld the block.
-LISTING_STATES = ("pending", "listed", "blocked", "failed", "rejected")
+# said no (kept for appeal); failed: every build failed; rejected: an admin upheld the block; unpublished: the
+# seller took it off the store (no new licenses; issued ones run out).
+LISTING_STATES = ("pending", "listed", "blocked", "failed", "rejected", "unpublished")
 
 
 class Base(DeclarativeBase):

@@ -563,6 +563,50 @@ def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, A
     return out
 
 
+def unpublish(session: Session, user: User, listing_id: str) -> Listing:
+    """The seller (or an admin) takes a listing off the store: no new licenses are issued, it leaves search,
+    and the licenses already issued keep running until they expire or run out (their builds stay)."""
+    listing = get_owned(session, listing_id, user)
+    if listing.status != "listed":
+        raise ConflictError(
+            f"listing {listing.id} is {listing.status}; only a listed listing can be unpublished"
+        )
+    listing.status = "unpublished"
+    session.commit()
+    return listing
+
+
+def delete(ctx: StoreContext, session: Session, user: User, listing_id: str) -> None:
+    """Delete a listing no license was ever issued for: its rows, then its blobs (a crash in between leaves
+    only orphan blobs, which `edgemart store gc` sweeps). A licensed listing can only be unpublished."""
+    from store.models import License
+
+    listing = get_owned(session, listing_id, user)
+    if session.scalar(select(func.count()).select_from(License).where(License.listing_id == listing.id)):
+        raise ConflictError(
+            f"listing {listing.id} has licenses; unpublish it instead (they keep running until they run out)"
+        )
+    if session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .join(Build, Job.build_id == Build.id)
+        .where(Build.listing_id == listing.id, Job.state == "running")
+    ):
+        raise ConflictError(f"listing {listing.id} is being packaged right now; delete it when the job ends")
+    blobs = [listing.model_blob, listing.calibration_blob]
+    for build in listing.builds:
+        blobs += [build.blob_key, build.quality_html_blob]
+        for job in session.scalars(select(Job).where(Job.build_id == build.id)):
+            session.delete(job)
+        session.delete(build)
+    session.flush()
+    session.delete(listing)
+    session.commit()
+    for key in blobs:
+        if key:
+            ctx.blobs.delete(key)
+
+
 def review(
     ctx: StoreContext, session: Session, admin: User, listing_id: str, action: str, note: str
 ) -> list[str]:

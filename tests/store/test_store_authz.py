@@ -126,6 +126,11 @@ MATRIX = [
         {"anon": 401, "bill": 201, "ada": 201, "*": 403},
     ),
     ("POST", "/api/v1/listings", None, {"anon": 401, "bob": 403, "betty": 403, "bill": 403}),
+    # Lifecycle: a licensed listing is never deleted (its seller is told to unpublish); others may not.
+    ("DELETE", "/api/v1/listings/pub", None, {"anon": 401, "sally": 409, "ada": 409, "*": 403}),
+    ("DELETE", "/api/v1/listings/priv", None, {"anon": 401, "sally": None, "ada": None, "*": 404}),
+    ("POST", "/api/v1/listings/priv/unpublish", None, {"anon": 401, "sally": None, "ada": None, "*": 404}),
+    ("POST", "/api/v1/listings/pub2/unpublish", None, {"anon": 401, "sally": None, "ada": None, "*": 403}),
 ]
 
 

@@ -219,3 +219,21 @@ def test_upload_carries_price_terms_visibility_and_target_options(live, capsys, 
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert StoreClient(url, token).get_json("/api/v1/listings?mine=1")["items"][0]["id"] == "terms"
+
+
+def test_seller_unpublish_and_delete(live, capsys, corpus):
+    url, data, _ = live
+    token = _token(capsys, "store", "create-user", "sue", "--role", "seller", "--data-dir", str(data))
+    model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
+    common = ["--store", url, "--token", token]
+    argv = ["seller", "upload", str(model), "--name", "gone", "--license", "MIT", "--targets", "onnx-fp32"]
+    assert main([*argv, *common, "--wait"]) == 0
+    capsys.readouterr()
+    assert main(["seller", "unpublish", "gone", *common]) == 0
+    assert "unpublished gone" in capsys.readouterr().out
+    assert main(["seller", "unpublish", "gone", *common]) == 1  # not listed any more
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is unpublished" in err
+    assert main(["seller", "delete", "gone", *common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": "gone"}
+    assert main(["seller", "delete", "gone", *common]) == 2  # no such listing
