@@ -28,6 +28,11 @@ class EdgemartError(Exception):
         return self.message
 
 
+def with_prefix(prefix: str, message: str) -> str:
+    """``prefix: message``, unless the message already starts with that prefix (no "card: card: ...")."""
+    return message if message.lower().startswith(prefix.lower() + ":") else f"{prefix}: {message}"
+
+
 class UsageError(EdgemartError):
     """Bad usage or malformed input (exit 2, HTTP 400)."""
 

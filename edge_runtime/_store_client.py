@@ -92,4 +92,5 @@ def _api_error(exc: urllib.error.HTTPError) -> EdgemartError:
             + ")"
         )
     cls = _BY_STATUS.get(exc.code, UsageError if exc.code < 500 else StoreUnreachable)
-    return cls(f"store: {message} (HTTP {exc.code})")
+    # The store's own words are the message; the status code only helps when the store failed.
+    return cls(f"store: {message}" + (f" (HTTP {exc.code})" if exc.code >= 500 else ""))

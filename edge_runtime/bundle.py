@@ -160,7 +160,8 @@ def iter_members(
     first = src.read(BLOCK)
     if not first:
         raise UsageError("not an edgemart bundle: the file is empty")
-    if len(first) == BLOCK and first != _ZERO_BLOCK and first[257:263] != b"ustar\0":
+    if first != _ZERO_BLOCK and first[257:263] != b"ustar\0":
+        # A short file with no tar magic is some other file, not a truncated bundle (exit 2, not 1).
         raise UsageError("not an edgemart bundle: no POSIX tar header at the start")
     seen: set[str] = set()
     total = 0

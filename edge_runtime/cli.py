@@ -59,10 +59,14 @@ def register(subparsers: Any) -> None:
 
     p = add("eval", _eval, "evaluate a licensed model on your data (accuracy, latency, memory)")
     p.add_argument("listing", nargs="?", help="an installed listing (or use --build and --license)")
+    p.add_argument("--target", help="which installed build of LISTING (needed when several are fetched)")
     p.add_argument("--build", type=Path, help="sideload: encrypted build (.emdl)")
     p.add_argument("--license", type=Path, help="sideload: license file")
     p.add_argument(
-        "--data", required=True, type=Path, help=".npz: one array per input (or x), optional labels y"
+        "--data",
+        required=True,
+        type=Path,
+        help=".npz: one array per input (or x), optional labels y; or a .npy for a single-input model",
     )
     p.add_argument("--reference", type=Path, help=".npz of reference outputs keyed by output name")
     p.add_argument("--save-outputs", type=Path, help="write the model outputs to this .npz")
@@ -92,6 +96,13 @@ def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
         print(json.dumps(obj, sort_keys=True, default=str))
     else:
         print(text.rstrip("\n"))
+
+
+def iso_utc(t: int | None) -> str:
+    """Unix seconds as ISO-8601 UTC (``2026-12-02T06:25:00Z``) for command output; "never" for none."""
+    import time
+
+    return "never" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(t)))
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -168,17 +179,23 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _load_npz(path: Path, what: str) -> dict[str, Any]:
+    """Arrays keyed by name from an .npz, or a lone .npy array as ``x`` (the single-input key)."""
     import zipfile
 
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return {"x": loaded}
+        with loaded as npz:
             return {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise UsageError(f"{what} {path} is not a readable .npz file: {exc}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{what} {path} is not a readable .npz or .npy file: {exc}") from None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -190,14 +207,23 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError("sideload needs both --build and --license")
     if sideload == (args.listing is not None):
         raise UsageError("give either a LISTING or --build and --license")
+    if sideload and args.target:
+        raise UsageError(
+            "--target picks an installed build of a LISTING; a sideloaded --build has one target"
+        )
     data = _load_npz(args.data, "--data")
     reference = _load_npz(args.reference, "--reference") if args.reference else None
     device = Device.open(args.device_dir)
     if sideload:
         model = device.open_model(build_path=args.build, license_bytes=_read(args.license, "--license"))
     else:
-        model = device.open_model(listing=args.listing)
+        model = device.open_model(listing=args.listing, target=args.target)
     with model:
+        if args.data.suffix == ".npy" and len(model.inputs) > 1:
+            raise UsageError(
+                f"--data {args.data} holds one array but the model has {len(model.inputs)} inputs"
+                f" ({', '.join(s.name for s in model.inputs)}): use an .npz keyed by input name"
+            )
         report = evaluate(
             model,
             data,

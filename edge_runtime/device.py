@@ -54,6 +54,34 @@ def _parse_claims(token: bytes) -> drm.LicenseClaims:
     return drm.LicenseClaims.from_dict(payload)
 
 
+# What the caller is told about a refusal: a category it can act on, never which check or byte failed (that
+# would be an oracle for forging licenses). The precise reason goes to DIR/audit.log. First match wins.
+_REFUSAL_CATEGORIES = (
+    ("run cap", "run cap reached"),
+    ("is revoked", "license revoked"),
+    ("revocation list", "revocation list missing or invalid (run `edgemart device sync`)"),
+    ("clock rollback", "device clock went back"),
+    ("license has expired", "license expired"),
+    ("not yet valid", "license not yet valid"),
+    ("another device", "wrong device"),
+    ("fleet key", "wrong device"),
+    ("unwrap failed", "wrong device"),
+    ("another build", "license is for another build"),
+    ("integrity check", "build damaged or not the licensed one"),
+)
+
+
+def refusal_category(reason: str) -> str:
+    """The one-line category of a refusal reason (see _REFUSAL_CATEGORIES); device-state problems and every
+    verification failure (signatures, certificates, malformed tokens) share one category each."""
+    for needle, category in _REFUSAL_CATEGORIES:
+        if needle in reason:
+            return category
+    if any(w in reason for w in ("state", "usage log", "anchor", "ledger")):
+        return "device state cannot be trusted"
+    return "license could not be verified"
+
+
 def fleet_key_id_of(key: x25519.X25519PrivateKey) -> str:
     """The id licenses name a fleet by: drm.key_id of the raw X25519 public key."""
     return drm.key_id(key.public_key().public_bytes_raw())
@@ -268,6 +296,29 @@ class Device:
         path = self.dir / "installed.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def installed_entry(self, listing: str, target: str | None = None) -> dict[str, Any]:
+        """The installed build of ``listing`` for ``target``; without a target, the only one installed."""
+        table = self.installed()
+        if listing not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise drm.NotFoundError(
+                f"listing {listing!r} is not installed on this device (installed: {known})"
+            )
+        builds = table[listing].get("builds") or {table[listing]["target"]: table[listing]}
+        if target is None:
+            if len(builds) > 1:
+                raise drm.UsageError(
+                    f"listing {listing!r} has builds for {', '.join(sorted(builds))} on this device:"
+                    " choose one with --target"
+                )
+            return dict(next(iter(builds.values())))
+        if target not in builds:
+            raise drm.NotFoundError(
+                f"listing {listing!r} has no {target} build on this device (installed: {', '.join(sorted(builds))});"
+                f" fetch it with `edgemart device fetch {listing} --target {target}`"
+            )
+        return dict(builds[target])
+
     @staticmethod
     def _clock(now: int | None) -> int:
         return int(time.time()) if now is None else int(now)
@@ -278,7 +329,9 @@ class Device:
         self, st: State | None, reason: str, *, t: int, license_id: str = "", build_hash: str = ""
     ) -> NoReturn:
         self.ledger.record_refusal(st, t=t, license_id=license_id, build_hash=build_hash, reason=reason)
-        raise drm.LicenseRefused(f"license refused: see {self.audit_path}", reason=reason)
+        raise drm.LicenseRefused(
+            f"license refused: {refusal_category(reason)} (details in {self.audit_path})", reason=reason
+        )
 
     def _load_state(self, clock: int, *, license_id: str = "", build_hash: str = "") -> State:
         """Load the ledger and apply the clock-rollback rule; refusals are recorded."""
@@ -450,7 +503,11 @@ class Device:
         }
         with fileio.locked(self.ledger.lock_path):
             table = self.installed()
-            table[listing or claims.listing] = entry
+            name = listing or claims.listing
+            # The newest install is the listing's default; every target fetched stays openable by --target.
+            builds = dict(table.get(name, {}).get("builds") or {})
+            builds[claims.target] = entry
+            table[name] = {**entry, "builds": builds}
             fileio.atomic_write(
                 self.dir / "installed.json", json.dumps(table, indent=2, sort_keys=True).encode()
             )
@@ -527,18 +584,15 @@ class Device:
         build_path: str | os.PathLike[str] | None = None,
         license_bytes: bytes | None = None,
         listing: str | None = None,
+        target: str | None = None,
         now: int | None = None,
     ) -> LicensedModel:
-        """Verify the license (before any key is unwrapped), decrypt the build in memory and open a backend."""
+        """Verify the license (before any key is unwrapped), decrypt the build in memory and open a backend.
+
+        An installed ``listing`` with builds for several targets needs ``target`` to say which one."""
         started = time.perf_counter()
         if listing is not None and build_path is None and license_bytes is None:
-            table = self.installed()
-            if listing not in table:
-                known = ", ".join(sorted(table)) or "none"
-                raise drm.NotFoundError(
-                    f"listing {listing!r} is not installed on this device (installed: {known})"
-                )
-            entry = table[listing]
+            entry = self.installed_entry(listing, target)
             build_path = self.dir / entry["build"]
             license_bytes = (self.dir / entry["license"]).read_bytes()
         if build_path is None or license_bytes is None:
@@ -724,7 +778,11 @@ class Device:
         except StateProblem as problem:
             st = None
             out["state"] = {"ok": False, "problem": problem.reason}
-        by_license = {e["license_id"]: name for name, e in self.installed().items()}
+        by_license = {
+            b["license_id"]: name
+            for name, e in self.installed().items()
+            for b in (e.get("builds") or {e["target"]: e}).values()
+        }
         licenses: list[dict[str, Any]] = []
         for lic_path in sorted((self.dir / "licenses").glob("*.lic")):
             try:
@@ -958,6 +1016,9 @@ class LicensedModel:
     def describe(self) -> dict[str, Any]:
         return {
             "license_id": self.license_id,
+            "license_kind": self._claims.kind,
+            "license_expires": _iso(self._claims.not_after),
+            "max_runs": self._claims.max_runs,
             "listing": self.listing,
             "build_hash": self.build_hash,
             "target": self.target,

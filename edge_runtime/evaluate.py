@@ -81,13 +81,24 @@ class EvalReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def _license_terms(self) -> str:
+        m = self.model
+        expires = m.get("license_expires")
+        runs = (
+            "unlimited runs"
+            if self.runs_left is None
+            else f"{self.runs_left} of {m.get('max_runs')} runs left"
+        )
+        return f"{runs}; " + (f"expires {expires}" if expires else "no expiry")
+
     def to_text(self) -> str:
         m, lat = self.model, self.latency
         lines = [
             f"model      {m.get('listing')}  target {m.get('target')}  backend {m.get('backend')}",
             f"license    {m.get('license_id')}  build {m.get('build_hash', '')[:23]}…",
+            f"           {self._license_terms()}",
             f"samples    {self.samples} in {self.calls} calls of batch {self.batch_size}"
-            f" (+{self.warmup_calls} warm-up); runs left: {'unlimited' if self.runs_left is None else self.runs_left}",
+            f" (+{self.warmup_calls} warm-up)",
             f"load       {self.load_seconds * 1000:.1f} ms (verify + unwrap + decrypt + session)",
         ]
         if lat:
@@ -333,23 +344,20 @@ def _agreement(
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (only for runs long enough to need one)."""
+    """The eval progress line on stderr (only for runs long enough to need one): see edge_runtime.progress."""
 
     def __init__(self, stream: Any = None, *, min_calls: int = 20, width: int = 30) -> None:
-        self.stream = stream or sys.stderr
+        from edge_runtime.progress import LineProgress
+
+        self.line = LineProgress(stream)
         self.min_calls = min_calls
         self.width = width
-        self._last = -1
 
     def __call__(self, done: int, total: int) -> None:
+        from edge_runtime.progress import bar
+
         if total < self.min_calls:
             return
-        filled = int(self.width * done / total)
-        if filled == self._last and done != total:
-            return
-        self._last = filled
-        bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {done}/{total}")
+        self.line.update(done / total, f"{bar(done / total, self.width)} {done}/{total}")
         if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
+            self.line.close()

@@ -116,6 +116,7 @@ def render(report: EvalReport) -> str:
             f"{d['samples']} in {d['calls']} calls of batch {d['batch_size']} (+{d['warmup_calls']} warm-up)",
         ),
         ("runs left", "unlimited" if d["runs_left"] is None else d["runs_left"]),
+        ("license expires", m.get("license_expires") or "never"),
         ("model load", f"{d['load_seconds'] * 1000:.1f} ms (verify + unwrap + decrypt + session)"),
         ("throughput", f"{d['throughput_samples_per_s']:.1f} samples/s"),
         ("peak RSS", f"{d['peak_rss_mb']:.1f} MB"),

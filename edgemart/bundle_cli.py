@@ -31,6 +31,15 @@ def register(subparsers: Any) -> None:
     keygen.add_argument("--out", required=True, type=Path, metavar="KEY.pem")
     keygen.set_defaults(func=_keygen)
 
+    fleet_keygen = sub.add_parser(
+        "fleet-keygen",
+        help="create a fleet's X25519 key (PEM, 0600) and its .pub.pem: buy seats for the .pub.pem,"
+        " install the private key on the fleet's devices with `edgemart device add-fleet-key`",
+    )
+    fleet_keygen.add_argument("--out", required=True, type=Path, metavar="KEY.pem")
+    fleet_keygen.add_argument("--json", action="store_true")
+    fleet_keygen.set_defaults(func=_fleet_keygen)
+
     build = sub.add_parser(
         "build", help="write a signed, reproducible bundle from production licenses and builds"
     )
@@ -179,11 +188,8 @@ def _load_builder_key(path: Path | None) -> Any:
 # --------------------------------------------------------------------------- keygen
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    from drm.bundle import generate_builder_key, load_builder_public_key
-    from drm.keys import key_id
-
-    out: Path = args.out
+def _new_key_files(out: Path, private_pem: bytes, public_pem: bytes) -> Path:
+    """Write KEY.pem (0600, never over an existing file) and KEY.pub.pem beside it; returns the .pub.pem path."""
     pub_path = out.with_name(
         out.name[: -len(".pem")] + ".pub.pem" if out.name.endswith(".pem") else out.name + ".pub.pem"
     )
@@ -191,13 +197,44 @@ def _keygen(args: argparse.Namespace) -> int:
         if p.exists():
             raise UsageError(f"{p} already exists; refusing to overwrite a key")
     out.parent.mkdir(parents=True, exist_ok=True)
-    private_pem, public_pem = generate_builder_key()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(private_pem)
     pub_path.write_bytes(public_pem)
+    return pub_path
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from drm.bundle import generate_builder_key, load_builder_public_key
+    from drm.keys import key_id
+
+    private_pem, public_pem = generate_builder_key()
+    pub_path = _new_key_files(args.out, private_pem, public_pem)
     kid = key_id(load_builder_public_key(public_pem))
-    sys.stdout.write(f"builder key {kid}: {out} (private, 0600) and {pub_path}\n")
+    sys.stdout.write(f"builder key {kid}: {args.out} (private, 0600) and {pub_path}\n")
+    return 0
+
+
+def _fleet_keygen(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from drm.keys import key_id, private_key_to_pem
+
+    key = x25519.X25519PrivateKey.generate()
+    public = key.public_key()
+    public_pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pub_path = _new_key_files(args.out, private_key_to_pem(key), public_pem)
+    kid = key_id(public.public_bytes_raw())
+    emit(
+        args,
+        {"fleet_key_id": kid, "private_key": str(args.out), "public_key": str(pub_path)},
+        f"fleet key {kid}: {args.out} (private, 0600) and {pub_path}\n"
+        f"  buy seats: edgemart bundle buy LISTING --target T --fleet-key {pub_path} --seats N ...\n"
+        f"  on each device: edgemart device add-fleet-key --device-dir DIR {args.out}",
+    )
     return 0
 
 

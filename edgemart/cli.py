@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from drm.errors import EdgemartError, LicenseRefused
+from edge_runtime.progress import clear_all
 
 # group -> (module providing register(subparsers), one-line help)
 GROUPS: dict[str, tuple[str, str]] = {
@@ -53,6 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"edgemart: error: unknown command {group!r} (choose from {', '.join(GROUPS)})\n")
         return 2
     try:
+        return _run(group, args_list)
+    finally:
+        clear_all()  # a progress line still drawn must not run into what the shell prints next
+
+
+def _run(group: str | None, args_list: list[str]) -> int:
+    try:
         parser = build_parser(group)
         args = parser.parse_args(args_list)
         func = getattr(args, "func", None)
@@ -64,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return int(func(args) or 0)
     except LicenseRefused as exc:
-        sys.stderr.write(f"edgemart: {exc.message}\n")
+        _error(f"edgemart: {exc.message}")
         return exc.exit_code
     except EdgemartError as exc:
-        sys.stderr.write(f"edgemart: {'refused' if exc.exit_code == 1 else 'error'}: {exc.diagnostics()}\n")
+        _error(f"edgemart: {'refused' if exc.exit_code == 1 else 'error'}: {exc.diagnostics()}")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("edgemart: interrupted\n")
@@ -76,17 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:
         # File-system problems on user-supplied paths are bad input, not crashes.
-        sys.stderr.write(
-            f"edgemart: error: {exc.strerror or exc}: {exc.filename or ''}\n".replace(": \n", "\n")
-        )
+        _error(f"edgemart: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 2
     except Exception as exc:  # noqa: BLE001 - last resort: one line, full trace only on request
         if os.environ.get("EDGEMART_DEBUG"):
             raise
-        sys.stderr.write(
-            f"edgemart: internal error: {exc.__class__.__name__}: {exc} (set EDGEMART_DEBUG=1 for a trace)\n"
+        _error(
+            f"edgemart: internal error: {exc.__class__.__name__}: {exc} (set EDGEMART_DEBUG=1 for a trace)"
         )
         return 70
+
+
+def _error(line: str) -> None:
+    """The one error line, on a clean line of stderr (any progress line wiped first)."""
+    clear_all()
+    sys.stderr.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from drm.errors import UsageError
@@ -58,13 +59,17 @@ def _read_model(path: str) -> bytes:
         raise UsageError(f"cannot read model {path}: {exc.strerror}") from None
 
 
-def _progress(fraction: float, message: str) -> None:
-    width = 24
-    filled = int(round(max(0.0, min(fraction, 1.0)) * width))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% {message[:60]:<60}")
-    if fraction >= 1.0:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def _progress_line() -> Callable[[float, str], None]:
+    from edge_runtime.progress import LineProgress, bar
+
+    line = LineProgress()
+
+    def show(fraction: float, message: str) -> None:
+        line.update(fraction, f"{bar(fraction)} {fraction * 100:5.1f}% {message[:60]}")
+        if fraction >= 1.0:
+            line.close()
+
+    return show
 
 
 def handle_package(args: argparse.Namespace) -> int:
@@ -75,7 +80,12 @@ def handle_package(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     holdout = load_calibration(args.holdout) if args.holdout else None
     build = package_model(
-        model, args.target, calibration=calibration, holdout=holdout, options=options, progress=_progress
+        model,
+        args.target,
+        calibration=calibration,
+        holdout=holdout,
+        options=options,
+        progress=_progress_line(),
     )
     out = Path(args.out)
     try:

@@ -186,6 +186,7 @@ def upload_listing() -> Any:
               eval_days: {type: integer}
               eval_runs: {type: integer}
               price_per_seat: {type: integer, description: cents}
+              options: {type: string, description: 'JSON packager options per target, e.g. {"arm-cpu": {"min_agreement": "0.99"}}'}
     responses:
       202: {description: "{listing, jobs: [job id]}", schema: {type: object, required: [listing, jobs], properties: {listing: {$ref: "#/components/schemas/Listing"}, jobs: {type: array, items: {type: string}}}}}
       403: {description: blocked by the compliance gate (decision included) or not a seller}
@@ -217,6 +218,7 @@ def upload_listing() -> Any:
             eval_days=form.get("eval_days"),
             eval_runs=form.get("eval_runs"),
             price_per_seat=form.get("price_per_seat"),
+            options=form.get("options"),
             model=files["model"].stream if "model" in files else None,
             calibration=files["calibration"].stream if "calibration" in files else None,
             idempotency_key=key,
@@ -262,6 +264,30 @@ def get_listing(listing_id: str) -> Any:
     """
     user = current_user(required=False)
     return listings.listing_to_dict(listings.get_visible(db(), listing_id, user), user)
+
+
+@bp.post("/listings/<listing_id>/unpublish")
+def unpublish_listing(listing_id: str) -> Any:
+    """Take a listing off the store: no new licenses; the licenses already issued keep running.
+    ---
+    summary: Unpublish a listing (its seller or an admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: the listing, schema: Listing}, 403: {description: not yours}, 409: {description: not listed}}
+    """
+    user = require_user()
+    return listings.listing_to_dict(listings.unpublish(db(), user, listing_id), user)
+
+
+@bp.delete("/listings/<listing_id>")
+def delete_listing(listing_id: str) -> Any:
+    """Delete a listing no license was ever issued for (rows and blobs).
+    ---
+    summary: Delete a never-licensed listing (its seller or an admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    responses: {200: {description: "{deleted}"}, 403: {description: not yours}, 409: {description: "licensed (unpublish instead) or being packaged"}}
+    """
+    listings.delete(ctx(), db(), require_user(), listing_id)
+    return {"deleted": listing_id}
 
 
 @bp.get("/listings/<listing_id>/builds/<target>/quality.html")

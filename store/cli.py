@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from drm.errors import Refusal, UsageError
+from drm.errors import UsageError
 
 log = logging.getLogger("edgemart.store.cli")
 
@@ -98,12 +98,36 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--calibration", type=Path, help=".npz calibration samples keyed by input name (or x)")
     p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
-    p.add_argument("--eval-days", type=int)
-    p.add_argument("--eval-runs", type=int)
+    p.add_argument("--eval-days", type=int, help="days an evaluation license lasts (default 14)")
+    p.add_argument("--eval-runs", type=int, help="runs an evaluation license allows (default 1000)")
+    p.add_argument(
+        "--price", type=int, metavar="CENTS", help="price per production seat in cents (default 0)"
+    )
     p.add_argument("--visibility", choices=("public", "private"))
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="[TARGET:]KEY=VALUE",
+        help="packager option for one target (arm-cpu:min_agreement=0.99) or, without TARGET, for every"
+        " target; repeatable (see `edgemart package --help`)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=seller_upload)
+
+    for name, handler, text in (
+        ("unpublish", seller_unpublish, "take a listing off the store (issued licenses keep running)"),
+        ("delete", seller_delete, "delete a listing no license was ever issued for"),
+    ):
+        p = ssub.add_parser(name, help=text, description=text)
+        p.add_argument("listing", help="the listing id")
+        p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
+        p.add_argument(
+            "--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)"
+        )
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=handler)
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -236,7 +260,7 @@ def tokens(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from drm.errors import NotFoundError
-    from edge_runtime.cli import emit
+    from edge_runtime.cli import emit, iso_utc
     from store.models import User
     from store.services import accounts
 
@@ -259,8 +283,12 @@ def tokens(args: argparse.Namespace) -> int:
     finally:
         ctx.close()
     lines = [
-        f"{t['id']:>5}  {t['prefix']}…  {t['role']:<8} "
-        + ("revoked" if t["revoked_at"] else f"last used {t['last_used_at'] or 'never'}")
+        f"{t['id']:>5}  {t['prefix']}…  {t['role']:<8} created {iso_utc(t['created_at'])}  "
+        + (
+            f"revoked {iso_utc(t['revoked_at'])}"
+            if t["revoked_at"]
+            else f"last used {iso_utc(t['last_used_at'])}"
+        )
         for t in items
     ]
     note = f"revoked {len(targets)} token(s)\n" if targets else ""
@@ -295,17 +323,63 @@ def create_user(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ seller
 
 
-def _bar(states: dict[str, dict[str, Any]]) -> None:
-    width = 24
-    parts = []
-    for s in states.values():
-        frac = float(s.get("progress") or 0.0)
-        filled = int(round(frac * width))
-        parts.append(
-            f"{s.get('target', '?')} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:3.0f}% {s.get('state')}"
+def _job_progress() -> Any:
+    """The --wait progress line: one bar per target, drawn by edge_runtime.progress."""
+    from edge_runtime.progress import LineProgress, bar
+
+    line = LineProgress()
+
+    def show(states: dict[str, dict[str, Any]]) -> None:
+        fractions = [float(s.get("progress") or 0.0) for s in states.values()]
+        text = "  ".join(
+            f"{s.get('target', '?')} {bar(float(s.get('progress') or 0.0))} "
+            f"{float(s.get('progress') or 0.0) * 100:3.0f}% {s.get('state')}"
+            for s in states.values()
         )
-    sys.stderr.write("\r" + "  ".join(parts)[:200].ljust(80))
-    sys.stderr.flush()
+        line.update(sum(fractions) / max(1, len(fractions)), text)
+
+    show.line = line  # type: ignore[attr-defined]
+    return show
+
+
+def _failures(states: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each job that did not end in a build: target, state and the store's reason and next step."""
+    out = []
+    for job_id, v in states.items():
+        if v.get("state") == "done":
+            continue
+        failure = v.get("failure") or {}
+        out.append(
+            {
+                "job": job_id,
+                "target": v.get("target"),
+                "state": v.get("state"),
+                "code": failure.get("code"),
+                "reason": failure.get("reason") or v.get("error") or v.get("message") or "no reason given",
+                "next_step": failure.get("next_step"),
+            }
+        )
+    return out
+
+
+def _target_options(pairs: list[str], targets: list[str]) -> dict[str, dict[str, str]]:
+    """``[TARGET:]KEY=VALUE`` items -> {target: {key: value}}; without TARGET an option applies to every
+    target. The store checks each value against the target's typed options and reports every problem."""
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        head, sep, value = pair.partition("=")
+        target, colon, key = head.rpartition(":") if ":" in head else ("", "", head)
+        if not sep or not key.strip():
+            raise UsageError(f"--option expects [TARGET:]KEY=VALUE, got {pair!r}")
+        if colon and target.strip() not in targets:
+            raise UsageError(
+                f"--option {pair!r} names target {target!r}, not one of --targets {','.join(targets)}"
+            )
+        for t in [target.strip()] if colon else targets:
+            if key.strip() in out.setdefault(t, {}):
+                raise UsageError(f"--option {key.strip()} given twice for {t}")
+            out[t][key.strip()] = value
+    return out
 
 
 def seller_upload(args: argparse.Namespace) -> int:
@@ -321,6 +395,10 @@ def seller_upload(args: argparse.Namespace) -> int:
         extra["eval_runs"] = str(args.eval_runs)
     if args.visibility:
         extra["visibility"] = args.visibility
+    if args.price is not None:
+        extra["price_per_seat"] = str(args.price)
+    if args.option:
+        extra["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
     client = StoreClient(args.store, args.token)
     try:
         result = client.upload(
@@ -365,23 +443,58 @@ def seller_upload(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out, sort_keys=True))
         return 0
-    states = client.wait_jobs(result["jobs"], on_update=None if args.json else _bar)
-    if not args.json:
-        sys.stderr.write("\n")
-    failed = {k: v for k, v in states.items() if v.get("state") != "done"}
+    progress = None if args.json else _job_progress()
+    try:
+        states = client.wait_jobs(result["jobs"], on_update=progress)
+    finally:
+        if progress is not None:
+            progress.line.clear()  # type: ignore[attr-defined]
+    failures = _failures(states)
     out["results"] = {
-        v.get("target", k): {"state": v.get("state"), "error": v.get("error")} for k, v in states.items()
+        v.get("target", k): {"state": v.get("state"), "error": v.get("error"), "failure": v.get("failure")}
+        for k, v in states.items()
     }
+    out["failures"] = failures
     if args.json:
         print(json.dumps(out, sort_keys=True))
-    else:
-        for v in states.values():
-            line = f"{v.get('target')}: {v.get('state')}"
-            if v.get("error"):
-                line += f" ({v['error']})"
-            print(line)
-    if failed:
-        if args.json:
-            return 1
-        raise Refusal(f"{len(failed)} of {len(states)} packaging job(s) failed")
+        return 1 if failures else 0
+    for v in states.values():
+        if v.get("state") == "done":
+            print(f"{v.get('target')}: done")
+    for f in failures:
+        sys.stderr.write(f"edgemart: {f['target']} {f['state']}: {f['reason']}\n")
+        if f["next_step"]:
+            sys.stderr.write(f"  next: {f['next_step']}\n")
+    return 1 if failures else 0
+
+
+def _seller_client(args: argparse.Namespace) -> Any:
+    from store.client import StoreClient
+
+    if not args.token:
+        raise UsageError("--token is required (or set EDGEMART_TOKEN)")
+    return StoreClient(args.store, args.token)
+
+
+def seller_unpublish(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from edge_runtime.cli import emit
+
+    listing = _seller_client(args).post_json(f"/api/v1/listings/{quote(args.listing, safe='')}/unpublish", {})
+    emit(
+        args,
+        listing,
+        f"unpublished {listing['id']}: no new licenses; issued ones keep running until they run out",
+    )
+    return 0
+
+
+def seller_delete(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from edge_runtime.cli import emit
+
+    doc = _seller_client(args).request("DELETE", f"/api/v1/listings/{quote(args.listing, safe='')}").json()
+    emit(args, doc, f"deleted {doc['deleted']}")
     return 0

@@ -27,6 +27,8 @@ from drm.errors import (
 )
 
 CHUNK = 1 << 20
+# A job in one of these states will not change again by itself (dead: its attempts are used up).
+FINAL_JOB_STATES = ("done", "failed", "dead")
 
 
 class StoreUnavailable(EdgemartError):
@@ -191,16 +193,16 @@ class StoreClient:
         timeout: float = 3600.0,
         on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Poll jobs until each is done or failed; returns the last state of each."""
+        """Poll jobs until each has ended (FINAL_JOB_STATES); returns the last state of each."""
         deadline = time.monotonic() + timeout
         states: dict[str, dict[str, Any]] = {}
         while True:
             for job_id in job_ids:
-                if states.get(job_id, {}).get("state") not in ("done", "failed"):
+                if states.get(job_id, {}).get("state") not in FINAL_JOB_STATES:
                     states[job_id] = self.get_json(f"/api/v1/jobs/{urllib.parse.quote(job_id)}")
             if on_update is not None:
                 on_update(states)
-            if all(s.get("state") in ("done", "failed") for s in states.values()):
+            if all(s.get("state") in FINAL_JOB_STATES for s in states.values()):
                 return states
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"jobs still running after {timeout:.0f} s")

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "CLOCK": None,  # callable -> unix seconds; tests freeze time with it
     "LICENSE_INDEX_DIR": None,  # DATA_DIR/license-index
     "HOLDOUT_FRACTION": 0.25,  # share of the seller's samples kept out of calibration to measure quality
+    "MIN_CALIBRATION_SAMPLES": 8,  # fewer cannot set int8 ranges worth selling: the job fails saying so
 }
 
 

@@ -30,10 +30,11 @@ NAMING = {
 
 ROLES = ("seller", "buyer", "builder", "admin")
 BUILD_STATES = ("queued", "running", "done", "failed", "rejected")
-JOB_STATES = ("queued", "running", "done", "failed")
+JOB_STATES = ("queued", "running", "done", "failed", "dead")
 # pending: packaging not finished yet; listed: at least one build is licensable; blocked: compliance gate
-# said no (kept for appeal); failed: every build failed; rejected: an admin upheld the block.
-LISTING_STATES = ("pending", "listed", "blocked", "failed", "rejected")
+# said no (kept for appeal); failed: every build failed; rejected: an admin upheld the block; unpublished: the
+# seller took it off the store (no new licenses; issued ones run out).
+LISTING_STATES = ("pending", "listed", "blocked", "failed", "rejected", "unpublished")
 
 
 class Base(DeclarativeBase):
@@ -79,6 +80,8 @@ class Listing(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     visibility: Mapped[str] = mapped_column(String(16), default="public")
     targets: Mapped[list[str]] = mapped_column(JSON)  # what the seller asked for (re-queued on appeal)
+    # Packager options per target ({"arm-cpu": {"min_agreement": "0.99"}}), carried to the packaging jobs.
+    target_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     eval_days: Mapped[int] = mapped_column(Integer, default=14)
     eval_runs: Mapped[int] = mapped_column(Integer, default=1000)
     eval_device_limit: Mapped[int] = mapped_column(Integer, default=3)
@@ -133,7 +136,9 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # the seller-facing reason (store.services.job_failures)
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    next_step: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
     run_after: Mapped[int | None] = mapped_column(Integer)  # a retry waits for its backoff to pass

@@ -106,6 +106,12 @@ SCHEMAS: dict[str, Any] = {
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
             "message": _NSTR,
             "error": _NSTR,
+            "failure": {
+                "type": "object",
+                "nullable": True,
+                "description": "why a failed or dead job ended, and what to do next",
+                "properties": {"code": _NSTR, "reason": _STR, "next_step": _NSTR},
+            },
             "listing": _STR,
             "target": _STR,
             "attempts": _INT,

@@ -124,7 +124,12 @@ def listing(listing_id: str) -> Any:
 
 def _listing_page(item: Listing, user: User | None, order: SeatOrder, status: int = 200) -> Any:
     owner = user is not None and (user.role == "admin" or user.id == item.seller_id)
-    jobs = [j for j in request.args.get("jobs", "").split(",") if j][:10] if owner else []
+    # The page follows every job still open, whoever started it (an upload, an admin's approval, a retry).
+    jobs: list[str] = []
+    if owner:
+        asked = set(request.args.get("jobs", "").split(","))  # the upload's jobs, even if already ended
+        jobs = [j for j in listings.job_ids_of(db(), item) if j in asked]
+        jobs += [j for j in listings.job_ids_of(db(), item, open_only=True) if j not in jobs]
     return render_template("listing.html", l=item, owner=owner, jobs=jobs, order=order), status
 
 
@@ -201,6 +206,11 @@ def buy_seats(listing_id: str) -> Any:
                 else f"seats must be a whole number between 1 and {licensing.MAX_FLEET_SEATS}"
             )
             return _listing_page(item, user, order, 400)
+        try:  # the whole order is checked before a price is shown
+            licensing.check_production_order(ctx(), db(), user, item.id, order.body())
+        except EdgemartError as exc:
+            order.error = error_payload(exc)["error"]["message"]
+            return _listing_page(item, user, order, exc.http_status)
         order.reviewed = True
         return _listing_page(item, user, order)
     try:
@@ -259,6 +269,7 @@ def sell() -> Any:
         eval_days=form.get("eval_days"),
         eval_runs=form.get("eval_runs"),
         price_per_seat=form.get("price_per_seat"),
+        options=form.get("options"),
         model=files["model"].stream if files.get("model") and files["model"].filename else None,
         calibration=files["calibration"].stream
         if files.get("calibration") and files["calibration"].filename
@@ -287,9 +298,11 @@ def my_licenses() -> Any:
     )
     rows = licensing.visible_licenses(db(), user) if user.role != "seller" else []
     held = [r for r in rows if r.kind == "production" and r.buyer_id == user.id]
+    evals = [r for r in rows if r not in held]
     return render_template(
         "licenses.html",
-        licenses=[r for r in rows if r not in held],
+        licenses=evals,
+        runs_left=usage.runs_left(db(), evals),
         production=[licensing.license_to_dict(r, with_token=False) for r in held],
         devices=devices,
     )

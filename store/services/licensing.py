@@ -5,6 +5,7 @@ Content keys are unwrapped from the KEK only to be HPKE-wrapped to a device insi
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -90,7 +91,11 @@ def _licensable_build(listing: Listing, target: Any) -> Build:
             if build.status != "done" or build.wrapped_cek is None or build.build_hash is None:
                 raise ConflictError(f"the {target} build of {listing.id} is {build.status}, not ready")
             return build
-    raise NotFoundError(f"listing {listing.id} has no {target[:40]} build")
+    ready = sorted(b.target for b in listing.builds if b.status == "done")
+    raise NotFoundError(
+        f"listing {listing.id} has no {target[:40]} build; "
+        + (f"its targets: {', '.join(ready)}" if ready else "it has no finished build yet")
+    )
 
 
 def _issue(
@@ -146,10 +151,13 @@ def _issue(
 def eval_license(
     ctx: StoreContext, session: Session, user: User, listing_id: str, device_id: Any, target: Any
 ) -> tuple[License, bool]:
-    """The evaluation license for (buyer, device, build): issued once, the same one on every re-request."""
-    if user.role not in LICENSE_BUYERS:
+    """The evaluation license for (buyer, device, build): issued once, the same one on every re-request.
+    A seller may take them for their own listings, to try their builds on their own boards."""
+    if user.role not in (*LICENSE_BUYERS, "seller"):
         raise ForbiddenError(f"a {user.role} account cannot take evaluation licenses")
     listing = get_visible(session, listing_id, user)
+    if user.role == "seller" and listing.seller_id != user.id:
+        raise ForbiddenError("a seller account takes evaluation licenses only for its own listings")
     if listing.status != "listed":
         raise ConflictError(f"listing {listing.id} is {listing.status}; it cannot be licensed")
     device = get_own_device(session, user, device_id)
@@ -243,10 +251,22 @@ def _device_cert_for_production(pem: bytes, ctx: StoreContext) -> Any:
     return cert
 
 
-def production_licenses(
+@dataclass(frozen=True)
+class ProductionOrder:
+    """A checked production-seat order: the build, and either device certificates or a fleet key + seats."""
+
+    listing: Listing
+    build: Build
+    device_certs: list[Any]
+    fleet_key: bytes | None  # raw X25519 public key
+    seats: int
+
+
+def check_production_order(
     ctx: StoreContext, session: Session, user: User, listing_id: str, body: dict[str, Any]
-) -> list[License]:
-    """Production licenses for a firmware builder: one per device certificate, or one for a fleet key."""
+) -> ProductionOrder:
+    """Every check of a production-seat order, issuing nothing: the web review shows a price only for an
+    order that would be issued as it stands (a bad fleet key is refused here, before any price)."""
     if user.role not in PRODUCTION_BUYERS:
         raise ForbiddenError("only builder accounts can take production licenses")
     listing = get_visible(session, listing_id, user)
@@ -258,8 +278,6 @@ def production_licenses(
         raise UsageError(
             "give exactly one of device_certs (list of PEM) and fleet_key (PEM X25519 public key)"
         )
-    rows: list[License] = []
-    lock_row(session, User, user.id)  # concurrent retries of one purchase must not issue twice
     if certs is not None:
         if not isinstance(certs, list) or not certs or len(certs) > MAX_DEVICE_CERTS:
             raise UsageError(f"device_certs must be a list of 1 to {MAX_DEVICE_CERTS} PEM certificates")
@@ -270,54 +288,70 @@ def production_licenses(
             if device_id in seen:
                 raise UsageError(f"device_certs: device {device_id} listed twice")
             seen.add(device_id)
-            existing = session.scalar(
-                select(License).where(
-                    License.buyer_id == user.id,
-                    License.build_id == build.id,
-                    License.kind == "production",
-                    License.device_id == device_id,
-                    License.revoked_at.is_(None),
-                )
+        return ProductionOrder(listing, build, parsed, None, len(parsed))
+    seats = body.get("seats")
+    if not isinstance(seats, int) or isinstance(seats, bool) or not 1 <= seats <= MAX_FLEET_SEATS:
+        raise UsageError(f"seats must be an integer between 1 and {MAX_FLEET_SEATS}")
+    try:
+        key = serialization.load_pem_public_key(_pem_text(fleet, "fleet_key"))
+    except (ValueError, TypeError):
+        raise UsageError(
+            "fleet_key is not a PEM public key (make one with `edgemart bundle fleet-keygen`)"
+        ) from None
+    if not isinstance(key, x25519.X25519PublicKey):
+        raise UsageError(
+            "fleet_key must be an X25519 public key (make one with `edgemart bundle fleet-keygen`)"
+        )
+    return ProductionOrder(listing, build, [], key.public_bytes_raw(), seats)
+
+
+def production_licenses(
+    ctx: StoreContext, session: Session, user: User, listing_id: str, body: dict[str, Any]
+) -> list[License]:
+    """Production licenses for a firmware builder: one per device certificate, or one for a fleet key."""
+    order = check_production_order(ctx, session, user, listing_id, body)
+    listing, build = order.listing, order.build
+    rows: list[License] = []
+    lock_row(session, User, user.id)  # concurrent retries of one purchase must not issue twice
+    for cert in order.device_certs:
+        device_id = drm.cert_device_id(cert)
+        existing = session.scalar(
+            select(License).where(
+                License.buyer_id == user.id,
+                License.build_id == build.id,
+                License.kind == "production",
+                License.device_id == device_id,
+                License.revoked_at.is_(None),
             )
-            if existing is not None:
-                rows.append(existing)
-                continue
-            row = _issue(
-                ctx,
-                build,
-                listing,
-                buyer=user,
-                kind="production",
-                recipient=drm.cert_kem_keys(cert),
-                days=None,
-                max_runs=None,
-                device_id=device_id,
-            )
-            session.add(row)
-            rows.append(row)
-    else:
-        seats = body.get("seats")
-        if not isinstance(seats, int) or isinstance(seats, bool) or not 1 <= seats <= MAX_FLEET_SEATS:
-            raise UsageError(f"seats must be an integer between 1 and {MAX_FLEET_SEATS}")
-        try:
-            key = serialization.load_pem_public_key(_pem_text(fleet, "fleet_key"))
-        except (ValueError, TypeError):
-            raise UsageError("fleet_key is not a PEM public key") from None
-        if not isinstance(key, x25519.X25519PublicKey):
-            raise UsageError("fleet_key must be an X25519 public key")
-        raw = key.public_bytes_raw()
-        fleet_key_id = drm.key_id(raw)
+        )
+        if existing is not None:
+            rows.append(existing)
+            continue
         row = _issue(
             ctx,
             build,
             listing,
             buyer=user,
             kind="production",
-            recipient=drm.KemKeys(raw, None),
+            recipient=drm.cert_kem_keys(cert),
             days=None,
             max_runs=None,
-            fleet_key_id=fleet_key_id,
-            seats=seats,
+            device_id=device_id,
+        )
+        session.add(row)
+        rows.append(row)
+    if order.fleet_key is not None:
+        row = _issue(
+            ctx,
+            build,
+            listing,
+            buyer=user,
+            kind="production",
+            recipient=drm.KemKeys(order.fleet_key, None),
+            days=None,
+            max_runs=None,
+            fleet_key_id=drm.key_id(order.fleet_key),
+            seats=order.seats,
         )
         session.add(row)
         rows.append(row)

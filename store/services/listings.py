@@ -17,7 +17,15 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
-from drm.errors import ConflictError, EdgemartError, ForbiddenError, NotFoundError, Refusal, UsageError
+from drm.errors import (
+    ConflictError,
+    EdgemartError,
+    ForbiddenError,
+    NotFoundError,
+    Refusal,
+    UsageError,
+    with_prefix,
+)
 from edge_runtime.fileio import fault_point
 from store.blobs import TooLarge, new_blob_id
 from store.context import StoreContext
@@ -65,6 +73,9 @@ class UploadForm:
     price_per_seat: str | int | None = None
     model: BinaryIO | None = None
     calibration: BinaryIO | None = None
+    options: str | dict[str, Any] | None = (
+        None  # per target: {"arm-cpu": {"min_agreement": "0.99"}} (or JSON)
+    )
     idempotency_key: str | None = None  # a retried upload with the same key gets the first one's listing
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -161,6 +172,53 @@ def _targets(problems: list[Problem], raw: str | list[str] | None) -> list[str]:
     return targets
 
 
+MAX_OPTIONS_BYTES = 16 * 1024
+
+
+def _target_options(
+    problems: list[Problem], raw: str | dict[str, Any] | None, targets: list[str]
+) -> dict[str, Any]:
+    """Per-target packager options, each checked by its target's typed options dataclass."""
+    import json
+
+    import packagers
+
+    if raw in (None, "", {}):
+        return {}
+    if isinstance(raw, str):
+        if len(raw) > MAX_OPTIONS_BYTES:
+            problems.append(Problem("options", "too_large", f"options exceed {MAX_OPTIONS_BYTES} bytes"))
+            return {}
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            problems.append(
+                Problem("options", "not_json", 'options must be JSON: {"TARGET": {"KEY": "VALUE"}}')
+            )
+            return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        problems.append(Problem("options", "invalid", 'options must map each target to {"KEY": "VALUE"}'))
+        return {}
+    out: dict[str, Any] = {}
+    for target, values in raw.items():
+        if target not in targets:
+            problems.append(
+                Problem(
+                    "options",
+                    "unknown_target",
+                    f"options name target {str(target)[:40]!r}, which is not chosen",
+                )
+            )
+            continue
+        try:
+            packagers.get_packager(target, values)
+        except UsageError as exc:
+            problems.append(Problem("options", "invalid_option", exc.message))
+            continue
+        out[target] = {str(k): v for k, v in values.items()}
+    return out
+
+
 def load_samples(data: bytes, config: Mapping[str, Any]) -> dict[str, Any]:
     """Parse an uploaded samples .npz with the packagers' loader (it reads paths, so via a private temp dir).
 
@@ -180,7 +238,7 @@ def load_samples(data: bytes, config: Mapping[str, Any]) -> dict[str, Any]:
             return packagers.load_calibration(path, limits)
         except UsageError as exc:
             # The temp path means nothing to the uploader.
-            raise UsageError(exc.message.replace(f"sample file {path}", "the file")) from None
+            raise UsageError(exc.message.replace(f"sample file {path}", "the calibration file")) from None
 
 
 # ------------------------------------------------------------------------------------------ upload
@@ -229,6 +287,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             problems.append(Problem("license", "invalid_license", msg))
 
         targets = _targets(problems, form.targets)
+        target_options = _target_options(problems, form.options, targets)
         visibility = (form.visibility or "public").strip()
         if visibility not in VISIBILITIES:
             problems.append(
@@ -245,7 +304,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             try:
                 parse_model_card(card)
             except UsageError as exc:
-                problems.append(Problem("card", "invalid_card", f"model card: {exc.message}"))
+                problems.append(Problem("card", "invalid_card", with_prefix("model card", exc.message)))
 
         model_bytes: bytes | None = None
         model_put = None
@@ -268,7 +327,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 try:
                     model_info = packagers.inspect_model(model_bytes)
                 except UsageError as exc:
-                    problems.append(Problem("model", "invalid_model", f"model: {exc.message}"))
+                    problems.append(Problem("model", "invalid_model", with_prefix("model", exc.message)))
 
         calibration_put = None
         if form.calibration is not None:
@@ -285,7 +344,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                     load_samples(ctx.blobs.get(calibration_put.key), cfg)
                 except UsageError as exc:
                     problems.append(
-                        Problem("calibration", "invalid_calibration", f"calibration: {exc.message}")
+                        Problem("calibration", "invalid_calibration", with_prefix("calibration", exc.message))
                     )
 
         if problems:
@@ -312,6 +371,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             status="blocked" if blocked else "pending",
             visibility=visibility,
             targets=targets,
+            target_options=target_options,
             eval_days=eval_days,
             eval_runs=eval_runs,
             eval_device_limit=int(cfg["EVAL_DEVICE_LIMIT"]),
@@ -371,15 +431,12 @@ def by_idempotency_key(session: Session, seller: User, key: str) -> Listing | No
     )
 
 
-def job_ids_of(session: Session, listing: Listing) -> list[str]:
-    return list(
-        session.scalars(
-            select(Job.id)
-            .join(Build, Job.build_id == Build.id)
-            .where(Build.listing_id == listing.id)
-            .order_by(Job.created_at, Job.id)
-        )
-    )
+def job_ids_of(session: Session, listing: Listing, *, open_only: bool = False) -> list[str]:
+    """The listing's job ids, oldest first; ``open_only``: those queued or running (what its page follows)."""
+    stmt = select(Job.id).join(Build, Job.build_id == Build.id).where(Build.listing_id == listing.id)
+    if open_only:
+        stmt = stmt.where(Job.state.in_(("queued", "running")))
+    return list(session.scalars(stmt.order_by(Job.created_at, Job.id)))
 
 
 def add_build_jobs(
@@ -515,8 +572,53 @@ def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, A
     }
     if viewer is not None and (viewer.role == "admin" or viewer.id == listing.seller_id):
         out["targets"] = listing.targets
+        out["target_options"] = listing.target_options or {}
         out["review_note"] = listing.review_note
     return out
+
+
+def unpublish(session: Session, user: User, listing_id: str) -> Listing:
+    """The seller (or an admin) takes a listing off the store: no new licenses are issued, it leaves search,
+    and the licenses already issued keep running until they expire or run out (their builds stay)."""
+    listing = get_owned(session, listing_id, user)
+    if listing.status != "listed":
+        raise ConflictError(
+            f"listing {listing.id} is {listing.status}; only a listed listing can be unpublished"
+        )
+    listing.status = "unpublished"
+    session.commit()
+    return listing
+
+
+def delete(ctx: StoreContext, session: Session, user: User, listing_id: str) -> None:
+    """Delete a listing no license was ever issued for: its rows, then its blobs (a crash in between leaves
+    only orphan blobs, which `edgemart store gc` sweeps). A licensed listing can only be unpublished."""
+    from store.models import License
+
+    listing = get_owned(session, listing_id, user)
+    if session.scalar(select(func.count()).select_from(License).where(License.listing_id == listing.id)):
+        raise ConflictError(
+            f"listing {listing.id} has licenses; unpublish it instead (they keep running until they run out)"
+        )
+    if session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .join(Build, Job.build_id == Build.id)
+        .where(Build.listing_id == listing.id, Job.state == "running")
+    ):
+        raise ConflictError(f"listing {listing.id} is being packaged right now; delete it when the job ends")
+    blobs = [listing.model_blob, listing.calibration_blob]
+    for build in listing.builds:
+        blobs += [build.blob_key, build.quality_html_blob]
+        for job in session.scalars(select(Job).where(Job.build_id == build.id)):
+            session.delete(job)
+        session.delete(build)
+    session.flush()
+    session.delete(listing)
+    session.commit()
+    for key in blobs:
+        if key:
+            ctx.blobs.delete(key)
 
 
 def review(

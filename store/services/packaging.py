@@ -19,7 +19,8 @@ from edge_runtime.fileio import fault_point
 from store.blobs import new_blob_id
 from store.context import StoreContext
 from store.jobs import worker_id
-from store.models import Build, Job, Listing, User
+from store.models import JOB_STATES, Build, Job, Listing, User
+from store.services.job_failures import Failure, explain, gave_up, worker_stopped
 
 log = logging.getLogger("edgemart.store.packaging")
 PROGRESS_STEP = 0.02  # write progress to the database at most every 2 %
@@ -148,21 +149,30 @@ def recover_jobs(ctx: StoreContext) -> list[str]:
             stale = job.heartbeat_at is None or now - job.heartbeat_at > lease
             if not (stale or _worker_gone(job.worker)):
                 continue
-            why = f"worker {job.worker} stopped during attempt {job.attempts}"
+            log.warning("job %s: worker %s stopped during attempt %d", job.id, job.worker, job.attempts)
+            why = worker_stopped(job.worker, job.attempts, job.build.target)
             if job.attempts >= job.max_attempts:
-                _dead_letter(job, f"gave up after {job.attempts} attempts: {why}", now)
+                _dead_letter(job, gave_up(job.attempts, why), now)
             else:
-                job.state, job.worker, job.run_after, job.message = "queued", None, now, f"re-queued: {why}"
+                job.state, job.worker, job.run_after = "queued", None, now
+                job.message = f"re-queued: {why.reason}"[:500]
                 job.build.status, job.build.message = "queued", job.message
             requeued.append(job.id)
         s.commit()
     return requeued
 
 
-def _dead_letter(job: Job, error: str, now: int) -> None:
-    job.state, job.error, job.message, job.finished_at, job.worker = "dead", error, error, now, None
+def _record_failure(job: Job, failure: Failure) -> None:
+    """The job's and its build's error fields: the reason, its code and the next step."""
+    job.error, job.error_code, job.next_step = failure.reason[:2000], failure.code, failure.next_step[:2000]
+    job.message = failure.reason[:500]
+
+
+def _dead_letter(job: Job, failure: Failure, now: int) -> None:
+    job.state, job.finished_at, job.worker = "dead", now, None
+    _record_failure(job, failure)
     build = job.build
-    build.status, build.error, build.message, build.updated_at = "failed", error, error, now
+    build.status, build.error, build.message, build.updated_at = "failed", failure.text(), job.message, now
     _settle_listing(build.listing)
 
 
@@ -175,9 +185,6 @@ def retry_delay(ctx: StoreContext, attempt: int) -> int:
     """Exponential backoff after a failed attempt: base * 4^(attempt-1), capped."""
     base = float(ctx.config["JOB_RETRY_BASE_SECONDS"])
     return int(min(base * 4 ** max(0, attempt - 1), float(ctx.config["JOB_RETRY_MAX_SECONDS"])))
-
-
-JOB_STATES = ("queued", "running", "done", "failed", "dead")
 
 
 def get_visible_job(session: Session, user: User, job_id: str) -> Job:
@@ -213,6 +220,9 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "progress": round(job.progress, 4),
         "message": job.message,
         "error": job.error,
+        "failure": {"code": job.error_code, "reason": job.error, "next_step": job.next_step}
+        if job.state in ("failed", "dead") and job.error
+        else None,
         "listing": job.build.listing_id,
         "target": job.build.target,
         "build_status": job.build.status,
@@ -238,6 +248,7 @@ def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
             None,
             "queued by admin",
         )
+        job.error_code, job.next_step = None, None
         job.progress, job.finished_at, job.worker = 0.0, None, None
         job.build.status, job.build.error, job.build.message, job.build.progress = (
             "queued",
@@ -290,21 +301,31 @@ def run_job(ctx: StoreContext, lease: Lease) -> None:
     _RUNNING_HERE.add(lease.job_id)
     beat = _Heartbeat(ctx, lease)
     beat.start()
+    attempt = _Attempt()
     try:
-        _package(ctx, lease)
+        _package(ctx, lease, attempt)
     except JobLost as exc:
         log.warning("%s", exc.message)
-    except EdgemartError as exc:
-        if exc.http_status >= 500:  # the blob store or another service is down for a moment: retry
-            _retry_or_dead(ctx, lease, f"{type(exc).__name__}: {exc.message}"[:2000])
-        else:
-            _finish(ctx, lease, ok=False, error=exc.message, build_status="failed")
     except Exception as exc:  # noqa: BLE001 - the worker must outlive a broken job; recorded below
-        log.exception("packaging job %s attempt %d crashed", lease.job_id, lease.attempt)
-        _retry_or_dead(ctx, lease, f"internal error: {type(exc).__name__}: {exc}"[:2000])
+        failure = explain(exc, target=attempt.target, listing=attempt.listing, model=attempt.model)
+        if failure.retry:
+            log.exception("packaging job %s attempt %d failed", lease.job_id, lease.attempt)
+            _retry_or_dead(ctx, lease, failure)
+        else:
+            log.info("packaging job %s refused: %s", lease.job_id, failure.reason)
+            _finish(ctx, lease, ok=False, failure=failure, build_status="failed")
     finally:
         beat.stop()
         _RUNNING_HERE.discard(lease.job_id)
+
+
+@dataclass
+class _Attempt:
+    """What the failure explanation may name: the target, the listing and the model being packaged."""
+
+    target: str = "?"
+    listing: str = "?"
+    model: bytes | None = None
 
 
 class _Heartbeat(threading.Thread):
@@ -332,32 +353,54 @@ class _Heartbeat(threading.Thread):
         self.join(5.0)
 
 
-def _retry_or_dead(ctx: StoreContext, lease: Lease, error: str) -> None:
+def _retry_or_dead(ctx: StoreContext, lease: Lease, failure: Failure) -> None:
     now = ctx.now()
     with ctx.Session() as s:
         job = _held_job(s, lease)
         if job is None:
             return
         if job.attempts >= job.max_attempts:
-            _dead_letter(job, f"gave up after {job.attempts} attempts: {error}", now)
+            _dead_letter(job, gave_up(job.attempts, failure), now)
         else:
             delay = retry_delay(ctx, job.attempts)
             job.state, job.worker, job.run_after = "queued", None, now + delay
-            job.error, job.message = (
-                error,
-                f"attempt {job.attempts} failed; retrying in {delay} s: {error}"[:500],
-            )
+            _record_failure(job, failure)
+            job.message = f"attempt {job.attempts} failed; retrying in {delay} s: {failure.reason}"[:500]
             job.build.status, job.build.message = "queued", job.message
         s.commit()
 
 
-def _load_samples(ctx: StoreContext, listing: Listing) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The seller's samples, split: the first part calibrates, the held-out rest measures quality honestly."""
-    if listing.calibration_blob is None:
-        return None, None
+def _seller_samples(ctx: StoreContext, blob: str | None) -> dict[str, Any] | None:
+    if blob is None:
+        return None
     from store.services.listings import load_samples
 
-    samples = load_samples(ctx.blobs.get(listing.calibration_blob), ctx.config)
+    return load_samples(ctx.blobs.get(blob), ctx.config)
+
+
+def _check_samples(ctx: StoreContext, target: str, model: bytes, samples: dict[str, Any] | None) -> None:
+    """All of the seller's samples fit the model's inputs, and there are enough of them for an int8 target
+    (checked before the hold-out split, so a message counts what the seller uploaded)."""
+    import packagers
+
+    if samples is None:
+        return
+    bound = packagers.bind_samples(packagers.inspect_model(model), samples, "calibration")
+    n = min(len(v) for v in bound.values())
+    least = int(ctx.config["MIN_CALIBRATION_SAMPLES"])
+    if packagers.get_packager(target).needs_calibration and n < least:
+        raise UsageError(
+            f"calibration too small: {n} sample(s); {target} needs at least {least} to set its int8 ranges",
+            code="calibration_too_small",
+        )
+
+
+def _split_samples(
+    ctx: StoreContext, samples: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The seller's samples, split: the first part calibrates, the held-out rest measures quality honestly."""
+    if samples is None:
+        return None, None
     n = min(len(v) for v in samples.values())
     held = int(n * float(ctx.config["HOLDOUT_FRACTION"]))
     if held < 10 or n - held < 10:
@@ -365,7 +408,7 @@ def _load_samples(ctx: StoreContext, listing: Listing) -> tuple[dict[str, Any] |
     return {k: v[: n - held] for k, v in samples.items()}, {k: v[n - held : n] for k, v in samples.items()}
 
 
-def _package(ctx: StoreContext, lease: Lease) -> None:
+def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
     import packagers
 
     job_id = lease.job_id
@@ -376,15 +419,21 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
         build = job.build
         listing = build.listing
         build_id, target, listing_id = build.id, build.target, listing.id
+        attempt.target, attempt.listing = target, listing_id
         model_key = listing.model_blob
-        calibration, holdout = _load_samples(ctx, listing)
+        options = (listing.target_options or {}).get(target)
+        samples_blob = listing.calibration_blob
     set_progress(ctx, lease, build_id, 0.0, f"packaging for {target}")
-    model = ctx.blobs.get(model_key)
+    model = attempt.model = ctx.blobs.get(model_key)
+    samples = _seller_samples(ctx, samples_blob)
+    _check_samples(ctx, target, model, samples)
+    calibration, holdout = _split_samples(ctx, samples)
     result = packagers.package_model(
         model,
         target,
         calibration=calibration,
         holdout=holdout,
+        options=options,
         progress=_Progress(ctx, lease, build_id, 0.0, 0.9),
     )
     quality = result.quality.to_dict()
@@ -404,7 +453,12 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
             ctx,
             lease,
             ok=False,
-            error=f"quality check failed: {result.quality.verdict_reason}",
+            failure=Failure(
+                "quality_failed",
+                f"quality check failed: {result.quality.verdict_reason}",
+                "read the quality report on the listing page; add calibration samples or exclude the"
+                " named nodes, then re-package",
+            ),
             build_status="rejected",
         )
         return
@@ -433,7 +487,8 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
             clash = s.scalar(select(Build).where(Build.build_hash == result.build_hash, Build.id != build_id))
             if clash is not None:
                 raise ConflictError(
-                    f"an identical {target} build already exists in listing {clash.listing_id}; not sold twice"
+                    f"an identical {target} build already exists in listing {clash.listing_id}; not sold twice",
+                    code="duplicate_build",
                 )
             build = s.get(Build, build_id)
             assert build is not None
@@ -449,6 +504,7 @@ def _package(ctx: StoreContext, lease: Lease) -> None:
             build.status, build.progress, build.message, build.error = "done", 1.0, "done", None
             build.updated_at = now
             job.state, job.progress, job.message, job.error, job.finished_at = "done", 1.0, "done", None, now
+            job.error_code, job.next_step = None, None
             listing = s.get(Listing, listing_id)
             assert listing is not None
             if listing.status in ("pending", "failed"):
@@ -466,17 +522,19 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _finish(ctx: StoreContext, lease: Lease, *, ok: bool, error: str | None, build_status: str) -> None:
+def _finish(ctx: StoreContext, lease: Lease, *, ok: bool, failure: Failure | None, build_status: str) -> None:
     now = ctx.now()
     with ctx.Session() as s:
         job = _held_job(s, lease)
         if job is None:
             return  # taken over: the new holder records the outcome
         job.state = "done" if ok else "failed"
-        job.error = error
-        job.message = error or "done"
+        job.message = "done"
+        if failure is not None:
+            _record_failure(job, failure)
         job.finished_at = now
         build = job.build
-        build.status, build.error, build.message, build.updated_at = build_status, error, error or "done", now
+        error = failure.text() if failure is not None else None
+        build.status, build.error, build.message, build.updated_at = build_status, error, job.message, now
         _settle_listing(build.listing)
         s.commit()

@@ -117,23 +117,8 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
     devices: dict[str, dict[str, Any]] = {}
     totals = {"run": 0, "refused": 0, "sync": 0}
     by_target: dict[str, dict[str, int]] = {}
-    # Devices meter runs in reserved blocks ("reserve:n" / "release:n"), so a license's runs are the counter
-    # carried by its latest run record, not the number of run records.
-    latest: dict[tuple[str, str], tuple[int, int]] = {}
-    for device_id, license_id, seq, runs in session.execute(
-        select(UsageRecord.device_id, UsageRecord.license_id, UsageRecord.seq, UsageRecord.runs)
-        .join(
-            License,
-            (License.license_id == UsageRecord.license_id)
-            & or_(License.device_id == UsageRecord.device_id, License.fleet_key_id.is_not(None)),
-        )
-        .where(License.listing_id == listing.id, UsageRecord.event == "run")
-    ):
-        key = (device_id, license_id)
-        if key not in latest or seq > latest[key][0]:
-            latest[key] = (seq, runs)
     run_counts: dict[str, int] = {}
-    for (device_id, _), (_, runs) in latest.items():
+    for (device_id, _), runs in _run_counters(session, License.listing_id == listing.id).items():
         run_counts[device_id] = run_counts.get(device_id, 0) + runs
     for device_id, kind, event, count, last_t, build_id in rows:
         if event == "run":
@@ -170,6 +155,40 @@ def listing_usage(session: Session, listing: Listing) -> dict[str, Any]:
         ],
         "totals": totals,
         "by_target": by_target,
+    }
+
+
+def _run_counters(session: Session, where: Any) -> dict[tuple[str, str], int]:
+    """Runs used per (device, license) of the licenses ``where`` selects, as the devices last reported.
+
+    Devices meter runs in reserved blocks ("reserve:n" / "release:n"), so a license's runs are the counter
+    carried by its latest run record, not the number of run records. Only records a device made under its
+    own license count."""
+    latest: dict[tuple[str, str], tuple[int, int]] = {}
+    for device_id, license_id, seq, runs in session.execute(
+        select(UsageRecord.device_id, UsageRecord.license_id, UsageRecord.seq, UsageRecord.runs)
+        .join(
+            License,
+            (License.license_id == UsageRecord.license_id)
+            & or_(License.device_id == UsageRecord.device_id, License.fleet_key_id.is_not(None)),
+        )
+        .where(where, UsageRecord.event == "run")
+    ):
+        key = (device_id, license_id)
+        if key not in latest or seq > latest[key][0]:
+            latest[key] = (seq, runs)
+    return {key: runs for key, (_, runs) in latest.items()}
+
+
+def runs_left(session: Session, licenses: list[License]) -> dict[str, int | None]:
+    """Runs left per license as of the devices' last usage sync (None: no cap)."""
+    used: dict[str, int] = {}
+    ids = [lic.license_id for lic in licenses]
+    for (_, license_id), runs in _run_counters(session, License.license_id.in_(ids)).items():
+        used[license_id] = used.get(license_id, 0) + runs
+    return {
+        lic.license_id: None if lic.max_runs is None else max(0, lic.max_runs - used.get(lic.license_id, 0))
+        for lic in licenses
     }
 
 

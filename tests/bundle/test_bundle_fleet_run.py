@@ -180,7 +180,7 @@ def test_a_device_without_the_fleet_key_is_refused(
     build.write_bytes(model.sealed)
     with pytest.raises(drm.LicenseRefused) as info:
         device.open_model(build_path=build, license_bytes=token, now=NOW + 60)
-    assert str(info.value) == f"license refused: see {d / 'audit.log'}"
+    assert str(info.value) == f"license refused: wrong device (details in {d / 'audit.log'})"
     last = json.loads((d / "audit.log").read_text().splitlines()[-1])
     assert last["reason"] == "license is bound to a fleet key this device does not hold"
 

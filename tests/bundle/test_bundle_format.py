@@ -197,3 +197,20 @@ def test_reader_fuzz_flipped_archive_bytes(position: int, xor: int) -> None:
     # A flip the reader cannot see must be inside member data, which the manifest hashes catch.
     assert [m.name for m in members] == [n for n, _ in MEMBERS]
     assert [m.data for m in members] != [d for _, d in MEMBERS]
+
+
+def test_fleet_keygen_writes_a_private_x25519_key_a_device_accepts(tmp_path, capsys) -> None:
+    import json
+    import stat
+
+    from edge_runtime.device import Device
+    from edgemart.cli import main
+
+    out = tmp_path / "keys" / "fleet.pem"
+    assert main(["bundle", "fleet-keygen", "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert (tmp_path / "keys" / "fleet.pub.pem").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    device = Device.init(tmp_path / "dev")
+    assert device.add_fleet_key(out.read_bytes())["fleet_key_id"] == doc["fleet_key_id"]
+    assert main(["bundle", "fleet-keygen", "--out", str(out)]) == 2  # never overwrites a key

@@ -22,6 +22,7 @@ for _name in ("drm", "edge_runtime"):
 import drm  # noqa: E402
 from drm.envelope import sign_envelope  # noqa: E402
 from drm.license import LICENSE_TYP, LicenseClaims, new_license_id, wrap_cek  # noqa: E402
+from edge_runtime.device import refusal_category  # noqa: E402
 
 NOW = int(time.time())
 DAY = 86400
@@ -168,7 +169,8 @@ def refused(audit_reasons):
     def check(device, action, reason_part: str) -> drm.LicenseRefused:
         with pytest.raises(drm.LicenseRefused) as info:
             action()
-        assert str(info.value) == f"license refused: see {device.dir / 'audit.log'}"
+        category = refusal_category(info.value.reason)
+        assert str(info.value) == f"license refused: {category} (details in {device.dir / 'audit.log'})"
         assert reason_part in info.value.reason, info.value.reason
         assert reason_part in audit_reasons(device)[-1]
         return info.value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,6 +205,30 @@ def test_cli_enroll_fetch_eval_status_sync(tmp_path, store, digits_test):
     assert r.returncode == 0 and "ok=True" in r.stdout, r.stdout + r.stderr
 
 
+def test_cli_eval_picks_the_target_asked_for_and_takes_npy(tmp_path, store, digits_test):
+    d = tmp_path / "board"
+    assert _cli("enroll", "--store", store.url, "--token", TOKEN, "--device-dir", d).returncode == 0
+    for target in ("arm-cpu", "onnx-fp32"):
+        r = _cli("fetch", "digits", "--target", target, "--device-dir", d)
+        assert r.returncode == 0, r.stderr
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.load(digits_test)["x"][:20])
+    r = _cli("eval", "digits", "--device-dir", d, "--data", npy, "--quiet")
+    assert r.returncode == 2 and "arm-cpu, onnx-fp32" in r.stderr and "--target" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    for target in ("arm-cpu", "onnx-fp32"):
+        r = _cli("eval", "digits", "--target", target, "--device-dir", d, "--data", npy, "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["model"]["target"] == target and report["samples"] == 20
+        assert report["model"]["license_expires"].endswith("Z") and report["model"]["max_runs"] == 50
+    r = _cli("eval", "digits", "--target", "onnx-fp32", "--device-dir", d, "--data", npy)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"\d+ of 50 runs left; expires \d{4}-\d\d-\d\dT", r.stdout), r.stdout
+    r = _cli("eval", "digits", "--target", "coral-edgetpu", "--device-dir", d, "--data", npy)
+    assert r.returncode == 2 and "no coral-edgetpu build on this device" in r.stderr
+
+
 @pytest.fixture
 def sideload(tmp_path, factory, digits_build, now):
     d = tmp_path / "dev"
@@ -278,10 +303,14 @@ def test_cli_clock_rollback_and_expiry_with_faketime(sideload, digits_test):
     assert _cli(*base, faketime="+2h").returncode == 0
     r = _cli(*base, faketime="-1h")  # the clock was wound back
     assert r.returncode == 1
-    assert r.stderr.strip() == f"edgemart: license refused: see {d / 'audit.log'}"
+    assert (
+        r.stderr.strip()
+        == f"edgemart: license refused: device clock went back (details in {d / 'audit.log'})"
+    )
     assert "clock rollback" in (d / "audit.log").read_text().splitlines()[-1]
     r = _cli(*base, faketime="+2d")  # one-day license
     assert r.returncode == 1 and "expired" in (d / "audit.log").read_text().splitlines()[-1]
+    assert r.stderr.strip() == f"edgemart: license refused: license expired (details in {d / 'audit.log'})"
     r = _cli("verify-log", "--device-dir", d, "--json")
     report = json.loads(r.stdout)
     # The one evaluation reserved all 40 runs and gave back the 39 it did not use.
@@ -321,5 +350,11 @@ def test_no_plaintext_on_disk(
     control.mkdir()
     (control / "plain.bin").write_bytes(build.plaintext)
     assert files_containing(control, needles) == [str(control / "plain.bin")]  # the scan does find plaintext
-    assert len(needles) >= 8 and files_containing(d, needles) == [] and files_containing(private_tmp, needles) == []
-    assert files_containing(tmp_path / "in", needles) == []  # the container itself holds no plaintext run either
+    assert (
+        len(needles) >= 8
+        and files_containing(d, needles) == []
+        and files_containing(private_tmp, needles) == []
+    )
+    assert (
+        files_containing(tmp_path / "in", needles) == []
+    )  # the container itself holds no plaintext run either

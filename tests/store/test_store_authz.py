@@ -47,6 +47,10 @@ def world(shared_store, corpus):
     st.client.post(
         "/api/v1/devices/enroll", json={"csr": betty_keys.csr().decode()}, headers=st.auth("betty")
     )
+    sally_keys = drm.DeviceKeys.generate()
+    st.client.post(
+        "/api/v1/devices/enroll", json={"csr": sally_keys.csr().decode()}, headers=st.auth("sally")
+    )
     pub_hex = lic["build_hash"].split(":")[1]
     return {
         "device": device["device_id"],
@@ -55,6 +59,7 @@ def world(shared_store, corpus):
         "priv_job": priv_job,
         "pub_job": pub_job,
         "betty_device": betty_keys.device_id,
+        "sally_device": sally_keys.device_id,
     }
 
 
@@ -97,13 +102,19 @@ MATRIX = [
         "POST",
         "/api/v1/listings/pub/eval-license",
         {"device_id": "{device}", "target": "onnx-fp32"},
-        {"anon": 401, "bob": 200, "sally": 403, "sam": 403, "ada": 404, "*": 404},
+        {"anon": 401, "bob": 200, "sally": 404, "sam": 403, "ada": 404, "*": 404},
+    ),
+    (  # a seller evaluates their own listing on their own board
+        "POST",
+        "/api/v1/listings/pub2/eval-license",
+        {"device_id": "{sally_device}", "target": "onnx-fp32"},
+        {"anon": 401, "sally": 201, "sam": 403, "*": 404},
     ),
     (
         "POST",
         "/api/v1/listings/priv/eval-license",
         {"device_id": "{betty_device}", "target": "onnx-fp32"},
-        {"anon": 401, "sally": 403, "sam": 403, "betty": 404, "bob": 404, "bill": 404, "ada": 404},
+        {"anon": 401, "sally": 404, "sam": 404, "betty": 404, "bob": 404, "bill": 404, "ada": 404},
     ),
     ("POST", "/api/v1/devices/{device}/usage", None, {"anon": 401, "bob": 200, "*": 404}),
     ("POST", "/api/v1/licenses/{license}/revoke", None, {"anon": 401, "*": 403, "ada": None}),
@@ -115,6 +126,11 @@ MATRIX = [
         {"anon": 401, "bill": 201, "ada": 201, "*": 403},
     ),
     ("POST", "/api/v1/listings", None, {"anon": 401, "bob": 403, "betty": 403, "bill": 403}),
+    # Lifecycle: a licensed listing is never deleted (its seller is told to unpublish); others may not.
+    ("DELETE", "/api/v1/listings/pub", None, {"anon": 401, "sally": 409, "ada": 409, "*": 403}),
+    ("DELETE", "/api/v1/listings/priv", None, {"anon": 401, "sally": None, "ada": None, "*": 404}),
+    ("POST", "/api/v1/listings/priv/unpublish", None, {"anon": 401, "sally": None, "ada": None, "*": 404}),
+    ("POST", "/api/v1/listings/pub2/unpublish", None, {"anon": 401, "sally": None, "ada": None, "*": 403}),
 ]
 
 

@@ -180,3 +180,60 @@ def test_cli_module_imports_no_flask():
     code = "import sys, store.cli, store.client, store.keyvault; print('flask' in sys.modules, 'sqlalchemy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_upload_carries_price_terms_visibility_and_target_options(live, capsys, corpus, digits_calibration):
+    url, data, app = live
+    token = _token(capsys, "store", "create-user", "sid", "--role", "seller", "--data-dir", str(data))
+    model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
+    base = ["seller", "upload", str(model), "--license", "MIT", "--store", url, "--token", token]
+    code = main(
+        [*base, "--name", "terms", "--targets", "arm-cpu,onnx-fp32", "--calibration", str(digits_calibration)]
+        + ["--price", "250", "--visibility", "private", "--eval-days", "3", "--eval-runs", "77"]
+        + ["--option", "arm-cpu:min_agreement=0.5", "--option", "latency_runs=3", "--wait", "--json"]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    from store.client import StoreClient
+
+    listing = StoreClient(url, token).get_json("/api/v1/listings/terms")
+    assert (listing["price_per_seat"], listing["visibility"]) == (250, "private")
+    assert (listing["eval_days"], listing["eval_runs"]) == (3, 77)
+    assert listing["target_options"] == {
+        "arm-cpu": {"min_agreement": "0.5", "latency_runs": "3"},
+        "onnx-fp32": {"latency_runs": "3"},
+    }
+    builds = {b["target"]: b for b in listing["builds"]}
+    assert builds["arm-cpu"]["quality"]["thresholds"]["min_agreement"] == 0.5
+    assert builds["arm-cpu"]["quality"]["latency"]["runs"] == 3
+    assert builds["onnx-fp32"]["quality"]["thresholds"]["min_agreement"] != 0.5
+
+    # A bad option is refused at upload (exit 2, one line), nothing is created.
+    for option, words in (
+        ("arm-cpu:nope=1", "unknown option 'nope' for target arm-cpu"),
+        ("arm-cpu:min_agreement=lots", "must be a number"),
+        ("gpu:x=1", "names target 'gpu'"),
+        ("novalue", "[TARGET:]KEY=VALUE"),
+    ):
+        code = main([*base, "--name", "bad-options", "--targets", "arm-cpu", "--option", option])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert StoreClient(url, token).get_json("/api/v1/listings?mine=1")["items"][0]["id"] == "terms"
+
+
+def test_seller_unpublish_and_delete(live, capsys, corpus):
+    url, data, _ = live
+    token = _token(capsys, "store", "create-user", "sue", "--role", "seller", "--data-dir", str(data))
+    model = corpus / "models" / "digits" / "digits_mlp_base.onnx"
+    common = ["--store", url, "--token", token]
+    argv = ["seller", "upload", str(model), "--name", "gone", "--license", "MIT", "--targets", "onnx-fp32"]
+    assert main([*argv, *common, "--wait"]) == 0
+    capsys.readouterr()
+    assert main(["seller", "unpublish", "gone", *common]) == 0
+    assert "unpublished gone" in capsys.readouterr().out
+    assert main(["seller", "unpublish", "gone", *common]) == 1  # not listed any more
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is unpublished" in err
+    assert main(["seller", "delete", "gone", *common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": "gone"}
+    assert main(["seller", "delete", "gone", *common]) == 2  # no such listing

@@ -166,3 +166,10 @@ def test_usage_sync_accepts_only_the_verified_continuation(store, digits_base, d
     assert (
         store.client.get("/api/v1/listings/usage-model/usage", headers=store.auth("sam")).status_code == 403
     )
+    # The buyer's licenses page counts the runs left after the synced 5, not the cap.
+    from store.models import License
+    from store.services import usage as usage_service
+
+    with store.ctx.Session() as s:
+        row = s.get(License, lic["license_id"])
+        assert usage_service.runs_left(s, [row]) == {lic["license_id"]: row.max_runs - 5}

@@ -283,3 +283,49 @@ def test_openapi_lists_every_api_route(store):
             for method in rule.methods - {"HEAD", "OPTIONS"}:
                 op = spec["paths"][path][method.lower()]
                 assert op["summary"] and op["responses"]
+
+
+def test_unpublish_stops_new_licenses_but_issued_ones_keep_their_build(store, digits_base):
+    assert store.upload("sally", digits_base, name="retiring", targets="onnx-fp32").status_code == 202
+    store.wait()
+    keys = _enroll(store, "bob")
+    body = {"device_id": keys.device_id, "target": "onnx-fp32"}
+    lic = store.client.post(
+        "/api/v1/listings/retiring/eval-license", json=body, headers=store.auth("bob")
+    ).json
+    assert (
+        store.client.post("/api/v1/listings/retiring/unpublish", headers=store.auth("sam")).status_code == 403
+    )
+    r = store.client.post("/api/v1/listings/retiring/unpublish", headers=store.auth("sally"))
+    assert r.status_code == 200 and r.json["status"] == "unpublished"
+    assert (
+        store.client.post("/api/v1/listings/retiring/unpublish", headers=store.auth("sally")).status_code
+        == 409
+    )
+    assert "retiring" not in {x["id"] for x in store.client.get("/api/v1/listings").json["items"]}
+    betty = _enroll(store, "betty")
+    r = store.client.post(
+        "/api/v1/listings/retiring/eval-license",
+        json={"device_id": betty.device_id, "target": "onnx-fp32"},
+        headers=store.auth("betty"),
+    )
+    assert r.status_code == 404  # off the store for new buyers
+    hexdigest = lic["build_hash"].split(":")[1]
+    assert store.client.get(f"/api/v1/builds/{hexdigest}", headers=store.auth("bob")).status_code == 200
+    # A licensed listing cannot be deleted, only unpublished.
+    r = store.client.delete("/api/v1/listings/retiring", headers=store.auth("sally"))
+    assert r.status_code == 409 and "unpublish" in r.json["error"]["message"]
+
+
+def test_delete_a_never_licensed_listing_removes_rows_and_blobs(store, digits_base):
+    before = store.counts()
+    assert store.upload("sally", digits_base, name="scrap", targets="onnx-fp32").status_code == 202
+    store.wait()
+    assert store.client.delete("/api/v1/listings/scrap", headers=store.auth("sam")).status_code == 403
+    assert store.client.delete("/api/v1/listings/scrap", headers=store.auth("bob")).status_code == 403
+    r = store.client.delete("/api/v1/listings/scrap", headers=store.auth("sally"))
+    assert r.status_code == 200 and r.json == {"deleted": "scrap"}
+    assert store.counts() == before
+    assert store.client.get("/api/v1/listings/scrap", headers=store.auth("sally")).status_code == 404
+    # The name is free again.
+    assert store.upload("sally", digits_base, name="scrap", targets="onnx-fp32").status_code == 202

@@ -145,7 +145,9 @@ def test_tokens_api_create_list_revoke(store) -> None:
     r = store.client.post("/api/v1/tokens", headers=store.auth("bob"))
     assert r.status_code == 201 and r.json["token"].startswith("emt_")
     new_token = r.json["token"]
-    listed = store.client.get("/api/v1/tokens", headers={"Authorization": f"Bearer {new_token}"}).json["items"]
+    listed = store.client.get("/api/v1/tokens", headers={"Authorization": f"Bearer {new_token}"}).json[
+        "items"
+    ]
     assert len(listed) == 2 and all("token" not in t and "token_hash" not in t for t in listed)
     assert new_token not in str(listed) and {t["role"] for t in listed} == {"buyer"}
     first = listed[0]["id"]
@@ -163,6 +165,7 @@ def test_tokens_api_create_list_revoke(store) -> None:
 def test_operator_revokes_a_users_tokens_from_the_cli(store, tmp_path) -> None:
     import json
     import os
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -178,12 +181,16 @@ def test_operator_revokes_a_users_tokens_from_the_cli(store, tmp_path) -> None:
             timeout=120,
         )
 
+    text = cli("sam").stdout  # times in ISO-8601 UTC, not raw Unix seconds
+    assert re.search(r"created \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  last used never", text), text
     listed = json.loads(cli("sam", "--json").stdout)
     assert [t["revoked_at"] for t in listed["tokens"]] == [None]
     done = cli("sam", "--revoke-all", "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["revoked"] == [listed["tokens"][0]["id"]]
     assert store.client.get("/api/v1/me", headers=store.auth("sam")).status_code == 401
     missing = cli("nobody")
-    assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2 and "no user 'nobody'" in missing.stderr and "Traceback" not in missing.stderr
+    )
     other = cli("sam", "--revoke", "1")  # token 1 is sally's, not sam's
     assert other.returncode == 2 and "has no token 1" in other.stderr

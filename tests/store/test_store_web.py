@@ -53,8 +53,9 @@ def test_seller_uploads_through_the_form_and_sees_progress(store, digits_base, d
     assert r.status_code == 302
     assert "/listings/web-digits?jobs=job_" in r.headers["Location"]
     page = client.get(r.headers["Location"]).get_data(as_text=True)
-    assert "/api/v1/jobs/" in page  # the polling script
     job_id = r.headers["Location"].split("jobs=")[1].split(",")[0]
+    assert "static/listing.js" in page and job_id in page  # the polling script and the jobs it follows
+    assert "<script>" not in page  # no inline script (CSP)
     assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200  # cookie works for reads
     store.wait()
     page = client.get("/listings/web-digits").get_data(as_text=True)
@@ -117,3 +118,28 @@ def test_sell_form_takes_models_larger_than_a_json_body(store):
     assert r.status_code == 422, r.status_code  # read and judged, not refused as too large
     assert "price_per_seat" in r.get_data(as_text=True)
     assert store.counts() == before
+
+
+def test_listing_page_follows_the_jobs_an_admin_approval_started(tmp_path, corpus):
+    import licenses
+    from tests.store.conftest import make_store
+
+    st = make_store(tmp_path, WORKER="none")  # jobs stay queued: the page must keep following them
+    try:
+        digits = corpus / "models" / "digits"
+        licenses.LicenseIndex(st.data_dir / "license-index").add(
+            (digits / "digits_mlp_base.onnx").read_bytes(), name="digits-mlp-base", license="CC-BY-4.0"
+        )
+        r = st.upload("sally", digits / "digits_mlp_pruned.onnx", name="appeal", license="MIT")
+        assert r.status_code == 403  # blocked, kept for appeal
+        r = st.client.post(
+            "/api/v1/listings/appeal/review", json={"action": "approve"}, headers=st.auth("ada")
+        )
+        [job] = r.json["jobs"]
+        sally, _ = _login(st, "sally", "pw-sally-12345")
+        page = sally.get("/listings/appeal").get_data(as_text=True)  # no ?jobs= in the URL
+        assert "static/listing.js" in page and f"{job}" in page
+        bob, _ = _login(st, "bob", "pw-bob-12345")
+        assert bob.get("/listings/appeal").status_code == 404  # pending: not public yet
+    finally:
+        st.ctx.close()

@@ -252,6 +252,20 @@ def test_review_without_a_seat_count_is_refused_on_the_page(shop: Store) -> None
     assert r.status_code == 400 and "at least one device certificate" in r.get_data(as_text=True)
 
 
+def test_review_checks_the_fleet_key_before_showing_a_price(shop: Store) -> None:
+    client, csrf = _login(shop, "bill")
+    for bad, words in (
+        ("not a key", "fleet_key is not a PEM public key"),
+        (drm.cert_to_pem(drm.DeviceKeys.generate().self_signed_cert(now=0)).decode(), "not a PEM public key"),
+    ):
+        r = _order(client, csrf, "review", mode="fleet", fleet_key=bad, seats="3")
+        text = r.get_data(as_text=True)
+        assert r.status_code == 400 and words in text, text[-2000:]
+        assert "Confirm purchase" not in text  # no price, nothing to confirm
+    r = _order(client, csrf, "review", mode="fleet", fleet_key=_fleet_key()[0], seats="3")
+    assert r.status_code == 200 and "Confirm purchase" in r.get_data(as_text=True)
+
+
 def test_unknown_target_and_oversized_orders_are_refused_without_a_500(shop: Store) -> None:
     client, csrf = _login(shop, "bill")
     before = shop.counts()
