@@ -75,8 +75,10 @@ def exfil_if_branch(depth: int = 1) -> bytes:
 
     def branch(level: int, tag: str) -> onnx.GraphProto:
         if level == depth:
-            tensor = external_tensor(f"w_{tag}_{level}") if tag == "then" else numpy_helper.from_array(
-                np.ones(8), f"w_{tag}_{level}"
+            tensor = (
+                external_tensor(f"w_{tag}_{level}")
+                if tag == "then"
+                else numpy_helper.from_array(np.ones(8), f"w_{tag}_{level}")
             )
             return helper.make_graph(
                 [helper.make_node("Identity", [tensor.name], [f"out_{tag}_{level}"])],
@@ -137,7 +139,10 @@ def exfil_function_body() -> bytes:
         [helper.make_opsetid("", 17)],
     )
     graph = helper.make_graph(
-        [helper.make_node("Leak", ["x"], ["y"], domain="evil.domain")], "main", [_io("x", [8])], [_io("y", [8])]
+        [helper.make_node("Leak", ["x"], ["y"], domain="evil.domain")],
+        "main",
+        [_io("x", [8])],
+        [_io("y", [8])],
     )
     model = helper.make_model(
         graph,
@@ -154,7 +159,10 @@ def location_flag_only() -> bytes:
     del tensor.external_data[:]
     weight = numpy_helper.from_array(np.zeros((8, 8)), "w")
     return _model(
-        [helper.make_node("Gemm", ["x", "w", "bias"], ["y"])], [_io("x", [1, 8])], [_io("y", [1, 8])], [weight, tensor]
+        [helper.make_node("Gemm", ["x", "w", "bias"], ["y"])],
+        [_io("x", [1, 8])],
+        [_io("y", [1, 8])],
+        [weight, tensor],
     )
 
 
@@ -177,12 +185,16 @@ def huge_declared_tensor() -> bytes:
     tensor.dims.extend([1 << 20, 1 << 20])
     tensor.raw_data = b"\x00" * 16
     return _model(
-        [helper.make_node("Add", ["x", "bias"], ["y"])], [_io("x", [1, 1], TensorProto.FLOAT)], [_io("y", [1, 1], TensorProto.FLOAT)], [tensor]
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        [_io("x", [1, 1], TensorProto.FLOAT)],
+        [_io("y", [1, 1], TensorProto.FLOAT)],
+        [tensor],
     )
 
 
 def deep_nesting(depth: int = 24) -> bytes:
     """Ifs nested deeper than any real model: recursion bombs for parsers that recurse per graph."""
+
     def leaf() -> onnx.GraphProto:
         return helper.make_graph(
             [helper.make_node("Constant", [], ["v"], value=numpy_helper.from_array(np.ones(1), "v"))],
@@ -221,7 +233,10 @@ def tflite_buffer_outside_file(base: bytes) -> bytes:
     """A TFLite whose largest weight buffer uses the >2 GiB layout with an offset past the end of the file."""
 
     def edit(model, schema) -> None:  # type: ignore[no-untyped-def]
-        index = max(range(len(model.buffers)), key=lambda i: 0 if model.buffers[i].data is None else len(model.buffers[i].data))
+        index = max(
+            range(len(model.buffers)),
+            key=lambda i: 0 if model.buffers[i].data is None else len(model.buffers[i].data),
+        )
         model.buffers[index].data = None
         model.buffers[index].offset = 1 << 40
         model.buffers[index].size = 4096

@@ -148,7 +148,37 @@ def _read_text(
     except UnicodeDecodeError as exc:
         problems.append(Problem(name, "not_utf8", f"{name} is not UTF-8 text (byte {exc.start})"))
         return None
-    return text or None
+    return _clean_text(problems, name, text, multiline=True) or None
+
+
+# C0 controls and DEL/C1 are refused (NUL cannot even be stored in PostgreSQL text); a card keeps tab, LF
+# and CR. Bidirectional overrides and isolates are refused in one-line fields: they let a name read as
+# another ("evil\u202egnp.txt").
+_MULTILINE_OK = frozenset("\t\n\r")
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _clean_text(problems: list[Problem], field_name: str, text: str, *, multiline: bool) -> str | None:
+    """NFC-normalised `text`; None after a `control_character` problem naming the first offending character."""
+    import unicodedata
+
+    for i, ch in enumerate(text):
+        if multiline and ch in _MULTILINE_OK:
+            continue
+        if unicodedata.category(ch) in ("Cc", "Cs") or (not multiline and ch in _BIDI_CONTROLS):
+            problems.append(
+                Problem(
+                    field_name,
+                    "control_character",
+                    f"{field_name} contains control character U+{ord(ch):04X} at position {i}",
+                )
+            )
+            return None
+    return unicodedata.normalize("NFC", text)
+
+
+def _clean_line(problems: list[Problem], field_name: str, value: str | None) -> str | None:
+    return _clean_text(problems, field_name, (value or "").strip(), multiline=False)
 
 
 def _targets(problems: list[Problem], raw: str | list[str] | None) -> list[str]:
@@ -257,9 +287,11 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
     problems: list[Problem] = []
     created: list[str] = []
     try:
-        name = (form.name or "").strip()
-        slug = slugify(name)
-        if not name:
+        name = _clean_line(problems, "name", form.name)
+        slug = slugify(name or "")
+        if name is None:
+            name = ""
+        elif not name:
             problems.append(Problem("name", "missing", "name is required"))
         elif len(name) > MAX_NAME:
             problems.append(Problem("name", "too_long", f"name must be at most {MAX_NAME} characters"))
@@ -276,8 +308,10 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 Problem("name", "name_taken", f"a listing {slug!r} already exists; choose another name")
             )
 
-        license_expr = (form.license or "").strip()
-        if not license_expr:
+        license_expr = _clean_line(problems, "license", form.license)
+        if license_expr is None:
+            license_expr = ""
+        elif not license_expr:
             problems.append(Problem("license", "missing", "license (an SPDX expression) is required"))
         elif len(license_expr) > 256:
             problems.append(
