@@ -72,7 +72,9 @@ def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("name", help="the user")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--revoke", type=int, metavar="ID", help="revoke the token with this id")
-    group.add_argument("--revoke-all", action="store_true", help="revoke every token of the user")
+    group.add_argument(
+        "--revoke-all", action="store_true", help="revoke every token of the user and end their web sessions"
+    )
     p.add_argument("--data-dir", default=_data_dir_default())
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=tokens)
@@ -109,12 +111,19 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 # ------------------------------------------------------------------------------------------ store
 
 
-def serve(args: argparse.Namespace) -> int:
-    from store.context import open_context, secret_key
+def _private_files() -> None:
+    """Files this process creates (database, keys, blobs, secret.key) are for the store's account only."""
+    os.umask(0o077)
 
+
+def serve(args: argparse.Namespace) -> int:
+    from store.context import check_key_dir, open_context, resolve_config, secret_key
+
+    _private_files()
     config = {"DATA_DIR": str(Path(args.data_dir).resolve())}
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    check_key_dir(resolve_config(config))
     # Migrate and create keys once, before any worker process starts.
     ctx = open_context(config)
     secret_key(ctx.config)
@@ -165,6 +174,7 @@ def serve(args: argparse.Namespace) -> int:
 def _context(args: argparse.Namespace, **extra: Any) -> Any:
     from store.context import open_context
 
+    _private_files()
     return open_context({"DATA_DIR": str(Path(args.data_dir).resolve()), **extra})
 
 
@@ -246,14 +256,14 @@ def tokens(args: argparse.Namespace) -> int:
             user = s.scalar(select(User).where(User.name == args.name))
             if user is None:
                 raise NotFoundError(f"no user {args.name[:64]!r}")
-            rows = accounts.list_tokens(s, user)
-            targets = [r.id for r in rows if r.revoked_at is None] if args.revoke_all else []
-            if args.revoke is not None:
-                if args.revoke not in {r.id for r in rows}:
+            targets: list[int] = []
+            if args.revoke_all:  # a compromised account: its web sessions end too
+                targets = accounts.revoke_everything(s, user, now=ctx.now())
+            elif args.revoke is not None:
+                if args.revoke not in {r.id for r in accounts.list_tokens(s, user)}:
                     raise NotFoundError(f"user {args.name} has no token {args.revoke}")
+                accounts.revoke_token(s, user, args.revoke, now=ctx.now())
                 targets = [args.revoke]
-            for token_id in targets:
-                accounts.revoke_token(s, user, token_id, now=ctx.now())
             s.commit()
             items = [accounts.token_to_dict(r) for r in accounts.list_tokens(s, user)]
     finally:
@@ -264,6 +274,8 @@ def tokens(args: argparse.Namespace) -> int:
         for t in items
     ]
     note = f"revoked {len(targets)} token(s)\n" if targets else ""
+    if args.revoke_all:
+        note += "ended every web session\n"
     emit(
         args,
         {"user": args.name, "revoked": targets, "tokens": items},

@@ -53,8 +53,9 @@ def test_seller_uploads_through_the_form_and_sees_progress(store, digits_base, d
     assert r.status_code == 302
     assert "/listings/web-digits?jobs=job_" in r.headers["Location"]
     page = client.get(r.headers["Location"]).get_data(as_text=True)
-    assert "/api/v1/jobs/" in page  # the polling script
     job_id = r.headers["Location"].split("jobs=")[1].split(",")[0]
+    assert f'data-poll-jobs="{job_id}' in page and 'src="/static/listing.js"' in page  # the polling script
+    assert "/api/v1/jobs/" in client.get("/static/listing.js").get_data(as_text=True)
     assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200  # cookie works for reads
     store.wait()
     page = client.get("/listings/web-digits").get_data(as_text=True)
