@@ -5,10 +5,12 @@ Only stdlib and drm.errors at import time: Flask, SQLAlchemy and the packagers l
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +113,25 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 # ------------------------------------------------------------------------------------------ store
 
 
-def _private_files() -> None:
-    """Files this process creates (database, keys, blobs, secret.key) are for the store's account only."""
-    os.umask(0o077)
+def _private_files(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a store command under umask 077: what it creates (data dir, database, keys, blobs, secret.key) is
+    for the store's account only. The old umask comes back after (commands also run inside test processes)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        old = os.umask(0o077)
+        try:
+            return command(args)
+        finally:
+            os.umask(old)
+
+    return run
 
 
+@_private_files
 def serve(args: argparse.Namespace) -> int:
     from store.context import check_key_dir, open_context, resolve_config, secret_key
 
-    _private_files()
     config = {"DATA_DIR": str(Path(args.data_dir).resolve())}
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
@@ -174,10 +186,10 @@ def serve(args: argparse.Namespace) -> int:
 def _context(args: argparse.Namespace, **extra: Any) -> Any:
     from store.context import open_context
 
-    _private_files()
     return open_context({"DATA_DIR": str(Path(args.data_dir).resolve()), **extra})
 
 
+@_private_files
 def worker(args: argparse.Namespace) -> int:
     """Claim and run jobs until SIGTERM/SIGINT (the job in hand is finished first) or, with --once, until
     nothing is runnable. A worker killed outright loses nothing: its job is re-queued by the others."""
@@ -209,6 +221,7 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def migrate(args: argparse.Namespace) -> int:
     from store.context import secret_key
 
@@ -221,6 +234,7 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def gc(args: argparse.Namespace) -> int:
     from edge_runtime.cli import emit
     from store.services.maintenance import sweep_orphan_blobs
@@ -241,6 +255,7 @@ def gc(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def tokens(args: argparse.Namespace) -> int:
     """The operator's view of a user's tokens; revocation takes effect on the next request."""
     from sqlalchemy import select
@@ -284,6 +299,7 @@ def tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def create_user(args: argparse.Namespace) -> int:
     from store.services import accounts
 

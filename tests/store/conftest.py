@@ -142,6 +142,7 @@ BOTH_DATABASES = {
     "test_store_bad_input",
     "test_store_authz",
     "test_store_concurrency",
+    "test_store_hostile_users",
 }
 
 
