@@ -25,7 +25,7 @@ from edgemart.cli import main
 from store.localservers.postgres import free_port
 from store.models import ApiToken, User, WebSession
 from store.services import accounts
-from tests.store.conftest import Store, make_store
+from tests.store.conftest import Store, cli_create_user, make_store
 
 ROOT = Path(__file__).resolve().parents[2]
 COOKIE = "edgemart_session"
@@ -189,12 +189,7 @@ def test_store_files_are_private_after_create_user_serve_and_upload(
     from store.client import StoreClient
 
     data = tmp_path / "store"
-    made = subprocess.run(
-        [sys.executable, "-m", "edgemart", "store", "create-user", "sally", "--role", "seller",
-         "--data-dir", str(data), "--json"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-    token = json.loads(made.stdout)["token"]
+    token = cli_create_user(data, "sally", "seller")
     port = free_port()
     proc = _serve(data, port, tmp_path / "serve.log")
     try:
@@ -368,6 +363,21 @@ def test_refusals_and_build_failures_name_only_the_callers_own_objects(
         assert "build failed" in page and "identical" not in page and "another seller" not in page, who
         for job in sam_jobs:
             assert store.client.get(f"/api/v1/jobs/{job}", headers=store.auth(who)).status_code in (401, 404)
+    # A build the quality check rejected keeps its report and figures: for its seller and admins only.
+    from store.models import Build
+
+    with store.ctx.Session() as s:
+        arm = s.scalar(select(Build).where(Build.listing_id == "sam-copy", Build.target == "arm-cpu"))
+        arm.status, arm.error = "rejected", "quality check failed: agreement 0.41 below 0.90"
+        s.commit()
+    report = "/api/v1/listings/sam-copy/builds/arm-cpu/quality.html"
+    for who, status in ((None, 404), ("bob", 404), ("sally", 404), ("sam", 200), ("ada", 200)):
+        assert store.client.get(report, headers=store.auth(who)).status_code == status, who
+        got = store.client.get("/api/v1/listings/sam-copy", headers=store.auth(who)).json
+        arm_seen = next(b for b in got["builds"] if b["target"] == "arm-cpu")
+        assert ("0.41" in json.dumps(arm_seen)) == (status == 200), who
+        page = store.client.get("/listings/sam-copy", headers=store.auth(who)).get_data(as_text=True)
+        assert ("0.41" in page) == (status == 200) and ("quality.html" in page) == (status == 200), who
     # Sally's private listing stays invisible to Sam in every way.
     assert store.client.get("/api/v1/listings/sally-secret", headers=store.auth("sam")).status_code == 404
 
