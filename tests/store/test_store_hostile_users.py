@@ -412,6 +412,25 @@ def test_login_is_rate_limited_per_address_across_app_instances(stores: Any) -> 
     assert _login_attempt(one, "10.0.0.1").status_code == 401  # the next window
 
 
+@pytest.mark.parametrize("hops", [0, 1])
+def test_forwarded_addresses_count_only_behind_a_trusted_proxy(tmp_path: Path, hops: int) -> None:
+    """Behind TRUSTED_PROXY_HOPS proxies the address is the forwarded one; otherwise a forged
+    X-Forwarded-For changes nothing (an attacker cannot rotate addresses with a header)."""
+    st = make_store(tmp_path, WORKER="none", RATE_LIMIT_LOGIN_PER_IP=1, TRUSTED_PROXY_HOPS=hops)
+    try:
+
+        def attempt(forwarded: str) -> int:
+            client = st.app.test_client()
+            token = _csrf(client)
+            data = {"name": "sam", "password": "wrong-pw-1", "csrf_token": token}
+            return client.post("/login", data=data, headers={"X-Forwarded-For": forwarded}).status_code
+
+        assert [attempt("203.0.113.1"), attempt("203.0.113.1")] == [401, 429]
+        assert attempt("203.0.113.2") == (401 if hops else 429)
+    finally:
+        st.ctx.close()
+
+
 def test_uploads_are_rate_limited_per_account_and_address(stores: Any) -> None:
     clock = {"t": T0}
     cfg = {"CLOCK": lambda: clock["t"], "RATE_LIMIT_UPLOAD_PER_ACCOUNT": 2, "RATE_LIMIT_UPLOAD_PER_IP": 6}
