@@ -172,6 +172,11 @@ def cluster(app_workers: int, job_workers: int) -> Iterator[Cluster]:
                 "EDGEMART_JOB_POLL_SECONDS": "0.5",
                 "EDGEMART_JOB_LEASE_SECONDS": "30",
                 "EDGEMART_JOB_HEARTBEAT_SECONDS": "3",
+                # Every simulated client shares this host's address: per-address limits would measure
+                # the limiter, not the store (per-account limits stay on).
+                "EDGEMART_RATE_LIMIT_LOGIN_PER_IP": "0",
+                "EDGEMART_RATE_LIMIT_UPLOAD_PER_IP": "0",
+                "EDGEMART_RATE_LIMIT_LICENSE_PER_IP": "0",
             }
             os.environ.update(s3.env())  # this process reads the store too (seeding, the final checks)
             c = Cluster(workdir, env, free_port(), pg=pg, s3=s3)

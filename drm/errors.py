@@ -50,11 +50,15 @@ class Unavailable(EdgemartError):
 
 
 class TooManyAttempts(EdgemartError):
-    """Too many failed attempts in a row: wait and try again (exit 1, HTTP 429)."""
+    """Too many attempts or requests: wait ``retry_after`` seconds and try again (exit 1, HTTP 429)."""
 
     exit_code = 1
     http_status = 429
     code = "too_many_requests"
+
+    def __init__(self, message: str = "", *, retry_after: int = 1, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = max(1, int(retry_after))
 
 
 class NotFoundError(EdgemartError):

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, request, send_file
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
-from store.auth import ctx, current_user, db, require_user, roles
+from store.auth import ctx, current_user, db, rate_limit, require_user, roles
 from store.errors import error_payload
 from store.models import IdempotentResponse, Listing
 from store.services import accounts, licensing, listings, packaging, usage
@@ -192,10 +192,12 @@ def upload_listing() -> Any:
       403: {description: blocked by the compliance gate (decision included) or not a seller}
       413: {description: too large}
       422: {description: every problem found, in error.problems}
+      429: {description: rate limit (Retry-After)}
     """
     user = require_user()
     if user.role not in ("seller", "admin"):
         raise ForbiddenError("only sellers can upload models")
+    rate_limit("upload", user)
     request.max_content_length = 2 * int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
 
     key = request.headers.get("Idempotency-Key")
@@ -302,8 +304,13 @@ def quality_html(listing_id: str, target: str) -> Any:
     """
     user = current_user(required=False)
     listing = listings.get_visible(db(), listing_id, user)
+    details = listings.shows_build_details(listing, user)
     for build in listing.builds:
-        if build.target == target and build.quality_html_blob:
+        if (
+            build.target == target
+            and build.quality_html_blob
+            and listings.build_outcome(build, details=details)["report"]
+        ):
             resp = Response(ctx().blobs.get(build.quality_html_blob), mimetype="text/html")
             # The report is ours but rendered from seller-controlled names: no scripts, no framing elsewhere.
             resp.headers["Content-Security-Policy"] = (
@@ -454,8 +461,10 @@ def eval_license(listing_id: str) -> Any:
       201: {description: "{license, license_id, build_hash, build_url}", schema: License}
       200: {description: the license issued before, unchanged, schema: License}
       403: {description: device limit reached or revoked}
+      429: {description: rate limit (Retry-After)}
     """
     user = require_user()
+    rate_limit("license", user)
     body = json_body()
     lic, created = licensing.eval_license(
         ctx(), db(), user, listing_id, body.get("device_id"), body.get("target")
@@ -480,9 +489,10 @@ def production_licenses(listing_id: str) -> Any:
               device_certs: {type: array, items: {type: string}}
               fleet_key: {type: string, description: PEM X25519 public key}
               seats: {type: integer}
-    responses: {201: {description: "{licenses: [...]}"}}
+    responses: {201: {description: "{licenses: [...]}"}, 429: {description: rate limit (Retry-After)}}
     """
     user = require_user()
+    rate_limit("license", user)
     body = json_body()
     rows = licensing.production_licenses(ctx(), db(), user, listing_id, body)
     return {"licenses": [licensing.license_to_dict(r, with_token=True) for r in rows]}, 201

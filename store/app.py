@@ -13,11 +13,19 @@ from flask import Flask, g, jsonify, request
 
 from store import errors
 from store.auth import close_db
-from store.context import StoreContext, open_context, secret_key
+from store.context import StoreContext, is_https, open_context, secret_key
 from store.jobs import NoWorker, ThreadJobQueue, WorkerLoop
 from store.logs import request_id
 
 log = logging.getLogger("edgemart.store")
+
+# Pages load scripts and styles from /static only (no inline code), are never framed, and frame only our own
+# quality reports (which carry their own sandboxing policy). Everything else is not a document at all.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+OTHER_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
 access = logging.getLogger("edgemart.store.access")
 
 
@@ -33,12 +41,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=int(cfg["MAX_CARD_BYTES"]) + 64 * 1024,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=bool(cfg["SESSION_COOKIE_SECURE"]),
+        SESSION_COOKIE_SECURE=bool(cfg["SESSION_COOKIE_SECURE"]) or is_https(cfg),
         SESSION_COOKIE_NAME="edgemart_session",
-        PERMANENT_SESSION_LIFETIME=_dt.timedelta(hours=12),
+        # The cookie's own expiry; the server-side web session (store.auth) is what actually ends it.
+        PERMANENT_SESSION_LIFETIME=_dt.timedelta(seconds=float(cfg["SESSION_MAX_SECONDS"])),
+        PREFERRED_URL_SCHEME="https" if is_https(cfg) else "http",
         JSON_SORT_KEYS=False,
     )
     app.extensions["edgemart"] = ctx
+    hops = int(cfg["TRUSTED_PROXY_HOPS"])
+    if hops:  # the client address for rate limits and logs, as the load balancer saw it
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     app.teardown_appcontext(close_db)
     errors.register(app)
 
@@ -91,11 +106,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         )
         return resp
 
+    hsts = is_https(cfg)
+
     @app.after_request
     def _security_headers(resp: Any) -> Any:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "same-origin")
-        resp.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+        if "Content-Security-Policy" in resp.headers:
+            # A view with a policy of its own: the quality report, framed by our listing page only.
+            resp.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+        else:
+            html = resp.mimetype == "text/html"
+            resp.headers["Content-Security-Policy"] = PAGE_CSP if html else OTHER_CSP
+            resp.headers.setdefault("X-Frame-Options", "DENY")
+        if hsts:
+            resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return resp
 
     _start_worker(ctx)

@@ -1,7 +1,9 @@
-"""Who is asking: bearer API tokens for the API, a signed session cookie for the web UI, CSRF tokens.
+"""Who is asking: bearer API tokens for the API, a signed session cookie naming a server-side web session for
+the web UI, CSRF tokens, request rate limits.
 
 Cookie sessions authenticate API reads only (the web UI polls jobs); API writes need a bearer token,
-so a forged cross-site form can never act through the API."""
+so a forged cross-site form can never act through the API. A cookie is only as good as its web_sessions row:
+sign-out, timeouts, password and role changes and `store tokens --revoke-all` delete it on every process."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from sqlalchemy.orm import Session
 from drm.errors import AuthError, ForbiddenError
 from store.context import StoreContext
 from store.models import User
-from store.services import accounts
+from store.services import accounts, throttle
 
 F = TypeVar("F", bound=Callable[..., Any])
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -61,9 +63,8 @@ def current_user(*, required: bool = True, cookie_ok: bool | None = None) -> Use
             g.token_role = token_row.role
         else:
             allow_cookie = request.method in SAFE_METHODS if cookie_ok is None else cookie_ok
-            uid = session.get("uid")
-            if allow_cookie and isinstance(uid, int):
-                user = db().get(User, uid)
+            if allow_cookie and "sid" in session:
+                user = _session_user()
             g.token_role = user.role if user is not None else None
         g.user = user
         g.user_id = user.id if user is not None else None  # plain int: the access log must not touch the ORM
@@ -75,6 +76,23 @@ def current_user(*, required: bool = True, cookie_ok: bool | None = None) -> Use
         # A token is scoped to the role it was issued for; a role change needs a new token.
         raise ForbiddenError("this token was issued for another role")
     return user  # type: ignore[no-any-return]
+
+
+def _session_user() -> User | None:
+    """The user of the cookie's web session; a cookie whose session ended is emptied."""
+    cfg = ctx().config
+    user, wrote = accounts.web_session_user(
+        db(),
+        session.get("sid"),
+        now=ctx().now(),
+        idle_seconds=float(cfg["SESSION_IDLE_SECONDS"]),
+        max_seconds=float(cfg["SESSION_MAX_SECONDS"]),
+    )
+    if wrote:
+        db().commit()  # web views authenticate before they write (web.before_request), so this is all it commits
+    if user is None:
+        session.clear()
+    return user
 
 
 def require_user() -> User:
@@ -119,11 +137,33 @@ def check_csrf() -> None:
 
 
 def login(user: User) -> None:
+    """Start a web session for ``user`` (a fresh cookie: a session id planted before sign-in is dropped)."""
+    cfg = ctx().config
+    sid = accounts.start_web_session(
+        db(),
+        user,
+        now=ctx().now(),
+        idle_seconds=float(cfg["SESSION_IDLE_SECONDS"]),
+        max_seconds=float(cfg["SESSION_MAX_SECONDS"]),
+    )
+    db().commit()
     session.clear()
-    session["uid"] = user.id
+    session["sid"] = sid
     session.permanent = True
     csrf_token()
 
 
 def logout() -> None:
+    """End this browser's web session on the server (a copy of the cookie is refused too) and clear it."""
+    accounts.end_web_session(db(), session.get("sid"))
+    db().commit()
     session.clear()
+
+
+# ------------------------------------------------------------------------------------------ rate limits
+
+
+def rate_limit(action: str, user: User | None = None) -> None:
+    """Count this request against the ``action`` limits of ``user``'s account and the client address
+    (TooManyAttempts past either). Call it before the view writes anything."""
+    throttle.check(ctx(), action, ip=request.remote_addr, account=user.id if user is not None else None)

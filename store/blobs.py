@@ -98,13 +98,13 @@ def check_key(key: str) -> str:
 
 
 class FileBlobStore:
-    """Blobs as files under ``root/<first two hex>/<key>``."""
+    """Blobs as files under ``root/<first two hex>/<key>``: directories 0700, files 0600 (mkstemp's mode)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
+        self._tmp.mkdir(mode=0o700, exist_ok=True)
         self.sweep_temp()
 
     def sweep_temp(self, older_than: float = STALE_TEMP_SECONDS) -> int:
@@ -137,7 +137,7 @@ class FileBlobStore:
                 os.unlink(tmp)
                 os.utime(path)  # in use again: the orphan sweep judges age by modification time
                 return PutResult(final_key, size, digest.hexdigest(), created=False)
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
             os.replace(tmp, path)
             return PutResult(final_key, size, digest.hexdigest(), created=True)
         except BaseException:

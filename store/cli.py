@@ -5,10 +5,12 @@ Only stdlib and drm.errors at import time: Flask, SQLAlchemy and the packagers l
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,9 @@ def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("name", help="the user")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--revoke", type=int, metavar="ID", help="revoke the token with this id")
-    group.add_argument("--revoke-all", action="store_true", help="revoke every token of the user")
+    group.add_argument(
+        "--revoke-all", action="store_true", help="revoke every token of the user and end their web sessions"
+    )
     p.add_argument("--data-dir", default=_data_dir_default())
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=tokens)
@@ -133,12 +137,29 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 # ------------------------------------------------------------------------------------------ store
 
 
+def _private_files(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a store command under umask 077: what it creates (data dir, database, keys, blobs, secret.key) is
+    for the store's account only. The old umask comes back after (commands also run inside test processes)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        old = os.umask(0o077)
+        try:
+            return command(args)
+        finally:
+            os.umask(old)
+
+    return run
+
+
+@_private_files
 def serve(args: argparse.Namespace) -> int:
-    from store.context import open_context, secret_key
+    from store.context import check_key_dir, open_context, resolve_config, secret_key
 
     config = {"DATA_DIR": str(Path(args.data_dir).resolve())}
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    check_key_dir(resolve_config(config))
     # Migrate and create keys once, before any worker process starts.
     ctx = open_context(config)
     secret_key(ctx.config)
@@ -192,6 +213,7 @@ def _context(args: argparse.Namespace, **extra: Any) -> Any:
     return open_context({"DATA_DIR": str(Path(args.data_dir).resolve()), **extra})
 
 
+@_private_files
 def worker(args: argparse.Namespace) -> int:
     """Claim and run jobs until SIGTERM/SIGINT (the job in hand is finished first) or, with --once, until
     nothing is runnable. A worker killed outright loses nothing: its job is re-queued by the others."""
@@ -223,6 +245,7 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def migrate(args: argparse.Namespace) -> int:
     from store.context import secret_key
 
@@ -235,6 +258,7 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def gc(args: argparse.Namespace) -> int:
     from edge_runtime.cli import emit
     from store.services.maintenance import sweep_orphan_blobs
@@ -255,6 +279,7 @@ def gc(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def tokens(args: argparse.Namespace) -> int:
     """The operator's view of a user's tokens; revocation takes effect on the next request."""
     from sqlalchemy import select
@@ -270,14 +295,14 @@ def tokens(args: argparse.Namespace) -> int:
             user = s.scalar(select(User).where(User.name == args.name))
             if user is None:
                 raise NotFoundError(f"no user {args.name[:64]!r}")
-            rows = accounts.list_tokens(s, user)
-            targets = [r.id for r in rows if r.revoked_at is None] if args.revoke_all else []
-            if args.revoke is not None:
-                if args.revoke not in {r.id for r in rows}:
+            targets: list[int] = []
+            if args.revoke_all:  # a compromised account: its web sessions end too
+                targets = accounts.revoke_everything(s, user, now=ctx.now())
+            elif args.revoke is not None:
+                if args.revoke not in {r.id for r in accounts.list_tokens(s, user)}:
                     raise NotFoundError(f"user {args.name} has no token {args.revoke}")
+                accounts.revoke_token(s, user, args.revoke, now=ctx.now())
                 targets = [args.revoke]
-            for token_id in targets:
-                accounts.revoke_token(s, user, token_id, now=ctx.now())
             s.commit()
             items = [accounts.token_to_dict(r) for r in accounts.list_tokens(s, user)]
     finally:
@@ -292,6 +317,8 @@ def tokens(args: argparse.Namespace) -> int:
         for t in items
     ]
     note = f"revoked {len(targets)} token(s)\n" if targets else ""
+    if args.revoke_all:
+        note += "ended every web session\n"
     emit(
         args,
         {"user": args.name, "revoked": targets, "tokens": items},
@@ -300,6 +327,7 @@ def tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+@_private_files
 def create_user(args: argparse.Namespace) -> int:
     from store.services import accounts
 

@@ -49,7 +49,19 @@ DEFAULTS: dict[str, Any] = {
     "EVAL_DEVICE_LIMIT": 3,
     "PAGE_SIZE": 20,
     "SECRET_KEY": None,  # else DATA_DIR/secret.key (created 0600)
-    "SESSION_COOKIE_SECURE": False,
+    "SESSION_COOKIE_SECURE": False,  # also on whenever PUBLIC_URL is https
+    "PUBLIC_URL": None,  # e.g. https://store.example.com: https turns on HSTS and Secure cookies
+    "TRUSTED_PROXY_HOPS": 0,  # proxies in front whose X-Forwarded-For/-Proto are believed (rate limits by IP)
+    "SESSION_IDLE_SECONDS": 3600,  # a web session unused this long ends
+    "SESSION_MAX_SECONDS": 12 * 3600,  # a web session ends this long after sign-in, used or not
+    # Requests per RATE_LIMIT_WINDOW_SECONDS, counted in the database across all web processes; 0 = no limit.
+    # "account" counts every API token and web session of one user together (minting tokens does not help).
+    "RATE_LIMIT_WINDOW_SECONDS": 60,
+    "RATE_LIMIT_LOGIN_PER_IP": 60,
+    "RATE_LIMIT_UPLOAD_PER_ACCOUNT": 60,
+    "RATE_LIMIT_UPLOAD_PER_IP": 300,
+    "RATE_LIMIT_LICENSE_PER_ACCOUNT": 600,
+    "RATE_LIMIT_LICENSE_PER_IP": 1200,
     "CLOCK": None,  # callable -> unix seconds; tests freeze time with it
     "LICENSE_INDEX_DIR": None,  # DATA_DIR/license-index
     "HOLDOUT_FRACTION": 0.25,  # share of the seller's samples kept out of calibration to measure quality
@@ -84,6 +96,16 @@ ENV_KEYS = (
     "JOB_RETRY_BASE_SECONDS",
     "JOB_RETRY_MAX_SECONDS",
     "SESSION_COOKIE_SECURE",
+    "PUBLIC_URL",
+    "TRUSTED_PROXY_HOPS",
+    "SESSION_IDLE_SECONDS",
+    "SESSION_MAX_SECONDS",
+    "RATE_LIMIT_WINDOW_SECONDS",
+    "RATE_LIMIT_LOGIN_PER_IP",
+    "RATE_LIMIT_UPLOAD_PER_ACCOUNT",
+    "RATE_LIMIT_UPLOAD_PER_IP",
+    "RATE_LIMIT_LICENSE_PER_ACCOUNT",
+    "RATE_LIMIT_LICENSE_PER_IP",
 )
 
 
@@ -115,7 +137,39 @@ def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
     cfg["DATA_DIR"] = data_dir
     cfg["DATABASE_URL"] = cfg["DATABASE_URL"] or db.sqlite_url(data_dir / "store.db")
     cfg["LICENSE_INDEX_DIR"] = Path(cfg["LICENSE_INDEX_DIR"] or data_dir / "license-index")
+    for key in ("SESSION_IDLE_SECONDS", "SESSION_MAX_SECONDS", "RATE_LIMIT_WINDOW_SECONDS"):
+        if not isinstance(cfg[key], int | float) or isinstance(cfg[key], bool) or cfg[key] <= 0:
+            raise UsageError(f"{key} must be a positive number of seconds, got {cfg[key]!r}")
+    for key in [k for k in DEFAULTS if k.startswith("RATE_LIMIT_") and k != "RATE_LIMIT_WINDOW_SECONDS"]:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
+            raise UsageError(f"{key} must be a whole number, 0 for no limit, got {cfg[key]!r}")
+    if not isinstance(cfg["TRUSTED_PROXY_HOPS"], int) or not 0 <= cfg["TRUSTED_PROXY_HOPS"] <= 10:
+        raise UsageError(f"TRUSTED_PROXY_HOPS must be 0 to 10, got {cfg['TRUSTED_PROXY_HOPS']!r}")
+    public = cfg["PUBLIC_URL"]
+    if public is not None and not (isinstance(public, str) and public.startswith(("https://", "http://"))):
+        raise UsageError(f"PUBLIC_URL must start with https:// or http://, got {str(public)[:80]!r}")
     return cfg
+
+
+def is_https(cfg: dict[str, Any]) -> bool:
+    """Whether browsers reach the store over https (PUBLIC_URL): then cookies are Secure and HSTS is sent."""
+    return str(cfg.get("PUBLIC_URL") or "").startswith("https://")
+
+
+def check_key_dir(cfg: dict[str, Any]) -> None:
+    """Refuse (UsageError) to run with a key directory, or a file in it, that group or others may access: a
+    store serving with readable signing keys has already lost them. An absent directory is created 0700."""
+    directory = Path(cfg["DATA_DIR"]) / "keys"
+    if not directory.is_dir():
+        return
+    for path in [directory, *sorted(p for p in directory.iterdir() if p.is_file())]:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            fix = "chmod 700" if path == directory else "chmod 600"
+            raise UsageError(
+                f"{path} is accessible by group or others (mode {mode:04o}); run `{fix} {path}` "
+                "and consider the keys exposed"
+            )
 
 
 @dataclass
@@ -157,7 +211,8 @@ def open_context(config: dict[str, Any] | None = None) -> StoreContext:
     """Create the data dir, migrate the schema, make sure the keys exist. No worker is started here."""
     cfg = resolve_config(config)
     data_dir: Path = cfg["DATA_DIR"]
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db.create_private_sqlite_file(cfg["DATABASE_URL"])
     engine = db.make_engine(cfg["DATABASE_URL"])
     db.migrate(engine)
     clock = cfg["CLOCK"] or time.time

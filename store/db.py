@@ -4,6 +4,7 @@ SQLite (the embedded default) gets WAL and a busy timeout so the job worker and 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ def normalize_url(url: str) -> str:
         return url
     scheme = url.split(":", 1)[0][:40]
     raise UsageError(f"DATABASE_URL must be sqlite:///PATH or postgresql://USER:PASS@HOST/DB, not {scheme}:")
+
+
+def create_private_sqlite_file(url: str) -> None:
+    """Create a new SQLite database file 0600 (an empty file is a valid database): SQLite gives its -wal and
+    -shm files the database file's mode, so no copy of the store's rows is readable by others."""
+    url = normalize_url(url)
+    if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
+        return
+    path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    if path.name and path.parent.is_dir() and not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def make_engine(url: str) -> Engine:

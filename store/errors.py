@@ -10,7 +10,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from drm.errors import EdgemartError, LicenseRefused, Unavailable
+from drm.errors import EdgemartError, LicenseRefused, TooManyAttempts, Unavailable
 
 log = logging.getLogger("edgemart.store")
 
@@ -44,7 +44,14 @@ def error_response(exc: EdgemartError) -> Response:
     resp.status_code = exc.http_status
     if exc.http_status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="edgemart"'
+    set_retry_after(exc, resp)
     return resp
+
+
+def set_retry_after(exc: EdgemartError, resp: Response) -> None:
+    """A 429 says when to come back."""
+    if isinstance(exc, TooManyAttempts):
+        resp.headers["Retry-After"] = str(exc.retry_after)
 
 
 def _wants_json() -> bool:
@@ -58,12 +65,18 @@ def register(app: Flask) -> None:
             log.info("license refused: %s", exc.reason)
         if _wants_json():
             return error_response(exc)
-        return render_template(
-            "error.html",
+        resp = Response(
+            render_template(
+                "error.html",
+                status=exc.http_status,
+                message=exc.message,
+                problems=exc.details if isinstance(exc.details, list) else [],
+            ),
             status=exc.http_status,
-            message=exc.message,
-            problems=exc.details if isinstance(exc.details, list) else [],
-        ), exc.http_status
+            mimetype="text/html",
+        )
+        set_retry_after(exc, resp)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:

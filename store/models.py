@@ -68,6 +68,29 @@ class ApiToken(Base):
     user: Mapped[User] = relationship()
 
 
+class WebSession(Base):
+    """A signed-in browser: the cookie carries a random id, this row (keyed by its SHA-256) says it is still
+    valid. Deleting the row ends the session on every web process at its next request."""
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))  # the role at sign-in: a role change ends the session
+    created_at: Mapped[int] = mapped_column(Integer)
+    last_seen_at: Mapped[int] = mapped_column(Integer)
+
+
+class RateCounter(Base):
+    """Requests counted per (action, caller) in fixed windows, shared by every web process through the database."""
+
+    __tablename__ = "rate_counters"
+
+    key: Mapped[str] = mapped_column(String(160), primary_key=True)  # "upload:token:12", "login:ip:10.0.0.7"
+    window_start: Mapped[int] = mapped_column(Integer, primary_key=True)  # unix seconds
+    hits: Mapped[int] = mapped_column(Integer)
+
+
 class Listing(Base):
     __tablename__ = "listings"
 

@@ -14,7 +14,18 @@ import zipfile
 from dataclasses import dataclass
 from typing import IO, Any
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
 from sqlalchemy import select
 
 from drm.errors import (
@@ -28,7 +39,7 @@ from drm.errors import (
 )
 from store import auth
 from store.auth import check_csrf, csrf_token, ctx, db
-from store.errors import error_payload
+from store.errors import error_payload, set_retry_after
 from store.models import Build, Device, License, Listing, User
 from store.services import accounts, licensing, listings, packaging, usage
 
@@ -84,6 +95,15 @@ def _csrf() -> None:
         check_csrf()
 
 
+@bp.before_request
+def _authenticate() -> None:
+    # Before the view writes anything: checking the web session may write its row (touch or delete) and commit.
+    try:
+        auth.current_user(required=False, cookie_ok=True)
+    except (AuthError, ForbiddenError):
+        pass  # a bad Authorization header: the views that need a user raise it again
+
+
 def _body_limit(endpoint: str | None) -> int | None:
     cfg = ctx().config
     if endpoint == "web.sell":
@@ -123,14 +143,17 @@ def listing(listing_id: str) -> Any:
 
 
 def _listing_page(item: Listing, user: User | None, order: SeatOrder, status: int = 200) -> Any:
-    owner = user is not None and (user.role == "admin" or user.id == item.seller_id)
+    owner = listings.shows_build_details(item, user)
     # The page follows every job still open, whoever started it (an upload, an admin's approval, a retry).
     jobs: list[str] = []
     if owner:
         asked = set(request.args.get("jobs", "").split(","))  # the upload's jobs, even if already ended
         jobs = [j for j in listings.job_ids_of(db(), item) if j in asked]
         jobs += [j for j in listings.job_ids_of(db(), item, open_only=True) if j not in jobs]
-    return render_template("listing.html", l=item, owner=owner, jobs=jobs, order=order), status
+    outcomes = {b.target: listings.build_outcome(b, details=owner) for b in item.builds}
+    return render_template(
+        "listing.html", l=item, owner=owner, jobs=jobs, order=order, outcomes=outcomes
+    ), status
 
 
 # ------------------------------------------------------------------------------------------ production seats
@@ -213,6 +236,7 @@ def buy_seats(listing_id: str) -> Any:
             return _listing_page(item, user, order, exc.http_status)
         order.reviewed = True
         return _listing_page(item, user, order)
+    auth.rate_limit("license", user)
     try:
         rows = licensing.production_licenses(ctx(), db(), user, item.id, order.body())
     except EdgemartError as exc:
@@ -230,11 +254,14 @@ def buy_seats(listing_id: str) -> Any:
 def login() -> Any:
     if request.method == "POST":
         try:
+            auth.rate_limit("login")
             user = accounts.authenticate_password(
                 db(), request.form.get("name", ""), request.form.get("password", ""), now=ctx().now()
             )
         except (AuthError, TooManyAttempts) as exc:
-            return render_template("login.html", error=exc.message), exc.http_status
+            resp = make_response(render_template("login.html", error=exc.message), exc.http_status)
+            set_retry_after(exc, resp)
+            return resp
         auth.login(user)
         target = request.args.get("next", "")
         return redirect(
@@ -258,6 +285,7 @@ def sell() -> Any:
         return render_template(
             "sell.html", problems=[], form={}, targets=packagers.TARGETS, chosen=["arm-cpu"]
         )
+    auth.rate_limit("upload", user)
     form, files = request.form, request.files
     card = files.get("card")
     upload = listings.UploadForm(

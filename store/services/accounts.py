@@ -1,4 +1,5 @@
-"""Users, API tokens (stored as SHA-256 hashes, revocable, scoped by role) and argon2 passwords."""
+"""Users, API tokens (stored as SHA-256 hashes, revocable, scoped by role), argon2 passwords and web sessions
+(one row per signed-in browser, ended by sign-out, idle and absolute timeouts, password and role changes)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from drm.errors import AuthError, ConflictError, NotFoundError, TooManyAttempts, UsageError
-from store.models import ROLES, ApiToken, User
+from store.models import ROLES, ApiToken, User, WebSession
 
 TOKEN_PREFIX = "emt_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -138,7 +139,8 @@ def authenticate_password(session: Session, name: str, password: str, *, now: in
         _hasher.hash("timing-equaliser")  # do the same work for unknown users
         raise AuthError("wrong user name or password")
     if user.locked_until is not None and user.locked_until > now:
-        raise TooManyAttempts(f"too many failed logins; try again in {user.locked_until - now} s", details=[])
+        wait = user.locked_until - now
+        raise TooManyAttempts(f"too many failed logins; try again in {wait} s", details=[], retry_after=wait)
     try:
         _hasher.verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
@@ -157,4 +159,80 @@ def authenticate_password(session: Session, name: str, password: str, *, now: in
 
 
 def set_password(session: Session, user: User, password: str) -> None:
+    """A new password; every web session signed in with the old one ends."""
     user.password_hash = hash_password(password)
+    end_web_sessions(session, user)
+
+
+def set_role(session: Session, user: User, role: str) -> None:
+    """A new role; the user's web sessions end (its API tokens keep their old scope and are refused)."""
+    user.role = check_role(role)
+    end_web_sessions(session, user)
+
+
+def revoke_everything(session: Session, user: User, *, now: int) -> list[int]:
+    """The answer to a compromised account: every API token revoked, every web session ended; the token ids."""
+    revoked = [row.id for row in list_tokens(session, user) if row.revoked_at is None]
+    for token_id in revoked:
+        revoke_token(session, user, token_id, now=now)
+    end_web_sessions(session, user)
+    return revoked
+
+
+# ------------------------------------------------------------------------------------------ web sessions
+
+WEB_SESSION_TOUCH_SECONDS = 60  # last_seen_at is written at most this often (idle timeouts are that coarse)
+
+
+def start_web_session(
+    session: Session, user: User, *, now: int, idle_seconds: float, max_seconds: float
+) -> str:
+    """A new web session for ``user``: the id for the signed cookie (only its hash is stored). Sessions of
+    anyone that have timed out are deleted on the way, so the table holds only live ones."""
+    session.execute(delete(WebSession).where(_expired(now, idle_seconds, max_seconds)))
+    sid = secrets.token_urlsafe(32)
+    session.add(
+        WebSession(id_hash=token_hash(sid), user_id=user.id, role=user.role, created_at=now, last_seen_at=now)
+    )
+    session.flush()
+    return sid
+
+
+def _expired(now: int, idle_seconds: float, max_seconds: float) -> Any:
+    return or_(WebSession.last_seen_at < now - idle_seconds, WebSession.created_at < now - max_seconds)
+
+
+def web_session_user(
+    session: Session, sid: object, *, now: int, idle_seconds: float, max_seconds: float
+) -> tuple[User | None, bool]:
+    """The user of a live web session, or None (unknown, ended, timed out, or the role changed since sign-in:
+    then the row is deleted). The flag says whether the row was written (the caller commits)."""
+    if not isinstance(sid, str) or not 0 < len(sid) <= 128:
+        return None, False
+    row = session.get(WebSession, token_hash(sid))
+    if row is None:
+        return None, False
+    user = session.get(User, row.user_id)
+    if (
+        user is None
+        or user.role != row.role
+        or now - row.last_seen_at > idle_seconds
+        or now - row.created_at > max_seconds
+    ):
+        session.delete(row)
+        return None, True
+    if now - row.last_seen_at >= min(WEB_SESSION_TOUCH_SECONDS, idle_seconds / 4):
+        row.last_seen_at = now
+        return user, True
+    return user, False
+
+
+def end_web_session(session: Session, sid: object) -> None:
+    """Sign one browser out (the cookie's session id); unknown ids are ignored."""
+    if isinstance(sid, str) and 0 < len(sid) <= 128:
+        session.execute(delete(WebSession).where(WebSession.id_hash == token_hash(sid)))
+
+
+def end_web_sessions(session: Session, user: User) -> None:
+    """Sign ``user`` out everywhere: each of their cookies is refused at its next request, on every web process."""
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id))

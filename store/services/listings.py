@@ -569,17 +569,46 @@ def search(
     return list(rows), pages
 
 
-def build_to_dict(build: Build) -> dict[str, Any]:
+BUILD_FAILED = "build failed"
+
+
+def shows_build_details(listing: Listing, user: User | None) -> bool:
+    """Whether ``user`` may read why a build of ``listing`` failed: its seller and admins."""
+    return user is not None and (user.role == "admin" or user.id == listing.seller_id)
+
+
+def build_outcome(build: Build, *, details: bool) -> dict[str, Any]:
+    """What a viewer sees of a build's progress and outcome. Failure details (errors, retry messages, the
+    quality figures and report of a rejected build) are for the seller and admins (``details``); everyone
+    else reads only "build failed"."""
+    if details or build.status == "done":
+        return {
+            "message": build.message,
+            "error": build.error,
+            "quality": build.quality,
+            "report": build.quality_html_blob is not None,
+        }
+    failed = build.status in ("failed", "rejected")
+    return {
+        "message": BUILD_FAILED if failed else build.message if build.status == "running" else build.status,
+        "error": BUILD_FAILED if failed else None,
+        "quality": None,
+        "report": False,
+    }
+
+
+def build_to_dict(build: Build, *, details: bool) -> dict[str, Any]:
+    outcome = build_outcome(build, details=details)
     return {
         "target": build.target,
         "status": build.status,
         "progress": round(build.progress, 4),
-        "message": build.message,
+        "message": outcome["message"],
         "build_hash": build.build_hash,
         "format": build.format,
         "size": build.sealed_size,
-        "quality": build.quality,
-        "error": build.error,
+        "quality": outcome["quality"],
+        "error": outcome["error"],
         "build_url": f"/api/v1/builds/{build.build_hash.split(':', 1)[1]}"
         if build.build_hash and build.status == "done"
         else None,
@@ -602,9 +631,9 @@ def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, A
         "model": {"format": listing.model_format, "size": listing.model_size, "sha256": listing.model_sha256},
         "card": listing.card,
         "created_at": listing.created_at,
-        "builds": [build_to_dict(b) for b in listing.builds],
+        "builds": [build_to_dict(b, details=shows_build_details(listing, viewer)) for b in listing.builds],
     }
-    if viewer is not None and (viewer.role == "admin" or viewer.id == listing.seller_id):
+    if shows_build_details(listing, viewer):
         out["targets"] = listing.targets
         out["target_options"] = listing.target_options or {}
         out["review_note"] = listing.review_note

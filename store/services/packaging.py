@@ -487,8 +487,7 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
             clash = s.scalar(select(Build).where(Build.build_hash == result.build_hash, Build.id != build_id))
             if clash is not None:
                 raise ConflictError(
-                    f"an identical {target} build already exists in listing {clash.listing_id}; not sold twice",
-                    code="duplicate_build",
+                    _duplicate_build_message(s, target, clash, listing_id), code="duplicate_build"
                 )
             build = s.get(Build, build_id)
             assert build is not None
@@ -514,6 +513,15 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
         for key in created:
             ctx.blobs.delete(key)
         raise
+
+
+def _duplicate_build_message(s: Session, target: str, clash: Build, listing_id: str) -> str:
+    """The refusal of a build identical to one already sold: it names the other listing only when the same
+    seller owns it (another seller's listing may be private; its id is not this seller's to learn)."""
+    listing = s.get(Listing, listing_id)
+    if listing is None or clash.listing.seller_id != listing.seller_id:
+        return f"an identical {target} build is already sold by another seller; not sold twice"
+    return f"an identical {target} build already exists in your listing {clash.listing_id}; not sold twice"
 
 
 def _jsonable(value: Any) -> Any:

@@ -118,6 +118,22 @@ def serve_http(app: Flask) -> Iterator[str]:
         thread.join(10)
 
 
+def cli_create_user(data_dir: Path, name: str, role: str) -> str:
+    """`edgemart store create-user` in a process of its own (as an operator runs it); returns the API token."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    made = subprocess.run(
+        [sys.executable, "-m", "edgemart", "store", "create-user", name, "--role", role,
+         "--data-dir", str(data_dir), "--json"],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return str(json.loads(made.stdout)["token"])
+
+
 def make_store(data_dir: Path, **config: Any) -> Store:
     app = create_app({"DATA_DIR": str(data_dir), "JOB_POLL_SECONDS": 0.2, **config})
     app.testing = True
@@ -143,6 +159,7 @@ BOTH_DATABASES = {
     "test_store_authz",
     "test_store_concurrency",
     "test_store_hostile_models",
+    "test_store_hostile_users",
 }
 
 

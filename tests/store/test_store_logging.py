@@ -16,6 +16,7 @@ from pathlib import Path
 
 from store.localservers.postgres import free_port
 from store.logs import JsonFormatter
+from tests.store.conftest import cli_create_user
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +38,7 @@ def test_each_request_has_one_access_record_with_its_request_id(store, caplog):
 
 def test_serve_writes_only_json_lines(tmp_path):
     data = tmp_path / "store"
-    made = subprocess.run(
-        [sys.executable, "-m", "edgemart", "store", "create-user", "sally", "--role", "seller",
-         "--data-dir", str(data), "--json"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-    token = json.loads(made.stdout)["token"]
+    token = cli_create_user(data, "sally", "seller")
     port = free_port()
     err = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(

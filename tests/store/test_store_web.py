@@ -56,6 +56,7 @@ def test_seller_uploads_through_the_form_and_sees_progress(store, digits_base, d
     job_id = r.headers["Location"].split("jobs=")[1].split(",")[0]
     assert "static/listing.js" in page and job_id in page  # the polling script and the jobs it follows
     assert "<script>" not in page  # no inline script (CSP)
+    assert "/api/v1/jobs/" in client.get("/static/listing.js").get_data(as_text=True)
     assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200  # cookie works for reads
     store.wait()
     page = client.get("/listings/web-digits").get_data(as_text=True)
