@@ -39,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_SAMPLE_BYTES": 256 * 1024 * 1024,  # all arrays together, uncompressed
     "MAX_SAMPLE_MEMBERS": 1024,
     "MAX_SAMPLE_RATIO": 200.0,  # uncompressed:compressed, per member above 1 MiB
+    # Seller bytes are gated, inspected and packaged in a confined child (store/sandbox.py) with these limits.
+    "SANDBOX_MEMORY_BYTES": 4 << 30,  # address space one task may add to the preloaded runner's
+    "SANDBOX_CPU_SECONDS": 900,
+    "SANDBOX_WALL_SECONDS": 1800.0,
     "WORKER": "thread",  # "thread": in-process worker; "none": this process runs no jobs
     "JOB_POLL_SECONDS": 2.0,
     "JOB_LEASE_SECONDS": 120,  # a running job without a heartbeat for this long is re-queued
@@ -89,6 +93,9 @@ ENV_KEYS = (
     "MAX_SAMPLE_BYTES",
     "MAX_SAMPLE_MEMBERS",
     "MAX_SAMPLE_RATIO",
+    "SANDBOX_MEMORY_BYTES",
+    "SANDBOX_CPU_SECONDS",
+    "SANDBOX_WALL_SECONDS",
     "JOB_POLL_SECONDS",
     "JOB_LEASE_SECONDS",
     "JOB_HEARTBEAT_SECONDS",
@@ -193,6 +200,14 @@ class StoreContext:
         import drm
 
         return drm.cert_to_pem(self.vault.authority().cert)
+
+    @property
+    def sandbox(self) -> Any:
+        """Where seller bytes are processed: a confined child (store.sandbox) that cannot read DATA_DIR."""
+        from store.sandbox import Sandbox, SandboxLimits
+
+        forbidden = [Path(self.config["DATA_DIR"])]
+        return Sandbox(SandboxLimits.from_config(self.config), forbidden)
 
     def license_index(self) -> Any:
         """The open-model index the compliance gate compares uploads with (read fresh: the CLI may add to it)."""

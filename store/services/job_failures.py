@@ -118,13 +118,14 @@ def explain(exc: BaseException, *, target: str, listing: str, model: bytes | Non
                 retry=True,
             )
         return _from_refusal(exc, target=target, listing=listing, model=model)
-    if type(exc).__module__.startswith(("onnxruntime", "onnx")) or "ONNXRuntimeError" in str(exc):
+    module = getattr(exc, "origin_module", type(exc).__module__)  # a sandboxed child's exception, as text
+    if module.startswith(("onnxruntime", "onnx")) or "ONNXRuntimeError" in str(exc):
         found = _from_runtime_message(str(exc), target, model, listing)
         if found is not None:
             return found
     return Failure(
         "internal",
-        f"packaging for {target} stopped on an internal error ({type(exc).__name__})",
+        f"packaging for {target} stopped on an internal error ({getattr(exc, 'type_name', type(exc).__name__)})",
         "nothing to change yet: the job is retried; if it keeps failing an admin sees the details in the"
         " worker log",
         retry=True,
@@ -160,6 +161,8 @@ def _from_refusal(exc: EdgemartError, *, target: str, listing: str, model: bytes
         "unsupported_op": f"choose another target for this model, or replace the op; then {reupload}",
         "invalid_model": f"check the model file (it must load in onnxruntime or LiteRT); then {reupload}",
         "duplicate_build": "nothing to do: this exact build is already sold in the named listing",
+        "limit": "make the model or its samples smaller, or ask the store operator to raise the named"
+        " SANDBOX_* limit; then re-package",
     }
     code = code or "invalid_model"
     return Failure(code, message, steps.get(code, f"fix the model or its samples; then {reupload}"))

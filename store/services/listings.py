@@ -30,6 +30,7 @@ from edge_runtime.fileio import fault_point
 from store.blobs import TooLarge, new_blob_id
 from store.context import StoreContext
 from store.models import Build, Job, Listing, User
+from store.services import confined
 
 _SLUG_STRIP = re.compile(r"[^a-z0-9]+")
 VISIBILITIES = ("public", "private")
@@ -279,7 +280,6 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
 
     Raises UploadProblems (422, all problems) or Blocked (403, after keeping the listing for appeal).
     On any failure the blobs this call created are deleted and the transaction is rolled back."""
-    import packagers
 
     if seller.role not in ("seller", "admin"):
         raise ForbiddenError("only sellers can upload models")
@@ -359,7 +359,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                     created.append(model_put.key)
                 model_bytes = ctx.blobs.get(model_put.key)
                 try:
-                    model_info = packagers.inspect_model(model_bytes)
+                    model_info = confined.inspect(ctx, model_bytes)
                 except UsageError as exc:
                     problems.append(Problem("model", "invalid_model", with_prefix("model", exc.message)))
 
@@ -375,7 +375,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 if calibration_put.created:
                     created.append(calibration_put.key)
                 try:
-                    load_samples(ctx.blobs.get(calibration_put.key), cfg)
+                    confined.check_samples(ctx, ctx.blobs.get(calibration_put.key))
                 except UsageError as exc:
                     problems.append(
                         Problem("calibration", "invalid_calibration", with_prefix("calibration", exc.message))
@@ -388,11 +388,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             )
         assert model_bytes is not None and model_put is not None and model_info is not None
 
-        import licenses
-
-        decision = licenses.check_model(
-            model_bytes, card=card, declared_license=license_expr, index=ctx.license_index()
-        ).to_dict()
+        decision = confined.gate(ctx, model_bytes, card=card, license=license_expr)
         blocked = decision.get("outcome") == "block"
         now = ctx.now()
         listing = Listing(
@@ -412,7 +408,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             price_per_seat=price,
             model_blob=model_put.key,
             model_sha256="sha256:" + model_put.sha256,
-            model_format=model_info.format,
+            model_format=model_info["format"],
             model_size=model_put.size,
             calibration_blob=calibration_put.key if calibration_put else None,
             created_at=now,

@@ -20,6 +20,7 @@ from store.blobs import new_blob_id
 from store.context import StoreContext
 from store.jobs import worker_id
 from store.models import JOB_STATES, Build, Job, Listing, User
+from store.services import confined
 from store.services.job_failures import Failure, explain, gave_up, worker_stopped
 
 log = logging.getLogger("edgemart.store.packaging")
@@ -370,46 +371,7 @@ def _retry_or_dead(ctx: StoreContext, lease: Lease, failure: Failure) -> None:
         s.commit()
 
 
-def _seller_samples(ctx: StoreContext, blob: str | None) -> dict[str, Any] | None:
-    if blob is None:
-        return None
-    from store.services.listings import load_samples
-
-    return load_samples(ctx.blobs.get(blob), ctx.config)
-
-
-def _check_samples(ctx: StoreContext, target: str, model: bytes, samples: dict[str, Any] | None) -> None:
-    """All of the seller's samples fit the model's inputs, and there are enough of them for an int8 target
-    (checked before the hold-out split, so a message counts what the seller uploaded)."""
-    import packagers
-
-    if samples is None:
-        return
-    bound = packagers.bind_samples(packagers.inspect_model(model), samples, "calibration")
-    n = min(len(v) for v in bound.values())
-    least = int(ctx.config["MIN_CALIBRATION_SAMPLES"])
-    if packagers.get_packager(target).needs_calibration and n < least:
-        raise UsageError(
-            f"calibration too small: {n} sample(s); {target} needs at least {least} to set its int8 ranges",
-            code="calibration_too_small",
-        )
-
-
-def _split_samples(
-    ctx: StoreContext, samples: dict[str, Any] | None
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The seller's samples, split: the first part calibrates, the held-out rest measures quality honestly."""
-    if samples is None:
-        return None, None
-    n = min(len(v) for v in samples.values())
-    held = int(n * float(ctx.config["HOLDOUT_FRACTION"]))
-    if held < 10 or n - held < 10:
-        return samples, None
-    return {k: v[: n - held] for k, v in samples.items()}, {k: v[n - held : n] for k, v in samples.items()}
-
-
 def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
-    import packagers
 
     job_id = lease.job_id
     with ctx.Session() as s:
@@ -425,14 +387,12 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
         samples_blob = listing.calibration_blob
     set_progress(ctx, lease, build_id, 0.0, f"packaging for {target}")
     model = attempt.model = ctx.blobs.get(model_key)
-    samples = _seller_samples(ctx, samples_blob)
-    _check_samples(ctx, target, model, samples)
-    calibration, holdout = _split_samples(ctx, samples)
-    result = packagers.package_model(
+    samples = ctx.blobs.get(samples_blob) if samples_blob is not None else None
+    result = confined.package(
+        ctx,
         model,
-        target,
-        calibration=calibration,
-        holdout=holdout,
+        samples,
+        target=target,
         options=options,
         progress=_Progress(ctx, lease, build_id, 0.0, 0.9),
     )

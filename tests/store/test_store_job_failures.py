@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import packagers
 from edgemart.cli import main
 from store.app import worker_loop
 from tests.store.conftest import make_store, serve_http
@@ -134,10 +133,13 @@ def test_wait_ends_on_a_failed_job_with_exit_1_and_the_reason(live, capsys, tmp_
 def test_wait_ends_on_a_dead_lettered_job_and_json_lists_the_reasons(live, capsys, tmp_path, monkeypatch):
     url, store = live
 
-    def crash(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("packager bug with /secret/path in it")
+    from store.sandbox import SandboxChildError
+    from store.services import confined
 
-    monkeypatch.setattr(packagers, "package_model", crash)
+    def crash(*args: object, **kwargs: object) -> None:  # what the sandbox answers for a packager bug
+        raise SandboxChildError("RuntimeError", "builtins", "packager bug with /secret/path in it")
+
+    monkeypatch.setattr(confined, "package", crash)
     model = tmp_path / "m.onnx"
     model.write_bytes(_custom_op_model())
     assert main(_upload(url, store.tokens["sally"], model, "--targets", "onnx-fp32", "--json")) == 1
