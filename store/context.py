@@ -39,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_SAMPLE_BYTES": 256 * 1024 * 1024,  # all arrays together, uncompressed
     "MAX_SAMPLE_MEMBERS": 1024,
     "MAX_SAMPLE_RATIO": 200.0,  # uncompressed:compressed, per member above 1 MiB
+    # Caps on what an uploaded model may declare (drm.model_safety; the device uses the defaults).
+    "MODEL_MAX_TENSOR_BYTES": 1 << 30,
+    "MODEL_MAX_TOTAL_BYTES": 4 << 30,
+    "MODEL_MAX_GRAPH_DEPTH": 16,
     # Seller bytes are gated, inspected and packaged in a confined child (store/sandbox.py) with these limits.
     "SANDBOX_MEMORY_BYTES": 4 << 30,  # address space one task may add to the preloaded runner's
     "SANDBOX_CPU_SECONDS": 900,
@@ -93,6 +97,9 @@ ENV_KEYS = (
     "MAX_SAMPLE_BYTES",
     "MAX_SAMPLE_MEMBERS",
     "MAX_SAMPLE_RATIO",
+    "MODEL_MAX_TENSOR_BYTES",
+    "MODEL_MAX_TOTAL_BYTES",
+    "MODEL_MAX_GRAPH_DEPTH",
     "SANDBOX_MEMORY_BYTES",
     "SANDBOX_CPU_SECONDS",
     "SANDBOX_WALL_SECONDS",

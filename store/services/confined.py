@@ -43,7 +43,21 @@ def _reads(ctx: StoreContext) -> list[Any]:
 
 
 def inspect(ctx: StoreContext, model: bytes) -> dict[str, Any]:
-    """The model's signature (ModelInfo.to_dict()); UsageError naming what is wrong with it."""
+    """The model's signature (ModelInfo.to_dict()); UsageError naming what is wrong with it.
+
+    The model-safety walk runs here first with the store's configured caps (it is pure code of ours), then
+    again with the defaults inside the sandbox before any library parses the bytes."""
+    from drm.model_safety import ModelLimits, check_model_bytes
+
+    cfg = ctx.config
+    check_model_bytes(
+        model,
+        ModelLimits(
+            max_tensor_bytes=int(cfg["MODEL_MAX_TENSOR_BYTES"]),
+            max_total_tensor_bytes=int(cfg["MODEL_MAX_TOTAL_BYTES"]),
+            max_graph_depth=int(cfg["MODEL_MAX_GRAPH_DEPTH"]),
+        ),
+    )
     return _at_upload(ctx, "inspect", {}, {"model": model}, "the model")["info"]  # type: ignore[no-any-return]
 
 

@@ -172,3 +172,11 @@ def test_names_are_nfc_normalised(store, digits_base):
     r = store.upload("sally", digits_base, name="Cafe\u0301 model")
     assert r.status_code == 202, r.json
     assert r.json["listing"]["name"] == "Caf\u00e9 model"
+
+
+def test_model_caps_are_store_configuration(store, digits_base):
+    store.ctx.config["MODEL_MAX_TENSOR_BYTES"] = 4096  # the digits MLP has a 64x128 float32 weight
+    before = store.counts()
+    r = store.upload("sally", digits_base, name="capped")
+    _refused(store, r, "model", "4096-byte limit per tensor")
+    assert store.counts() == before
