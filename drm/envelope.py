@@ -25,7 +25,7 @@ MLDSA65_SIG_LEN = 3309
 
 
 def signed_message(typ: str, payload: bytes) -> bytes:
-    """The exact bytes an envelope's signatures cover (docs/FORMAT.md section 4): domain, type, payload."""
+    """The exact bytes an envelope's signatures cover (docs/FORMAT.md §6): domain, type, payload."""
     return b"edgemart-envelope/1\x00" + typ.encode("ascii") + b"\x00" + payload
 
 

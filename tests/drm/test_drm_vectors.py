@@ -30,7 +30,7 @@ def _load(name: str) -> dict:
 
 
 def _spec_open(sealed: bytes, key: bytes) -> bytes:
-    """docs/FORMAT.md §1, implemented from the text with nothing but AES-GCM and SHA-256."""
+    """docs/FORMAT.md §3, implemented from the text with nothing but AES-GCM and SHA-256."""
     assert sealed[:8] == b"\x89EMDL\r\n\x1a" and sealed[8] == 1
     (hlen,) = struct.unpack(">I", sealed[9:13])
     header = json.loads(sealed[13 : 13 + hlen])
