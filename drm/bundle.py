@@ -33,17 +33,17 @@ MLBOM_NAME = "mlbom.cdx.json"
 NOTICE_NAME = "NOTICE"
 
 BLOCK = 512
-_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _STEM = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}"
 # Every member name a bundle may hold, with its rank in the one canonical member order.
 _MEMBER_PATTERNS: tuple[tuple[int, re.Pattern[str]], ...] = (
-    (0, re.compile(r"^manifest\.json$")),
-    (1, re.compile(r"^manifest\.sig$")),
-    (2, re.compile(r"^builds/[0-9a-f]{64}\.emdl$")),
-    (3, re.compile(rf"^licenses/{_STEM}\.lic$")),
-    (4, re.compile(rf"^chains/{_STEM}$")),
-    (5, re.compile(r"^mlbom\.cdx\.json$")),
-    (6, re.compile(r"^NOTICE$")),
+    (0, re.compile(r"^manifest\.json\Z")),
+    (1, re.compile(r"^manifest\.sig\Z")),
+    (2, re.compile(r"^builds/[0-9a-f]{64}\.emdl\Z")),
+    (3, re.compile(rf"^licenses/{_STEM}\.lic\Z")),
+    (4, re.compile(rf"^chains/{_STEM}\Z")),
+    (5, re.compile(r"^mlbom\.cdx\.json\Z")),
+    (6, re.compile(r"^NOTICE\Z")),
 )
 TOP_LEVEL = ("manifest.json", "manifest.sig", "builds/", "licenses/", "chains/", "mlbom.cdx.json", "NOTICE")
 

@@ -28,9 +28,9 @@ AEAD_ID = "AES-256-GCM"
 TAG_LEN = 16
 KEY_LEN = 32
 _PREFIX = struct.Struct(">8sBI")  # magic, version, header length
-_BUILD_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
-_TARGET = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
-_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,62}/[a-z0-9][a-z0-9.+\-]{0,62}$")
+_BUILD_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_TARGET = re.compile(r"^[A-Za-z0-9._:\-]{1,64}\Z")
+_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,62}/[a-z0-9][a-z0-9.+\-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ MLDSA65_SIG_LEN = 3309
 
 
 def signed_message(typ: str, payload: bytes) -> bytes:
-    """The exact bytes an envelope's signatures cover (docs/FORMAT.md section 4): domain, type, payload."""
+    """The exact bytes an envelope's signatures cover (docs/FORMAT.md §6): domain, type, payload."""
     return b"edgemart-envelope/1\x00" + typ.encode("ascii") + b"\x00" + payload
 
 
@@ -64,7 +64,12 @@ def _parse(token: bytes, typ: str, max_bytes: int = MAX_ENVELOPE_BYTES) -> _Pars
     x5c = field(obj, "x5c", list, what=typ)
     if len(x5c) != 1:
         raise FormatError(f"{typ}: x5c must hold exactly the issuer certificate")
-    cert = cert_from_bytes(b64d(x5c[0], what="x5c", max_len=MAX_CERT_BYTES))
+    der = b64d(x5c[0], what="x5c", max_len=MAX_CERT_BYTES)
+    cert = cert_from_bytes(der)
+    if (
+        cert.public_bytes(serialization.Encoding.DER) != der
+    ):  # PEM (or any other text) here is a second encoding
+        raise FormatError(f"{typ}: x5c must hold the certificate's DER bytes")
     # The algorithm set is pinned here, never read from the token: unknown names are refused.
     sigs = exact_keys(
         field(obj, "sig", dict, what=typ), {SIG_ED25519, SIG_MLDSA65}, what="sig", required={SIG_ED25519}

@@ -28,6 +28,16 @@ EKU_LICENSE_ISSUER = ObjectIdentifier(_ARC + ".10")
 EKU_DEVICE = ObjectIdentifier(_ARC + ".11")
 EKU_BUNDLE_SIGNER = ObjectIdentifier(_ARC + ".12")
 MAX_CERT_BYTES = 16 * 1024
+# The extensions verify_cert acts on; any other extension marked critical makes a certificate unusable (RFC 5280).
+_UNDERSTOOD_EXTENSIONS = frozenset(
+    {
+        x509.oid.ExtensionOID.BASIC_CONSTRAINTS,
+        x509.oid.ExtensionOID.EXTENDED_KEY_USAGE,
+        OID_X25519_KEM,
+        OID_MLKEM768_KEM,
+        OID_MLDSA65_COSIGN,
+    }
+)
 _ED25519_SIG_OID = ObjectIdentifier("1.3.101.112")
 # AlgorithmIdentifier{id-Ed25519} (no parameters) then BIT STRING of 65 bytes with 0 unused bits.
 _ED25519_SIGNATURE_TRAILER = bytes.fromhex("300506032b6570") + bytes.fromhex("034100")
@@ -393,7 +403,8 @@ def _verify_cert(
     der = cert.public_bytes(serialization.Encoding.DER)
     if not der.endswith(_ED25519_SIGNATURE_TRAILER + cert.signature) or len(cert.signature) != 64:
         raise LicenseRefused(reason="certificate signature has a non-canonical encoding")
-    if cert.issuer != root.subject:
+    # Names are compared as DER bytes: equal-looking names in other string types are other names.
+    if cert.issuer.public_bytes() != root.subject.public_bytes():
         raise LicenseRefused(reason="certificate was not issued by the pinned root")
     root_pub = root.public_key()
     if not isinstance(root_pub, ed25519.Ed25519PublicKey):
@@ -406,6 +417,11 @@ def _verify_cert(
     for c in (cert, root):
         if not (c.not_valid_before_utc.timestamp() <= now <= c.not_valid_after_utc.timestamp()):
             raise LicenseRefused(reason="certificate expired or not yet valid")
+    for ext in cert.extensions:
+        if ext.critical and ext.oid not in _UNDERSTOOD_EXTENSIONS:
+            raise LicenseRefused(
+                reason=f"certificate has an unknown critical extension {ext.oid.dotted_string}"
+            )
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

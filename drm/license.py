@@ -28,9 +28,9 @@ _SUITES = {
 }
 # Length of the HPKE single-shot output (enc || AES-256-GCM(cek) || tag) per suite.
 _WRAPPED_LEN = {SUITE_X25519: 32 + 32 + 16, SUITE_HYBRID: 1088 + 32 + 32 + 16}
-_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_KEY_ID = re.compile(r"^[0-9a-f]{32}$")
-_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
+_KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ REVOCATION_TYP = "edgemart-revocation/1"
 MAX_REVOKED = 25_000  # the store drops licenses from the list once they have expired
 MAX_REVOCATION_BYTES = 2 * 1024 * 1024
 CLOCK_SKEW = 300
-_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, lo
 MAX_RECORD_BYTES = 4096
 MAX_LOG_BYTES = 64 * 1024 * 1024
 MAX_DETAIL = 256
-_TAG = re.compile(r"^sha256:[0-9a-f]{64}$")
+_TAG = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _FIELDS = {"v", "seq", "prev", "t", "device_id", "event", "license_id", "build_hash", "runs", "detail"}
 EVENTS = ("run", "refused", "sync")
 

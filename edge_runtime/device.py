@@ -41,7 +41,7 @@ KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
 REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")
 FLEET_DIR = "fleet"  # DIR/fleet/<fleet_key_id>.key: X25519 PKCS#8 PEM, 0600, one per fleet the device is in
 MAX_FLEET_KEY_BYTES = 16 * 1024
-_FLEET_KEY_ID = re.compile(r"^[0-9a-f]{32}$")
+_FLEET_KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 def _iso(t: int | None) -> str | None:

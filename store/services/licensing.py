@@ -22,8 +22,8 @@ from store.db import lock_row
 from store.models import Build, Device, License, Listing, Revocation, User
 from store.services.listings import get_visible
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_DEVICE_ID = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_DEVICE_ID = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_DEVICE_CERTS = 1000
 LICENSE_BUYERS = ("buyer", "builder", "admin")
 PRODUCTION_BUYERS = ("builder", "admin")

@@ -6,13 +6,17 @@ so the document and the code cannot drift apart silently."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem
+from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import drm
@@ -26,7 +30,7 @@ def _load(name: str) -> dict:
 
 
 def _spec_open(sealed: bytes, key: bytes) -> bytes:
-    """docs/FORMAT.md §1, implemented from the text with nothing but AES-GCM and SHA-256."""
+    """docs/FORMAT.md §3, implemented from the text with nothing but AES-GCM and SHA-256."""
     assert sealed[:8] == b"\x89EMDL\r\n\x1a" and sealed[8] == 1
     (hlen,) = struct.unpack(">I", sealed[9:13])
     header = json.loads(sealed[13 : 13 + hlen])
@@ -77,9 +81,12 @@ def test_canonical_vectors() -> None:
     for item in vec["canonical"]:
         assert dumps(json.loads(item["value_json"])) == item["canonical"].encode()
         loads(item["canonical"].encode(), max_size=1 << 16, what="vector")
-    for raw in vec["rejected"]:
+    for item in vec["rejected"]:
         with pytest.raises(drm.FormatError):
-            loads(raw.encode(), max_size=1 << 16, what="vector")
+            loads(item["json"].encode(), max_size=1 << 16, what="vector")
+    for item in vec["rejected_hex"]:
+        with pytest.raises(drm.FormatError):
+            loads(bytes.fromhex(item["hex"]), max_size=1 << 16, what="vector")
 
 
 def test_license_vectors() -> None:
@@ -157,6 +164,7 @@ def test_usage_log_vectors() -> None:
             license_id=rec["license_id"],
             build_hash=rec["build_hash"],
             runs=rec["runs"],
+            detail=rec["detail"],
         )
         assert again.decode() == line
         key.public_key().verify(
@@ -186,3 +194,306 @@ def test_at_rest_vectors() -> None:
         drm.open_state(bytes.fromhex(st["blob"]), key=bytes.fromhex(st["key"]), device_id=st["device_id"])
         == st["state"]
     )
+
+
+# ------------------------------------------------------------------------------------------ issue #22 additions
+
+
+@pytest.mark.parametrize("case", _load("container.json")["refusals"], ids=lambda c: c["name"])
+def test_container_refusal_vectors(case: dict) -> None:
+    with pytest.raises(drm.IntegrityError):
+        drm.open_sealed(
+            bytes.fromhex(case["sealed"]),
+            key=bytes.fromhex(case["key"]),
+            expected_build_hash=case["expected_build_hash"],
+        )
+
+
+def test_container_header_sha256_is_over_prefix_and_header() -> None:
+    for case in _load("container.json")["cases"]:
+        sealed = bytes.fromhex(case["sealed"])
+        head = sealed[:13] + case["header_json"].encode()
+        assert sealed[9:13] == struct.pack(">I", len(case["header_json"].encode()))
+        assert "sha256:" + hashlib.sha256(head).hexdigest() == case["header_sha256"]
+
+
+_PURPOSES = {
+    "license-issuer": drm.EKU_LICENSE_ISSUER,
+    "device": drm.EKU_DEVICE,
+    "bundle-signer": drm.EKU_BUNDLE_SIGNER,
+}
+
+
+@pytest.mark.parametrize("case", _load("certificates.json")["checks"], ids=lambda c: c["name"])
+def test_certificate_vectors(case: dict) -> None:
+    root = drm.cert_from_bytes(_load("certificates.json")["root_cert_pem"].encode())
+    der = bytes.fromhex(case["cert_der"])
+
+    def check() -> None:
+        drm.verify_cert(drm.cert_from_bytes(der), root, now=case["now"], purpose=_PURPOSES[case["purpose"]])
+
+    if case["expect"] == "accept":
+        check()
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            check()
+
+
+def test_device_keys_csr_and_certificates() -> None:
+    vec = _load("certificates.json")
+    dev = vec["device"]
+    keys = drm.DeviceKeys.from_files(
+        {
+            "sign.key": dev["sign_key_pem"].encode(),
+            "kem.key": dev["kem_key_pem"].encode(),
+            "pqkem.key": bytes.fromhex(dev["mlkem768_seed"]),
+        }
+    )
+    assert keys.device_id == dev["device_id"]
+    assert keys.kem_public() == drm.KemKeys(
+        bytes.fromhex(dev["x25519_public"]), bytes.fromhex(dev["mlkem768_public"])
+    )
+    # FIPS 203 seed layout: d || z, 32 bytes each; the encapsulation key follows from it.
+    assert mlkem.MLKEM768PrivateKey.from_seed_bytes(
+        bytes.fromhex(dev["mlkem768_seed"])
+    ).public_key().public_bytes_raw() == bytes.fromhex(dev["mlkem768_public"])
+    for name in ("store_issued_cert_pem", "self_signed_cert_pem"):
+        cert = drm.cert_from_bytes(dev[name].encode())
+        assert drm.cert_device_id(cert) == dev["device_id"]
+        assert drm.cert_kem_keys(cert) == keys.kem_public()
+        # the private extensions hold the raw key as the extnValue OCTET STRING's contents
+        raw = {
+            e.oid.dotted_string: e.value.value
+            for e in cert.extensions
+            if e.oid.dotted_string.startswith("1.3.6.1.4.1.59999.7.")
+        }
+        assert raw == {
+            "1.3.6.1.4.1.59999.7.1": bytes.fromhex(dev["x25519_public"]),
+            "1.3.6.1.4.1.59999.7.2": bytes.fromhex(dev["mlkem768_public"]),
+        }
+    csr = x509.load_pem_x509_csr(dev["csr_pem"].encode())
+    assert csr.is_signature_valid and drm.key_id(csr.public_key()) == dev["device_id"]  # type: ignore[arg-type]
+    authority = drm.Authority.from_files(
+        {"root.key": vec["root_key_pem"].encode(), "root.crt": vec["root_cert_pem"].encode()}
+    )
+    reissued = authority.issue_device_cert(dev["csr_pem"].encode(), now=_load("license.json")["now"])
+    assert drm.cert_device_id(reissued) == dev["device_id"]
+    for bad in vec["csr_refusals"]:
+        with pytest.raises(drm.UsageError):
+            authority.issue_device_cert(bytes.fromhex(bad["csr_der"]), now=_load("license.json")["now"])
+
+
+@pytest.mark.parametrize("case", _load("license.json")["checks"], ids=lambda c: c["name"])
+def test_license_check_vectors(case: dict) -> None:
+    root = drm.cert_from_bytes(_load("license.json")["root_cert_pem"].encode())
+
+    def check() -> drm.VerifiedLicense:
+        return drm.verify_license(
+            case["token"].encode(),
+            root=root,
+            now=case["now"],
+            device_id=case["device_id"],
+            fleet_key_ids=frozenset(case["fleet_key_ids"]),
+            build_hash=case["build_hash"],
+            revoked=frozenset(case["revoked"]),
+            require_pq=case["require_pq"],
+        )
+
+    if case["expect"] == "accept":
+        check()
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            check()
+
+
+@pytest.mark.parametrize("case", _load("license.json")["revocation_checks"], ids=lambda c: c["name"])
+def test_revocation_check_vectors(case: dict) -> None:
+    root = drm.cert_from_bytes(_load("license.json")["root_cert_pem"].encode())
+
+    def check() -> None:
+        drm.verify_revocation_list(
+            case["token"].encode(),
+            root=root,
+            now=case["now"],
+            current_version=case["current_version"],
+            max_age=case["max_age"],
+        )
+
+    if case["expect"] == "accept":
+        check()
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            check()
+
+
+# HPKE (RFC 9180) base mode, single shot, from the spec text with nothing but HMAC-SHA256 and AES-GCM.
+
+
+def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+
+
+def _hkdf_expand(prk: bytes, info: bytes, n: int) -> bytes:
+    out, block, i = b"", b"", 1
+    while len(out) < n:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out, i = out + block, i + 1
+    return out[:n]
+
+
+def _hpke_open(kem_id: int, shared_secret: bytes, ciphertext: bytes, info: bytes) -> bytes:
+    suite = b"HPKE" + struct.pack(">HHH", kem_id, 0x0001, 0x0002)
+
+    def extract(salt: bytes, label: bytes, ikm: bytes) -> bytes:
+        return _hkdf_extract(salt, b"HPKE-v1" + suite + label + ikm)
+
+    def expand(prk: bytes, label: bytes, ctx: bytes, n: int) -> bytes:
+        return _hkdf_expand(prk, struct.pack(">H", n) + b"HPKE-v1" + suite + label + ctx, n)
+
+    ctx = b"\x00" + extract(b"", b"psk_id_hash", b"") + extract(b"", b"info_hash", info)
+    secret = extract(shared_secret, b"secret", b"")
+    return AESGCM(expand(secret, b"key", ctx, 32)).decrypt(
+        expand(secret, b"base_nonce", ctx, 12), ciphertext, b""
+    )
+
+
+def _spec_unwrap(claims: dict, x25519_key: Any, mlkem_seed: bytes | None) -> bytes:
+    """docs/FORMAT.md §8: the CEK from wrapped_cek with the recipient's private keys."""
+    enc = drm._canonical.b64d(claims["wrapped_cek"]["enc"], what="enc")
+    info = b"edgemart-cek/1\x00" + dumps(
+        [claims["license_id"], claims["build_hash"], claims["device_id"] or claims["fleet_key_id"]]
+    )
+    pk_x = x25519_key.public_key().public_bytes_raw()
+    if claims["wrapped_cek"]["suite"] == "DHKEM-X25519-HKDF-SHA256/HKDF-SHA256/AES-256-GCM":
+        e = enc[:32]
+        dh = x25519_key.exchange(x25519.X25519PublicKey.from_public_bytes(e))
+        kem_suite = b"KEM" + struct.pack(">H", 0x0020)
+        prk = _hkdf_extract(b"", b"HPKE-v1" + kem_suite + b"eae_prk" + dh)
+        ss = _hkdf_expand(
+            prk, struct.pack(">H", 32) + b"HPKE-v1" + kem_suite + b"shared_secret" + e + pk_x, 32
+        )
+        return _hpke_open(0x0020, ss, enc[32:], info)
+    assert claims["wrapped_cek"]["suite"] == "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM" and mlkem_seed
+    ct_m, ct_x = enc[:1088], enc[1088:1120]
+    ss_m = mlkem.MLKEM768PrivateKey.from_seed_bytes(mlkem_seed).decapsulate(ct_m)
+    ss_x = x25519_key.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
+    ss = hashlib.sha3_256(ss_m + ss_x + ct_x + pk_x + b"\\.//^\\").digest()  # X-Wing combiner and label
+    return _hpke_open(0x647A, ss, enc[1120:], info)
+
+
+def test_hpke_unwrap_from_the_spec() -> None:
+    vec = _load("license.json")
+    for which, seed in (("hybrid", "device_mlkem768_seed"), ("x25519", None)):
+        part = vec[which]
+        claims = json.loads(drm.parse_envelope(part["token"].encode(), "edgemart-license/1")[1])
+        kem = serialization.load_pem_private_key(part["device_kem_key_pem"].encode(), None)
+        cek = _spec_unwrap(claims, kem, bytes.fromhex(part[seed]) if seed else None)
+        assert cek.hex() == vec["expected_cek"]
+    fleet = vec["fleet"]
+    claims = json.loads(drm.parse_envelope(fleet["token"].encode(), "edgemart-license/1")[1])
+    fleet_key = serialization.load_pem_private_key(fleet["fleet_key_pem"].encode(), None)
+    assert _spec_unwrap(claims, fleet_key, None).hex() == vec["expected_cek"]
+
+
+def test_fleet_and_classic_issuer_vectors() -> None:
+    vec = _load("license.json")
+    root = drm.cert_from_bytes(vec["root_cert_pem"].encode())
+    fleet = vec["fleet"]
+    key = drm.keys.x25519_from_pem(fleet["fleet_key_pem"].encode())
+    assert drm.key_id(key.public_key().public_bytes_raw()) == fleet["fleet_key_id"]
+    v = drm.verify_license(
+        fleet["token"].encode(), root=root, now=vec["now"], fleet_key_ids=frozenset({fleet["fleet_key_id"]})
+    )
+    assert v.claims.device_id is None and v.claims.not_after is None
+    assert drm.unwrap_cek(v.claims, key).hex() == vec["expected_cek"]
+    classic = drm.Issuer.from_files({k: v.encode() for k, v in vec["classic_issuer"].items()})
+    assert classic.pq_key is None
+    c = drm.verify_license(
+        vec["classic_issuer_token"].encode(), root=root, now=vec["now"], device_id=vec["hybrid"]["device_id"]
+    )
+    assert not c.pq_verified and c.claims.issuer_kid == classic.kid
+    keys = drm.DeviceKeys.from_files(
+        {
+            "sign.key": vec["hybrid"]["device_sign_key_pem"].encode(),
+            "kem.key": vec["hybrid"]["device_kem_key_pem"].encode(),
+            "pqkem.key": bytes.fromhex(vec["hybrid"]["device_mlkem768_seed"]),
+        }
+    )
+    for bad in vec["unwrap_refusals"]:
+        moved = drm.verify_license(bad["token"].encode(), root=root, now=vec["now"], device_id=keys.device_id)
+        with pytest.raises(drm.LicenseRefused):
+            drm.unwrap_cek(moved.claims, keys)
+
+
+def test_ml_dsa_is_pure_with_an_empty_context() -> None:
+    vec = _load("license.json")
+    env = json.loads(vec["hybrid"]["token"])
+    issuer = drm.cert_from_bytes(drm._canonical.b64d(env["x5c"][0], what="x5c"))
+    pq = drm.keys.cert_mldsa_key(issuer)
+    assert pq is not None
+    msg = b"edgemart-envelope/1\x00edgemart-license/1\x00" + drm._canonical.b64d(env["payload"], what="p")
+    sig = drm._canonical.b64d(env["sig"]["ML-DSA-65"], what="sig")
+    pq.verify(sig, msg, context=b"")
+    with pytest.raises(InvalidSignature):
+        pq.verify(sig, msg, context=b"edgemart")
+
+
+def test_usage_log_refusal_and_continuation_vectors() -> None:
+    vec = _load("usage_log.json")
+    pub = ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vec["device_sign_seed"])).public_key()
+    cont = vec["continuation"]
+    report = drm.verify_log(
+        ("\n".join(cont["lines"]) + "\n").encode(),
+        pub,
+        device_id=vec["device_id"],
+        start_seq=cont["start_seq"],
+        start_prev=cont["start_prev"],
+    )
+    assert report.ok
+    for case in vec["refusals"]:
+        data = ("\n".join(case["lines"]) + "\n").encode()
+        report = drm.verify_log(data, pub, device_id=vec["device_id"], **case["options"])
+        assert not report.ok and report.first_bad == case["first_bad"], case["name"]
+        assert len(report.records) == case["valid_prefix"]
+
+
+def test_at_rest_refusals_and_pkcs11_formats() -> None:
+    vec = _load("at_rest.json")
+    kw = vec["keywrap"]
+    for bad in kw["refusals"]:
+        with pytest.raises(drm.IntegrityError):
+            drm.unwrap_key(
+                bytes.fromhex(kw["kek"]), bytes.fromhex(bad["wrapped"]), build_hash=bad["build_hash"]
+            )
+    st = vec["state"]
+    for bad in st["refusals"]:
+        with pytest.raises(drm.IntegrityError):
+            drm.open_state(
+                bytes.fromhex(bad["blob"]), key=bytes.fromhex(st["key"]), device_id=bad["device_id"]
+            )
+    from store import keyvault_pkcs11 as p11
+
+    w = vec["pkcs11_wrapped_cek"]
+    blob = bytes.fromhex(w["wrapped"])
+    assert blob[:5] == p11.CEK_WRAP_MAGIC and len(blob) == p11.CEK_WRAPPED_LEN
+    assert (
+        AESGCM(bytes.fromhex(w["kek"])).decrypt(blob[5:17], blob[17:], p11._cek_aad(w["build_hash"])).hex()
+        == w["cek"]
+    )
+    s = vec["pkcs11_sealed_key_file"]
+    blob = bytes.fromhex(s["sealed"])
+    kek_id = bytes.fromhex(s["kek_id"])
+    assert blob[:5] == p11.SEALED_MAGIC and blob[5:21] == kek_id
+    aad = p11._sealed_aad(kek_id, s["name"])
+    assert AESGCM(bytes.fromhex(s["kek"])).decrypt(blob[21:33], blob[33:], aad).decode() == s["file"]
+
+
+@pytest.mark.parametrize("case", _load("model_safety.json")["cases"], ids=lambda c: c["name"])
+def test_model_safety_vectors(case: dict) -> None:
+    from drm.model_safety import UnsafeModel, check_model_bytes
+
+    if case["expect"] == "accept":
+        check_model_bytes(bytes.fromhex(case["model"]))
+    else:
+        with pytest.raises(UnsafeModel):
+            check_model_bytes(bytes.fromhex(case["model"]))

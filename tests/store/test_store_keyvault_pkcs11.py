@@ -322,7 +322,7 @@ def test_the_store_refuses_a_wrong_pin_at_start(hsm: SoftHsm, tmp: Path) -> None
         create_app({"DATA_DIR": str(tmp / "data"), "WORKER": "none", **hsm.store_config(), "PKCS11_PIN": "0"})
 
 
-# docs/FORMAT.md section 2 (PKCS#11 vault) test vector: computed here with `cryptography` from the spec alone,
+# docs/FORMAT.md §13 (PKCS#11 vault) test vector: computed here with `cryptography` from the spec alone,
 # then opened by the token; and the token's own output opened by `cryptography` under the same known KEK.
 VECTOR_KEK = bytes(range(32))
 VECTOR_IV = bytes.fromhex("000102030405060708090a0b")
