@@ -10,12 +10,17 @@ device runs it without the `onnx` package. What it refuses (docs/FORMAT.md, "Mod
   the caps; graph nesting deeper than the cap; malformed protobuf wire data; protobuf groups.
 - TFLite: a flatbuffer whose tables, vectors or strings point outside the file, buffers whose
   ``offset``/``size`` (the >2 GiB layout) lie outside the file, tensors naming a buffer that does not exist,
-  declared sizes beyond the caps, more subgraphs or tensors than the caps."""
+  declared sizes beyond the caps, more subgraphs or tensors than the caps.
+
+`check_sample_file` does the same for the sample arrays sellers and buyers hand over (.npz / .npy): zip
+directory and array headers are checked against `SampleLimits` before anything inflates."""
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
+from typing import IO, BinaryIO
 
 from drm.errors import UsageError
 
@@ -407,3 +412,88 @@ class _TfliteCheck:
                                 f"TFLite operator in subgraph {g} names tensor {i}; it has {count}"
                             )
         return ModelSummary("tflite", tensors, declared, len(subgraphs), 1, nodes)
+
+
+# --------------------------------------------------------------------------------------- sample archives
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """What a samples file (.npz archive or bare .npy) may declare, checked from its zip directory and
+    array headers before anything is inflated or allocated."""
+
+    max_bytes: int = 256 * 1024 * 1024  # all arrays together, uncompressed
+    max_members: int = 1024
+    max_ratio: float = 200.0  # uncompressed / compressed size of one member (checked above 1 MiB)
+
+
+DEFAULT_SAMPLE_LIMITS = SampleLimits()
+_RATIO_FLOOR = 1 << 20
+
+
+def check_sample_file(fp: BinaryIO, limits: SampleLimits = DEFAULT_SAMPLE_LIMITS, *, name: str = "") -> None:
+    """Refuse (UsageError) a zip/npz bomb, object arrays and `.npy` headers that claim more than they hold.
+
+    `fp` is a seekable binary file the caller opened; it is left at an unspecified position."""
+    import zipfile
+
+    if zipfile.is_zipfile(fp):
+        fp.seek(0)
+        _check_archive(fp, limits)
+        return
+    fp.seek(0, 2)
+    size = fp.tell()
+    fp.seek(0)
+    if size > limits.max_bytes:
+        raise UsageError(f"it holds {size} bytes; the limit is {limits.max_bytes}")
+    _check_npy_header(fp, name or "array", size)
+
+
+def _check_archive(fp: BinaryIO, limits: SampleLimits) -> None:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(fp) as archive:
+            members = archive.infolist()
+            if len(members) > limits.max_members:
+                raise UsageError(f"it has {len(members)} members; the limit is {limits.max_members}")
+            total = sum(m.file_size for m in members)
+            if total > limits.max_bytes:
+                raise UsageError(
+                    f"it inflates to {total} bytes; the limit is {limits.max_bytes} "
+                    "(send fewer samples or raise the configured cap)"
+                )
+            for m in members:
+                ratio = m.file_size // max(m.compress_size, 1)
+                if m.file_size > _RATIO_FLOOR and m.file_size > limits.max_ratio * max(m.compress_size, 1):
+                    raise UsageError(
+                        f"member {m.filename[:60]!r} compresses {ratio}:1, "
+                        f"over the {limits.max_ratio:g}:1 limit (a zip bomb?)"
+                    )
+                with archive.open(m) as member:
+                    _check_npy_header(member, m.filename, m.file_size)
+    except zipfile.BadZipFile as exc:
+        raise UsageError(str(exc)[:120]) from None
+
+
+def _check_npy_header(member: IO[bytes], filename: str, size: int) -> None:
+    import numpy as np
+
+    name = filename[:60]
+    try:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+    except (ValueError, EOFError, OSError) as exc:
+        raise UsageError(f"member {name!r} is not a .npy array: {str(exc)[:80]}") from None
+    if dtype.hasobject:
+        raise UsageError(f"member {name!r} holds Python objects; only numeric arrays are read")
+    declared = dtype.itemsize * math.prod(shape)
+    if declared > size:
+        raise UsageError(
+            f"member {name!r} declares shape {list(shape)[:8]} ({declared} bytes) but holds {size} bytes"
+        )

@@ -86,6 +86,7 @@ def iter_frames(
         if not files:
             raise UsageError(f"{source}: no .npy or .npz files")
         for f in files:
+            _check_sample_file(f)
             if f.suffix == ".npy":
                 yield {_one_input(input_names, str(f)): np.load(f, allow_pickle=False)}
             else:
@@ -94,6 +95,7 @@ def iter_frames(
         return
     if not source.is_file():
         raise UsageError(f"input not found: {source}")
+    _check_sample_file(source)
     try:
         with np.load(source, allow_pickle=False) as data:
             batch = _pick(dict(data), input_names, str(source), keys or {})
@@ -183,3 +185,16 @@ def _text(report: dict[str, Any]) -> str:
     if "saved_outputs" in report:
         lines.append(f"outputs written to {report['saved_outputs']}")
     return "\n".join(lines)
+
+
+def _check_sample_file(path: Path) -> None:
+    """Sizes, compression ratio and array headers of an input file, checked before numpy inflates it."""
+    from drm.model_safety import check_sample_file
+
+    try:
+        with open(path, "rb") as fp:
+            check_sample_file(fp, name=path.name)
+    except UsageError as exc:
+        raise UsageError(f"{path}: refused: {exc.message}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None

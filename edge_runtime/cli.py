@@ -184,12 +184,18 @@ def _load_npz(path: Path, what: str) -> dict[str, Any]:
 
     import numpy as np
 
+    from drm.model_safety import check_sample_file
+
     try:
+        with open(path, "rb") as fp:  # sizes, ratio and headers checked before anything inflates
+            check_sample_file(fp, name=path.name)
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return {"x": loaded}
         with loaded as npz:
             return {k: npz[k] for k in npz.files}
+    except UsageError as exc:
+        raise UsageError(f"{what} {path} is refused: {exc.message}") from None
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
     except IsADirectoryError:

@@ -4,82 +4,20 @@ Every mismatch (name, rank, dim, dtype) is a UsageError that says which input an
 
 from __future__ import annotations
 
-import math
 import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from os import PathLike
-from typing import BinaryIO
 
 import numpy as np
 
 from drm.errors import UsageError
+from drm.model_safety import DEFAULT_SAMPLE_LIMITS, SampleLimits, check_sample_file
 from packagers._model import ModelInfo, TensorSpec
 
 LABEL_KEY = "y"
 SINGLE_INPUT_KEY = "x"
-
-
-@dataclass(frozen=True)
-class SampleLimits:
-    """What a samples archive may declare, checked from its directory and array headers before anything
-    is inflated or allocated."""
-
-    max_bytes: int = 256 * 1024 * 1024  # all arrays together, uncompressed
-    max_members: int = 1024
-    max_ratio: float = 200.0  # uncompressed / compressed size of one member (checked above 1 MiB)
-
-
-DEFAULT_SAMPLE_LIMITS = SampleLimits()
-_RATIO_FLOOR = 1 << 20
-
-
-def check_sample_archive(path: str | PathLike[str], limits: SampleLimits = DEFAULT_SAMPLE_LIMITS) -> None:
-    """Refuse a zip/npz bomb, object arrays and array headers that claim more than their member holds."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            if len(members) > limits.max_members:
-                raise UsageError(f"it has {len(members)} members; the limit is {limits.max_members}")
-            total = sum(m.file_size for m in members)
-            if total > limits.max_bytes:
-                raise UsageError(
-                    f"it inflates to {total} bytes; the limit is {limits.max_bytes} "
-                    "(send fewer samples or raise the configured cap)"
-                )
-            for m in members:
-                if m.file_size > _RATIO_FLOOR and m.file_size > limits.max_ratio * max(m.compress_size, 1):
-                    raise UsageError(
-                        f"member {m.filename[:60]!r} compresses {m.file_size // max(m.compress_size, 1)}:1, "
-                        f"over the {limits.max_ratio:g}:1 limit (a zip bomb?)"
-                    )
-                with archive.open(m) as member:
-                    _check_npy_header(member, m.filename, m.file_size)
-    except zipfile.BadZipFile as exc:
-        raise UsageError(str(exc)[:120]) from None
-
-
-def _check_npy_header(member: BinaryIO, filename: str, size: int) -> None:
-    name = filename[:60]
-    try:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version in ((2, 0), (3, 0)):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            raise ValueError(f"unknown .npy version {version}")
-    except (ValueError, EOFError, OSError) as exc:
-        raise UsageError(f"member {name!r} is not a .npy array: {str(exc)[:80]}") from None
-    if dtype.hasobject:
-        raise UsageError(f"member {name!r} holds Python objects; only numeric arrays are read")
-    declared = dtype.itemsize * math.prod(shape)
-    if declared > size:
-        raise UsageError(
-            f"member {name!r} declares shape {list(shape)[:8]} ({declared} bytes) but holds {size} bytes"
-        )
 
 
 def load_calibration(
@@ -89,11 +27,8 @@ def load_calibration(
 
     The archive is checked against `limits` (sizes, ratio, headers) before any array is inflated."""
     try:
-        if zipfile.is_zipfile(path):
-            check_sample_archive(path, limits)
-        else:  # a bare .npy: its header must not claim more than the file holds either
-            with open(path, "rb") as fp:
-                _check_npy_header(fp, os.path.basename(path), os.fstat(fp.fileno()).st_size)
+        with open(path, "rb") as fp:
+            check_sample_file(fp, limits, name=os.path.basename(path))
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz archive")

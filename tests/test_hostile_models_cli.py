@@ -75,3 +75,45 @@ def test_device_backend_refuses_a_hostile_build(case, secret_cwd):
     with pytest.raises(UnsafeModel, match=None) as err:
         open_backend(bytearray(build()), target="onnx-fp32")
     assert words in err.value.message
+
+
+def _bomb(path: Path) -> Path:
+    """A small .npz whose one member declares 400 MB of zeros (fast to build: 100 MB of zeros per MB)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    count = 100_000_000
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (count,)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            chunk = bytes(16 << 20)
+            for _ in range(count * 4 // len(chunk)):
+                member.write(chunk)
+            member.write(bytes(count * 4 % len(chunk)))
+    return path
+
+
+def test_device_eval_and_chain_inputs_refuse_a_zip_bomb(tmp_path, capsys):
+    """The buyer's side reads .npz too: `device eval --data` and chain inputs check before inflating."""
+    from drm.errors import UsageError
+    from edge_runtime.chain_cli import _check_sample_file
+    from edge_runtime.cli import _load_npz
+
+    bomb = _bomb(tmp_path / "bomb.npz")
+    assert bomb.stat().st_size < 2_000_000
+    with pytest.raises(UsageError, match="inflates to|compresses"):
+        _load_npz(bomb, "--data")
+    with pytest.raises(UsageError, match="refused"):
+        _check_sample_file(bomb)
+    liar = tmp_path / "liar.npy"
+    import numpy as np
+
+    np.save(liar, np.zeros(4, np.float32))
+    raw = liar.read_bytes().replace(b"(4,)", b"(400000000,)".ljust(4))
+    liar.write_bytes(raw)
+    with pytest.raises(UsageError):
+        _load_npz(liar, "--data")
