@@ -27,7 +27,7 @@ from drm.errors import (
     with_prefix,
 )
 from edge_runtime.fileio import fault_point
-from store.blobs import TooLarge, new_blob_id
+from store.blobs import new_blob_id
 from store.context import StoreContext
 from store.models import Build, Job, Listing, User
 from store.services import confined
@@ -275,6 +275,17 @@ def load_samples(data: bytes, config: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ upload
 
 
+def _read_upload(problems: list[Problem], field_name: str, stream: BinaryIO, limit: int) -> bytes | None:
+    """The part's bytes, or a `too_large` problem past `limit` (read at most limit + 1 bytes)."""
+    out = bytearray()
+    while chunk := stream.read(1 << 20):  # chunked: read(limit) would allocate the whole limit at once
+        out += chunk
+        if len(out) > limit:
+            problems.append(Problem(field_name, "too_large", f"{field_name} exceeds {limit} bytes"))
+            return None
+    return bytes(out)
+
+
 def create_listing(ctx: StoreContext, session: Session, seller: User, form: UploadForm) -> UploadResult:
     """Validate, run the compliance gate, then store the listing and one job per target.
 
@@ -341,41 +352,28 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 problems.append(Problem("card", "invalid_card", with_prefix("model card", exc.message)))
 
         model_bytes: bytes | None = None
+        # Seller bytes are read and checked before anything is stored: a refused upload never makes a blob.
         model_put = None
         model_info = None
         if form.model is None:
             problems.append(Problem("model", "missing", "model file is required"))
         else:
-            try:
-                # Each upload gets its own blob (not a content-addressed one another upload may share), so
-                # deleting it when this upload fails can never take a blob from under a concurrent one.
-                model_put = ctx.blobs.put_stream(
-                    form.model, max_bytes=cfg["MAX_UPLOAD_BYTES"], key=new_blob_id()
-                )
-            except TooLarge as exc:
-                problems.append(Problem("model", "too_large", exc.message))
-            else:
-                if model_put.created:
-                    created.append(model_put.key)
-                model_bytes = ctx.blobs.get(model_put.key)
+            model_bytes = _read_upload(problems, "model", form.model, int(cfg["MAX_UPLOAD_BYTES"]))
+            if model_bytes is not None:
                 try:
                     model_info = confined.inspect(ctx, model_bytes)
                 except UsageError as exc:
                     problems.append(Problem("model", "invalid_model", with_prefix("model", exc.message)))
 
+        calibration_bytes = None
         calibration_put = None
         if form.calibration is not None:
-            try:
-                calibration_put = ctx.blobs.put_stream(
-                    form.calibration, max_bytes=cfg["MAX_UPLOAD_BYTES"], key=new_blob_id()
-                )
-            except TooLarge as exc:
-                problems.append(Problem("calibration", "too_large", exc.message))
-            else:
-                if calibration_put.created:
-                    created.append(calibration_put.key)
+            calibration_bytes = _read_upload(
+                problems, "calibration", form.calibration, int(cfg["MAX_UPLOAD_BYTES"])
+            )
+            if calibration_bytes is not None:
                 try:
-                    confined.check_samples(ctx, ctx.blobs.get(calibration_put.key))
+                    confined.check_samples(ctx, calibration_bytes)
                 except UsageError as exc:
                     problems.append(
                         Problem("calibration", "invalid_calibration", with_prefix("calibration", exc.message))
@@ -386,7 +384,16 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 "upload refused: " + "; ".join(p.message for p in problems),
                 details=[p.to_dict() for p in problems],
             )
-        assert model_bytes is not None and model_put is not None and model_info is not None
+        assert model_bytes is not None and model_info is not None
+        # Each upload gets its own blob (not a content-addressed one another upload may share), so deleting it
+        # when this upload fails later can never take a blob from under a concurrent one.
+        model_put = ctx.blobs.put_bytes(model_bytes, key=new_blob_id())
+        if model_put.created:
+            created.append(model_put.key)
+        if calibration_bytes is not None:
+            calibration_put = ctx.blobs.put_bytes(calibration_bytes, key=new_blob_id())
+            if calibration_put.created:
+                created.append(calibration_put.key)
 
         decision = confined.gate(ctx, model_bytes, card=card, license=license_expr)
         blocked = decision.get("outcome") == "block"
