@@ -27,9 +27,9 @@ class MatchPolicy:
     min_fraction: float = 0.5  # matched / informative base layers for "derived"
     max_units_hungarian: int = 4096
     # Pooled (block) matching compares each base unit with every upload unit of its fan-in, so a chance
-    # match grows with the pool: a layer is evidence only while the expected best chance cosine
-    # sqrt(2 ln(pool) / fan_in) stays this far below layer_similarity.
-    pooled_margin: float = 0.25
+    # match grows with the pool: a layer is evidence only while the best cosine its units reach with their
+    # inputs shuffled (chance, measured against the same pool) stays this far below layer_similarity.
+    pooled_margin: float = 0.15
     min_units_pooled: int = 4
     min_share: float = 0.2  # share of the base's weight parameters found for a partial derivative
     max_block_factor: int = 8  # row/column block splits tried: 2..this
@@ -346,12 +346,19 @@ def _pool(upload: Fingerprint, channels: int, kernel: int, factor: int) -> tuple
         rows.append(block)
         owners.append(np.full(block.shape[0], i, np.int64))
     if rows:
-        pool = _normalize_rows(np.concatenate(rows).astype(np.float32))
+        pool = _centered(np.concatenate(rows))
         result = (pool, np.concatenate(owners))
     else:
         result = (np.zeros((0, channels * kernel), np.float32), np.zeros(0, np.int64))
     upload._pools[key] = result  # noqa: SLF001
     return result
+
+
+def _centered(rows: np.ndarray) -> np.ndarray:
+    """Rows minus their mean, unit-norm: a component every unit shares (inputs that are all positive,
+    a common offset) would otherwise make unrelated units look alike across a large pool."""
+    rows = np.asarray(rows, np.float32)
+    return _normalize_rows(rows - rows.mean(axis=1, keepdims=True))
 
 
 def _pooled(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy) -> list[LayerMatch]:
@@ -363,21 +370,24 @@ def _pooled(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy) -> list
             continue
         best: LayerMatch | None = None
         # (a) base units against upload units and column blocks of wider upload units
-        candidates = [(b.reshape(o, -1), _pool(upload, c, k, f)) for f in (1, *factors)]
+        whole = _centered(b.reshape(o, -1))
+        candidates = [(whole, _pool(upload, c, k, f)) for f in (1, *factors)]
         # (b) column blocks of base units against narrower upload units
         for f in factors:
             if c % f == 0 and c // f >= 1:
-                blocks = _normalize_rows(b.reshape(o * f, (c // f) * k))
+                blocks = _centered(b.reshape(o * f, (c // f) * k))
                 candidates.append((blocks, _pool(upload, c // f, k, 1)))
         for vectors, (pool, owners) in candidates:
             fan_in = vectors.shape[1]
             if pool.shape[0] == 0 or fan_in < policy.min_fan_in:
                 continue
-            chance = math.sqrt(2.0 * math.log(max(pool.shape[0], 2)) / fan_in)
-            informative = chance <= policy.layer_similarity - policy.pooled_margin
             live = np.linalg.norm(vectors, axis=1) > 0
             if not live.any():
                 continue
+            # What chance alone scores against this pool: the same base units with their inputs shuffled.
+            shuffled = vectors[live][:, np.random.default_rng(fan_in).permutation(fan_in)]
+            chance = float(np.median(np.max(shuffled.astype(np.float32) @ pool.T, axis=1)))
+            informative = chance <= policy.layer_similarity - policy.pooled_margin
             sim = vectors[live].astype(np.float32) @ pool.T
             best_col = np.argmax(sim, axis=1)
             best_sim = sim[np.arange(sim.shape[0]), best_col]
