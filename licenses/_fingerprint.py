@@ -226,7 +226,9 @@ def align_layers(
     return pairs
 
 
-def match(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy = DEFAULT_POLICY) -> MatchResult:
+def match(
+    upload: Fingerprint, base: Fingerprint, policy: MatchPolicy = DEFAULT_POLICY, *, pooled: bool = True
+) -> MatchResult:
     """Compare every learned base tensor with the upload two ways and keep the better per base layer.
 
     Aligned: same-shape layers in order, units matched by Hungarian with permutations propagated to the next
@@ -234,10 +236,12 @@ def match(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy = DEFAULT_
     of its fan-in wherever it lives, including row/column blocks of larger or split tensors (gate reorders,
     Concat-split matrices, weights moved into subgraphs or between layers)."""
     aligned = {r.base_layer: r for r in _aligned(upload, base, policy)}
-    pooled = {r.base_layer: r for r in _pooled(upload, base, policy)}
+    # pooled=False when the caller knows no unit of the two models hashes alike (index lookups): then no
+    # base unit can sit anywhere in the upload, and only the order-aware aligned match can still find it.
+    by_pool = {r.base_layer: r for r in _pooled(upload, base, policy)} if pooled else {}
     layers: list[LayerMatch] = []
     for ib in range(len(base.weights)):
-        options = [r for r in (aligned.get(ib), pooled.get(ib)) if r is not None]
+        options = [r for r in (aligned.get(ib), by_pool.get(ib)) if r is not None]
         informative = [r for r in options if r.informative]
         if informative:
             layers.append(max(informative, key=lambda r: (r.matched, r.similarity)))
@@ -378,6 +382,8 @@ def _pooled(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy) -> list
                 blocks = _centered(b.reshape(o * f, (c // f) * k))
                 candidates.append((blocks, _pool(upload, c // f, k, 1)))
         for vectors, (pool, owners) in candidates:
+            if best is not None and best.matched:
+                break  # whole units found: row/column blocks cannot do better
             fan_in = vectors.shape[1]
             if pool.shape[0] == 0 or fan_in < policy.min_fan_in:
                 continue

@@ -24,12 +24,15 @@ from licenses._formats import parse_model
 
 _INDEX_VERSION = 2
 _CANDIDATE_TOLERANCE = 0.15  # descriptor distance at which a layer stops counting as a candidate hit
-# Unit hashes: sign bits of random projections, in bands; a unit with cosine >= 0.95 to a base unit shares
-# a whole band with probability >= 0.5, a chance collision happens once in 2**_BAND_BITS per band.
+# Unit hashes: sign bits of random projections, in bands. A unit with cosine 0.999 to a base unit (int8,
+# fp16, a light fine-tune) shares a band with probability 0.7, one with cosine 0.97 (heavy pruning) 0.14;
+# a chance collision happens once in 2**24 per band, so large uploads do not drown the score in chance hits.
 _BANDS = 4
-_BAND_BITS = 16
+_BAND_BITS = 24
 _UNITS_PER_LAYER = 256  # units hashed per indexed layer (the upload hashes all of its own)
 _MAX_BLOCK_FACTOR = 4  # column blocks of wider upload units hashed as if they were whole units
+_MIN_UNIT_SCORE = 0.02  # share of an indexed model's unit bands the upload must hit
+_MIN_UNIT_HITS = 4
 
 
 @dataclass(frozen=True)
@@ -218,11 +221,12 @@ class LicenseIndex:
                     )
                 )
         limit = max(4 * top_k, 16)
-        for i in dict.fromkeys(self.candidates(fp, limit=limit) + self.unit_candidates(fp, limit=limit)):
+        shared_units = self.unit_candidates(fp, limit=limit)
+        for i in dict.fromkeys(self.candidates(fp, limit=limit) + list(shared_units)):
             if i in seen:
                 continue
             entry = self._entries[i]
-            result = match(fp, self._fingerprint_of(entry), self.policy)
+            result = match(fp, self._fingerprint_of(entry), self.policy, pooled=i in shared_units)
             if not result.derived:
                 continue
             matches.append(
@@ -297,23 +301,28 @@ class LicenseIndex:
         order = np.argsort(-scores, kind="stable")[:limit]
         return [int(i) for i in order if scores[i] > 0]
 
-    def unit_candidates(self, fp: Fingerprint, *, limit: int) -> list[int]:
-        """Indexed models sharing weight units with the upload, wherever either keeps them, best first."""
+    def unit_candidates(self, fp: Fingerprint, *, limit: int) -> dict[int, float]:
+        """Indexed models sharing weight units with the upload, wherever either keeps them, best first:
+        entry -> share of its hashed unit bands the upload hits (chance alone stays far below _MIN_UNIT_SCORE)."""
         if not self._entries or not self._sorted_unitkeys.size or not fp.weights:
-            return []
+            return {}
         query = np.unique(unit_hashes(fp, None, _MAX_BLOCK_FACTOR))
         lo = np.searchsorted(self._sorted_unitkeys, query, side="left")
         hi = np.searchsorted(self._sorted_unitkeys, query, side="right")
         counts = hi - lo
         if not counts.sum():
-            return []
+            return {}
         starts = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
         owners = self._unitowners[self._unit_order[starts]]
         hits = np.bincount(owners, minlength=len(self._entries)).astype(np.float64)
         hashed = np.bincount(self._unitowners, minlength=len(self._entries)).astype(np.float64)
         score = hits / np.maximum(hashed, 1.0)
         order = np.argsort(-score, kind="stable")[:limit]
-        return [int(i) for i in order if hits[i] >= 2]
+        return {
+            int(i): float(score[i])
+            for i in order
+            if hits[i] >= _MIN_UNIT_HITS and score[i] >= _MIN_UNIT_SCORE
+        }
 
     def _fingerprint_of(self, entry: dict[str, Any]) -> Fingerprint:
         with np.load(self.directory / "models" / f"{entry['id']}.npz") as arrays:
