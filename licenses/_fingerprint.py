@@ -33,6 +33,7 @@ class MatchPolicy:
     min_units_pooled: int = 4
     min_share: float = 0.2  # share of the base's weight parameters found for a partial derivative
     max_block_factor: int = 8  # row/column block splits tried: 2..this
+    max_units_pooled: int = 256  # base units (evenly sampled) compared per layer in pooled matching
 
 
 DEFAULT_POLICY = MatchPolicy()
@@ -387,14 +388,20 @@ def _pooled(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy) -> list
             fan_in = vectors.shape[1]
             if pool.shape[0] == 0 or fan_in < policy.min_fan_in:
                 continue
-            live = np.linalg.norm(vectors, axis=1) > 0
-            if not live.any():
+            rows = np.flatnonzero(np.linalg.norm(vectors, axis=1) > 0)
+            sampled = rows.size > policy.max_units_pooled
+            if sampled:  # an evenly spread sample keeps the median honest and the cost bounded
+                rows = rows[:: int(np.ceil(rows.size / policy.max_units_pooled))]
+            if not rows.size:
                 continue
+            chosen = vectors[rows].astype(np.float32)
             # What chance alone scores against this pool: the same base units with their inputs shuffled.
-            shuffled = vectors[live][:, np.random.default_rng(fan_in).permutation(fan_in)]
-            chance = float(np.median(np.max(shuffled.astype(np.float32) @ pool.T, axis=1)))
+            shuffled = chosen[: policy.max_units_pooled // 4][
+                :, np.random.default_rng(fan_in).permutation(fan_in)
+            ]
+            chance = float(np.median(np.max(shuffled @ pool.T, axis=1)))
             informative = chance <= policy.layer_similarity - policy.pooled_margin
-            sim = vectors[live].astype(np.float32) @ pool.T
+            sim = chosen @ pool.T
             best_col = np.argmax(sim, axis=1)
             best_sim = sim[np.arange(sim.shape[0]), best_col]
             similarity = float(np.median(best_sim))
@@ -409,7 +416,7 @@ def _pooled(upload: Fingerprint, base: Fingerprint, policy: MatchPolicy) -> list
                 informative=informative,
                 matched=informative and similarity >= policy.layer_similarity,
                 method="pooled",
-                units=f"{int(hit.sum())}/{int(live.sum())}",
+                units=f"{int(hit.sum())}/{rows.size}" + (" sampled" if sampled else ""),
                 upload_layers=ranked[:8],
                 base_name=base.name(ib),
                 upload_names=tuple(upload.name(i) for i in ranked[:8]),

@@ -241,7 +241,7 @@ def _sparse_array(sparse) -> np.ndarray | None:  # type: ignore[no-untyped-def]
 def _storage_of(tensor) -> str:  # type: ignore[no-untyped-def]
     from onnx import TensorProto
 
-    return {
+    names: dict[int, str] = {
         TensorProto.FLOAT: "float32",
         TensorProto.FLOAT16: "float16",
         TensorProto.BFLOAT16: "bfloat16",
@@ -250,7 +250,8 @@ def _storage_of(tensor) -> str:  # type: ignore[no-untyped-def]
         TensorProto.UINT8: "uint8",
         TensorProto.INT4: "int4",
         TensorProto.UINT4: "uint4",
-    }.get(int(tensor.data_type), "other")
+    }
+    return names.get(int(tensor.data_type), "other")
 
 
 def _read_onnx(model: bytes) -> tuple[list[WeightLayer], dict[str, str], int]:
@@ -345,7 +346,9 @@ def _read_onnx(model: bytes) -> tuple[list[WeightLayer], dict[str, str], int]:
             except (ValueError, IndexError, TypeError, KeyError):
                 value = None
         if value is not None and node.op_type in ("DequantizeLinear", "QLinearMatMul"):
-            storages = {s + ("-per-channel" if np.size(arg(node.input[1])) > 1 else "") for s in storages}
+            scale = arg(node.input[1])
+            per_channel = scale is not None and np.size(scale) > 1
+            storages = {s + ("-per-channel" if per_channel else "") for s in storages}
         memo[key] = value
         leaf_storage[key] = storages
         return value, storages
@@ -557,10 +560,12 @@ def _onnx_fold(node, const, output: int = 0) -> np.ndarray | None:  # type: igno
         starts, ends = const(inputs[1]), const(inputs[2])
         if starts is None or ends is None:
             return None
-        axes = const(inputs[3]) if len(inputs) > 3 and inputs[3] else np.arange(len(starts))
-        steps = const(inputs[4]) if len(inputs) > 4 and inputs[4] else np.ones(len(starts), np.int64)
+        given_axes = const(inputs[3]) if len(inputs) > 3 and inputs[3] else None
+        given_steps = const(inputs[4]) if len(inputs) > 4 and inputs[4] else None
+        slice_axes = np.arange(len(starts)) if given_axes is None else given_axes
+        slice_steps = np.ones(len(starts), np.int64) if given_steps is None else given_steps
         index = [slice(None)] * first.ndim
-        for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        for s, e, a, st in zip(starts, ends, slice_axes, slice_steps, strict=True):
             index[int(a)] = slice(int(s), int(e), int(st))
         return first[tuple(index)]
     if op == "Neg":

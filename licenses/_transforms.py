@@ -484,7 +484,7 @@ def split_columns(model: bytes) -> bytes:
         for node in graph.node:
             w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
             value = numpy_helper.to_array(w) if w is not None else None
-            if value is None or value.ndim != 2 or value.shape[1] < 2:
+            if w is None or value is None or value.ndim != 2 or value.shape[1] < 2:
                 nodes.append(node)
                 continue
             half = value.shape[1] // 2

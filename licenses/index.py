@@ -30,7 +30,10 @@ _CANDIDATE_TOLERANCE = 0.15  # descriptor distance at which a layer stops counti
 _BANDS = 4
 _BAND_BITS = 24
 _UNITS_PER_LAYER = 256  # units hashed per indexed layer (the upload hashes all of its own)
-_MAX_BLOCK_FACTOR = 4  # column blocks of wider upload units hashed as if they were whole units
+_UPLOAD_UNITS_PER_LAYER = (
+    1024  # upload units hashed per layer (evenly spread): bounds the cost on big uploads
+)
+_MAX_BLOCK_FACTOR = 2  # column blocks of wider upload units hashed as if they were whole units
 _MIN_UNIT_SCORE = 0.02  # share of an indexed model's unit bands the upload must hit
 _MIN_UNIT_HITS = 4
 
@@ -88,6 +91,7 @@ class LicenseIndex:
     def _sort_keys(self) -> None:
         self._order = np.argsort(self._shapekeys, kind="stable")
         self._sorted_keys = self._shapekeys[self._order]
+        self._hashed_per_entry = np.zeros(0, np.float64)
         self._unit_order = np.argsort(self._unitkeys, kind="stable")
         self._sorted_unitkeys = self._unitkeys[self._unit_order]
 
@@ -306,7 +310,7 @@ class LicenseIndex:
         entry -> share of its hashed unit bands the upload hits (chance alone stays far below _MIN_UNIT_SCORE)."""
         if not self._entries or not self._sorted_unitkeys.size or not fp.weights:
             return {}
-        query = np.unique(unit_hashes(fp, None, _MAX_BLOCK_FACTOR))
+        query = np.unique(unit_hashes(fp, _UPLOAD_UNITS_PER_LAYER, _MAX_BLOCK_FACTOR))
         lo = np.searchsorted(self._sorted_unitkeys, query, side="left")
         hi = np.searchsorted(self._sorted_unitkeys, query, side="right")
         counts = hi - lo
@@ -315,7 +319,11 @@ class LicenseIndex:
         starts = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
         owners = self._unitowners[self._unit_order[starts]]
         hits = np.bincount(owners, minlength=len(self._entries)).astype(np.float64)
-        hashed = np.bincount(self._unitowners, minlength=len(self._entries)).astype(np.float64)
+        if self._hashed_per_entry.size != len(self._entries):
+            self._hashed_per_entry = np.bincount(self._unitowners, minlength=len(self._entries)).astype(
+                np.float64
+            )
+        hashed = self._hashed_per_entry
         score = hits / np.maximum(hashed, 1.0)
         order = np.argsort(-score, kind="stable")[:limit]
         return {
@@ -343,7 +351,7 @@ def unit_hashes(fp: Fingerprint, per_layer: int | None, block_factor: int) -> np
     """Band keys (fan-in, band, sign bits) of the units of every informative layer, and of the column blocks
     of wider units up to block_factor; order-, split- and location-free, unlike the layer descriptors."""
     keys: list[np.ndarray] = []
-    weights = 1 << np.arange(_BAND_BITS, dtype=np.int64)
+    weights = (1 << np.arange(_BAND_BITS, dtype=np.int64)).astype(np.float64)
     for w in fp.weights:
         o, c, k = w.shape
         for factor in range(1, block_factor + 1):
@@ -353,11 +361,16 @@ def unit_hashes(fp: Fingerprint, per_layer: int | None, block_factor: int) -> np
             if fan_in < DEFAULT_POLICY.min_fan_in:
                 continue
             units = w.reshape(o * factor, fan_in)
-            if per_layer is not None:
-                units = units[:per_layer]
-            units = units[np.abs(units).sum(axis=1) > 0]  # zeroed units hash alike in every model
+            if per_layer is not None and units.shape[0] > per_layer:
+                units = units[:: int(np.ceil(units.shape[0] / per_layer))]
+            # centred like the pooled match; zeroed or constant units would hash alike in every model
+            units = units - units.mean(axis=1, keepdims=True)
+            units = units[np.abs(units).max(axis=1) > 1e-6]
             bits = (units @ _projection(fan_in)) > 0
-            codes = bits.reshape(units.shape[0], _BANDS, _BAND_BITS).astype(np.int64) @ weights
+            # float64 dot is exact below 2**53 and runs in BLAS, unlike an int64 matmul
+            codes = (bits.reshape(units.shape[0], _BANDS, _BAND_BITS).astype(np.float64) @ weights).astype(
+                np.int64
+            )
             band = np.arange(_BANDS, dtype=np.int64)[None, :]
             keys.append(((fan_in * _BANDS + band) << _BAND_BITS | codes).reshape(-1))
     return np.concatenate(keys) if keys else np.zeros(0, np.int64)
