@@ -420,3 +420,403 @@ def mlp_transforms() -> dict[str, Callable[[bytes], bytes]]:
         "to_tflite": mlp_to_tflite,
         "to_tflite_permuted": lambda m: mlp_to_tflite(permute_hidden(m, seed=9)),
     }
+
+
+# ------------------------------------------------------------------------ graph rewrites (issue #17 suite)
+
+
+def _all_graphs(graph):  # type: ignore[no-untyped-def]
+    """The graph and every subgraph at any depth."""
+    from onnx import AttributeProto
+
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                yield from _all_graphs(sub)
+
+
+def _weight_initializers(graph):  # type: ignore[no-untyped-def]
+    """Float initializers of this graph that are matrices or larger (weights, not biases or shapes)."""
+    import onnx
+
+    return [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2]
+
+
+def wrap_in_if(model: bytes) -> bytes:
+    """Move the whole graph (nodes and weights) into both branches of an If on a constant-true condition."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = _load(model)
+    graph = proto.graph
+    branches = []
+    for tag in ("then", "else"):
+        copy = onnx.GraphProto()
+        copy.CopyFrom(graph)
+        del copy.input[:]
+        for out in copy.output:
+            copy.node.append(helper.make_node("Identity", [out.name], [f"{tag}_{out.name}"]))
+            out.name = f"{tag}_{out.name}"
+        copy.name = f"{graph.name}_{tag}"
+        branches.append(copy)
+    cond = helper.make_node(
+        "Constant", [], ["always"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])
+    )
+    wrapper = helper.make_node(
+        "If", ["always"], [o.name for o in graph.output], then_branch=branches[0], else_branch=branches[1]
+    )
+    new = helper.make_graph([cond, wrapper], graph.name, list(graph.input), list(graph.output))
+    out = helper.make_model(new, opset_imports=list(proto.opset_import))
+    out.ir_version = proto.ir_version
+    return _save(out)
+
+
+def split_columns(model: bytes) -> bytes:
+    """Every MatMul weight (in, out) becomes two column halves, two MatMuls and a Concat of their outputs."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    for graph in _all_graphs(proto.graph):
+        inits = {i.name: i for i in graph.initializer}
+        nodes = []
+        for node in graph.node:
+            w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+            value = numpy_helper.to_array(w) if w is not None else None
+            if w is None or value is None or value.ndim != 2 or value.shape[1] < 2:
+                nodes.append(node)
+                continue
+            half = value.shape[1] // 2
+            names = [f"{w.name}_cols{j}" for j in (0, 1)]
+            graph.initializer.extend(
+                [numpy_helper.from_array(value[:, :half].copy(), names[0]),
+                 numpy_helper.from_array(value[:, half:].copy(), names[1])]
+            )  # fmt: skip
+            outs = [f"{node.output[0]}_part{j}" for j in (0, 1)]
+            nodes += [
+                helper.make_node("MatMul", [node.input[0], names[0]], [outs[0]]),
+                helper.make_node("MatMul", [node.input[0], names[1]], [outs[1]]),
+                helper.make_node("Concat", outs, [node.output[0]], axis=-1),
+            ]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {name for node in graph.node for name in node.input}
+        keep = [i for i in graph.initializer if i.name in used or i.name not in inits]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return _save(proto)
+
+
+def concat_constant_halves(model: bytes) -> bytes:
+    """Every weight matrix stored as two row halves joined by a Concat node (the consumer sees one tensor)."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    for graph in _all_graphs(proto.graph):
+        concats = []
+        for init in list(_weight_initializers(graph)):
+            value = numpy_helper.to_array(init)
+            half = value.shape[0] // 2
+            name = init.name
+            graph.initializer.remove(init)
+            graph.initializer.extend(
+                [numpy_helper.from_array(value[:half].copy(), name + "_a"),
+                 numpy_helper.from_array(value[half:].copy(), name + "_b")]
+            )  # fmt: skip
+            concats.append(helper.make_node("Concat", [name + "_a", name + "_b"], [name], axis=0))
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(concats + nodes)
+    return _save(proto)
+
+
+def weights_via_cast_transpose(model: bytes, *, dtype: str = "float16") -> bytes:
+    """Every weight stored transposed, in half precision (fp16 or bf16), reaching its op through
+    Cast -> Transpose -> Reshape."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    for graph in _all_graphs(proto.graph):
+        prologue = []
+        for init in list(_weight_initializers(graph)):
+            value = numpy_helper.to_array(init)
+            name = init.name
+            stored = value.reshape(value.shape[0], -1).T.copy()
+            graph.initializer.remove(init)
+            if dtype == "bfloat16":
+                tensor = helper.make_tensor(
+                    name + "_t", onnx.TensorProto.BFLOAT16, stored.shape, stored.astype(np.float32).ravel()
+                )
+            else:
+                tensor = numpy_helper.from_array(stored.astype(np.float16), name + "_t")
+            shape = numpy_helper.from_array(np.asarray(value.shape, np.int64), name + "_shape")
+            graph.initializer.extend([tensor, shape])
+            prologue += [
+                helper.make_node("Cast", [name + "_t"], [name + "_f"], to=onnx.TensorProto.FLOAT),
+                helper.make_node("Transpose", [name + "_f"], [name + "_ft"], perm=[1, 0]),
+                helper.make_node("Reshape", [name + "_ft", name + "_shape"], [name]),
+            ]
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(prologue + nodes)
+    return _save(proto)
+
+
+def weights_as_constants(model: bytes) -> bytes:
+    """Initializers become Constant nodes; every other weight as a sparse_value attribute (pruned 30 %)."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    for graph in _all_graphs(proto.graph):
+        constants = []
+        for number, init in enumerate(list(graph.initializer)):
+            graph.initializer.remove(init)
+            value = numpy_helper.to_array(init)
+            if value.ndim == 2 and value.dtype == np.float32 and number % 2:
+                cut = np.quantile(np.abs(value), 0.3)
+                kept = np.where(np.abs(value) >= cut, value, 0).astype(np.float32)
+                flat = np.flatnonzero(kept)
+                sparse = helper.make_sparse_tensor(
+                    numpy_helper.from_array(kept.ravel()[flat], init.name + "_values"),
+                    numpy_helper.from_array(flat.astype(np.int64), init.name + "_indices"),
+                    list(value.shape),
+                )
+                constants.append(helper.make_node("Constant", [], [init.name], sparse_value=sparse))
+            else:
+                constants.append(helper.make_node("Constant", [], [init.name], value=init))
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(constants + nodes)
+    return proto.SerializeToString()  # the checker rejects sparse Constant values ORT accepts
+
+
+def sparse_initializers(model: bytes, *, sparsity: float = 0.5) -> bytes:
+    """Prune every weight matrix and store it as a sparse initializer (COO, linear indices)."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    graph = proto.graph
+    for init in list(_weight_initializers(graph)):
+        value = numpy_helper.to_array(init)
+        cut = np.quantile(np.abs(value), sparsity)
+        flat = np.flatnonzero(np.abs(value) >= cut)
+        graph.initializer.remove(init)
+        graph.sparse_initializer.append(
+            helper.make_sparse_tensor(
+                numpy_helper.from_array(value.ravel()[flat], init.name),
+                numpy_helper.from_array(flat.astype(np.int64), init.name + "_idx"),
+                list(value.shape),
+            )
+        )
+    return proto.SerializeToString()
+
+
+def weights_in_function(model: bytes) -> bytes:
+    """Each MatMul with its weight becomes a call to a local function that holds the weight as a Constant."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    functions, nodes = [], []
+    for number, node in enumerate(graph.node):
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if w is None:
+            nodes.append(node)
+            continue
+        fname = f"Dense{number}"
+        body = [
+            helper.make_node(
+                "Constant", [], ["w"], value=numpy_helper.from_array(numpy_helper.to_array(w), "w")
+            ),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ]
+        functions.append(
+            helper.make_function("local.dense", fname, ["x"], ["y"], body, list(proto.opset_import))
+        )
+        nodes.append(helper.make_node(fname, [node.input[0]], [node.output[0]], domain="local.dense"))
+        graph.initializer.remove(w)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    proto.functions.extend(functions)
+    proto.opset_import.append(helper.make_opsetid("local.dense", 1))
+    return _save(proto)
+
+
+def weights_in_loop(model: bytes) -> bytes:
+    """The whole computation runs inside a one-iteration Loop; weights are the body's own initializers."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = _load(model)
+    graph = proto.graph
+    body = onnx.GraphProto()
+    body.CopyFrom(graph)
+    del body.input[:]
+    body.input.extend(
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])]
+    )  # fmt: skip
+    del body.output[:]
+    body.node.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    outs = [o.name for o in graph.output]
+    body.node.extend(helper.make_node("Identity", [o], [f"{o}_scan"]) for o in outs)
+    body.output.extend([helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    body.output.extend(helper.make_tensor_value_info(f"{o}_scan", TensorProto.FLOAT, None) for o in outs)
+    consts = [
+        helper.make_node(
+            "Constant", [], ["trips"], value=helper.make_tensor("n", TensorProto.INT64, [], [1])
+        ),
+        helper.make_node("Constant", [], ["go"], value=helper.make_tensor("g", TensorProto.BOOL, [], [True])),
+    ]
+    loop = helper.make_node("Loop", ["trips", "go"], [f"{o}_stacked" for o in outs], body=body)
+    squeeze = [
+        helper.make_node(
+            "Constant", [], ["zero_axis"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])
+        )
+    ] + [helper.make_node("Squeeze", [f"{o}_stacked", "zero_axis"], [o]) for o in outs]
+    new = helper.make_graph(consts + [loop] + squeeze, graph.name, list(graph.input), list(graph.output))
+    out = helper.make_model(new, opset_imports=list(proto.opset_import))
+    out.ir_version = proto.ir_version
+    return _save(out)
+
+
+def qdq_weights(model: bytes) -> bytes:
+    """int8 per-channel weights behind DequantizeLinear in every graph and subgraph (the QDQ weight layout
+    quantizers write), without onnxruntime: works on If/Loop bodies too."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    for graph in _all_graphs(proto.graph):
+        prologue = []
+        for init in list(_weight_initializers(graph)):
+            value = numpy_helper.to_array(init).astype(np.float32)
+            axis = value.ndim - 1 if value.ndim == 2 else 0  # MatMul (in, out): per output column
+            reduce = tuple(d for d in range(value.ndim) if d != axis)
+            scale = np.maximum(np.abs(value).max(axis=reduce), 1e-12) / 127.0
+            shape = [1] * value.ndim
+            shape[axis] = -1
+            q = np.clip(np.rint(value / scale.reshape(shape)), -127, 127).astype(np.int8)
+            name = init.name
+            graph.initializer.remove(init)
+            graph.initializer.extend(
+                [numpy_helper.from_array(q, name + "_q"),
+                 numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
+                 numpy_helper.from_array(np.zeros(scale.size, np.int8), name + "_zp")]
+            )  # fmt: skip
+            prologue.append(
+                helper.make_node(
+                    "DequantizeLinear", [name + "_q", name + "_scale", name + "_zp"], [name], axis=axis
+                )
+            )
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(prologue + nodes)
+    return _save(proto)
+
+
+def insert_layer(model: bytes, seed: int = 0) -> bytes:
+    """Insert a new dense layer (fresh weights) after the first dense layer: a partial derivative."""
+    from onnx import helper, numpy_helper
+
+    proto = _load(model)
+    graph = proto.graph
+    w_first, b_first = _dense_chain(proto)[0]
+    tail = b_first.name if b_first is not None else w_first.name
+    out = next(n.output[0] for n in graph.node if tail in n.input)
+    width = numpy_helper.to_array(w_first).shape[1]
+    rng = np.random.default_rng(seed)
+    graph.initializer.append(
+        numpy_helper.from_array(
+            rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32), "inserted_w"
+        )
+    )
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == out:
+                node.input[i] = "inserted_out"
+    at = next(i for i, n in enumerate(graph.node) if out in n.output) + 1
+    for offset, node in enumerate(
+        [helper.make_node("Relu", [out], ["inserted_relu"]),
+         helper.make_node("MatMul", ["inserted_relu", "inserted_w"], ["inserted_out"])]
+    ):  # fmt: skip
+        graph.node.insert(at + offset, node)
+    return _save(proto)
+
+
+def mlp_to_tflite_int8(model: bytes) -> bytes:
+    """mlp_to_tflite with int8 per-channel weights (scales in the tensor quantization parameters)."""
+    from licenses._formats import _tflite_schema
+
+    s = _tflite_schema()
+    root = s.ModelT.InitFromPackedBuf(bytearray(mlp_to_tflite(model)), 0)
+    graph = root.subgraphs[0]
+    for op in graph.operators:
+        if op.opcodeIndex != 0:
+            continue
+        tensor = graph.tensors[op.inputs[1]]
+        buf = root.buffers[tensor.buffer]
+        weight = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.float32).reshape(tensor.shape)
+        scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
+        q = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+        buf.data = np.frombuffer(q.tobytes(), np.uint8)
+        tensor.type = s.TensorType.INT8
+        quant = s.QuantizationParametersT()
+        quant.scale = scale.astype(np.float32).tolist()
+        quant.zeroPoint = [0] * scale.size
+        quant.quantizedDimension = 0
+        tensor.quantization = quant
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def tflite_mlp_to_onnx(model: bytes) -> bytes:
+    """Convert a TFLite FULLY_CONNECTED chain to ONNX Gemm(transB=1) nodes (weights keep TFLite's (out, in))."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from licenses._formats import _tflite_schema, _tflite_tensor_value
+
+    s = _tflite_schema()
+    root = s.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    graph = root.subgraphs[0]
+    nodes, inits = [], []
+    x = "x"
+    fcs = [
+        op
+        for op in graph.operators
+        if root.operatorCodes[op.opcodeIndex].builtinCode == s.BuiltinOperator.FULLY_CONNECTED
+    ]
+    for i, op in enumerate(fcs):
+        w_t, b_t = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[2]]
+        weight = _tflite_tensor_value(w_t, bytes(np.asarray(root.buffers[w_t.buffer].data, np.uint8)))
+        bias = _tflite_tensor_value(b_t, bytes(np.asarray(root.buffers[b_t.buffer].data, np.uint8)))
+        inits += [numpy_helper.from_array(np.asarray(weight, np.float32), f"fc{i}.weight"),
+                  numpy_helper.from_array(np.asarray(bias, np.float32), f"fc{i}.bias")]  # fmt: skip
+        out = f"fc{i}"
+        nodes.append(helper.make_node("Gemm", [x, f"fc{i}.weight", f"fc{i}.bias"], [out], transB=1))
+        if (
+            op.builtinOptions is not None
+            and op.builtinOptions.fusedActivationFunction == s.ActivationFunctionType.RELU
+        ):
+            nodes.append(helper.make_node("Relu", [out], [out + "_relu"]))
+            out += "_relu"
+        x = out
+    nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=1))
+    first_in = np.asarray(graph.tensors[graph.inputs[0]].shape)[-1]
+    new = helper.make_graph(
+        nodes,
+        "from_tflite",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, int(first_in)])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, None])],
+        inits,
+    )
+    out_model = helper.make_model(new, opset_imports=[helper.make_opsetid("", 17)])
+    out_model.ir_version = 8
+    onnx.checker.check_model(out_model)
+    return out_model.SerializeToString()

@@ -33,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add.add_argument("--index", required=True, help="license index directory (created if missing)")
     add.add_argument("--card", help="its model card")
     add.add_argument("--source", default="", help="where it comes from (URL, package)")
+    add.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="index it even if no learned tensor is found (then only byte copies of it are recognised)",
+    )
     add.add_argument("--json", action="store_true", help="print the index entry as JSON")
     add.set_defaults(func=_index_add)
 
@@ -96,14 +101,28 @@ def _index_add(args: argparse.Namespace) -> int:
     model = _read_bytes(args.model, "model")
     card = _read_text(args.card, "model card") if args.card else None
     entry = LicenseIndex(args.index).add(
-        model, name=args.name, license=args.license, source=args.source, card=card
+        model,
+        name=args.name,
+        license=args.license,
+        source=args.source,
+        card=card,
+        allow_empty=args.allow_empty,
     )
     if args.json:
         print(json.dumps(entry, sort_keys=True))
-    else:
-        print(
-            f"indexed {entry['name']} ({entry['license']}, {entry['layers']} weight layers) as {entry['id']}"
+        return 0
+    found = entry.get("found") or {}
+    line = f"indexed {entry['name']} ({entry['license']}) as {entry['id']}: "
+    if found:
+        line += (
+            f"{found['learned_tensors']} learned tensors, {found['parameters']:,} parameters, "
+            f"{found['format']} stored as {', '.join(found['storage']) or '-'}, in {found['graphs']} graph(s)"
         )
+        if found["fixed_tensors"]:
+            line += f"; {found['fixed_tensors']} fixed-by-construction tensors ignored"
+    else:
+        line += f"{entry['layers']} weight layers"
+    print(line)
     return 0
 
 

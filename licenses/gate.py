@@ -297,12 +297,14 @@ def _lineage(
             }
         )
         how = "is a byte copy of" if m.evidence.get("relation") == "byte_copy" else "has the weights of"
+        share = m.evidence.get("parameter_share")
+        share_text = f", {share:.0%} of its weight parameters found" if share is not None else ""
         out.add(
             "undeclared_derivative",
             BLOCK,
             f"the upload {how} indexed model {m.name!r} (license {m.license}; similarity {m.similarity:.3f}, "
-            f"layers matched {m.layers_matched}) but does not declare it: add `base_model: {m.name}` to the "
-            "model card; its license terms then apply",
+            f"layers matched {m.layers_matched}{share_text}) but does not declare it: add `base_model: {m.name}` "
+            "to the model card; its license terms then apply",
             base=m.name,
             base_license=m.license,
             similarity=m.similarity,

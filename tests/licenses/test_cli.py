@@ -134,3 +134,89 @@ def test_importing_the_cli_loads_no_heavy_dependency() -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+def _fixed_only_model() -> bytes:
+    """A 'model' whose only constant is a DFT basis: nothing learned in it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from licenses._zoo import dft_basis
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "dft"], ["y"])],
+        "stft",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(np.ascontiguousarray(dft_basis().T), "dft")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_index_add_refuses_a_model_with_no_learned_tensor(workdir, capsys) -> None:
+    model = workdir / "stft.onnx"
+    model.write_bytes(_fixed_only_model())
+    argv = [
+        "licenses",
+        "index",
+        "add",
+        str(model),
+        "--name",
+        "stft",
+        "--license",
+        "MIT",
+        "--index",
+        str(workdir / "i"),
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "no learned tensor found" in err and "1 fixed-by-construction" in err and "--allow-empty" in err
+    code, out, _ = run([*argv, "--allow-empty"], capsys)
+    assert code == 0 and "0 learned tensors" in out
+
+
+def test_index_add_reports_what_it_found(workdir, capsys) -> None:
+    from licenses import _zoo as Z
+
+    model = workdir / "vad.onnx"
+    model.write_bytes(Z.vad_streaming_if(Z.train_vad(0)))
+    code, out, _ = run(
+        [
+            "licenses",
+            "index",
+            "add",
+            str(model),
+            "--name",
+            "vad",
+            "--license",
+            "MIT",
+            "--index",
+            str(workdir / "i"),
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "8 learned tensors, 17,440 parameters, onnx stored as float32, in 3 graph(s)" in out
+    assert "4 fixed-by-construction tensors ignored" in out
+    code, out, _ = run(
+        [
+            "licenses",
+            "index",
+            "add",
+            str(model),
+            "--name",
+            "vad2",
+            "--license",
+            "MIT",
+            "--index",
+            str(workdir / "j"),
+            "--json",
+        ],
+        capsys,
+    )
+    found = json.loads(out)["found"]
+    assert found["learned_tensors"] == 8 and found["locations"] == [
+        "graph/If.else_branch",
+        "graph/If.then_branch",
+    ]
