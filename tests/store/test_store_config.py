@@ -54,7 +54,9 @@ def test_backend_urls_are_checked(tmp_path):
         make_blobs({"DATA_DIR": tmp_path, "BLOB_URL": "ftp://x"})
     with pytest.raises(UsageError, match="KEY_VAULT must be 'file' or 'pkcs11'"):
         make_vault({"DATA_DIR": tmp_path, "KEY_VAULT": "kms"})
-    with pytest.raises(UsageError, match="EDGEMART_PKCS11_MODULE, EDGEMART_PKCS11_TOKEN, EDGEMART_PKCS11_PIN"):
+    with pytest.raises(
+        UsageError, match="EDGEMART_PKCS11_MODULE, EDGEMART_PKCS11_TOKEN, EDGEMART_PKCS11_PIN"
+    ):
         make_vault({"DATA_DIR": tmp_path, "KEY_VAULT": "pkcs11"})
     with pytest.raises(UsageError, match="DATABASE_URL must be sqlite"):
         normalize_url("mysql://u@h/db")

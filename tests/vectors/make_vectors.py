@@ -120,6 +120,23 @@ def license_vectors() -> dict:
         device_id=classic.device_id,
         license_id="lic_vector_0002",
     )
+    # A license naming its listing version (the optional `version` claim); the two above have none, as
+    # every license issued before listings had versions.
+    token_versioned = drm.issue_license(
+        issuer=issuer,
+        cek=CEK,
+        recipient=classic.kem_public(),
+        kind="eval",
+        listing="vector-listing",
+        build_hash=build_hash,
+        target="arm-cpu",
+        version=2,
+        now=NOW,
+        days=30,
+        max_runs=10,
+        device_id=classic.device_id,
+        license_id="lic_vector_0003",
+    )
     revocation = drm.sign_revocation_list(
         issuer, version=7, issued_at=NOW, revoked=["lic_vector_0002", "lic_old"]
     )
@@ -146,6 +163,7 @@ def license_vectors() -> dict:
             "device_kem_key_pem": _pem(classic.kem),
             "device_id": classic.device_id,
         },
+        "versioned": {"token": token_versioned.decode(), "device_id": classic.device_id, "version": 2},
         "revocation": {"token": revocation.decode(), "version": 7, "revoked": ["lic_old", "lic_vector_0002"]},
     }
 
