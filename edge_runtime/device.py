@@ -505,10 +505,11 @@ class Device:
             (self.dir / sub).mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
         fileio.atomic_write(self.dir / build_rel, bytes(build))
         fileio.atomic_write(self.dir / lic_rel, bytes(license))
-        entry = {
+        # Licenses from before listings had versions name none: those listings' only version was 1.
+        version = claims.version or 1
+        entry: dict[str, Any] = {
             "target": claims.target,
-            # Licenses from before listings had versions name none: those listings' only version was 1.
-            "version": claims.version or 1,
+            "version": version,
             "license_id": claims.license_id,
             "build_hash": claims.build_hash,
             "build": build_rel,
@@ -522,10 +523,10 @@ class Device:
             # stays openable by --target and --version.
             held = table.get(name, {})
             builds = dict(held.get("builds") or {})
-            if int(builds.get(claims.target, {}).get("version") or 1) <= entry["version"]:
+            if int(builds.get(claims.target, {}).get("version") or 1) <= version:
                 builds[claims.target] = entry
             versions = {k: dict(v) for k, v in (held.get("versions") or {}).items()}
-            versions.setdefault(str(entry["version"]), {})[claims.target] = entry
+            versions.setdefault(str(version), {})[claims.target] = entry
             table[name] = {**entry, "builds": builds, "versions": versions}
             fileio.atomic_write(
                 self.dir / "installed.json", json.dumps(table, indent=2, sort_keys=True).encode()

@@ -418,3 +418,84 @@ def test_openapi_names_the_version_endpoints(store):
     paths = store.client.get("/openapi.json").json["paths"]
     assert "post" in paths["/api/v1/listings/{listing_id}/versions"]
     assert "post" in paths["/api/v1/listings/{listing_id}/repackage"]
+
+
+def test_web_forms_publish_and_repackage_versions(store, corpus, digits_calibration):
+    """The listing page's forms (CSRF token, no inline script) call the same services as the API."""
+    import re
+
+    from tests.store.conftest import PASSWORDS
+
+    assert store.upload("sally", _digits(corpus, "base"), name="webver").status_code == 202
+    store.wait()
+    client = store.app.test_client()
+
+    def csrf(path: str) -> str:
+        page = client.get(path).get_data(as_text=True)
+        return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+    r = client.post(
+        "/login", data={"name": "sally", "password": PASSWORDS["sally"], "csrf_token": csrf("/login")}
+    )
+    assert r.status_code == 302
+    page = client.get("/listings/webver").get_data(as_text=True)
+    assert "Publish version 2" in page and "Re-package" in page and "<script>" not in page
+    assert 'action="/listings/webver/versions"' in page and 'action="/listings/webver/repackage"' in page
+
+    # No CSRF token: refused, nothing stored.
+    before = store.counts()
+    r = client.post(
+        "/listings/webver/versions",
+        data={"model": (io.BytesIO(_digits(corpus, "independent").read_bytes()), "m.onnx")},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 403 and store.counts() == before
+    # A problem re-renders the listing page with every problem listed.
+    r = client.post(
+        "/listings/webver/versions",
+        data={"csrf_token": csrf("/listings/webver"), "targets": ["bogus"], "license": "MIT ANDD"},
+        content_type="multipart/form-data",
+    )
+    text = r.get_data(as_text=True)
+    assert r.status_code == 422 and "model file is required" in text and "unknown target" in text
+    assert store.counts() == before
+
+    r = client.post(
+        "/listings/webver/versions",
+        data={
+            "csrf_token": csrf("/listings/webver"),
+            "model": (io.BytesIO(_digits(corpus, "independent").read_bytes()), "m.onnx"),
+            "targets": ["onnx-fp32"],
+        },
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 302 and "/listings/webver?jobs=job_" in r.headers["Location"]
+    store.wait()
+    r = client.post(
+        "/listings/webver/repackage",
+        data={
+            "csrf_token": csrf("/listings/webver"),
+            "version": "2",
+            "targets": ["arm-cpu"],
+            "calibration": (io.BytesIO(digits_calibration.read_bytes()), "c.npz"),
+        },
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 302, r.get_data(as_text=True)[:500]
+    store.wait()
+    page = client.get("/listings/webver").get_data(as_text=True)
+    assert "Version 2 (current)" in page and "Version 1" in page
+    assert "edgemart device fetch webver --target onnx-fp32 --version 1 --device-dir DIR" in page
+    assert "edgemart device fetch webver --target arm-cpu --device-dir DIR" in page
+    # A buyer's browser sees neither form, and posting to them is refused.
+    client = store.app.test_client()
+    r = client.post(
+        "/login", data={"name": "bob", "password": PASSWORDS["bob"], "csrf_token": csrf("/login")}
+    )
+    assert r.status_code == 302
+    assert "Publish version" not in client.get("/listings/webver").get_data(as_text=True)
+    before = store.counts()
+    for path in ("/listings/webver/versions", "/listings/webver/repackage"):
+        r = client.post(path, data={"csrf_token": csrf("/listings/webver"), "targets": ["arm-cpu"]})
+        assert r.status_code == 403, path
+    assert store.counts() == before
