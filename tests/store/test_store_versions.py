@@ -412,6 +412,29 @@ def test_license_rows_name_their_version(store, corpus):
         assert sorted((r.version, r.build.version.number) for r in rows) == [(1, 1), (2, 2)]
     listed = store.client.get("/api/v1/licenses", headers=store.auth("bob")).json["items"]
     assert sorted(x["version"] for x in listed if x["listing"] == "rowver") == [1, 2]
+    # Production seats too: the newest version unless pinned.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    fleet = (
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    for pin, number in (({}, 2), ({"version": 1}, 1)):
+        r = store.client.post(
+            "/api/v1/listings/rowver/production-licenses",
+            json={"target": "onnx-fp32", "fleet_key": fleet, "seats": 3, **pin},
+            headers=store.auth("bill"),
+        )
+        assert r.status_code == 201 and r.json["licenses"][0]["version"] == number, r.json
+    r = store.client.post(
+        "/api/v1/listings/rowver/production-licenses",
+        json={"target": "onnx-fp32", "fleet_key": fleet, "seats": 3, "version": 5},
+        headers=store.auth("bill"),
+    )
+    assert r.status_code == 404 and "no listed version 5" in r.json["error"]["message"]
 
 
 def test_openapi_names_the_version_endpoints(store):
