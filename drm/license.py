@@ -31,6 +31,8 @@ _WRAPPED_LEN = {SUITE_X25519: 32 + 32 + 16, SUITE_HYBRID: 1088 + 32 + 32 + 16}
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 _KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+OPTIONAL_CLAIMS = ("version",)
+MAX_VERSION = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,22 @@ class LicenseClaims:
     issued_at: int
     issuer_kid: str
     wrapped_cek: dict[str, str]
+    # The listing version the build belongs to. Optional: absent from licenses issued before listings had
+    # versions (those still verify), and then absent from the canonical bytes too.
+    version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["version"] is None:
+            del d["version"]
         d["v"] = 1
         return d
 
     @classmethod
     def from_dict(cls, obj: Any) -> LicenseClaims:
         what = "license claims"
-        exact_keys(obj, set(cls.__dataclass_fields__) | {"v"}, what=what)
+        allowed = set(cls.__dataclass_fields__) | {"v"}
+        exact_keys(obj, allowed, what=what, required=allowed - set(OPTIONAL_CLAIMS))
         if field(obj, "v", int, what=what) != 1:
             raise FormatError("license claims: unsupported version")
         for name in ("license_id", "listing", "issuer_kid", "target"):
@@ -91,7 +99,9 @@ class LicenseClaims:
         enc = b64d(field(wrapped, "enc", str, what="wrapped_cek"), what="wrapped_cek.enc", max_len=2048)
         if len(enc) != _WRAPPED_LEN[suite]:
             raise FormatError("license claims: wrapped_cek.enc has the wrong length for its suite")
-        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
+        if "version" in obj and not 1 <= field(obj, "version", int, what=what) <= MAX_VERSION:
+            raise FormatError(f"license claims: version must be between 1 and {MAX_VERSION}")
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
 
     @property
     def binding_id(self) -> str:
@@ -173,8 +183,9 @@ def issue_license(
     device_id: str | None = None,
     fleet_key_id: str | None = None,
     license_id: str | None = None,
+    version: int | None = None,
 ) -> bytes:
-    """Issue a signed license token (bytes of canonical JSON)."""
+    """Issue a signed license token (bytes of canonical JSON); ``version`` names the listing version."""
     lid = license_id or new_license_id()
     binding = device_id or fleet_key_id or ""
     claims = LicenseClaims(
@@ -191,6 +202,7 @@ def issue_license(
         issued_at=now,
         issuer_kid=issuer.kid,
         wrapped_cek=wrap_cek(cek, recipient, license_id=lid, build_hash=build_hash, binding_id=binding),
+        version=version,
     )
     LicenseClaims.from_dict(claims.to_dict())  # the issuer refuses to sign what a verifier would reject
     return sign_envelope(LICENSE_TYP, claims.to_dict(), issuer)

@@ -49,6 +49,9 @@ def register(subparsers: Any) -> None:
     p = add("fetch", _fetch, "get an evaluation license and the encrypted build of a listing")
     p.add_argument("listing")
     p.add_argument("--target", required=True)
+    p.add_argument(
+        "--version", type=_version, metavar="V", help="a listed version of LISTING (default: the newest)"
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("install", _install, "sideload an encrypted build and its license")
@@ -60,6 +63,12 @@ def register(subparsers: Any) -> None:
     p = add("eval", _eval, "evaluate a licensed model on your data (accuracy, latency, memory)")
     p.add_argument("listing", nargs="?", help="an installed listing (or use --build and --license)")
     p.add_argument("--target", help="which installed build of LISTING (needed when several are fetched)")
+    p.add_argument(
+        "--version",
+        type=_version,
+        metavar="V",
+        help="which installed version of LISTING (default: the newest fetched for the target)",
+    )
     p.add_argument("--build", type=Path, help="sideload: encrypted build (.emdl)")
     p.add_argument("--license", type=Path, help="sideload: license file")
     p.add_argument(
@@ -88,6 +97,12 @@ def register(subparsers: Any) -> None:
     # Hook for the slot-chain runner (`device run`), owned by edge_runtime.chain_cli when present.
     if importlib.util.find_spec("edge_runtime.chain_cli") is not None:
         importlib.import_module("edge_runtime.chain_cli").register_run(sub)
+
+
+def _version(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) < 2**31:
+        raise argparse.ArgumentTypeError(f"a version is a positive integer, got {text!r}")
+    return int(text)
 
 
 def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
@@ -163,8 +178,13 @@ def _add_fleet_key(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from edge_runtime.device import Device
 
-    entry = Device.open(args.device_dir).fetch(args.listing, args.target)
-    emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
+    entry = Device.open(args.device_dir).fetch(args.listing, args.target, version=args.version)
+    emit(
+        args,
+        entry,
+        f"installed {entry['listing']} version {entry['version']} ({entry['target']})"
+        f" license {entry['license_id']}",
+    )
     return 0
 
 
@@ -213,9 +233,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError("sideload needs both --build and --license")
     if sideload == (args.listing is not None):
         raise UsageError("give either a LISTING or --build and --license")
-    if sideload and args.target:
+    if sideload and (args.target or args.version):
         raise UsageError(
-            "--target picks an installed build of a LISTING; a sideloaded --build has one target"
+            "--target and --version pick an installed build of a LISTING; a sideloaded --build is one build"
         )
     data = _load_npz(args.data, "--data")
     reference = _load_npz(args.reference, "--reference") if args.reference else None
@@ -223,7 +243,7 @@ def _eval(args: argparse.Namespace) -> int:
     if sideload:
         model = device.open_model(build_path=args.build, license_bytes=_read(args.license, "--license"))
     else:
-        model = device.open_model(listing=args.listing, target=args.target)
+        model = device.open_model(listing=args.listing, target=args.target, version=args.version)
     with model:
         if args.data.suffix == ".npy" and len(model.inputs) > 1:
             raise UsageError(

@@ -296,8 +296,11 @@ class Device:
         path = self.dir / "installed.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def installed_entry(self, listing: str, target: str | None = None) -> dict[str, Any]:
-        """The installed build of ``listing`` for ``target``; without a target, the only one installed."""
+    def installed_entry(
+        self, listing: str, target: str | None = None, version: int | None = None
+    ) -> dict[str, Any]:
+        """The installed build of ``listing`` for ``target``; without a target, the only one installed.
+        Without ``version``, the newest version installed for that target; older ones stay openable by it."""
         table = self.installed()
         if listing not in table:
             known = ", ".join(sorted(table)) or "none"
@@ -305,6 +308,15 @@ class Device:
                 f"listing {listing!r} is not installed on this device (installed: {known})"
             )
         builds = table[listing].get("builds") or {table[listing]["target"]: table[listing]}
+        if version is not None:
+            versions = table[listing].get("versions") or {}
+            if str(version) not in versions:
+                raise drm.NotFoundError(
+                    f"listing {listing!r} has no version {version} on this device (installed: "
+                    f"{', '.join(sorted(versions, key=int)) or 'none'}); fetch it with"
+                    f" `edgemart device fetch {listing} --version {version} --target T`"
+                )
+            builds = versions[str(version)]
         if target is None:
             if len(builds) > 1:
                 raise drm.UsageError(
@@ -493,8 +505,11 @@ class Device:
             (self.dir / sub).mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
         fileio.atomic_write(self.dir / build_rel, bytes(build))
         fileio.atomic_write(self.dir / lic_rel, bytes(license))
-        entry = {
+        # Licenses from before listings had versions name none: those listings' only version was 1.
+        version = claims.version or 1
+        entry: dict[str, Any] = {
             "target": claims.target,
+            "version": version,
             "license_id": claims.license_id,
             "build_hash": claims.build_hash,
             "build": build_rel,
@@ -504,10 +519,15 @@ class Device:
         with fileio.locked(self.ledger.lock_path):
             table = self.installed()
             name = listing or claims.listing
-            # The newest install is the listing's default; every target fetched stays openable by --target.
-            builds = dict(table.get(name, {}).get("builds") or {})
-            builds[claims.target] = entry
-            table[name] = {**entry, "builds": builds}
+            # Per target, the newest version installed is the default; every target and version fetched
+            # stays openable by --target and --version.
+            held = table.get(name, {})
+            builds = dict(held.get("builds") or {})
+            if int(builds.get(claims.target, {}).get("version") or 1) <= version:
+                builds[claims.target] = entry
+            versions = {k: dict(v) for k, v in (held.get("versions") or {}).items()}
+            versions.setdefault(str(version), {})[claims.target] = entry
+            table[name] = {**entry, "builds": builds, "versions": versions}
             fileio.atomic_write(
                 self.dir / "installed.json", json.dumps(table, indent=2, sort_keys=True).encode()
             )
@@ -532,12 +552,16 @@ class Device:
             self.ledger.commit(st, event="sync", t=trusted, detail=f"revocation list version {rl.version}")
         return {"version": rl.version, "revoked": len(rl.revoked), "updated": True}
 
-    def fetch(self, listing: str, target: str, *, now: int | None = None) -> dict[str, Any]:
-        """Get an evaluation license and the encrypted build from the store; record them in installed.json."""
+    def fetch(
+        self, listing: str, target: str, *, version: int | None = None, now: int | None = None
+    ) -> dict[str, Any]:
+        """Get an evaluation license and the encrypted build from the store (of the newest listed version
+        with a ``target`` build, unless ``version`` pins one); record them in installed.json."""
         client = self._store()
-        resp = client.post_json(
-            f"/api/v1/listings/{listing}/eval-license", {"device_id": self.device_id, "target": target}
-        )
+        body: dict[str, Any] = {"device_id": self.device_id, "target": target}
+        if version is not None:
+            body["version"] = version
+        resp = client.post_json(f"/api/v1/listings/{listing}/eval-license", body)
         try:
             token = str(resp["license"]).encode()
             build_hash = str(resp["build_hash"])
@@ -585,6 +609,7 @@ class Device:
         license_bytes: bytes | None = None,
         listing: str | None = None,
         target: str | None = None,
+        version: int | None = None,
         now: int | None = None,
     ) -> LicensedModel:
         """Verify the license (before any key is unwrapped), decrypt the build in memory and open a backend.
@@ -592,7 +617,7 @@ class Device:
         An installed ``listing`` with builds for several targets needs ``target`` to say which one."""
         started = time.perf_counter()
         if listing is not None and build_path is None and license_bytes is None:
-            entry = self.installed_entry(listing, target)
+            entry = self.installed_entry(listing, target, version)
             build_path = self.dir / entry["build"]
             license_bytes = (self.dir / entry["license"]).read_bytes()
         if build_path is None or license_bytes is None:
@@ -781,7 +806,10 @@ class Device:
         by_license = {
             b["license_id"]: name
             for name, e in self.installed().items()
-            for b in (e.get("builds") or {e["target"]: e}).values()
+            for b in [
+                *(e.get("builds") or {e["target"]: e}).values(),
+                *(x for v in (e.get("versions") or {}).values() for x in v.values()),
+            ]
         }
         licenses: list[dict[str, Any]] = []
         for lic_path in sorted((self.dir / "licenses").glob("*.lic")):
@@ -800,6 +828,7 @@ class Device:
                     "kind": claims.kind,
                     "binding": f"fleet:{claims.fleet_key_id}" if claims.fleet_key_id else "device",
                     "target": claims.target,
+                    "version": claims.version,
                     "build_hash": claims.build_hash,
                     "runs_used": used,
                     "max_runs": claims.max_runs,
@@ -1020,6 +1049,7 @@ class LicensedModel:
             "license_expires": _iso(self._claims.not_after),
             "max_runs": self._claims.max_runs,
             "listing": self.listing,
+            "version": self._claims.version,
             "build_hash": self.build_hash,
             "target": self.target,
             "backend": self.backend_name,

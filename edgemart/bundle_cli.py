@@ -84,6 +84,9 @@ def register(subparsers: Any) -> None:
         help="a device certificate (repeat)",
     )
     buy.add_argument("--seats", type=int, help="seats for a fleet key")
+    buy.add_argument(
+        "--version", type=int, metavar="V", help="a listed version of the listing (default: the newest)"
+    )
     _store_args(buy)
     buy.add_argument("--json", action="store_true")
     buy.set_defaults(func=_buy)
@@ -597,6 +600,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _buy(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"target": args.target}
+    if args.version is not None:
+        body["version"] = args.version
     if args.fleet_key is not None:
         if args.seats is None:
             raise UsageError("--seats is required with --fleet-key")
@@ -616,7 +621,7 @@ def _buy(args: argparse.Namespace) -> int:
         args,
         {"licenses": [{k: v for k, v in it.items() if k != "license"} for it in items]},
         "\n".join(
-            f"{it['license_id']}  {it['listing']}/{it['target']}  "
+            f"{it['license_id']}  {it['listing']} v{it.get('version')}/{it['target']}  "
             + (
                 f"fleet {it['fleet_key_id']} x{it['seats']}"
                 if it.get("fleet_key_id")

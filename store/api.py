@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
 from store.auth import ctx, current_user, db, rate_limit, require_user, roles
 from store.errors import error_payload
-from store.models import IdempotentResponse, Listing
+from store.models import IdempotentResponse, Listing, ListingVersion
 from store.services import accounts, licensing, listings, packaging, usage
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -176,8 +176,8 @@ def upload_listing() -> Any:
             type: object
             required: [model, name, license, targets]
             properties:
-              model: {type: string, format: binary}
               name: {type: string}
+              model: {type: string, format: binary}
               license: {type: string, description: SPDX expression}
               card: {type: string, format: binary, description: Markdown model card with YAML front matter}
               targets: {type: string, description: "comma-separated target ids"}
@@ -188,15 +188,61 @@ def upload_listing() -> Any:
               price_per_seat: {type: integer, description: cents}
               options: {type: string, description: 'JSON packager options per target, e.g. {"arm-cpu": {"min_agreement": "0.99"}}'}
     responses:
-      202: {description: "{listing, jobs: [job id]}", schema: {type: object, required: [listing, jobs], properties: {listing: {$ref: "#/components/schemas/Listing"}, jobs: {type: array, items: {type: string}}}}}
+      202: {description: "{listing, version, jobs: [job id]}", schema: {type: object, required: [listing, version, jobs], properties: {listing: {$ref: "#/components/schemas/Listing"}, version: {type: object}, jobs: {type: array, items: {type: string}}}}}
       403: {description: blocked by the compliance gate (decision included) or not a seller}
       413: {description: too large}
       422: {description: every problem found, in error.problems}
       429: {description: rate limit (Retry-After)}
     """
+    return _upload(None)
+
+
+@bp.post("/listings/<listing_id>/versions")
+def upload_version(listing_id: str) -> Any:
+    """Publish a new version of your listing (multipart): checked, gated for compliance and packaged per
+    target like a first upload. License, card, targets and options default to the previous version's.
+    ---
+    summary: Publish a new version of a listing (its seller or an admin)
+    parameters:
+      - {name: listing_id, in: path, required: true, schema: {type: string}}
+      - {name: Idempotency-Key, in: header, schema: {type: string, maxLength: 128}}
+    requestBody:
+      content:
+        multipart/form-data:
+          schema:
+            type: object
+            required: [model]
+            properties:
+              name: {type: string, description: a new display name (the listing id stays)}
+              model: {type: string, format: binary}
+              license: {type: string, description: SPDX expression}
+              card: {type: string, format: binary, description: Markdown model card with YAML front matter}
+              targets: {type: string, description: "comma-separated target ids"}
+              calibration: {type: string, format: binary, description: .npz samples keyed by input name}
+              visibility: {type: string, enum: [public, private]}
+              eval_days: {type: integer}
+              eval_runs: {type: integer}
+              price_per_seat: {type: integer, description: cents}
+              options: {type: string, description: 'JSON packager options per target, e.g. {"arm-cpu": {"min_agreement": "0.99"}}'}
+    responses:
+      202: {description: "{listing, version, jobs: [job id]}"}
+      403: {description: blocked by the compliance gate (decision included), or not your listing}
+      404: {description: no such listing visible to you}
+      409: {description: unpublished listing, or a concurrent upload took the version number}
+      413: {description: too large}
+      422: {description: every problem found, in error.problems}
+      429: {description: rate limit (Retry-After)}
+    """
+    return _upload(listing_id)
+
+
+def _upload(listing_id: str | None) -> Response:
+    """A first upload (``listing_id`` None) or a new version, answered idempotently."""
     user = require_user()
     if user.role not in ("seller", "admin"):
         raise ForbiddenError("only sellers can upload models")
+    if listing_id is not None:
+        listings.get_owned(db(), listing_id, user)  # 404/403 before the body is read or counted
     rate_limit("upload", user)
     request.max_content_length = 2 * int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
 
@@ -206,7 +252,9 @@ def upload_listing() -> Any:
         if key is not None:
             existing = listings.by_idempotency_key(db(), user, key)
             if existing is not None:  # retried after the first attempt's answer was lost
-                return _upload_response(existing, listings.job_ids_of(db(), existing), user)
+                return _upload_response(
+                    existing, listings.job_ids_of(db(), existing.listing, version=existing), user
+                )
         if not (request.mimetype or "").startswith("multipart/form-data"):
             raise UsageError("upload must be multipart/form-data with a 'model' file part")
         form, files = request.form, request.files
@@ -224,26 +272,79 @@ def upload_listing() -> Any:
             model=files["model"].stream if "model" in files else None,
             calibration=files["calibration"].stream if "calibration" in files else None,
             idempotency_key=key,
+            listing=listing_id,
         )
         try:
             result = listings.create_listing(ctx(), db(), user, upload)
         except listings.DuplicateUpload as dup:
-            return _upload_response(dup.listing, listings.job_ids_of(db(), dup.listing), user)
-        return _upload_response(result.listing, result.job_ids, user)
+            return _upload_response(
+                dup.version, listings.job_ids_of(db(), dup.listing, version=dup.version), user
+            )
+        return _upload_response(result.version, result.job_ids, user)
 
     return _idempotent(view)
 
 
-def _upload_response(listing: Listing, job_ids: list[str], user: Any) -> Response:
-    """202 {listing, jobs}, or the gate's 403 with its decision for a blocked upload."""
-    body = {"listing": listings.listing_to_dict(listing, user), "jobs": job_ids}
-    if listing.status == "blocked":
-        findings = (listing.decision or {}).get("findings", [])
+@bp.post("/listings/<listing_id>/repackage")
+def repackage_listing(listing_id: str) -> Any:
+    """Package one version again (default the newest) for the given targets, with new options or calibration.
+    Builds of those targets that no license names are replaced; a licensed build stays (publish a new version).
+    ---
+    summary: Re-package a version (its seller or an admin)
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    requestBody:
+      content:
+        multipart/form-data:
+          schema:
+            type: object
+            required: [targets]
+            properties:
+              version: {type: integer, minimum: 1}
+              targets: {type: string, description: "comma-separated target ids"}
+              options: {type: string, description: 'JSON packager options per target, replacing those targets'' options'}
+              calibration: {type: string, format: binary, description: .npz samples keyed by input name}
+    responses:
+      202: {description: "{listing, version, jobs: [job id]}"}
+      403: {description: not your listing}
+      404: {description: no such listing or version}
+      409: {description: "blocked version, jobs still running, or a licensed build of a named target"}
+      422: {description: every problem found, in error.problems}
+      429: {description: rate limit (Retry-After)}
+    """
+    user = require_user()
+    listings.get_owned(db(), listing_id, user)
+    rate_limit("upload", user)
+    request.max_content_length = int(ctx().config["MAX_UPLOAD_BYTES"]) + (1 << 20)
+    form, files = request.form, request.files
+    result = listings.repackage(
+        ctx(),
+        db(),
+        user,
+        listing_id,
+        listings.RepackageForm(
+            version=form.get("version"),
+            targets=form.get("targets"),
+            options=form.get("options"),
+            calibration=files["calibration"].stream if "calibration" in files else None,
+        ),
+    )
+    return _upload_response(result.version, result.job_ids, user)
+
+
+def _upload_response(version: ListingVersion, job_ids: list[str], user: Any) -> Response:
+    """202 {listing, version, jobs}, or the gate's 403 with its decision for a blocked version."""
+    body = {
+        "listing": listings.listing_to_dict(version.listing, user),
+        "version": listings.version_to_dict(version, user),
+        "jobs": job_ids,
+    }
+    if version.status == "blocked":
+        findings = (version.decision or {}).get("findings", [])
         exc = listings.Blocked(
-            f"upload blocked by the compliance gate: {_decision_summary(listing.decision)}",
+            f"upload blocked by the compliance gate: {_decision_summary(version.decision)}",
             details=findings if isinstance(findings, list) else [],
         )
-        exc.body = {"decision": listing.decision, "listing": body["listing"]}  # type: ignore[attr-defined]
+        exc.body = {"decision": version.decision, **body}  # type: ignore[attr-defined]
         raise exc
     resp = jsonify(body)
     resp.status_code = 202
@@ -300,12 +401,17 @@ def quality_html(listing_id: str, target: str) -> Any:
     parameters:
       - {name: listing_id, in: path, required: true, schema: {type: string}}
       - {name: target, in: path, required: true, schema: {type: string}}
-    responses: {200: {description: text/html}, 404: {description: no report}}
+      - {name: version, in: query, schema: {type: integer, minimum: 1}, description: "default: the current version"}
+    responses: {200: {description: text/html}, 400: {description: bad version}, 404: {description: no report}}
     """
     user = current_user(required=False)
     listing = listings.get_visible(db(), listing_id, user)
     details = listings.shows_build_details(listing, user)
-    for build in listing.builds:
+    raw = request.args.get("version")
+    version = listing.current if raw is None else listings.get_version(listing, raw)
+    if version not in listings.visible_versions(listing, user):
+        raise NotFoundError(f"no version {version.number} of {listing.id}")
+    for build in version.builds:
         if (
             build.target == target
             and build.quality_html_blob
@@ -327,14 +433,22 @@ def review_listing(listing_id: str) -> Any:
     ---
     summary: Approve or reject a blocked upload (admin)
     parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
-    requestBody: {content: {application/json: {schema: {type: object, properties: {action: {type: string, enum: [approve, reject]}, note: {type: string}}}}}}
+    requestBody: {content: {application/json: {schema: {type: object, properties: {action: {type: string, enum: [approve, reject]}, note: {type: string}, version: {type: integer, minimum: 1, description: "default: the newest blocked version"}}}}}}
     responses: {200: {description: "{listing, jobs}"}}
     """
     body = json_body()
     note = body.get("note", "")
     if not isinstance(note, str):
         raise UsageError("note must be a string")
-    jobs = listings.review(ctx(), db(), require_user(), listing_id, body.get("action"), note)  # type: ignore[arg-type]
+    jobs = listings.review(
+        ctx(),
+        db(),
+        require_user(),
+        listing_id,
+        body.get("action"),
+        note,
+        body.get("version"),  # type: ignore[arg-type]
+    )
     listing = db().get(Listing, listing_id)
     return {"listing": listings.listing_to_dict(listing, require_user()), "jobs": jobs}  # type: ignore[arg-type]
 
@@ -456,7 +570,7 @@ def eval_license(listing_id: str) -> Any:
     ---
     summary: Evaluation license
     parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
-    requestBody: {content: {application/json: {schema: {type: object, required: [device_id, target], properties: {device_id: {type: string}, target: {type: string}}}}}}
+    requestBody: {content: {application/json: {schema: {type: object, required: [device_id, target], properties: {device_id: {type: string}, target: {type: string}, version: {type: integer, minimum: 1, description: "pin a listed version (default: the newest with this target)"}}}}}}
     responses:
       201: {description: "{license, license_id, build_hash, build_url}", schema: License}
       200: {description: the license issued before, unchanged, schema: License}
@@ -467,7 +581,7 @@ def eval_license(listing_id: str) -> Any:
     rate_limit("license", user)
     body = json_body()
     lic, created = licensing.eval_license(
-        ctx(), db(), user, listing_id, body.get("device_id"), body.get("target")
+        ctx(), db(), user, listing_id, body.get("device_id"), body.get("target"), body.get("version")
     )
     return licensing.license_to_dict(lic, with_token=True), (201 if created else 200)
 
@@ -486,6 +600,7 @@ def production_licenses(listing_id: str) -> Any:
             required: [target]
             properties:
               target: {type: string}
+              version: {type: integer, minimum: 1, description: "pin a listed version (default: the newest with this target)"}
               device_certs: {type: array, items: {type: string}}
               fleet_key: {type: string, description: PEM X25519 public key}
               seats: {type: integer}

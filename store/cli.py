@@ -93,21 +93,69 @@ def _register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     seller = sub.add_parser("seller", help="upload models to a store")
     ssub = seller.add_subparsers(dest="seller_command", metavar="COMMAND", required=True)
-    p = ssub.add_parser("upload", help="upload a model: compliance gate, then packaging per target")
+    p = ssub.add_parser(
+        "upload",
+        help="upload a model (a new listing, or with --listing a new version of one):"
+        " compliance gate, then packaging per target",
+    )
     p.add_argument("model", type=Path)
-    p.add_argument("--name", required=True)
-    p.add_argument("--license", required=True, help="SPDX license expression")
+    p.add_argument("--name", help="the new listing's name (required without --listing)")
+    p.add_argument(
+        "--listing",
+        metavar="ID",
+        help="publish a new version of this listing of yours; license, card, targets and options default"
+        " to the previous version's",
+    )
+    p.add_argument("--license", help="SPDX license expression (required without --listing)")
     p.add_argument("--card", type=Path, help="model card (Markdown with YAML front matter)")
-    p.add_argument("--targets", default="arm-cpu", help="comma-separated targets (default arm-cpu)")
+    p.add_argument(
+        "--targets", help="comma-separated targets (default arm-cpu; with --listing the previous version's)"
+    )
     p.add_argument("--calibration", type=Path, help=".npz calibration samples keyed by input name (or x)")
-    p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
+    _store_options(p)
     p.add_argument("--eval-days", type=int, help="days an evaluation license lasts (default 14)")
     p.add_argument("--eval-runs", type=int, help="runs an evaluation license allows (default 1000)")
     p.add_argument(
         "--price", type=int, metavar="CENTS", help="price per production seat in cents (default 0)"
     )
     p.add_argument("--visibility", choices=("public", "private"))
+    _option_flag(p)
+    p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=seller_upload)
+
+    text = (
+        "package a version again with new targets, options or calibration (builds no license names are"
+        " replaced; a licensed build stays: publish a new version to change it)"
+    )
+    p = ssub.add_parser("repackage", help=text, description=text)
+    p.add_argument("listing", help="the listing id")
+    p.add_argument("--version", type=int, metavar="V", help="the version (default the newest)")
+    p.add_argument("--targets", required=True, help="comma-separated targets to build (again)")
+    p.add_argument("--calibration", type=Path, help="new .npz calibration samples for this version")
+    _option_flag(p)
+    _store_options(p)
+    p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=seller_repackage)
+
+    for name, handler, text in (
+        ("unpublish", seller_unpublish, "take a listing off the store (issued licenses keep running)"),
+        ("delete", seller_delete, "delete a listing no license was ever issued for"),
+    ):
+        p = ssub.add_parser(name, help=text, description=text)
+        p.add_argument("listing", help="the listing id")
+        _store_options(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=handler)
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
+
+
+def _option_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option",
         action="append",
@@ -116,22 +164,6 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="packager option for one target (arm-cpu:min_agreement=0.99) or, without TARGET, for every"
         " target; repeatable (see `edgemart package --help`)",
     )
-    p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=seller_upload)
-
-    for name, handler, text in (
-        ("unpublish", seller_unpublish, "take a listing off the store (issued licenses keep running)"),
-        ("delete", seller_delete, "delete a listing no license was ever issued for"),
-    ):
-        p = ssub.add_parser(name, help=text, description=text)
-        p.add_argument("listing", help="the listing id")
-        p.add_argument("--store", required=True, help="store URL, e.g. http://127.0.0.1:8080")
-        p.add_argument(
-            "--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)"
-        )
-        p.add_argument("--json", action="store_true", help="print one JSON object")
-        p.set_defaults(func=handler)
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -415,7 +447,11 @@ def seller_upload(args: argparse.Namespace) -> int:
 
     if not args.token:
         raise UsageError("--token is required (or set EDGEMART_TOKEN)")
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.listing is None and (args.name is None or args.license is None):
+        raise UsageError("a new listing needs --name and --license (or give --listing ID for a new version)")
+    targets = [
+        t.strip() for t in (args.targets or ("" if args.listing else "arm-cpu")).split(",") if t.strip()
+    ]
     extra = {}
     if args.eval_days is not None:
         extra["eval_days"] = str(args.eval_days)
@@ -426,6 +462,8 @@ def seller_upload(args: argparse.Namespace) -> int:
     if args.price is not None:
         extra["price_per_seat"] = str(args.price)
     if args.option:
+        if not targets:
+            raise UsageError("--option needs --targets when publishing a new version")
         extra["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
     client = StoreClient(args.store, args.token)
     try:
@@ -437,6 +475,7 @@ def seller_upload(args: argparse.Namespace) -> int:
             card=args.card,
             calibration=args.calibration,
             extra=extra,
+            listing=args.listing,
         )
     except StoreRefusal as exc:
         body = getattr(exc, "body", {})
@@ -451,29 +490,71 @@ def seller_upload(args: argparse.Namespace) -> int:
                     )
         return 1
     except UsageError as exc:
-        problems = exc.details if isinstance(exc.details, list) else []
-        if len(problems) > 1:
-            raise UsageError(
-                "; ".join(str(p.get("message", p)) if isinstance(p, dict) else str(p) for p in problems)
-            ) from None
-        raise
-    listing = result["listing"]
+        raise _one_line(exc) from None
+    listing, version = result["listing"], result.get("version") or {}
     out: dict[str, Any] = {
         "listing": listing["id"],
-        "decision": listing.get("decision", {}).get("outcome"),
+        "version": version.get("number"),
+        "decision": (version.get("decision") or {}).get("outcome"),
         "jobs": result["jobs"],
     }
     if not args.json:
         print(
-            f"listing {listing['id']}: compliance {out['decision']}; {len(result['jobs'])} packaging job(s) queued"
+            f"listing {listing['id']} version {out['version']}: compliance {out['decision']};"
+            f" {len(result['jobs'])} packaging job(s) queued"
         )
+    return _follow_jobs(args, client, out)
+
+
+def _one_line(exc: UsageError) -> UsageError:
+    """A refusal listing several problems, as the one line the CLI prints."""
+    problems = exc.details if isinstance(exc.details, list) else []
+    if len(problems) > 1:
+        return UsageError(
+            "; ".join(str(p.get("message", p)) if isinstance(p, dict) else str(p) for p in problems)
+        )
+    return exc
+
+
+def seller_repackage(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    client = _seller_client(args)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    fields = {"targets": ",".join(targets)}
+    if args.version is not None:
+        fields["version"] = str(args.version)
+    if args.option:
+        fields["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
+    files = {"calibration": args.calibration} if args.calibration is not None else {}
+    try:
+        result = client.post_multipart(
+            f"/api/v1/listings/{quote(args.listing, safe='')}/repackage", fields, files
+        )
+    except UsageError as exc:
+        raise _one_line(exc) from None
+    version = result["version"]
+    out: dict[str, Any] = {
+        "listing": result["listing"]["id"],
+        "version": version["number"],
+        "jobs": result["jobs"],
+    }
+    if not args.json:
+        print(
+            f"listing {out['listing']} version {out['version']}: {len(result['jobs'])} packaging job(s) queued"
+        )
+    return _follow_jobs(args, client, out)
+
+
+def _follow_jobs(args: argparse.Namespace, client: Any, out: dict[str, Any]) -> int:
+    """Print ``out`` (--json), or with --wait follow its jobs to their end; 1 when any of them failed."""
     if not args.wait:
         if args.json:
             print(json.dumps(out, sort_keys=True))
         return 0
     progress = None if args.json else _job_progress()
     try:
-        states = client.wait_jobs(result["jobs"], on_update=progress)
+        states = client.wait_jobs(out["jobs"], on_update=progress)
     finally:
         if progress is not None:
             progress.line.clear()  # type: ignore[attr-defined]

@@ -158,32 +158,53 @@ class StoreClient:
         self,
         model: Path,
         *,
-        name: str,
-        license: str,
+        name: str | None,
+        license: str | None,
         targets: list[str],
         card: Path | None = None,
         calibration: Path | None = None,
         extra: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        listing: str | None = None,
     ) -> dict[str, Any]:
-        """POST /api/v1/listings; returns {"listing", "jobs"}. A block decision raises StoreRefusal."""
-        for label, path in (("model", model), ("card", card), ("calibration", calibration)):
-            if path is not None and not Path(path).is_file():
-                raise UsageError(f"{label} file not found: {path}")
-        fields = {"name": name, "license": license, "targets": ",".join(targets), **(extra or {})}
-        files = {"model": Path(model)}
-        if card is not None:
-            files["card"] = Path(card)
-        if calibration is not None:
-            files["calibration"] = Path(calibration)
+        """POST /api/v1/listings (or, with ``listing``, a new version of it); returns {"listing", "version",
+        "jobs"}. A block decision raises StoreRefusal. Empty fields are left out (the store's defaults)."""
+        fields = {"name": name or "", "license": license or "", "targets": ",".join(targets), **(extra or {})}
+        files = {"model": Path(model), "card": card, "calibration": calibration}
+        path = "/api/v1/listings"
+        if listing is not None:
+            path += f"/{urllib.parse.quote(listing, safe='')}/versions"
+        headers = {"Idempotency-Key": idempotency_key or secrets.token_hex(16)}
+        return self.post_multipart(path, fields, files, headers=headers)  # type: ignore[no-any-return]
+
+    def post_multipart(
+        self,
+        path: str,
+        fields: dict[str, str],
+        files: dict[str, Path | None],
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """POST a streamed multipart/form-data body (empty fields and absent files left out); the JSON answer."""
+        for label, file in files.items():
+            if file is not None and not Path(file).is_file():
+                raise UsageError(f"{label} file not found: {file}")
         boundary = "edgemart-" + secrets.token_hex(16)
-        body, length = _multipart(fields, files, boundary)
-        headers = {
-            "Content-Type": f"multipart/form-data; boundary={boundary}",
-            "Content-Length": str(length),
-            "Idempotency-Key": idempotency_key or secrets.token_hex(16),
-        }
-        return self.request("POST", "/api/v1/listings", data=body, headers=headers).json()  # type: ignore[no-any-return]
+        body, length = _multipart(
+            {k: v for k, v in fields.items() if v},
+            {k: Path(v) for k, v in files.items() if v is not None},
+            boundary,
+        )
+        return self.request(
+            "POST",
+            path,
+            data=body,
+            headers={
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(length),
+                **(headers or {}),
+            },
+        ).json()
 
     def wait_jobs(
         self,

@@ -35,6 +35,8 @@ JOB_STATES = ("queued", "running", "done", "failed", "dead")
 # said no (kept for appeal); failed: every build failed; rejected: an admin upheld the block; unpublished: the
 # seller took it off the store (no new licenses; issued ones run out).
 LISTING_STATES = ("pending", "listed", "blocked", "failed", "rejected", "unpublished")
+# A version's own state: the same words, less "unpublished" (a listing is unpublished, not one of its versions).
+VERSION_STATES = ("pending", "listed", "blocked", "failed", "rejected")
 
 
 class Base(DeclarativeBase):
@@ -92,23 +94,65 @@ class RateCounter(Base):
 
 
 class Listing(Base):
+    """A product on the store: its name, seller, terms and visibility. What is sold lives in its versions."""
+
     __tablename__ = "listings"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # slug
     name: Mapped[str] = mapped_column(String(128))
     seller_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    license: Mapped[str] = mapped_column(String(256))
-    card: Mapped[str | None] = mapped_column(Text)
-    decision: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # listed while any version is listed; otherwise the newest version's state (unpublished: the seller's call)
     status: Mapped[str] = mapped_column(String(16), index=True)
     visibility: Mapped[str] = mapped_column(String(16), default="public")
-    targets: Mapped[list[str]] = mapped_column(JSON)  # what the seller asked for (re-queued on appeal)
-    # Packager options per target ({"arm-cpu": {"min_agreement": "0.99"}}), carried to the packaging jobs.
-    target_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     eval_days: Mapped[int] = mapped_column(Integer, default=14)
     eval_runs: Mapped[int] = mapped_column(Integer, default=1000)
     eval_device_limit: Mapped[int] = mapped_column(Integer, default=3)
     price_per_seat: Mapped[int] = mapped_column(Integer, default=0)  # cents
+    created_at: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))  # the first upload's Idempotency-Key
+
+    seller: Mapped[User] = relationship(foreign_keys=[seller_id])
+    versions: Mapped[list[ListingVersion]] = relationship(
+        back_populates="listing", order_by="ListingVersion.number"
+    )
+    builds: Mapped[list[Build]] = relationship(
+        back_populates="listing", order_by="[Build.version_id, Build.target]"
+    )  # every version's
+
+    __table_args__ = (Index("uq_listings_seller_idempotency", "seller_id", "idempotency_key", unique=True),)
+
+    @property
+    def latest(self) -> ListingVersion:
+        """The newest version, whatever its state."""
+        return self.versions[-1]
+
+    @property
+    def current(self) -> ListingVersion:
+        """The version buyers get unless they pin one: the newest listed version, else the newest."""
+        listed = [v for v in self.versions if v.status == "listed"]
+        return listed[-1] if listed else self.latest
+
+
+class ListingVersion(Base):
+    """One model published under a listing: its file, card, licence, compliance decision, targets and builds.
+    Numbered 1, 2, ... per listing; licenses name the version they unlock, and a version once licensed stays."""
+
+    __tablename__ = "listing_versions"
+    __table_args__ = (
+        UniqueConstraint("listing_id", "number"),
+        Index("uq_listing_versions_listing_idempotency", "listing_id", "idempotency_key", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    listing_id: Mapped[str] = mapped_column(ForeignKey("listings.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # VERSION_STATES
+    license: Mapped[str] = mapped_column(String(256))
+    card: Mapped[str | None] = mapped_column(Text)
+    decision: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    targets: Mapped[list[str]] = mapped_column(JSON)  # what the seller asked for (re-queued on appeal)
+    # Packager options per target ({"arm-cpu": {"min_agreement": "0.99"}}), carried to the packaging jobs.
+    target_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     model_blob: Mapped[str] = mapped_column(String(80))
     model_sha256: Mapped[str] = mapped_column(String(71))
     model_format: Mapped[str] = mapped_column(String(16))
@@ -119,18 +163,17 @@ class Listing(Base):
     reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     review_note: Mapped[str | None] = mapped_column(Text)
 
-    seller: Mapped[User] = relationship(foreign_keys=[seller_id])
-    builds: Mapped[list[Build]] = relationship(back_populates="listing", order_by="Build.target")
-
-    __table_args__ = (Index("uq_listings_seller_idempotency", "seller_id", "idempotency_key", unique=True),)
+    listing: Mapped[Listing] = relationship(back_populates="versions")
+    builds: Mapped[list[Build]] = relationship(back_populates="version", order_by="Build.target")
 
 
 class Build(Base):
     __tablename__ = "builds"
-    __table_args__ = (UniqueConstraint("listing_id", "target"),)
+    __table_args__ = (UniqueConstraint("version_id", "target"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     listing_id: Mapped[str] = mapped_column(ForeignKey("listings.id"), index=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("listing_versions.id"), index=True)
     target: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -148,6 +191,7 @@ class Build(Base):
     updated_at: Mapped[int] = mapped_column(Integer)
 
     listing: Mapped[Listing] = relationship(back_populates="builds")
+    version: Mapped[ListingVersion] = relationship(back_populates="builds")
 
 
 class Job(Base):
@@ -206,6 +250,9 @@ class License(Base):
     license_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     listing_id: Mapped[str] = mapped_column(ForeignKey("listings.id"), index=True)
     build_id: Mapped[int] = mapped_column(ForeignKey("builds.id"), index=True)
+    version: Mapped[int] = mapped_column(
+        Integer, default=1, server_default="1"
+    )  # the listing version it unlocks
     # The device key id the license is bound to: an enrolled device (eval) or a fleet device (production).
     device_id: Mapped[str | None] = mapped_column(String(64), index=True)
     fleet_key_id: Mapped[str | None] = mapped_column(String(64))

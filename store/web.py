@@ -106,7 +106,7 @@ def _authenticate() -> None:
 
 def _body_limit(endpoint: str | None) -> int | None:
     cfg = ctx().config
-    if endpoint == "web.sell":
+    if endpoint in ("web.sell", "web.new_version", "web.repackage"):
         return 2 * int(cfg["MAX_UPLOAD_BYTES"]) + (1 << 20)
     if endpoint == "web.buy_seats":
         return int(cfg["MAX_JSON_BYTES"]) + 64 * 1024  # what the API takes as JSON, plus multipart framing
@@ -142,7 +142,15 @@ def listing(listing_id: str) -> Any:
     return _listing_page(listings.get_visible(db(), listing_id, user), user, SeatOrder())
 
 
-def _listing_page(item: Listing, user: User | None, order: SeatOrder, status: int = 200) -> Any:
+def _listing_page(
+    item: Listing,
+    user: User | None,
+    order: SeatOrder,
+    status: int = 200,
+    problems: list[dict[str, Any]] | None = None,
+) -> Any:
+    import packagers
+
     owner = listings.shows_build_details(item, user)
     # The page follows every job still open, whoever started it (an upload, an admin's approval, a retry).
     jobs: list[str] = []
@@ -150,10 +158,76 @@ def _listing_page(item: Listing, user: User | None, order: SeatOrder, status: in
         asked = set(request.args.get("jobs", "").split(","))  # the upload's jobs, even if already ended
         jobs = [j for j in listings.job_ids_of(db(), item) if j in asked]
         jobs += [j for j in listings.job_ids_of(db(), item, open_only=True) if j not in jobs]
-    outcomes = {b.target: listings.build_outcome(b, details=owner) for b in item.builds}
+    outcomes = {b.id: listings.build_outcome(b, details=owner) for b in item.builds}
     return render_template(
-        "listing.html", l=item, owner=owner, jobs=jobs, order=order, outcomes=outcomes
+        "listing.html",
+        l=item,
+        owner=owner,
+        jobs=jobs,
+        order=order,
+        outcomes=outcomes,
+        versions=listings.visible_versions(item, user),
+        targets=packagers.TARGETS,
+        problems=problems or [],
     ), status
+
+
+@bp.post("/listings/<listing_id>/versions")
+def new_version(listing_id: str) -> Any:
+    """The seller publishes a new version from the listing page (the same service as the API)."""
+    user = _web_user("seller", "admin")
+    item = listings.get_owned(db(), listing_id, user)
+    auth.rate_limit("upload", user)
+    form, files = request.form, request.files
+    card = files.get("card")
+    upload = listings.UploadForm(
+        license=form.get("license") or None,
+        card=card.stream if card is not None and card.filename else None,
+        targets=form.getlist("targets"),
+        options=form.get("options") or None,
+        model=_file_part("model"),
+        calibration=_file_part("calibration"),
+        listing=item.id,
+    )
+    try:
+        result = listings.create_listing(ctx(), db(), user, upload)
+    except listings.UploadProblems as exc:
+        return _listing_page(listings.get_owned(db(), listing_id, user), user, SeatOrder(), 422, exc.details)
+    if result.blocked:
+        flash(
+            f"The compliance gate blocked version {result.version.number}; it is kept for review by an admin."
+        )
+    else:
+        flash(
+            f"Version {result.version.number} published: packaging for {', '.join(result.version.targets)}."
+        )
+    return redirect(url_for("web.listing", listing_id=item.id, jobs=",".join(result.job_ids)))
+
+
+@bp.post("/listings/<listing_id>/repackage")
+def repackage(listing_id: str) -> Any:
+    """The seller re-packages a version from the listing page."""
+    user = _web_user("seller", "admin")
+    item = listings.get_owned(db(), listing_id, user)
+    auth.rate_limit("upload", user)
+    form = listings.RepackageForm(
+        version=request.form.get("version") or None,
+        targets=request.form.getlist("targets"),
+        options=request.form.get("options") or None,
+        calibration=_file_part("calibration"),
+    )
+    try:
+        result = listings.repackage(ctx(), db(), user, item.id, form)
+    except listings.UploadProblems as exc:
+        return _listing_page(listings.get_owned(db(), listing_id, user), user, SeatOrder(), 422, exc.details)
+    flash(f"Version {result.version.number}: packaging again for {len(result.job_ids)} target(s).")
+    return redirect(url_for("web.listing", listing_id=item.id, jobs=",".join(result.job_ids)))
+
+
+def _file_part(name: str) -> Any:
+    """The stream of an uploaded file field, None when no file was chosen."""
+    part = request.files.get(name)
+    return part.stream if part is not None and part.filename else None
 
 
 # ------------------------------------------------------------------------------------------ production seats
@@ -298,10 +372,8 @@ def sell() -> Any:
         eval_runs=form.get("eval_runs"),
         price_per_seat=form.get("price_per_seat"),
         options=form.get("options"),
-        model=files["model"].stream if files.get("model") and files["model"].filename else None,
-        calibration=files["calibration"].stream
-        if files.get("calibration") and files["calibration"].filename
-        else None,
+        model=_file_part("model"),
+        calibration=_file_part("calibration"),
     )
     try:
         result = listings.create_listing(ctx(), db(), user, upload)
@@ -406,9 +478,11 @@ def _zip_bundle_inputs(held: list[License], builds: list[Build]) -> IO[bytes]:
             info.external_attr = 0o644 << 16
             with ctx().blobs.open(build.blob_key) as src, zf.open(info, "w", force_zip64=True) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-        for listing in sorted({lic.listing for lic in held}, key=lambda x: x.id):
-            if listing.card:
-                zf.writestr(f"cards/{listing.id}.md", listing.card)
+        # One card per listing: that of the newest version among the licenses chosen.
+        cards = {lic.listing_id: lic.build.version for lic in sorted(held, key=lambda x: x.version)}
+        for listing_id, version in sorted(cards.items()):
+            if version.card:
+                zf.writestr(f"cards/{listing_id}.md", version.card)
     out.seek(0)
     return out
 
@@ -430,7 +504,13 @@ def admin_review() -> Any:
 def admin_decide(listing_id: str) -> Any:
     user = _web_user("admin")
     listings.review(
-        ctx(), db(), user, listing_id, request.form.get("action", ""), request.form.get("note", "")
+        ctx(),
+        db(),
+        user,
+        listing_id,
+        request.form.get("action", ""),
+        request.form.get("note", ""),
+        request.form.get("version") or None,
     )
     flash(f"{listing_id}: {request.form.get('action')}d")
     return redirect(url_for("web.admin_review"))

@@ -27,6 +27,8 @@ CODES = (
 )
 
 _REUPLOAD = "fix it and publish a new version (edgemart seller upload MODEL --listing {listing})"
+# Samples and options are not the model: the same version is packaged again with new ones.
+_REPACKAGE = "re-package this version (edgemart seller repackage {listing} --targets {target} {what})"
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,14 @@ def _from_refusal(exc: EdgemartError, *, target: str, listing: str, model: bytes
     message = _clean(exc.message)
     code = exc.code if exc.code in CODES else None
     reupload = _REUPLOAD.format(listing=listing)
+    with_samples = _REPACKAGE.format(listing=listing, target=target, what="--calibration SAMPLES.npz")
     if code is None:
         found = _from_runtime_message(exc.message, target, model, listing)
         if found is not None:
             return found
     lowered = message.lower()
     if code == "calibration_too_small":
-        return Failure(code, message, f"upload more calibration samples; then {reupload}")
+        return Failure(code, message, f"collect more calibration samples; then {with_samples}")
     if code is None and "needs calibration samples" in lowered:
         code = "calibration_missing"
     elif code is None and ("calibration data" in lowered or "holdout data" in lowered):
@@ -154,10 +157,12 @@ def _from_refusal(exc: EdgemartError, *, target: str, listing: str, model: bytes
     elif code is None and lowered.startswith(("onnx checker", "not a model", "tflite", "model ")):
         code = "invalid_model"
     steps = {
-        "calibration_missing": f"add calibration samples (.npz keyed by input name, or x); then {reupload}",
+        "calibration_missing": "make calibration samples (.npz keyed by input name, or x); then"
+        f" {with_samples}",
         "sample_mismatch": "re-export the calibration .npz so each array matches its model input"
-        f" (name, dtype, shape with samples on axis 0); then {reupload}",
-        "invalid_option": "correct the target option (see `edgemart package --help`); then re-package",
+        f" (name, dtype, shape with samples on axis 0); then {with_samples}",
+        "invalid_option": "correct the target option (see `edgemart package --help`); then "
+        + _REPACKAGE.format(listing=listing, target=target, what="--option KEY=VALUE"),
         "unsupported_op": f"choose another target for this model, or replace the op; then {reupload}",
         "invalid_model": f"check the model file (it must load in onnxruntime or LiteRT); then {reupload}",
         "duplicate_build": "nothing to do: this exact build is already sold in the named listing",

@@ -20,7 +20,7 @@ from drm.errors import ConflictError, ForbiddenError, LicenseRefused, NotFoundEr
 from store.context import StoreContext
 from store.db import lock_row
 from store.models import Build, Device, License, Listing, Revocation, User
-from store.services.listings import get_visible
+from store.services.listings import get_version, get_visible
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _DEVICE_ID = re.compile(r"^[0-9a-f]{32}\Z")
@@ -83,17 +83,25 @@ def device_to_dict(device: Device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ licenses
 
 
-def _licensable_build(listing: Listing, target: Any) -> Build:
+def _licensable_build(listing: Listing, target: Any, version: Any = None) -> Build:
+    """The build a license is issued for: of the pinned listed ``version``, or else of the newest listed
+    version that has a finished build for ``target`` (older versions stay licensable when pinned)."""
     if not isinstance(target, str) or not target:
         raise UsageError("target is required")
-    for build in listing.builds:
-        if build.target == target:
-            if build.status != "done" or build.wrapped_cek is None or build.build_hash is None:
-                raise ConflictError(f"the {target} build of {listing.id} is {build.status}, not ready")
+    if version is not None:
+        versions = [get_version(listing, version, listed_only=True)]
+    else:
+        versions = [v for v in reversed(listing.versions) if v.status == "listed"]
+    builds = [b for v in versions for b in v.builds if b.target == target]
+    for build in builds:
+        if build.status == "done" and build.wrapped_cek is not None and build.build_hash is not None:
             return build
-    ready = sorted(b.target for b in listing.builds if b.status == "done")
+    where = f"{listing.id} version {versions[0].number}" if version is not None else listing.id
+    if builds:
+        raise ConflictError(f"the {target} build of {where} is {builds[0].status}, not ready")
+    ready = sorted({b.target for v in versions for b in v.builds if b.status == "done"})
     raise NotFoundError(
-        f"listing {listing.id} has no {target[:40]} build; "
+        f"listing {where} has no {target[:40]} build; "
         + (f"its targets: {', '.join(ready)}" if ready else "it has no finished build yet")
     )
 
@@ -125,6 +133,7 @@ def _issue(
         listing=listing.id,
         build_hash=build.build_hash,
         target=build.target,
+        version=build.version.number,
         now=now,
         days=days,
         max_runs=max_runs,
@@ -136,6 +145,7 @@ def _issue(
         license_id=license_id,
         listing_id=listing.id,
         build_id=build.id,
+        version=build.version.number,
         device_id=device_id,
         fleet_key_id=fleet_key_id,
         buyer_id=buyer.id,
@@ -149,9 +159,16 @@ def _issue(
 
 
 def eval_license(
-    ctx: StoreContext, session: Session, user: User, listing_id: str, device_id: Any, target: Any
+    ctx: StoreContext,
+    session: Session,
+    user: User,
+    listing_id: str,
+    device_id: Any,
+    target: Any,
+    version: Any = None,
 ) -> tuple[License, bool]:
     """The evaluation license for (buyer, device, build): issued once, the same one on every re-request.
+    The build is the newest listed version's unless ``version`` pins one.
     A seller may take them for their own listings, to try their builds on their own boards."""
     if user.role not in (*LICENSE_BUYERS, "seller"):
         raise ForbiddenError(f"a {user.role} account cannot take evaluation licenses")
@@ -161,7 +178,7 @@ def eval_license(
     if listing.status != "listed":
         raise ConflictError(f"listing {listing.id} is {listing.status}; it cannot be licensed")
     device = get_own_device(session, user, device_id)
-    build = _licensable_build(listing, target)
+    build = _licensable_build(listing, target, version)
     existing = _existing_eval(session, user, device, build)
     if existing is None:
         # Serialize this buyer's eval requests: the device count below and the insert must not interleave
@@ -272,7 +289,7 @@ def check_production_order(
     listing = get_visible(session, listing_id, user)
     if listing.status != "listed":
         raise ConflictError(f"listing {listing.id} is {listing.status}; it cannot be licensed")
-    build = _licensable_build(listing, body.get("target"))
+    build = _licensable_build(listing, body.get("target"), body.get("version"))
     certs, fleet = body.get("device_certs"), body.get("fleet_key")
     if (certs is None) == (fleet is None):
         raise UsageError(
@@ -365,6 +382,7 @@ def license_to_dict(lic: License, *, with_token: bool) -> dict[str, Any]:
         "license_id": lic.license_id,
         "kind": lic.kind,
         "listing": lic.listing_id,
+        "version": lic.version,
         "target": lic.build.target,
         "build_hash": build_hash,
         "build_url": f"/api/v1/builds/{build_hash.split(':', 1)[-1]}",

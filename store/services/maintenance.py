@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from drm.errors import NotFoundError, UsageError
 from store.context import StoreContext
-from store.models import Build, Listing
+from store.models import Build, ListingVersion
 
 log = logging.getLogger("edgemart.store.maintenance")
 DEFAULT_GRACE_SECONDS = 3600
@@ -41,7 +41,9 @@ def referenced_blobs(ctx: StoreContext) -> set[str]:
     """Every blob key a row points to."""
     refs: set[str] = set()
     with ctx.Session() as s:
-        for model_blob, calibration_blob in s.execute(select(Listing.model_blob, Listing.calibration_blob)):
+        for model_blob, calibration_blob in s.execute(
+            select(ListingVersion.model_blob, ListingVersion.calibration_blob)
+        ):
             refs.update(k for k in (model_blob, calibration_blob) if k)
         for blob_key, html_key in s.execute(select(Build.blob_key, Build.quality_html_blob)):
             refs.update(k for k in (blob_key, html_key) if k)

@@ -22,6 +22,7 @@ from store.jobs import worker_id
 from store.models import JOB_STATES, Build, Job, Listing, User
 from store.services import confined
 from store.services.job_failures import Failure, explain, gave_up, worker_stopped
+from store.services.listings import settle
 
 log = logging.getLogger("edgemart.store.packaging")
 PROGRESS_STEP = 0.02  # write progress to the database at most every 2 %
@@ -174,12 +175,15 @@ def _dead_letter(job: Job, failure: Failure, now: int) -> None:
     _record_failure(job, failure)
     build = job.build
     build.status, build.error, build.message, build.updated_at = "failed", failure.text(), job.message, now
-    _settle_listing(build.listing)
+    _settle_version(build)
 
 
-def _settle_listing(listing: Listing) -> None:
-    if listing.status == "pending" and all(b.status in ("failed", "rejected") for b in listing.builds):
-        listing.status = "failed"
+def _settle_version(build: Build) -> None:
+    """A pending version whose every build failed is failed; the listing's status follows its versions'."""
+    version = build.version
+    if version.status == "pending" and all(b.status in ("failed", "rejected") for b in version.builds):
+        version.status = "failed"
+    settle(version.listing)
 
 
 def retry_delay(ctx: StoreContext, attempt: int) -> int:
@@ -225,6 +229,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         if job.state in ("failed", "dead") and job.error
         else None,
         "listing": job.build.listing_id,
+        "version": job.build.version.number,
         "target": job.build.target,
         "build_status": job.build.status,
         "attempts": job.attempts,
@@ -257,8 +262,9 @@ def requeue_dead(ctx: StoreContext, job_id: str) -> Job:
             "queued",
             0.0,
         )
-        if job.build.listing.status == "failed":
-            job.build.listing.status = "pending"
+        if job.build.version.status == "failed":
+            job.build.version.status = "pending"
+            settle(job.build.listing)
         s.commit()
     ctx.queue.enqueue(job.id)
     return job
@@ -379,12 +385,12 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
         if job is None:
             return
         build = job.build
-        listing = build.listing
-        build_id, target, listing_id = build.id, build.target, listing.id
+        version = build.version
+        build_id, target, listing_id = build.id, build.target, version.listing_id
         attempt.target, attempt.listing = target, listing_id
-        model_key = listing.model_blob
-        options = (listing.target_options or {}).get(target)
-        samples_blob = listing.calibration_blob
+        model_key = version.model_blob
+        options = (version.target_options or {}).get(target)
+        samples_blob = version.calibration_blob
     set_progress(ctx, lease, build_id, 0.0, f"packaging for {target}")
     model = attempt.model = ctx.blobs.get(model_key)
     samples = ctx.blobs.get(samples_blob) if samples_blob is not None else None
@@ -417,7 +423,8 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
                 "quality_failed",
                 f"quality check failed: {result.quality.verdict_reason}",
                 "read the quality report on the listing page; add calibration samples or exclude the"
-                " named nodes, then re-package",
+                f" named nodes, then re-package (edgemart seller repackage {listing_id} --targets {target}"
+                " --calibration SAMPLES.npz --option ...)",
             ),
             build_status="rejected",
         )
@@ -464,10 +471,9 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
             build.updated_at = now
             job.state, job.progress, job.message, job.error, job.finished_at = "done", 1.0, "done", None, now
             job.error_code, job.next_step = None, None
-            listing = s.get(Listing, listing_id)
-            assert listing is not None
-            if listing.status in ("pending", "failed"):
-                listing.status = "listed"
+            if build.version.status in ("pending", "failed"):
+                build.version.status = "listed"
+            settle(build.version.listing)
             s.commit()
     except BaseException:
         for key in created:
@@ -504,5 +510,5 @@ def _finish(ctx: StoreContext, lease: Lease, *, ok: bool, failure: Failure | Non
         build = job.build
         error = failure.text() if failure is not None else None
         build.status, build.error, build.message, build.updated_at = build_status, error, job.message, now
-        _settle_listing(build.listing)
+        _settle_version(build)
         s.commit()

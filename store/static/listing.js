@@ -18,9 +18,11 @@
         open += 1;  // the store is restarting: keep following
         continue;
       }
-      const bar = document.querySelector('[data-build-progress="' + j.target + '"]');
-      const msg = document.querySelector('[data-build-message="' + j.target + '"]');
-      const status = document.querySelector('[data-build-status="' + j.target + '"]');
+      // Each version has its own section; a build is named by its target within it.
+      const scope = document.querySelector('[data-version="' + j.version + '"]') || document;
+      const bar = scope.querySelector('[data-build-progress="' + j.target + '"]');
+      const msg = scope.querySelector('[data-build-message="' + j.target + '"]');
+      const status = scope.querySelector('[data-build-status="' + j.target + '"]');
       if (bar) bar.value = j.progress;
       if (msg) msg.textContent = j.message;
       if (status) status.textContent = j.build_status;

@@ -320,6 +320,11 @@ def test_hpke_info_binds_license_id_build_and_device(
         {"extra": 1},
         {"listing": "a b"},
         {"issued_at": -5},
+        {"version": 0},
+        {"version": None},  # absent, never null
+        {"version": True},
+        {"version": "2"},
+        {"version": 2**31},
     ],
 )
 def test_signed_but_malformed_claims_are_refused(
@@ -331,6 +336,20 @@ def test_signed_but_malformed_claims_are_refused(
     assert "malformed" in _refused(token, store, device)
     with pytest.raises(drm.FormatError):
         LicenseClaims.from_dict(claims)
+
+
+def test_the_version_claim_is_signed_and_optional(
+    store: Store, device: drm.DeviceKeys, issue: IssueFn
+) -> None:
+    """A license names its listing version; one issued without (before versions existed) still verifies."""
+    versioned = issue(version=3)
+    assert _claims(versioned)["version"] == 3 and _verify(versioned, store, device).claims.version == 3
+    plain = issue()
+    assert "version" not in _claims(plain) and _verify(plain, store, device).claims.version is None
+    claims = _claims(versioned)
+    claims["version"] = 4  # changing it breaks the signature
+    forged = dumps({**_envelope(versioned), "payload": b64e(dumps(claims))})
+    assert "signature" in _refused(forged, store, device)
 
 
 def test_the_issuer_refuses_to_sign_what_a_verifier_would_reject(issue: IssueFn) -> None:

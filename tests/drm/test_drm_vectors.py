@@ -125,6 +125,13 @@ def test_license_vectors() -> None:
     assert c.wrapped_cek["suite"].startswith("DHKEM-X25519") and c.max_runs is None and c.kind == "production"
     assert drm.unwrap_cek(c, ckeys).hex() == vec["expected_cek"]
 
+    assert v.claims.version is None and c.version is None  # issued without the optional claim
+    versioned = vec["versioned"]
+    token = versioned["token"].encode()
+    vc = drm.verify_license(token, root=root, now=now, device_id=ckeys.device_id).claims
+    assert vc.version == versioned["version"] == 2 and vc.license_id == "lic_vector_0004"
+    assert drm.unwrap_cek(vc, ckeys).hex() == vec["expected_cek"]
+
     rl = drm.verify_revocation_list(
         vec["revocation"]["token"].encode(), root=root, now=now, current_version=7
     )

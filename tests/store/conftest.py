@@ -90,6 +90,7 @@ class Store:
         with self.ctx.Session() as s:
             for model in (
                 models.Listing,
+                models.ListingVersion,
                 models.Build,
                 models.Job,
                 models.License,
@@ -101,6 +102,18 @@ class Store:
         tmp = self.data_dir / "blobs" / ".tmp"
         out["tmp_files"] = len(pending()) if pending else len(list(tmp.iterdir()))
         return out
+
+
+def enroll(store: Store, who: str) -> Any:
+    """A fresh device (drm.DeviceKeys) enrolled on ``who``'s account through the API."""
+    import drm
+
+    keys = drm.DeviceKeys.generate()
+    r = store.client.post(
+        "/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=store.auth(who)
+    )
+    assert r.status_code == 201, r.json
+    return keys
 
 
 @contextlib.contextmanager
@@ -160,6 +173,7 @@ BOTH_DATABASES = {
     "test_store_concurrency",
     "test_store_hostile_models",
     "test_store_hostile_users",
+    "test_store_versions",
 }
 
 

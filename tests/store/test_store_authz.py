@@ -126,6 +126,41 @@ MATRIX = [
         {"anon": 401, "bill": 201, "ada": 201, "*": 403},
     ),
     ("POST", "/api/v1/listings", None, {"anon": 401, "bob": 403, "betty": 403, "bill": 403}),
+    # Versions: only the listing's seller (or an admin) publishes or re-packages one; these bodies are empty,
+    # so the seller's own requests stop at the form (400/422) and change nothing.
+    ("POST", "/api/v1/listings/pub/versions", None, {"anon": 401, "sally": 400, "ada": 400, "*": 403}),
+    (
+        "POST",
+        "/api/v1/listings/priv/versions",
+        None,
+        {
+            "anon": 401,
+            "sally": 400,
+            "ada": 400,
+            "sam": 404,
+            "*": 403,
+        },  # buyers: not a seller, whatever the id
+    ),
+    (
+        "POST",
+        "/api/v1/listings/nope/versions",
+        None,
+        {"anon": 401, "sally": 404, "sam": 404, "ada": 404, "*": 403},
+    ),
+    ("POST", "/api/v1/listings/pub/repackage", None, {"anon": 401, "sally": 422, "ada": 422, "*": 403}),
+    ("POST", "/api/v1/listings/priv/repackage", None, {"anon": 401, "sally": 422, "ada": 422, "*": 404}),
+    (
+        "POST",
+        "/api/v1/listings/pub/eval-license",
+        {"device_id": "{device}", "target": "onnx-fp32", "version": 1},
+        {"anon": 401, "bob": 200, "sally": 404, "sam": 403, "ada": 404, "*": 404},
+    ),
+    (
+        "GET",
+        "/api/v1/listings/priv/builds/onnx-fp32/quality.html?version=1",
+        None,
+        {"sally": 200, "ada": 200, "*": 404},
+    ),
     # Lifecycle: a licensed listing is never deleted (its seller is told to unpublish); others may not.
     ("DELETE", "/api/v1/listings/pub", None, {"anon": 401, "sally": 409, "ada": 409, "*": 403}),
     ("DELETE", "/api/v1/listings/priv", None, {"anon": 401, "sally": None, "ada": None, "*": 404}),

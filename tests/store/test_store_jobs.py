@@ -50,7 +50,7 @@ def test_internal_failure_is_retried_with_backoff_then_dead_lettered_and_an_admi
     try:
         job_id = st.upload("sally", digits_base, name="flaky", targets="onnx-fp32").json["jobs"][0]
         with st.ctx.Session() as s:
-            model_key = s.get(Listing, "flaky").model_blob
+            model_key = s.get(Listing, "flaky").latest.model_blob
         # A storage fault (not a refusal of the model): the blob became unreadable.
         path = _blob_path(st, model_key)
         saved = path.read_bytes()

@@ -16,16 +16,9 @@ from sqlalchemy import select
 import drm
 import licenses
 from store.models import Build, Job
-from tests.store.conftest import make_store
+from tests.store.conftest import enroll, make_store
 
-
-def _enroll(store, who: str) -> drm.DeviceKeys:
-    keys = drm.DeviceKeys.generate()
-    r = store.client.post(
-        "/api/v1/devices/enroll", json={"csr": keys.csr().decode()}, headers=store.auth(who)
-    )
-    assert r.status_code == 201, r.json
-    return keys
+_enroll = enroll
 
 
 def test_blocked_upload_is_kept_for_appeal_never_packaged(store, corpus):

@@ -18,7 +18,7 @@ def test_admin_sees_dead_jobs_and_retries_one(tmp_path, digits_base):
         from store.models import Listing
 
         with st.ctx.Session() as s:
-            key = s.get(Listing, "broken").model_blob
+            key = s.get(Listing, "broken").latest.model_blob
         path: Path = st.data_dir / "blobs" / key.split("-", 1)[1][:2] / key
         saved = path.read_bytes()
         path.unlink()

@@ -455,6 +455,20 @@ def license_vectors(pki: Pki) -> dict:
     token_classic_issuer = drm.issue_license(issuer=pki.classic, cek=CEK, recipient=device.kem_public(), kind="eval",
                                              days=30, max_runs=10, device_id=device.device_id,
                                              license_id="lic_vector_0003", **common)  # fmt: skip
+    # A license naming its listing version (the optional `version` claim); the others have none, as every
+    # license issued before listings had versions.
+    token_versioned = drm.issue_license(
+        issuer=pki.issuer,
+        cek=CEK,
+        recipient=classic.kem_public(),
+        kind="eval",
+        version=2,
+        days=30,
+        max_runs=10,
+        device_id=classic.device_id,
+        license_id="lic_vector_0004",
+        **common,
+    )
     revocation = drm.sign_revocation_list(
         pki.issuer, version=7, issued_at=NOW, revoked=["lic_vector_0002", "lic_old"]
     )
@@ -619,6 +633,7 @@ def license_vectors(pki: Pki) -> dict:
         "unwrap_refusals": [
             {"name": "wrapped-key-moved", "token": moved.decode(), "reason": "HPKE info binds license_id"}
         ],
+        "versioned": {"token": token_versioned.decode(), "device_id": classic.device_id, "version": 2},
         "revocation": {"token": revocation.decode(), "version": 7, "revoked": ["lic_old", "lic_vector_0002"]},
         "checks": out,
         "revocation_checks": rl_checks,
