@@ -39,6 +39,7 @@ demo: venv corpus
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	PYTHONPATH=. $(VENV)/bin/lint-imports
 
 test: venv apt corpus lint
 	$(VENV)/bin/pytest -q

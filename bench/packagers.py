@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 CORPUS = Path(os.environ.get("EDGEMART_CORPUS", Path.home() / ".cache" / "edgemart-corpus"))
 TARGETS = ("arm-cpu", "fpga-xint8", "coral-edgetpu")

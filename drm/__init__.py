@@ -16,17 +16,6 @@ from drm.container import (
     wipe,
 )
 from drm.envelope import parse_envelope, sign_envelope, verify_envelope
-from drm.errors import (
-    AuthError,
-    ConflictError,
-    EdgemartError,
-    ForbiddenError,
-    IntegrityError,
-    LicenseRefused,
-    NotFoundError,
-    Refusal,
-    UsageError,
-)
 from drm.keys import (
     EKU_BUNDLE_SIGNER,
     EKU_DEVICE,
@@ -55,6 +44,17 @@ from drm.license import (
 from drm.revocation import RevocationList, sign_revocation_list, verify_revocation_list
 from drm.sealed_state import open_state, seal_state
 from drm.usagelog import LogReport, make_record, verify_log
+from edgemart.core.errors import (
+    AuthError,
+    ConflictError,
+    EdgemartError,
+    ForbiddenError,
+    IntegrityError,
+    LicenseRefused,
+    NotFoundError,
+    Refusal,
+    UsageError,
+)
 
 __all__ = [
     "Authority",

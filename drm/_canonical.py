@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 
 class FormatError(UsageError):

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, loads, sha256_tag
 from drm.envelope import parse_envelope, signed_message
-from drm.errors import IntegrityError, UsageError
 from drm.keys import ed25519_from_pem, key_id
 from drm.license import LICENSE_TYP, LicenseClaims
+from edgemart.core.errors import IntegrityError, UsageError
 
 BUNDLE_FORMAT = "edgemart-bundle"
 BUNDLE_VERSION = 1

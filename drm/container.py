@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, loads
-from drm.errors import IntegrityError, UsageError
+from edgemart.core.errors import IntegrityError, UsageError
 
 MAGIC = b"\x89EMDL\r\n\x1a"
 VERSION = 1

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, loads
-from drm.errors import LicenseRefused
 from drm.keys import MAX_CERT_BYTES, Issuer, cert_from_bytes, cert_mldsa_key, verify_cert
+from edgemart.core.errors import LicenseRefused
 
 MAX_ENVELOPE_BYTES = 64 * 1024
 SIG_ED25519 = "Ed25519"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from drm._canonical import FormatError
-from drm.errors import LicenseRefused, UsageError
+from edgemart.core.errors import LicenseRefused, UsageError
 
 # Private arc for edgemart's certificate extensions and key purposes (see docs/FORMAT.md).
 _ARC = "1.3.6.1.4.1.59999.7"

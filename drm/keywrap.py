@@ -10,7 +10,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from drm.errors import IntegrityError, UsageError
+from edgemart.core.errors import IntegrityError, UsageError
 
 WRAP_MAGIC = b"EMKW\x01"
 WRAPPED_LEN = len(WRAP_MAGIC) + 12 + 32 + 16

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field
 from drm.envelope import sign_envelope, verify_envelope
-from drm.errors import LicenseRefused, UsageError
 from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys, key_id
+from edgemart.core.errors import LicenseRefused, UsageError
 
 LICENSE_TYP = "edgemart-license/1"
 KINDS = ("eval", "production")

@@ -9,8 +9,8 @@ from cryptography import x509
 
 from drm._canonical import FormatError, exact_keys, field
 from drm.envelope import sign_envelope, verify_envelope
-from drm.errors import LicenseRefused, UsageError
 from drm.keys import EKU_LICENSE_ISSUER, Issuer
+from edgemart.core.errors import LicenseRefused, UsageError
 
 REVOCATION_TYP = "edgemart-revocation/1"
 MAX_REVOKED = 25_000  # the store drops licenses from the list once they have expired

@@ -12,7 +12,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from drm._canonical import FormatError, dumps, loads
-from drm.errors import IntegrityError, UsageError
+from edgemart.core.errors import IntegrityError, UsageError
 
 STATE_MAGIC = b"EMST\x01"
 MAX_STATE_BYTES = 4 * 1024 * 1024

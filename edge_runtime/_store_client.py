@@ -8,7 +8,14 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from drm.errors import AuthError, ConflictError, EdgemartError, ForbiddenError, NotFoundError, UsageError
+from edgemart.core.errors import (
+    AuthError,
+    ConflictError,
+    EdgemartError,
+    ForbiddenError,
+    NotFoundError,
+    UsageError,
+)
 
 MAX_RESPONSE_BYTES = 1024**3
 TIMEOUT = 60.0

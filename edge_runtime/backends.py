@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from drm.errors import UsageError
-from drm.model_safety import check_model_bytes
+from edgemart.core.errors import UsageError
+from edgemart.core.model_safety import check_model_bytes
 
 # Execution providers worth using when the installed onnxruntime has them, per target (CPU is always last).
 _PREFERRED_PROVIDERS: dict[str, tuple[str, ...]] = {

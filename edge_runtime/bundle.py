@@ -40,7 +40,7 @@ from drm.bundle import (
     read_license_token,
     verify_manifest_signature,
 )
-from drm.errors import LicenseRefused, Refusal, UsageError
+from edgemart.core.errors import LicenseRefused, Refusal, UsageError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _READ_CHUNK = 1024 * 1024

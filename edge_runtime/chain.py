@@ -18,12 +18,12 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from drm.errors import EdgemartError, LicenseRefused, UsageError
 from edge_runtime.chain_check import check_signatures
 from edge_runtime.chain_node import Node
 from edge_runtime.chain_spec import SUPERVISOR, ChainSpec, Timeouts, load_chain
 from edge_runtime.chain_steps import TensorType, apply
 from edge_runtime.slots import Channel, PeerGone, SlotError
+from edgemart.core.errors import EdgemartError, LicenseRefused, UsageError
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 

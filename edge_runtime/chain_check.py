@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from drm.errors import UsageError
 from edge_runtime.chain_spec import Binding, ChainSpec, split_ref
 from edge_runtime.chain_steps import TensorType, infer
+from edgemart.core.errors import UsageError
 
 
 def _tensor_type(spec: dict[str, Any]) -> TensorType:

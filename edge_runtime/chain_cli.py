@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 
 def register_run(device_subparsers: Any) -> None:
@@ -189,7 +189,7 @@ def _text(report: dict[str, Any]) -> str:
 
 def _check_sample_file(path: Path) -> None:
     """Sizes, compression ratio and array headers of an input file, checked before numpy inflates it."""
-    from drm.model_safety import check_sample_file
+    from edgemart.core.model_safety import check_sample_file
 
     try:
         with open(path, "rb") as fp:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drm.errors import UsageError
 from edge_runtime.chain_steps import DTYPES, Step, TensorType, parse_step
+from edgemart.core.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 ISOLATION = ("vendor", "stage")
@@ -310,7 +310,7 @@ def parse_chain_text(text: str, path: Path) -> ChainSpec:
     if len(text) > MAX_CHAIN_BYTES:
         raise UsageError(f"{path}: {len(text)} characters exceeds the chain file limit of {MAX_CHAIN_BYTES}")
     if path.suffix.lower() != ".json":
-        from edge_runtime.safe_yaml import YamlLimits, load_yaml  # stage workers never read YAML
+        from edgemart.core.safe_yaml import YamlLimits, load_yaml  # stage workers never read YAML
 
         limits = YamlLimits(max_chars=MAX_CHAIN_BYTES)
         return parse_chain(load_yaml(text, what=f"{path}: not valid YAML", limits=limits), path)

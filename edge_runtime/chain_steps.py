@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from drm.errors import UsageError
 from edge_runtime.slots import DTYPES
+from edgemart.core.errors import UsageError
 
 Shape = tuple[int | None, ...] | None  # None = rank unknown; None entries = dynamic dims
 Fetch = Callable[[str], np.ndarray]

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from drm.errors import EdgemartError, LicenseRefused
 from edge_runtime.chain_node import Node
 from edge_runtime.chain_spec import parse_binding
 from edge_runtime.chain_steps import apply
 from edge_runtime.slots import Channel, PeerGone
+from edgemart.core.errors import EdgemartError, LicenseRefused
 
 
 @dataclass

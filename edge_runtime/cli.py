@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
+from edgemart.core.output import emit
 
 
 def register(subparsers: Any) -> None:
@@ -105,21 +106,6 @@ def _version(text: str) -> int:
     return int(text)
 
 
-def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
-    """A command's result: one JSON object on stdout with --json, else the human text. Every CLI group uses it."""
-    if getattr(args, "json", False):
-        print(json.dumps(obj, sort_keys=True, default=str))
-    else:
-        print(text.rstrip("\n"))
-
-
-def iso_utc(t: int | None) -> str:
-    """Unix seconds as ISO-8601 UTC (``2026-12-02T06:25:00Z``) for command output; "never" for none."""
-    import time
-
-    return "never" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(t)))
-
-
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -204,7 +190,7 @@ def _load_npz(path: Path, what: str) -> dict[str, Any]:
 
     import numpy as np
 
-    from drm.model_safety import check_sample_file
+    from edgemart.core.model_safety import check_sample_file
 
     try:
         with open(path, "rb") as fp:  # sizes, ratio and headers checked before anything inflates

@@ -23,7 +23,6 @@ import drm
 from drm._canonical import FormatError
 from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
-from edge_runtime import fileio
 from edge_runtime.backends import Backend, TensorSpec, open_backend
 from edge_runtime.ledger import (
     DEFAULT_POLICY,
@@ -36,6 +35,7 @@ from edge_runtime.ledger import (
     replay_run_counters,
     reservation_detail,
 )
+from edgemart.core import fileio
 
 KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
 REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")

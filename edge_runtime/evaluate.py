@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from drm.errors import UsageError
 from edge_runtime.backends import TensorSpec
 from edge_runtime.device import LicensedModel
+from edgemart.core.errors import UsageError
 
 DEFAULT_DYNAMIC_BATCH = 16
 TOP_K = 5
@@ -347,14 +347,14 @@ class ProgressBar:
     """The eval progress line on stderr (only for runs long enough to need one): see edge_runtime.progress."""
 
     def __init__(self, stream: Any = None, *, min_calls: int = 20, width: int = 30) -> None:
-        from edge_runtime.progress import LineProgress
+        from edgemart.core.progress import LineProgress
 
         self.line = LineProgress(stream)
         self.min_calls = min_calls
         self.width = width
 
     def __call__(self, done: int, total: int) -> None:
-        from edge_runtime.progress import bar
+        from edgemart.core.progress import bar
 
         if total < self.min_calls:
             return

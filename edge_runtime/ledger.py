@@ -18,7 +18,7 @@ from typing import Any
 import drm
 from drm._canonical import FormatError
 from drm.usagelog import genesis, parse_record
-from edge_runtime import fileio
+from edgemart.core import fileio
 
 STATE_VERSION = 1
 _TAIL_BYTES = 3 * 4096 + 2  # two whole records at most 4 KiB each, plus slack

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from drm.errors import EdgemartError, UsageError
+from edgemart.core.errors import EdgemartError, UsageError
 
 PAGE = mmap.PAGESIZE
 HEADER_BYTES = PAGE  # the payload starts on the second page

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 # Each module exposes run(quick: bool) -> {"dotted.key": {"value", "target", "unit", "met", "note"}}.
 MODULES = ("bench.drm", "bench.runtime", "bench.chain", "bench.packagers", "bench.licenses", "bench.store")

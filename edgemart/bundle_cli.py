@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drm.errors import EdgemartError, UsageError
-from edge_runtime.cli import emit
+from edgemart.core.errors import EdgemartError, UsageError
+from edgemart.core.output import emit
 
 DEFAULT_KEY_ENV = "EDGEMART_BUNDLE_KEY"
 _MAX_INPUT_BYTES = 1024**3
@@ -148,7 +148,7 @@ def _atomic_write_chunks(out: Path, chunks: Any) -> str:
     """Write to a temp file beside ``out`` then rename; returns the sha256 tag of what was written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    from edge_runtime.fileio import atomic_write
+    from edgemart.core.fileio import atomic_write
 
     def produce(fh: Any) -> None:
         for chunk in chunks:
@@ -678,7 +678,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _fetch_into(client: Any, held: list[dict[str, Any]], out: Path) -> dict[str, list[str]]:
     import drm
-    from edge_runtime.fileio import atomic_write
+    from edgemart.core.fileio import atomic_write
 
     for sub in ("licenses", "builds", "cards"):
         (out / sub).mkdir()

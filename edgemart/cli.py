@@ -11,8 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from drm.errors import EdgemartError, LicenseRefused
-from edge_runtime.progress import clear_all
+from edgemart.core.errors import EdgemartError, LicenseRefused
+from edgemart.core.progress import clear_all
 
 # group -> (module providing register(subparsers), one-line help)
 GROUPS: dict[str, tuple[str, str]] = {

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drm.errors import LicenseRefused, NotFoundError, UsageError
-from edge_runtime.cli import emit
+from edgemart.core.errors import LicenseRefused, NotFoundError, UsageError
+from edgemart.core.output import emit
 
 _LISTING = re.compile(r"[^A-Za-z0-9._:\-]+")
 
@@ -57,7 +57,7 @@ def _atomic_write(path: Path, produce: Any, mode: int = 0o644) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise NotFoundError(f"output directory {parent} does not exist")
-    from edge_runtime.fileio import atomic_write
+    from edgemart.core.fileio import atomic_write
 
     atomic_write(path, produce, mode=mode)
 
@@ -89,7 +89,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
     import hashlib
 
     import drm
-    from edge_runtime.fileio import atomic_write
+    from edgemart.core.fileio import atomic_write
     from store.keyvault import FileKeyVault
 
     model, out = Path(args.model), Path(args.out)

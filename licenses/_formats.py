@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from drm.errors import UsageError
-from drm.model_safety import check_model_bytes
+from edgemart.core.errors import UsageError
+from edgemart.core.model_safety import check_model_bytes
 
 # Graph ops that carry channels from their (first) activation input to their output unchanged in order.
 _ONNX_CHANNEL_PRESERVING = frozenset(

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from drm.errors import UsageError
-from edge_runtime.safe_yaml import load_yaml
+from edgemart.core.errors import UsageError
+from edgemart.core.safe_yaml import load_yaml
 
 _FENCE = "---"
 

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from drm.errors import NotFoundError, Refusal, UsageError
+from edgemart.core.errors import NotFoundError, Refusal, UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

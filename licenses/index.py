@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from drm.errors import ConflictError, UsageError
-from edge_runtime.fileio import atomic_write
+from edgemart.core.errors import ConflictError, UsageError
+from edgemart.core.fileio import atomic_write
 from licenses._fingerprint import DEFAULT_POLICY, Fingerprint, MatchPolicy, fingerprint, match, shape_key
 from licenses._formats import parse_model
 

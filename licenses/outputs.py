@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 SPEC_VERSION = "1.6"
 _SERIAL_NAMESPACE = uuid.UUID("5b0c6d4e-7f1a-4c39-9a52-6564676d6172")  # fixed: "edgemart" ML-BOM serials

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers._data import bind_samples, require_static_shapes, sample_count, synthetic_inputs, take
 from packagers._model import ModelInfo, inspect_model
 from packagers._runtime import OnnxRunner, median_latencies_ms, runner_for

@@ -12,8 +12,8 @@ from os import PathLike
 
 import numpy as np
 
-from drm.errors import UsageError
-from drm.model_safety import DEFAULT_SAMPLE_LIMITS, SampleLimits, check_sample_file
+from edgemart.core.errors import UsageError
+from edgemart.core.model_safety import DEFAULT_SAMPLE_LIMITS, SampleLimits, check_sample_file
 from packagers._model import ModelInfo, TensorSpec
 
 LABEL_KEY = "y"

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from drm.errors import UsageError
-from drm.model_safety import check_model_bytes
+from edgemart.core.errors import UsageError
+from edgemart.core.model_safety import check_model_bytes
 
 TFLITE_IDENTIFIER = b"TFL3"
 # Oldest default-domain opset we accept; ORT's quantizer and version converter handle >= 7.

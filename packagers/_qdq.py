@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers._base import Conversion, QualityOptions
 from packagers._data import take
 from packagers._runtime import OnnxRunner
@@ -49,7 +49,7 @@ def upgrade_opset(model, target: int = QDQ_MIN_OPSET):
     try:
         converted = version_converter.convert_version(model, target)
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
-        from drm.errors import UsageError
+        from edgemart.core.errors import UsageError
 
         raise UsageError(
             f"cannot upgrade ONNX opset {current} -> {target} for QDQ quantization: {exc}"
@@ -268,7 +268,7 @@ def quantize_qdq(
         quantize_static,
     )
 
-    from drm.errors import UsageError
+    from edgemart.core.errors import UsageError
 
     known = {n.name for n in fp32_model.graph.node}
     unknown = [n for n in nodes_to_exclude if n not in known]

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers._data import batches
 from packagers._model import ModelInfo
 

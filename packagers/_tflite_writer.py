@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 CONVERTER_HINT = "needs the optional converter: pip install edgemart[coral]"
 SUPPORTED_ONNX_OPS = ("MatMul", "Gemm", "Add", "Relu", "Softmax", "ArgMax", "Cast", "Identity", "Reshape",

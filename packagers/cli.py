@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -60,7 +60,7 @@ def _read_model(path: str) -> bytes:
 
 
 def _progress_line() -> Callable[[float, str], None]:
-    from edge_runtime.progress import LineProgress, bar
+    from edgemart.core.progress import LineProgress, bar
 
     line = LineProgress()
 

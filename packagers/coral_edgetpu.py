@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, QualityOptions, register
 from packagers._data import take
 from packagers._edgetpu_ops import model_compatibility, onnx_compatibility, tflite_compatibility

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, register
 from packagers._data import take
 from packagers._qdq import LAYER_SAMPLES, QdqOptions, _with_outputs, qdq_conversion, quantize_with_options

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, send_file
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from drm.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
+from edgemart.core.errors import EdgemartError, ForbiddenError, NotFoundError, UsageError
 from store.auth import ctx, current_user, db, rate_limit, require_user, roles
 from store.errors import error_payload
 from store.models import IdempotentResponse, Listing, ListingVersion

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from flask import current_app, g, request, session
 from sqlalchemy.orm import Session
 
-from drm.errors import AuthError, ForbiddenError
+from edgemart.core.errors import AuthError, ForbiddenError
 from store.context import StoreContext
 from store.models import User
 from store.services import accounts, throttle

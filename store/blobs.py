@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-from drm.errors import NotFoundError, UsageError
+from edgemart.core.errors import NotFoundError, UsageError
 
 _KEY = re.compile(r"^(sha256-[0-9a-f]{64}|id-[0-9a-f]{32})\Z")
 CHUNK = 1 << 20

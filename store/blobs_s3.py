@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from typing import IO, Any, BinaryIO
 from urllib.parse import urlsplit
 
-from drm.errors import EdgemartError, NotFoundError, UsageError
+from edgemart.core.errors import EdgemartError, NotFoundError, UsageError
 from store.blobs import _KEY, CHUNK, STALE_TEMP_SECONDS, PutResult, check_key, copy_limited
 
 log = logging.getLogger("edgemart.store.blobs")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 log = logging.getLogger("edgemart.store.cli")
 
@@ -292,7 +292,7 @@ def migrate(args: argparse.Namespace) -> int:
 
 @_private_files
 def gc(args: argparse.Namespace) -> int:
-    from edge_runtime.cli import emit
+    from edgemart.core.output import emit
     from store.services.maintenance import sweep_orphan_blobs
 
     ctx = _context(args, WORKER="none")
@@ -316,8 +316,8 @@ def tokens(args: argparse.Namespace) -> int:
     """The operator's view of a user's tokens; revocation takes effect on the next request."""
     from sqlalchemy import select
 
-    from drm.errors import NotFoundError
-    from edge_runtime.cli import emit, iso_utc
+    from edgemart.core.errors import NotFoundError
+    from edgemart.core.output import emit, iso_utc
     from store.models import User
     from store.services import accounts
 
@@ -385,7 +385,7 @@ def create_user(args: argparse.Namespace) -> int:
 
 def _job_progress() -> Any:
     """The --wait progress line: one bar per target, drawn by edge_runtime.progress."""
-    from edge_runtime.progress import LineProgress, bar
+    from edgemart.core.progress import LineProgress, bar
 
     line = LineProgress()
 
@@ -588,7 +588,7 @@ def _seller_client(args: argparse.Namespace) -> Any:
 def seller_unpublish(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from edge_runtime.cli import emit
+    from edgemart.core.output import emit
 
     listing = _seller_client(args).post_json(f"/api/v1/listings/{quote(args.listing, safe='')}/unpublish", {})
     emit(
@@ -602,7 +602,7 @@ def seller_unpublish(args: argparse.Namespace) -> int:
 def seller_delete(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from edge_runtime.cli import emit
+    from edgemart.core.output import emit
 
     doc = _seller_client(args).request("DELETE", f"/api/v1/listings/{quote(args.listing, safe='')}").json()
     emit(args, doc, f"deleted {doc['deleted']}")

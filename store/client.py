@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drm.errors import (
+from edgemart.core.errors import (
     AuthError,
     ConflictError,
     EdgemartError,

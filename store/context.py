@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from drm.errors import UsageError
-from edge_runtime.fileio import atomic_write
+from edgemart.core.errors import UsageError
+from edgemart.core.fileio import atomic_write
 from store import db
 from store.blobs import BlobStore, FileBlobStore
 from store.jobs import JobQueue, NoWorker

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, event, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONNECT_RETRY_SECONDS = 10.0

@@ -10,7 +10,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from drm.errors import EdgemartError, LicenseRefused, TooManyAttempts, Unavailable
+from edgemart.core.errors import EdgemartError, LicenseRefused, TooManyAttempts, Unavailable
 
 log = logging.getLogger("edgemart.store")
 

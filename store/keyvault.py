@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
 
 import drm
-from drm.errors import ConflictError, UsageError
 from drm.keywrap import generate_kek, unwrap_key, wrap_key
-from edge_runtime.fileio import atomic_write, locked
+from edgemart.core.errors import ConflictError, UsageError
+from edgemart.core.fileio import atomic_write, locked
 
 ROOT_FILES = ("root.key", "root.crt")
 ISSUER_FILES = ("issuer.key", "issuer.crt", "issuer-pq.key")

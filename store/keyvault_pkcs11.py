@@ -43,7 +43,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 
-from drm.errors import ConflictError, IntegrityError, UsageError
+from edgemart.core.errors import ConflictError, IntegrityError, UsageError
 from store.keyvault import KEK_FILE, PRIVATE_FILES, DirectoryKeyVault
 
 KEK_LABEL = "edgemart-kek"

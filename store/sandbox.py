@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drm import errors as _errors
-from drm.errors import EdgemartError, UsageError
+from edgemart.core import errors as _errors
+from edgemart.core.errors import EdgemartError, UsageError
 
 log = logging.getLogger("edgemart.sandbox")
 
@@ -646,7 +646,7 @@ def _rebuild_error(error: Any, limits: SandboxLimits) -> BaseException:
         if str(error.get("type")) == "SandboxLimit":
             cls = SandboxLimit
         elif str(error.get("type")) == "UnsafeModel":
-            from drm.model_safety import UnsafeModel
+            from edgemart.core.model_safety import UnsafeModel
 
             cls = UnsafeModel
         if not (isinstance(cls, type) and issubclass(cls, EdgemartError)):

@@ -28,7 +28,7 @@ from flask import (
 )
 from sqlalchemy import select
 
-from drm.errors import (
+from edgemart.core.errors import (
     AuthError,
     ConflictError,
     EdgemartError,

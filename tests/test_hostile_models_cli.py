@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from drm.model_safety import UnsafeModel
 from edgemart.cli import main
+from edgemart.core.model_safety import UnsafeModel
 from tests import hostile_models as hm
 
 
@@ -99,9 +99,9 @@ def _bomb(path: Path) -> Path:
 
 def test_device_eval_and_chain_inputs_refuse_a_zip_bomb(tmp_path, capsys):
     """The buyer's side reads .npz too: `device eval --data` and chain inputs check before inflating."""
-    from drm.errors import UsageError
     from edge_runtime.chain_cli import _check_sample_file
     from edge_runtime.cli import _load_npz
+    from edgemart.core.errors import UsageError
 
     bomb = _bomb(tmp_path / "bomb.npz")
     assert bomb.stat().st_size < 2_000_000

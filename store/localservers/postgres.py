@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from store.localservers import wait_for_signal
 
 SUPERUSER = "edgemart"

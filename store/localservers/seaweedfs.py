@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drm.errors import UsageError
-from edge_runtime.fileio import atomic_write
+from edgemart.core.errors import UsageError
+from edgemart.core.fileio import atomic_write
 from store.blobs_s3 import S3BlobStore
 from store.localservers import wait_for_signal
 

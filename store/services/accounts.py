@@ -13,7 +13,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from drm.errors import AuthError, ConflictError, NotFoundError, TooManyAttempts, UsageError
+from edgemart.core.errors import AuthError, ConflictError, NotFoundError, TooManyAttempts, UsageError
 from store.models import ROLES, ApiToken, User, WebSession
 
 TOKEN_PREFIX = "emt_"

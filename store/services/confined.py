@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from store.context import StoreContext
 from store.sandbox import SandboxChildError, SandboxCrash
 
@@ -47,7 +47,7 @@ def inspect(ctx: StoreContext, model: bytes) -> dict[str, Any]:
 
     The model-safety walk runs here first with the store's configured caps (it is pure code of ours), then
     again with the defaults inside the sandbox before any library parses the bytes."""
-    from drm.model_safety import ModelLimits, check_model_bytes
+    from edgemart.core.model_safety import ModelLimits, check_model_bytes
 
     cfg = ctx.config
     check_model_bytes(

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from drm.errors import EdgemartError
+from edgemart.core.errors import EdgemartError
 
 # Codes a client may branch on (GET /api/v1/jobs/ID -> failure.code).
 CODES = (

@@ -16,7 +16,14 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 import drm
-from drm.errors import ConflictError, ForbiddenError, LicenseRefused, NotFoundError, Refusal, UsageError
+from edgemart.core.errors import (
+    ConflictError,
+    ForbiddenError,
+    LicenseRefused,
+    NotFoundError,
+    Refusal,
+    UsageError,
+)
 from store.context import StoreContext
 from store.db import lock_row
 from store.models import Build, Device, License, Listing, Revocation, User

@@ -14,7 +14,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
-from drm.errors import (
+from edgemart.core.errors import (
     ConflictError,
     EdgemartError,
     ForbiddenError,
@@ -23,7 +23,7 @@ from drm.errors import (
     UsageError,
     with_prefix,
 )
-from edge_runtime.fileio import fault_point
+from edgemart.core.fileio import fault_point
 from store.blobs import new_blob_id
 from store.context import StoreContext
 from store.models import Build, Job, License, Listing, ListingVersion, User

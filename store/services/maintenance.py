@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from drm.errors import NotFoundError, UsageError
+from edgemart.core.errors import NotFoundError, UsageError
 from store.context import StoreContext
 from store.models import Build, ListingVersion
 

@@ -14,8 +14,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 import drm
-from drm.errors import ConflictError, EdgemartError, NotFoundError, UsageError
-from edge_runtime.fileio import fault_point
+from edgemart.core.errors import ConflictError, EdgemartError, NotFoundError, UsageError
+from edgemart.core.fileio import fault_point
 from store.blobs import new_blob_id
 from store.context import StoreContext
 from store.jobs import worker_id

@@ -14,7 +14,7 @@ from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from drm.errors import TooManyAttempts
+from edgemart.core.errors import TooManyAttempts
 from store.context import StoreContext
 from store.models import RateCounter
 

@@ -497,7 +497,7 @@ def test_at_rest_refusals_and_pkcs11_formats() -> None:
 
 @pytest.mark.parametrize("case", _load("model_safety.json")["cases"], ids=lambda c: c["name"])
 def test_model_safety_vectors(case: dict) -> None:
-    from drm.model_safety import UnsafeModel, check_model_bytes
+    from edgemart.core.model_safety import UnsafeModel, check_model_bytes
 
     if case["expect"] == "accept":
         check_model_bytes(bytes.fromhex(case["model"]))

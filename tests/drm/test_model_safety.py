@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from drm.model_safety import ModelLimits, UnsafeModel, check_model_bytes
+from edgemart.core.model_safety import ModelLimits, UnsafeModel, check_model_bytes
 from tests import hostile_models as hm
 
 FUZZ = int(os.environ.get("EDGEMART_FUZZ_EXAMPLES", "300"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drm.model_safety import UnsafeModel
+from edgemart.core.model_safety import UnsafeModel
 from tests import hostile_models as hm
 from tests.edge_runtime.conftest import NOW
 

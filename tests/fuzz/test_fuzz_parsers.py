@@ -53,7 +53,7 @@ from edge_runtime.chain_spec import (
     parse_chain,
     parse_chain_text,
 )
-from edge_runtime.safe_yaml import DEFAULT_YAML_LIMITS
+from edgemart.core.safe_yaml import DEFAULT_YAML_LIMITS
 from licenses.card import ModelCard, parse_model_card
 
 EXAMPLES = int(os.environ.get("EDGEMART_FUZZ_EXAMPLES", "300"))

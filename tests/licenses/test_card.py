@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from licenses import parse_model_card
 
 VALID = """---

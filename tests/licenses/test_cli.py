@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from drm.errors import EdgemartError
+from edgemart.core.errors import EdgemartError
 from licenses import cli
 
 

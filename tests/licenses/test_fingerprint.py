@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from licenses import _transforms as T
 from licenses._fingerprint import fingerprint, match
 from licenses._formats import detect_format, parse_model

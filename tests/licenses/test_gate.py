@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from licenses import LicenseIndex, check_model, make_mlbom, make_notice
 from licenses import _transforms as T
 

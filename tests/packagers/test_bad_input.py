@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers import get_packager, inspect_model, load_calibration, package_model
 from packagers.arm_cpu import ArmCpuOptions
 

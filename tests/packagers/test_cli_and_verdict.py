@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from packagers import package_model
 from packagers.cli import register
 

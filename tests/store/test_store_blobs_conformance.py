@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, cast
 
 import pytest
 
-from drm.errors import EdgemartError, NotFoundError, UsageError
+from edgemart.core.errors import EdgemartError, NotFoundError, UsageError
 from store.blobs import BlobStore, FileBlobStore, TooLarge, new_blob_id
 
 MiB = 1024 * 1024

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drm.errors import UsageError
+from edgemart.core.errors import UsageError
 from store.context import env_config, make_blobs, make_vault, resolve_config
 from store.db import normalize_url
 

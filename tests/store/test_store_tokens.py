@@ -9,7 +9,7 @@ import hashlib
 import pytest
 from sqlalchemy import select
 
-from drm.errors import NotFoundError
+from edgemart.core.errors import NotFoundError
 from store.models import ApiToken
 from store.services import accounts
 

@@ -844,7 +844,7 @@ def _tflite(buffer_offset: int, buffer_size: int) -> bytes:
 
 
 def model_safety_vectors() -> dict:
-    from drm.model_safety import UnsafeModel, check_model_bytes
+    from edgemart.core.model_safety import UnsafeModel, check_model_bytes
 
     ok_model = _model(_graph(tensors=[_tensor(b"w", [4, 4])]))
     small = len(_tflite(0, 0))
