@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from edge_runtime.samples import Contract, SampleSet, StatePair
 from packagers import arm_cpu as _arm_cpu  # noqa: F401 - registers the target
 from packagers import coral_edgetpu as _coral_edgetpu  # noqa: F401 - registers the target
 from packagers import fpga_xint8 as _fpga_xint8  # noqa: F401 - registers the target
@@ -24,8 +25,8 @@ def package_model(
     model: bytes,
     target: str,
     *,
-    calibration: Mapping[str, np.ndarray] | None = None,
-    holdout: Mapping[str, np.ndarray] | None = None,
+    calibration: Mapping[str, np.ndarray] | SampleSet | None = None,
+    holdout: Mapping[str, np.ndarray] | SampleSet | None = None,
     options: Mapping | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> Build:
@@ -38,10 +39,13 @@ def package_model(
 __all__ = [
     "TARGETS",
     "Build",
+    "Contract",
     "ModelInfo",
     "Packager",
     "QualityReport",
     "SampleLimits",
+    "SampleSet",
+    "StatePair",
     "TensorSpec",
     "bind_samples",
     "get_packager",

@@ -24,6 +24,7 @@ class TensorSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    dim_names: tuple[str | None, ...] = ()  # ONNX dim_param of each dynamic dim (None when unnamed)
 
     def shape_text(self) -> str:
         return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
@@ -129,9 +130,11 @@ def _onnx_dtype(elem_type: int) -> str:
 def _onnx_spec(value_info) -> TensorSpec:
     ttype = value_info.type.tensor_type
     dims: list[int | None] = []
+    names: list[str | None] = []
     for d in ttype.shape.dim:
         dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
-    return TensorSpec(value_info.name, tuple(dims), _onnx_dtype(ttype.elem_type))
+        names.append(d.dim_param if d.HasField("dim_param") and d.dim_param else None)
+    return TensorSpec(value_info.name, tuple(dims), _onnx_dtype(ttype.elem_type), tuple(names))
 
 
 def _inspect_onnx(proto, size: int) -> ModelInfo:

@@ -13,8 +13,8 @@ from typing import Literal
 import numpy as np
 
 from drm.errors import UsageError
+from edge_runtime.samples import SampleSet
 from packagers._base import Conversion, QualityOptions
-from packagers._data import take
 from packagers._runtime import OnnxRunner
 from packagers.quality import snr_db
 
@@ -105,7 +105,7 @@ def _with_outputs(model, names: list[str]) -> bytes:
 
 
 def layer_errors(
-    fp32_model, qdq_model, feeds: Mapping[str, np.ndarray], top: int = 5, suggest: int = 3
+    fp32_model, qdq_model, samples: SampleSet, top: int = 5, suggest: int = 3
 ) -> tuple[list[dict], list[str]]:
     """Worst `top` layers by activation SNR, and the quantized nodes whose own SNR drop is largest.
 
@@ -139,8 +139,8 @@ def layer_errors(
         return [], []
     ref_names = list(pairs) + list(input_pairs)
     q_names = [pairs[n] for n in pairs] + [input_pairs[n] for n in input_pairs]
-    ref = OnnxRunner(_with_outputs(fp32_model, ref_names), output_names=ref_names).run(feeds)
-    got = OnnxRunner(_with_outputs(qdq_model, q_names), output_names=q_names).run(feeds)
+    ref = OnnxRunner(_with_outputs(fp32_model, ref_names), output_names=ref_names).run_all(samples)
+    got = OnnxRunner(_with_outputs(qdq_model, q_names), output_names=q_names).run_all(samples)
     snr: dict[str, float] = {}
     for r_name, g_name in zip(ref_names, q_names, strict=True):
         if ref[r_name].shape != got[g_name].shape:
@@ -182,19 +182,24 @@ def layer_errors(
     return worst, [r["node"] for r in candidates[:suggest]]
 
 
-def prepare_for_qdq(model: bytes, tmp: str, preprocess: bool) -> tuple[object, dict]:
-    """Parse, name nodes, upgrade the opset for QDQ and run ORT's quantization pre-processing.
+def prepare_for_qdq(
+    model: bytes, tmp: str, preprocess: bool, fixed: Mapping[str, np.ndarray] | None = None
+) -> tuple[object, dict]:
+    """Parse, specialize for the fixed inputs, name nodes, upgrade the opset for QDQ and run ORT's
+    quantization pre-processing.
 
     Returns the fp32 model that gets quantized (the per-layer reference) and metadata about what was done."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from packagers._model import parse_onnx
+    from packagers._specialize import specialize
 
-    proto = parse_onnx(model)
+    proto, specialized = specialize(parse_onnx(model), fixed or {})
     name_nodes(proto)
     proto, opset_before = upgrade_opset(proto)
     meta: dict = {
+        **specialized,
         "opset_before": opset_before,
         "opset": QDQ_MIN_OPSET if opset_before < QDQ_MIN_OPSET else opset_before,
     }
@@ -231,12 +236,13 @@ def _flatten_gemm_bias(model) -> None:
 
 
 class _Reader:
-    """ORT CalibrationDataReader over an in-memory dict of samples, in small batches."""
+    """ORT CalibrationDataReader over in-memory samples (small batches, or one run per sample), each feed
+    holding only the inputs the model being calibrated has."""
 
-    def __init__(self, samples: Mapping[str, np.ndarray], info, batch: int = 16) -> None:
-        from packagers._data import batches
-
-        self._batches = list(batches(samples, info, batch))
+    def __init__(self, samples: SampleSet, input_names: set[str], batch: int = 16) -> None:
+        self._batches = [
+            {k: v for k, v in feed.items() if k in input_names} for _, feed in samples.runs(batch)
+        ]
         self._iter = iter(self._batches)
 
     def get_next(self):
@@ -248,8 +254,7 @@ class _Reader:
 
 def quantize_qdq(
     fp32_model,
-    samples: Mapping[str, np.ndarray],
-    info,
+    samples: SampleSet,
     tmp: str,
     *,
     per_channel: bool,
@@ -287,10 +292,12 @@ def quantize_qdq(
         extra["CalibPercentile"] = percentile
     src, dst = f"{tmp}/fp32.onnx", f"{tmp}/int8.onnx"
     onnx.save(fp32_model, src)
+    initializers = {i.name for i in fp32_model.graph.initializer}
+    inputs = {i.name for i in fp32_model.graph.input if i.name not in initializers}
     quantize_static(
         src,
         dst,
-        Reader(samples, info),
+        Reader(samples, inputs),
         quant_format=QuantFormat.QDQ,
         per_channel=per_channel,
         activation_type=QuantType.QInt8,
@@ -322,17 +329,22 @@ class QdqOptions(QualityOptions):
 
 
 def quantize_with_options(
-    model: bytes, info, calibration, opts: QdqOptions, progress, *, symmetric_activations: bool, what: str
+    model: bytes,
+    calibration: SampleSet,
+    opts: QdqOptions,
+    progress,
+    *,
+    symmetric_activations: bool,
+    what: str,
 ) -> tuple[object, object, dict]:
     """Pre-process and statically quantize per ``opts`` (temp files in a TemporaryDirectory): fp32, qdq, metadata."""
     with tempfile.TemporaryDirectory(prefix="edgemart-qdq-") as tmp:
         progress(0.05, "pre-processing (shape inference, opset)")
-        fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess)
+        fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess, calibration.fixed)
         progress(0.2, what)
         qdq = quantize_qdq(
             fp32,
             calibration,
-            info,
             tmp,
             per_channel=opts.per_channel,
             method=opts.calibration_method,
@@ -349,11 +361,11 @@ def quantize_with_options(
 
 
 def qdq_conversion(
-    fp32, qdq, calibration, meta: dict, *, layer_samples: int = LAYER_SAMPLES, notes: list[str] | None = None
-) -> Conversion:
+    fp32, qdq, calibration: SampleSet, meta: dict, *, layer_samples: int = LAYER_SAMPLES,
+    notes: list[str] | None = None,
+) -> Conversion:  # fmt: skip
     """The quality evidence every QDQ target reports: worst layers by SNR, suggested exclusions, op coverage."""
-    n = min(layer_samples, next(iter(calibration.values())).shape[0])
-    worst, suggested = layer_errors(fp32, qdq, take(calibration, slice(0, n)))
+    worst, suggested = layer_errors(fp32, qdq, calibration.take(slice(0, layer_samples)))
     floats, quantized = op_coverage(qdq)
     return Conversion(
         payload=qdq.SerializeToString(),

@@ -25,7 +25,6 @@ class ArmCpuPackager(Packager):
         assert isinstance(opts, ArmCpuOptions) and calibration is not None
         fp32, qdq, meta = quantize_with_options(
             model,
-            info,
             calibration,
             opts,
             progress,
@@ -35,6 +34,6 @@ class ArmCpuPackager(Packager):
         progress(0.8, "comparing intermediate activations")
         meta.update(
             quantization="onnxruntime static QDQ int8",
-            calibration_samples=int(next(iter(calibration.values())).shape[0]),
+            calibration_samples=calibration.count,
         )
         return qdq_conversion(fp32, qdq, calibration, meta)

@@ -18,7 +18,6 @@ import numpy as np
 
 from drm.errors import UsageError
 from packagers._base import Conversion, Packager, QualityOptions, register
-from packagers._data import take
 from packagers._edgetpu_ops import model_compatibility, onnx_compatibility, tflite_compatibility
 from packagers._model import ModelInfo, parse_onnx
 from packagers._qdq import EXACT_SNR_DB, _with_outputs
@@ -71,16 +70,16 @@ class CoralEdgeTpuPackager(Packager):
                 f"{exc.message}. {_compat_line(compat)}", details={"op_compatibility": compat}
             ) from None
         progress(0.1, "measuring activation ranges")
-        subset = take(calibration, slice(0, min(RANGE_SAMPLES, next(iter(calibration.values())).shape[0])))
+        subset = calibration.take(slice(0, RANGE_SAMPLES))
         names = [i.name for i in proto.graph.input] + [layer.output for layer in layers]
         names = list(dict.fromkeys(names))
-        values = OnnxRunner(_with_outputs(proto, names), output_names=names).run_all(subset, info)
+        values = OnnxRunner(_with_outputs(proto, names), output_names=names).run_all(subset)
         ranges = {n: (float(np.min(v)), float(np.max(v))) for n, v in values.items() if v.dtype.kind == "f"}
         progress(0.4, "writing int8 TFLite")
-        shapes = {k: v.shape for k, v in calibration.items()}
+        shapes = {k: v.shape for k, v in calibration.arrays.items()}
         payload = write_int8_tflite(proto, ranges, shapes)
         progress(0.6, "checking the build loads in LiteRT; per-layer error")
-        worst = _layer_errors(payload, layers, values, subset)
+        worst = _layer_errors(payload, layers, values, subset.arrays)
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
         notes = [_compat_line(compat)]

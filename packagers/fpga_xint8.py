@@ -13,7 +13,6 @@ import numpy as np
 
 from drm.errors import UsageError
 from packagers._base import Conversion, Packager, register
-from packagers._data import take
 from packagers._qdq import LAYER_SAMPLES, QdqOptions, _with_outputs, qdq_conversion, quantize_with_options
 from packagers._runtime import OnnxRunner
 
@@ -65,7 +64,6 @@ class FpgaXint8Packager(Packager):
         assert isinstance(opts, FpgaXint8Options) and calibration is not None
         fp32, qdq, meta = quantize_with_options(
             model,
-            info,
             calibration,
             opts,
             progress,
@@ -73,8 +71,8 @@ class FpgaXint8Packager(Packager):
             what="calibrating and quantizing (symmetric int8)",
         )
         progress(0.6, "snapping scales to powers of two")
-        n = min(ACTIVATION_SAMPLES, next(iter(calibration.values())).shape[0])
-        stats = snap_to_powers_of_two(qdq, fp32, take(calibration, slice(0, n)))
+        n = min(ACTIVATION_SAMPLES, calibration.count)
+        stats = snap_to_powers_of_two(qdq, fp32, calibration.take(slice(0, n)))
         progress(0.85, "comparing intermediate activations")
         meta.update(
             quantization="onnxruntime static QDQ int8 (symmetric), scales snapped to powers of two",
@@ -107,7 +105,11 @@ def snap_to_powers_of_two(qdq, fp32, samples) -> dict:
 
     # Float data seen by each activation quantizer, from the QDQ model itself on calibration samples.
     act_names = sorted({n.input[0] for n in nodes if n.op_type == "QuantizeLinear"})
-    acts = OnnxRunner(_with_outputs(qdq, act_names), output_names=act_names).run(samples) if act_names else {}
+    acts = (
+        OnnxRunner(_with_outputs(qdq, act_names), output_names=act_names).run_all(samples)
+        if act_names
+        else {}
+    )
 
     groups: dict[str, list] = {}
     for node in nodes:

@@ -64,6 +64,15 @@ def output_kind(reference: np.ndarray) -> str:
     return "error"
 
 
+def _is_probability(reference: np.ndarray) -> bool:
+    """A float output holding one value in [0, 1] per sample ([N], [N, 1])."""
+    if reference.dtype.kind != "f" or reference.size == 0 or reference.ndim == 0 or reference.ndim > 2:
+        return False
+    if reference.ndim == 2 and reference.shape[1] != 1:
+        return False
+    return bool(np.all((reference >= 0.0) & (reference <= 1.0)))
+
+
 def snr_db(reference: np.ndarray, test: np.ndarray) -> float | None:
     """Signal-to-noise ratio in dB of `test` against `reference`; None when they are identical."""
     ref = reference.astype(np.float64).ravel()
@@ -89,6 +98,9 @@ def output_figures(reference: np.ndarray, test: np.ndarray) -> dict:
         figures["agreement"] = float(np.mean(same))
     elif kind == "top1":
         figures["agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(test, -1)))
+    if kind == "error" and _is_probability(reference):
+        # One probability per step or sample (a detector's score): how often both sides decide alike.
+        figures["decision_agreement"] = float(np.mean((reference > 0.5) == (test > 0.5)))
     if reference.dtype.kind == "f":
         diff = np.abs(reference.astype(np.float64) - test.astype(np.float64))
         figures["max_abs_error"] = float(diff.max()) if diff.size else 0.0
@@ -233,6 +245,7 @@ def render_html(report: QualityReport) -> str:
                     fig.get("kind"),
                     fig.get("samples"),
                     fig.get("agreement", ""),
+                    fig.get("decision_agreement", ""),
                     fig.get("snr_db", ""),
                     fig.get("max_abs_error", ""),
                     fig.get("mean_abs_error", ""),
@@ -241,7 +254,20 @@ def render_html(report: QualityReport) -> str:
             if "agreement" in fig:
                 bars.append((f"{split}: {name}", fig["agreement"]))
     body.append(
-        _table(rows, ["split", "output", "kind", "samples", "top-1", "SNR dB", "max |err|", "mean |err|"])
+        _table(
+            rows,
+            [
+                "split",
+                "output",
+                "kind",
+                "samples",
+                "top-1",
+                "decisions alike (>0.5)",
+                "SNR dB",
+                "max |err|",
+                "mean |err|",
+            ],
+        )
     )
     if bars:
         body.append(svg_bars("top-1 agreement", bars, threshold=r.thresholds.get("min_agreement")))

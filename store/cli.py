@@ -116,6 +116,21 @@ def _register_seller(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="packager option for one target (arm-cpu:min_agreement=0.99) or, without TARGET, for every"
         " target; repeatable (see `edgemart package --help`)",
     )
+    p.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input that always gets VALUE (e.g. sr=16000): no calibration array needed (repeatable; "
+        "shorthand for --option fixed=...)",
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="IN=OUT",
+        help="recurrent state pair, e.g. state=stateN (repeatable; shorthand for --option state=...)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the packaging jobs (progress on stderr)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=seller_upload)
@@ -425,8 +440,12 @@ def seller_upload(args: argparse.Namespace) -> int:
         extra["visibility"] = args.visibility
     if args.price is not None:
         extra["price_per_seat"] = str(args.price)
-    if args.option:
-        extra["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
+    pairs = list(args.option)
+    for flag, key in ((args.fixed, "fixed"), (args.state, "state")):
+        if flag:
+            pairs.append(f"{key}={','.join(flag)}")
+    if pairs:
+        extra["options"] = json.dumps(_target_options(pairs, targets), sort_keys=True)
     client = StoreClient(args.store, args.token)
     try:
         result = client.upload(

@@ -271,6 +271,27 @@ def load_samples(data: bytes, config: Mapping[str, Any]) -> dict[str, Any]:
             raise UsageError(exc.message.replace(f"sample file {path}", "the calibration file")) from None
 
 
+def _sample_problems(
+    info: Any, samples: dict[str, Any], targets: list[str], target_options: dict[str, Any]
+) -> list[Problem]:
+    """The samples against the model's inputs by each chosen target's sample contract (its fixed inputs and
+    state pairs); the same message for several targets is listed once."""
+    import packagers
+
+    messages: dict[str, list[str]] = {}
+    for target in [t for t in targets if t in packagers.TARGETS]:
+        try:
+            packagers.get_packager(target, target_options.get(target)).bind(info, samples, "calibration")
+        except UsageError as exc:
+            messages.setdefault(exc.message, []).append(target)
+    return [
+        Problem("calibration", "samples_do_not_fit", message)
+        if len(names) == len(targets)
+        else Problem("calibration", "samples_do_not_fit", f"{', '.join(names)}: {message}")
+        for message, names in messages.items()
+    ]
+
+
 # ------------------------------------------------------------------------------------------ upload
 
 
@@ -364,6 +385,7 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                     problems.append(Problem("model", "invalid_model", with_prefix("model", exc.message)))
 
         calibration_put = None
+        uploaded_samples = None
         if form.calibration is not None:
             try:
                 calibration_put = ctx.blobs.put_stream(
@@ -375,12 +397,14 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
                 if calibration_put.created:
                     created.append(calibration_put.key)
                 try:
-                    load_samples(ctx.blobs.get(calibration_put.key), cfg)
+                    uploaded_samples = load_samples(ctx.blobs.get(calibration_put.key), cfg)
                 except UsageError as exc:
                     problems.append(
                         Problem("calibration", "invalid_calibration", with_prefix("calibration", exc.message))
                     )
 
+        if uploaded_samples is not None and model_info is not None:
+            problems.extend(_sample_problems(model_info, uploaded_samples, targets, target_options))
         if problems:
             raise UploadProblems(
                 "upload refused: " + "; ".join(p.message for p in problems),

@@ -378,34 +378,43 @@ def _seller_samples(ctx: StoreContext, blob: str | None) -> dict[str, Any] | Non
     return load_samples(ctx.blobs.get(blob), ctx.config)
 
 
-def _check_samples(ctx: StoreContext, target: str, model: bytes, samples: dict[str, Any] | None) -> None:
-    """All of the seller's samples fit the model's inputs, and there are enough of them for an int8 target
-    (checked before the hold-out split, so a message counts what the seller uploaded)."""
+def _bound_samples(
+    ctx: StoreContext,
+    target: str,
+    options: dict[str, Any] | None,
+    model: bytes,
+    samples: dict[str, Any] | None,
+) -> Any:
+    """The seller's samples bound to the model by the target's sample contract (fixed inputs, state), checked
+    to be enough for an int8 target (counted before the hold-out split, as the seller uploaded them)."""
     import packagers
 
     if samples is None:
-        return
-    bound = packagers.bind_samples(packagers.inspect_model(model), samples, "calibration")
-    n = min(len(v) for v in bound.values())
+        return None
+    packager = packagers.get_packager(target, options)
+    bound = packager.bind(packagers.inspect_model(model), samples, "calibration")
     least = int(ctx.config["MIN_CALIBRATION_SAMPLES"])
-    if packagers.get_packager(target).needs_calibration and n < least:
+    if packager.needs_calibration and bound.count < least:
         raise UsageError(
-            f"calibration too small: {n} sample(s); {target} needs at least {least} to set its int8 ranges",
+            f"calibration too small: {bound.count} sample(s); {target} needs at least {least} to set its int8 ranges",
             code="calibration_too_small",
         )
+    return bound
 
 
-def _split_samples(
-    ctx: StoreContext, samples: dict[str, Any] | None
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The seller's samples, split: the first part calibrates, the held-out rest measures quality honestly."""
+def _split_samples(ctx: StoreContext, samples: Any) -> tuple[Any, Any]:
+    """The seller's samples, split: the first part calibrates, the held-out rest measures quality honestly
+    (a stateful model's samples are cut between sequences)."""
     if samples is None:
         return None, None
-    n = min(len(v) for v in samples.values())
+    n = samples.count
     held = int(n * float(ctx.config["HOLDOUT_FRACTION"]))
     if held < 10 or n - held < 10:
         return samples, None
-    return {k: v[: n - held] for k, v in samples.items()}, {k: v[n - held : n] for k, v in samples.items()}
+    calibration, holdout = samples.split_tail(held)
+    if holdout is None or holdout.count < 10 or calibration.count < 10:
+        return samples, None
+    return calibration, holdout
 
 
 def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
@@ -425,8 +434,7 @@ def _package(ctx: StoreContext, lease: Lease, attempt: _Attempt) -> None:
         samples_blob = listing.calibration_blob
     set_progress(ctx, lease, build_id, 0.0, f"packaging for {target}")
     model = attempt.model = ctx.blobs.get(model_key)
-    samples = _seller_samples(ctx, samples_blob)
-    _check_samples(ctx, target, model, samples)
+    samples = _bound_samples(ctx, target, options, model, _seller_samples(ctx, samples_blob))
     calibration, holdout = _split_samples(ctx, samples)
     result = packagers.package_model(
         model,

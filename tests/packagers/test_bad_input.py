@@ -57,10 +57,17 @@ def test_fp32_without_samples_measures_latency_only(digits_bytes):
 @pytest.mark.parametrize(
     ("samples", "message"),
     [
-        ({"image": np.zeros((4, 64), np.float32)}, "no array for model input 'x'"),
-        ({"x": np.zeros((4, 64), np.float64)}, "dtype float64, the model expects float32"),
-        ({"x": np.zeros((4, 32), np.float32)}, r"expects \[\?, 64\] \(axis 1\)"),
-        ({"x": np.zeros((4, 8, 8), np.float32)}, "rank 3"),
+        (
+            {"image": np.zeros((4, 64), np.float32)},
+            r"'x' expects float32 \[\?, 64\] .*, given none; key 'image'",
+        ),
+        ({"x": np.zeros((4, 64), np.float64)}, r"given \[4, 64\] float64"),
+        (
+            {"x": np.zeros((4, 32), np.float32)},
+            r"'x' expects float32 \[\?, 64\] \(batch on axis 0\) or \[n, \?, 64\] \(n samples on axis 0\), "
+            r"given \[4, 32\] float32",
+        ),
+        ({"x": np.zeros((4, 8, 8), np.float32)}, r"given \[4, 8, 8\] float32"),
         (
             {"x": np.zeros((4, 64), np.float32), "z": np.zeros((4, 2), np.float32)},
             "'z' matches no model input",
@@ -74,7 +81,9 @@ def test_calibration_not_matching_the_signature(digits_bytes, samples, message):
 
 
 def test_holdout_mismatch_names_the_split(digits_bytes, digits_cal):
-    with pytest.raises(UsageError, match="holdout data for input 'x' has dtype int64"):
+    with pytest.raises(
+        UsageError, match=r"holdout data does not fit the model inputs: 'x' .*given \[3, 64\] int64"
+    ):
         package_model(
             digits_bytes, "arm-cpu", calibration=digits_cal, holdout={"x": np.zeros((3, 64), np.int64)}
         )
