@@ -138,3 +138,22 @@ def bind_samples(
 def synthetic_samples(info: ModelInfo, contract: Contract | None = None) -> SampleSet:
     """One run of synthetic inputs for timing a model given no samples."""
     return synthetic(info.inputs, info.outputs, contract)
+
+
+def card_contract_options(front_matter: Mapping[str, object]) -> dict[str, str]:
+    """A model card's declarations of the sample contract, as packager options: `fixed: {sr: 16000}` and
+    `state: {state: stateN}` in the YAML front matter become `fixed=sr=16000`, `state=state=stateN`."""
+    out: dict[str, str] = {}
+    for key in ("fixed", "state"):
+        value = front_matter.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
+            for k, v in value.items()
+        ):
+            what = "input names to values" if key == "fixed" else "state inputs to the outputs that feed them"
+            raise UsageError(f"model card: '{key}' must map {what}")
+        if value:
+            out[key] = ",".join(f"{k}={v}" for k, v in value.items())
+    return out

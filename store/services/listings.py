@@ -271,6 +271,18 @@ def load_samples(data: bytes, config: Mapping[str, Any]) -> dict[str, Any]:
             raise UsageError(exc.message.replace(f"sample file {path}", "the calibration file")) from None
 
 
+def _with_card_declarations(
+    front_matter: dict[str, Any], targets: list[str], target_options: dict[str, Any]
+) -> dict[str, Any]:
+    """The card's `fixed` and `state` declarations as every target's options, unless the seller gave them."""
+    import packagers
+
+    declared = packagers.card_contract_options(front_matter)
+    if not declared:
+        return target_options
+    return {t: {**declared, **target_options.get(t, {})} for t in targets if t in packagers.TARGETS}
+
+
 def _sample_problems(
     info: Any, samples: dict[str, Any], targets: list[str], target_options: dict[str, Any]
 ) -> list[Problem]:
@@ -357,7 +369,8 @@ def create_listing(ctx: StoreContext, session: Session, seller: User, form: Uplo
             from licenses.card import parse_model_card
 
             try:
-                parse_model_card(card)
+                declared = parse_model_card(card).raw
+                target_options = _with_card_declarations(declared, targets, target_options)
             except UsageError as exc:
                 problems.append(Problem("card", "invalid_card", with_prefix("model card", exc.message)))
 

@@ -202,3 +202,21 @@ def test_sequences_reset_state_and_split_between_recordings():
     assert first.count == 3 and rest is not None and rest.sequences == [(0, 3)]
     with pytest.raises(UsageError, match="'sequence_start' but the model has no recurrent state"):
         bind(ins[:1], outs[:1], data, "t")
+
+
+def test_edgemart_package_process_exits_0_on_the_vad(vad, sequences, tmp_path: Path):
+    """The command a seller types (was: exit 70 with an IndexError)."""
+    import os
+    import subprocess
+
+    (tmp_path / "vad.onnx").write_bytes(vad)
+    np.savez(tmp_path / "rec.npz", **sequences)
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        [sys.executable, "-m", "edgemart", "package", str(tmp_path / "vad.onnx"), "--target", "fpga-xint8",
+         "--calibration", str(tmp_path / "rec.npz"), "--fixed", "sr=16000", "--option", "latency_runs=1",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)}, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "verdict: PASSED" in r.stdout and (tmp_path / "out" / "vad.fpga-xint8.onnx").is_file()

@@ -72,3 +72,20 @@ def test_samples_that_do_not_fit_are_refused_at_upload_with_nothing_created(stor
         and "'sr'" in problem["message"]
     )
     assert store.counts() == before
+
+
+def test_the_card_declares_fixed_inputs_and_state(store):
+    card = "---\nlicense: MIT\nfixed:\n  sr: 16000\nstate:\n  state: stateN\n---\n# Streaming VAD\n"
+    r = store.upload(
+        "sally", streaming_vad(), name="Carded VAD", targets="onnx-fp32",
+        calibration=_npz(vad_sequences(sequences=2, steps=10)), card=card,
+    )  # fmt: skip
+    assert r.status_code == 202, r.json
+    store.wait()
+    listing = store.client.get(f"/api/v1/listings/{r.json['listing']['id']}").json
+    (build,) = listing["builds"]
+    assert build["status"] == "done", build
+    assert any("state <- stateN (declared)" in n for n in build["quality"]["notes"])
+    bad = "---\nlicense: MIT\nstate: [state]\n---\n"
+    r = store.upload("sally", streaming_vad(), name="Bad card", targets="onnx-fp32", card=bad)
+    assert r.status_code == 422 and "'state' must map state inputs" in r.json["error"]["message"]
