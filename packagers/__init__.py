@@ -13,6 +13,7 @@ from packagers import arm_cpu as _arm_cpu  # noqa: F401 - registers the target
 from packagers import coral_edgetpu as _coral_edgetpu  # noqa: F401 - registers the target
 from packagers import fpga_xint8 as _fpga_xint8  # noqa: F401 - registers the target
 from packagers import onnx_fp32 as _onnx_fp32  # noqa: F401 - registers the target
+from packagers import x86_cpu as _x86_cpu  # noqa: F401 - registers the target
 from packagers._base import Build, Packager, get_packager, registered_targets
 from packagers._data import SampleLimits, bind_samples, card_contract_options, load_calibration
 from packagers._model import ModelInfo, TensorSpec, inspect_model

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "DIR/quality.html. Exit 0 when the quality verdict passes, 1 when it fails, 2 on bad input.",
     )
     p.add_argument("model", metavar="MODEL", help="ONNX or TFLite model file")
-    p.add_argument("--target", required=True, help="arm-cpu, coral-edgetpu, fpga-xint8 or onnx-fp32")
+    p.add_argument("--target", required=True, help="arm-cpu, x86-cpu, coral-edgetpu, fpga-xint8 or onnx-fp32")
     p.add_argument(
         "--calibration",
         metavar="PATH.npz",
@@ -145,9 +145,15 @@ def handle_package(args: argparse.Namespace) -> int:
     else:
         q = build.quality
         print(f"{build.target}: {model_path} ({len(build.payload)} bytes, {build.build_hash})")
-        print(
-            f"  size {q.size['ratio']}x fp32, latency {q.latency['ratio']}x fp32 (median of {q.latency['runs']})"
-        )
+        lat = q.latency
+        if lat.get("representative", True):
+            timing = f"latency {lat['ratio']}x fp32 (median of {lat['runs']} on {lat['machine']})"
+        else:
+            timing = (
+                f"latency not measured on {lat['made_for']} (this {lat['machine']} host ran it at "
+                f"{lat['host_ratio']}x fp32, a check only)"
+            )
+        print(f"  size {q.size['ratio']}x fp32, {timing}")
         print(f"  verdict: {'PASSED' if q.passed else 'FAILED'}: {q.verdict_reason}")
         print(f"  report: {html_path}")
     if not build.quality.passed:

@@ -47,6 +47,8 @@ def _compat_line(report: dict) -> str:
 class CoralEdgeTpuPackager(Packager):
     target = "coral-edgetpu"
     options_type = CoralEdgeTpuOptions
+    made_for = "Coral Edge TPU (LiteRT + libedgetpu)"
+    native_machines = frozenset()
 
     def check_input(self, info: ModelInfo, model: bytes) -> None:
         if info.format != "tflite":

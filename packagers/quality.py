@@ -32,6 +32,7 @@ class QualityReport:
     suggested_nodes_to_exclude: list = field(default_factory=list)
     op_compatibility: dict | None = None
     notes: list = field(default_factory=list)
+    constraints: list = field(default_factory=list)  # accelerator rules, node by node (fpga-xint8)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -208,6 +209,15 @@ def _table(rows: list[list], head: list[str]) -> str:
     return "".join(out)
 
 
+def _latency_row(latency: dict) -> list:
+    per = f"per {latency.get('per', 'run')}, batch {latency.get('batch')}"
+    if latency.get("representative", True):
+        return [f"latency, median of {latency.get('runs')} runs (ms, {per})", latency.get("fp32_ms"),
+                latency.get("build_ms"), latency.get("ratio")]  # fmt: skip
+    return [f"{latency.get('machine')} host check, NOT this build's latency (ms, {per})", latency.get("fp32_ms"),
+            latency.get("host_build_ms"), latency.get("host_ratio")]  # fmt: skip
+
+
 def render_html(report: QualityReport) -> str:
     r = report
     status = "pass" if r.passed else "fail"
@@ -218,18 +228,22 @@ def render_html(report: QualityReport) -> str:
         _table(
             [
                 ["size (bytes)", r.size.get("fp32_bytes"), r.size.get("build_bytes"), r.size.get("ratio")],
-                [
-                    f"latency median of {r.latency.get('runs')} runs (ms, batch {r.latency.get('batch')})",
-                    r.latency.get("fp32_ms"),
-                    r.latency.get("build_ms"),
-                    r.latency.get("ratio"),
-                ],
+                _latency_row(r.latency),
             ],
             ["figure", "fp32", "build", "ratio"],
         ),
+        f"<p>Latency measured on {html.escape(str(r.latency.get('measured_on', r.latency.get('machine'))))}; "
+        f"the build is made for {html.escape(str(r.latency.get('made_for', 'this machine')))}."
+        + (f" {html.escape(r.latency['note'])}." if r.latency.get("note") else "")
+        + "</p>",
         svg_bars(
             "build / fp32 (lower is better)",
-            [("size ratio", r.size.get("ratio")), ("latency ratio", r.latency.get("ratio"))],
+            [("size ratio", r.size.get("ratio"))]
+            + (
+                [("latency ratio", r.latency.get("ratio"))]
+                if r.latency.get("representative", True)
+                else [(f"{r.latency.get('machine')} host check", r.latency.get("host_ratio"))]
+            ),
             "x",
             threshold=1.0,
         ),
@@ -307,6 +321,17 @@ def render_html(report: QualityReport) -> str:
         )
         if oc.get("compiler_log"):
             body.append(f"<pre>{html.escape(oc['compiler_log'])}</pre>")
+    if r.constraints:
+        body.append("<h2>Vitis AI XINT8 constraints, node by node</h2>")
+        body.append(
+            _table(
+                [
+                    [c["node"], c["op"], c["rule"], c["value"], c["allowed"], c["status"]]
+                    for c in r.constraints
+                ],
+                ["node", "op", "rule", "value", "allowed", "status"],
+            )
+        )
     if r.notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in r.notes) + "</ul>")
     body.append(

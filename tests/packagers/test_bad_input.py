@@ -115,7 +115,9 @@ def test_coral_outside_the_writer_subset_names_the_ops(cls_model, cls_samples):
 
 
 def test_registry_and_typed_options():
-    with pytest.raises(UsageError, match="valid targets: arm-cpu, coral-edgetpu, fpga-xint8, onnx-fp32"):
+    with pytest.raises(
+        UsageError, match="valid targets: arm-cpu, coral-edgetpu, fpga-xint8, onnx-fp32, x86-cpu"
+    ):
         get_packager("gpu-magic")
     with pytest.raises(UsageError, match="unknown option 'extra_options'.*valid options: .*nodes_to_exclude"):
         get_packager("arm-cpu", {"extra_options": "x"})
