@@ -87,6 +87,7 @@ class Conversion:
     op_compatibility: dict | None = None
     notes: list = field(default_factory=list)
     constraints: list = field(default_factory=list)  # accelerator rules checked node by node
+    as_uploaded: bool = False  # the seller's pre-quantized model, sealed byte for byte
 
 
 class Packager(ABC):
@@ -115,6 +116,10 @@ class Packager(ABC):
 
         `calibration` runs one sample per run or in batches; never stateful (state is unrolled beforehand)."""
 
+    def as_uploaded(self, info: ModelInfo, model: bytes, progress: Progress) -> Conversion | None:
+        """The uploaded model itself when it already is this target's build (pre-quantized); None to convert."""
+        return None
+
     def check_input(self, info: ModelInfo, model: bytes) -> None:
         """Reject models this target cannot take, before any work is done."""
         if info.format != "onnx":
@@ -139,19 +144,20 @@ class Packager(ABC):
         contract = self.options.contract()
         cal = self.bind(info, calibration, "calibration")
         hold = self.bind(info, holdout, "holdout")
+        sealed = self.as_uploaded(info, model, report)
         if cal is None:
             timing = synthetic_samples(info, contract)  # names the input whose dims only samples can fix
-            if self.needs_calibration:
+            if self.needs_calibration and sealed is None:
                 raise UsageError(
                     f"target {self.target} quantizes activations and needs calibration samples "
                     "(--calibration PATH.npz keyed by input name, or 'x')"
                 )
         started = time.perf_counter()
         steps = cal
-        if cal is not None and cal.state and info.format == "onnx":
+        if cal is not None and cal.state and info.format == "onnx" and sealed is None:
             report(0.02, "running the calibration sequences through fp32 to carry their state")
             steps = unroll(OnnxRunner(model).run, cal)
-        conversion = self.convert(model, info, steps, lambda f, m: report(0.05 + 0.6 * f, m))
+        conversion = sealed or self.convert(model, info, steps, lambda f, m: report(0.05 + 0.6 * f, m))
         seconds = time.perf_counter() - started
         report(0.7, "measuring quality against fp32")
         quality = self._measure(model, info, conversion, cal, hold, None if cal is not None else timing)
@@ -205,7 +211,14 @@ class Packager(ABC):
             if samples is None:
                 continue
             subset = _first_samples(samples, opts.max_quality_samples)
-            agreement[split] = compare_outputs(fp32.run_all(subset), built.run_all(subset))
+            outputs = built.run_all(subset)
+            if conv.as_uploaded:  # no fp32 original to compare with: the samples show that it runs
+                finite = all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f")
+                notes.append(
+                    f"{split}: the uploaded build ran {subset.count} samples, outputs finite: {finite}"
+                )
+                continue
+            agreement[split] = compare_outputs(fp32.run_all(subset), outputs)
         source = hold if hold is not None else cal
         if source is not None and source.state:
             pairs = ", ".join(f"{p.input} <- {p.output} ({p.how})" for p in source.state)
@@ -217,15 +230,17 @@ class Packager(ABC):
             notes.append(
                 "fixed inputs: " + ", ".join(f"{k}={v}" for k, v in source.describe()["fixed_inputs"].items())
             )
-        if hold is None:
+        if hold is None and not conv.as_uploaded:
             notes.append("no holdout samples given: agreement on calibration samples alone is optimistic")
-        if not agreement:
+        if not agreement and not conv.as_uploaded:
             notes.append("no samples given: agreement not measured, latency measured on synthetic inputs")
         feed_source = source if source is not None else timing
         assert feed_source is not None
         feed = feed_source.first_feed()
         fp32_ms, build_ms = median_latencies_ms([fp32, built], feed, opts.latency_runs)
         passed, reason = verdict(agreement, opts.min_agreement, opts.min_snr_db)
+        if conv.as_uploaded:
+            reason = "as uploaded: the seller's pre-quantized model, sealed byte for byte (no fp32 original to compare)"
         if not passed and conv.suggested_nodes_to_exclude:
             reason += "; suggested: --option nodes_to_exclude=" + ",".join(conv.suggested_nodes_to_exclude)
         return QualityReport(
