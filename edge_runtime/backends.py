@@ -43,6 +43,7 @@ class TensorSpec:
     name: str
     shape: tuple[int | None, ...]  # None for a dynamic dimension
     dtype: str  # numpy dtype name, e.g. "float32"
+    dim_names: tuple[str | None, ...] = ()  # symbolic names of dynamic dims (ONNX dim_param), when known
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -114,8 +115,10 @@ class OnnxBackend:
 
 
 def _onnx_spec(arg: Any) -> TensorSpec:
-    shape = tuple(d if isinstance(d, int) else None for d in (arg.shape or []))
-    return TensorSpec(arg.name, shape, _ONNX_TYPES.get(arg.type, arg.type))
+    dims = list(arg.shape or [])
+    shape = tuple(d if isinstance(d, int) else None for d in dims)
+    names = tuple(d if isinstance(d, str) and d else None for d in dims)
+    return TensorSpec(arg.name, shape, _ONNX_TYPES.get(arg.type, arg.type), names)
 
 
 def _litert_interpreter() -> Any:

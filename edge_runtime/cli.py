@@ -78,6 +78,14 @@ def register(subparsers: Any) -> None:
         type=Path,
         help=".npz: one array per input (or x), optional labels y; or a .npy for a single-input model",
     )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="IN=OUT",
+        help="recurrent state: input IN gets output OUT of the step before (pairs like state/stateN, h0/hn "
+        "are detected); the data then holds sequences, with an optional sequence_start array",
+    )
     p.add_argument("--reference", type=Path, help=".npz of reference outputs keyed by output name")
     p.add_argument("--save-outputs", type=Path, help="write the model outputs to this .npz")
     p.add_argument("--html", type=Path, help="write a self-contained HTML report here")
@@ -213,6 +221,7 @@ def _load_npz(path: Path, what: str) -> dict[str, Any]:
 def _eval(args: argparse.Namespace) -> int:
     from edge_runtime.device import Device
     from edge_runtime.evaluate import ProgressBar, evaluate
+    from edge_runtime.samples import parse_pairs
 
     sideload = args.build is not None or args.license is not None
     if sideload and (args.build is None or args.license is None):
@@ -243,6 +252,7 @@ def _eval(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             batch_size=args.batch_size,
             reference=reference,
+            state=parse_pairs(args.state, "--state"),
         )
     if args.save_outputs:
         import numpy as np

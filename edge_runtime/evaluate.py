@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_runtime.backends import TensorSpec
 from edge_runtime.device import LicensedModel
+from edge_runtime.samples import RESERVED_KEYS, SINGLE_INPUT_KEY, Contract, bind, run_samples
 from edgemart.core.errors import UsageError
 
 DEFAULT_DYNAMIC_BATCH = 16
@@ -37,6 +38,7 @@ class EvalReport:
     ignored_keys: list[str] = field(default_factory=list)
     runs_left: int | None = None
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    contract: dict[str, Any] | None = None  # how the data ran: one sample per call, sequences and state
 
     @property
     def latency(self) -> dict[str, float]:
@@ -76,6 +78,7 @@ class EvalReport:
             "agreement": self.agreement,
             "ignored_keys": self.ignored_keys,
             "latencies_ms": self.latencies_ms,
+            "data_contract": self.contract,
         }
 
     def to_json(self) -> str:
@@ -130,6 +133,13 @@ class EvalReport:
                         else ""
                     )
                 )
+        if self.contract and self.contract.get("state"):
+            pairs = ", ".join(f"{p['input']} <- {p['output']}" for p in self.contract["state"])
+            lines.append(
+                f"streaming  {self.contract['sequences']} sequence(s), one call per step, state carried ({pairs})"
+            )
+        elif self.contract and self.samples and self.batch_size == 1 and self.contract.get("mode"):
+            lines.append(f"data       {self.contract['mode']}")
         if self.ignored_keys:
             lines.append(f"note       ignored data keys: {', '.join(self.ignored_keys)}")
         return "\n".join(lines)
@@ -156,48 +166,15 @@ def _classifier_output(
     raise KeyError("no classifier output")
 
 
-def _concat(parts: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
-    if all(p.shape[1:] == parts[0].shape[1:] for p in parts) and all(p.ndim >= 1 for p in parts):
-        return np.concatenate(parts, axis=0)
-    return parts
-
-
-def _resolve_inputs(
+def _select_inputs(
     model: LicensedModel, data: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    names = [s.name for s in model.inputs]
-    feeds: dict[str, np.ndarray] = {}
-    for spec in model.inputs:
-        if spec.name in data:
-            feeds[spec.name] = np.asarray(data[spec.name])
-        elif len(names) == 1 and "x" in data:
-            feeds[spec.name] = np.asarray(data["x"])
-        else:
-            raise UsageError(f"data has no array for model input {spec.name!r} (keys: {sorted(data)})")
-    used = set(feeds) | ({"x"} if len(names) == 1 and "x" in data else set()) | {"y"}
-    ignored = sorted(k for k in data if k not in used)
-    counts = set()
-    for spec in model.inputs:
-        value = feeds[spec.name]
-        if value.dtype.name != spec.dtype:
-            raise UsageError(
-                f"input {spec.name!r}: data dtype {value.dtype.name}, model expects {spec.dtype}"
-            )
-        if value.ndim != len(spec.shape):
-            raise UsageError(
-                f"input {spec.name!r}: data has {value.ndim} dims {list(value.shape)},"
-                f" model expects {len(spec.shape)} {list(spec.shape)}"
-            )
-        for axis, (have, want) in enumerate(zip(value.shape[1:], spec.shape[1:], strict=True), start=1):
-            if want is not None and have != want:
-                raise UsageError(
-                    f"input {spec.name!r}: dim {axis} is {have}, model expects {want}"
-                    f" (data shape {list(value.shape)}, model {list(spec.shape)})"
-                )
-        counts.add(value.shape[0])
-    if len(counts) != 1:
-        raise UsageError(f"inputs have different sample counts: {sorted(counts)}")
-    return feeds, ignored
+    """The data keys the contract reads (inputs, `x` for a single input, labels, sequence starts); the rest
+    are reported as ignored, not refused (a file made for another build of the same model may carry them)."""
+    names = {s.name for s in model.inputs}
+    single = len(names) == 1 and not (names & set(data))
+    used = {k for k in data if k in names or k in RESERVED_KEYS or (single and k == SINGLE_INPUT_KEY)}
+    return {k: np.asarray(v) for k, v in data.items() if k in used}, sorted(set(data) - used)
 
 
 def evaluate(
@@ -208,27 +185,36 @@ def evaluate(
     warmup: int = 3,
     batch_size: int | None = None,
     reference: dict[str, np.ndarray] | None = None,
+    state: dict[str, str] | None = None,
 ) -> EvalReport:
     """Run ``model`` over ``data`` (one array per input, optional labels ``y``) and measure it.
 
-    Each call is one licensed run, warm-up calls included; the run budget is checked up front."""
-    feeds, ignored = _resolve_inputs(model, data)
-    n = next(iter(feeds.values())).shape[0]
-    if n == 0:
-        raise UsageError("data holds no samples")
-    fixed = {spec.shape[0] for spec in model.inputs if spec.shape and spec.shape[0] is not None}
-    if fixed:
-        if batch_size is not None and batch_size not in fixed:
+    The data follows the sample contract (edge_runtime.samples): batched on axis 0, or one sample per run;
+    a model with recurrent state runs its sequences step by step, carrying the state (pairs detected by name
+    and shape, or given in ``state``). Each call is one licensed run, warm-up calls included; the run
+    budget is checked up front."""
+    selected, ignored = _select_inputs(model, data)
+    samples = bind(model.inputs, model.outputs, selected, "eval", Contract(state=state or {}))
+    n = samples.count
+    if samples.per_run:
+        if batch_size not in (None, 1):
             raise UsageError(
-                f"the model's batch dimension is fixed to {fixed.pop()}; --batch-size {batch_size} cannot be used"
+                "--batch-size applies to data batched on axis 0; this data runs one sample per call"
+                + (" (a stateful model runs step by step)" if samples.state else "")
             )
-        batch_size = fixed.pop()
-        if n % batch_size:
-            raise UsageError(f"{n} samples do not divide into the model's fixed batch of {batch_size}")
-    batch_size = batch_size or min(n, DEFAULT_DYNAMIC_BATCH)
-    if batch_size < 1:
-        raise UsageError("batch size must be >= 1")
-    calls = -(-n // batch_size)
+        batch_size, calls = 1, n
+    else:
+        fixed = samples.fixed_batch
+        if fixed:
+            if batch_size is not None and batch_size != fixed:
+                raise UsageError(
+                    f"the model's batch dimension is fixed to {fixed}; --batch-size {batch_size} cannot be used"
+                )
+            batch_size = fixed
+        batch_size = batch_size or min(n, DEFAULT_DYNAMIC_BATCH)
+        if batch_size < 1:
+            raise UsageError("batch size must be >= 1")
+        calls = -(-n // batch_size)
     warmup = max(0, warmup)
     left = model.runs_left()
     if left is not None and calls + warmup > left:
@@ -240,23 +226,20 @@ def evaluate(
     if labels is not None and labels.shape[0] != n:
         raise UsageError(f"labels y hold {labels.shape[0]} entries for {n} samples")
 
-    first = {k: v[:batch_size] for k, v in feeds.items()}
+    first = samples.first_feed()
     for _ in range(warmup):
         model.run(first)
-    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in model.outputs}
     latencies: list[float] = []
-    t_start = time.perf_counter()
-    for i in range(calls):
-        batch = {k: v[i * batch_size : (i + 1) * batch_size] for k, v in feeds.items()}
+
+    def timed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        out = model.run(batch)
+        out = model.run(feed)
         latencies.append((time.perf_counter() - t0) * 1000.0)
-        for name, value in out.items():
-            parts[name].append(value)
-        if progress is not None:
-            progress(i + 1, calls)
+        return out
+
+    t_start = time.perf_counter()
+    outputs = run_samples(timed, samples, max_batch=batch_size, on_run=progress)
     wall = time.perf_counter() - t_start
-    outputs = {name: _concat(p) for name, p in parts.items()}
     report = EvalReport(
         model=model.describe(),
         samples=n,
@@ -269,13 +252,13 @@ def evaluate(
         peak_rss_mb=_peak_rss_mb(),
         ignored_keys=ignored,
         runs_left=model.runs_left(),
-        outputs={k: v for k, v in outputs.items() if isinstance(v, np.ndarray)},
+        outputs=outputs,
+        contract=samples.describe() if samples.per_run or samples.fixed else None,
     )
-    stacked = report.outputs
-    if labels is not None and len(stacked) == len(outputs):
-        report.classification = _classification(stacked, model.outputs, labels)
+    if labels is not None:
+        report.classification = _classification(outputs, model.outputs, labels)
     if reference is not None:
-        report.agreement = _agreement(stacked, reference, model.outputs)
+        report.agreement = _agreement(outputs, reference, model.outputs)
     return report
 
 

@@ -8,12 +8,14 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from edge_runtime.samples import Contract, SampleSet, StatePair
 from packagers import arm_cpu as _arm_cpu  # noqa: F401 - registers the target
 from packagers import coral_edgetpu as _coral_edgetpu  # noqa: F401 - registers the target
 from packagers import fpga_xint8 as _fpga_xint8  # noqa: F401 - registers the target
 from packagers import onnx_fp32 as _onnx_fp32  # noqa: F401 - registers the target
+from packagers import x86_cpu as _x86_cpu  # noqa: F401 - registers the target
 from packagers._base import Build, Packager, get_packager, registered_targets
-from packagers._data import SampleLimits, bind_samples, load_calibration
+from packagers._data import SampleLimits, bind_samples, card_contract_options, load_calibration
 from packagers._model import ModelInfo, TensorSpec, inspect_model
 from packagers.quality import QualityReport
 
@@ -24,8 +26,8 @@ def package_model(
     model: bytes,
     target: str,
     *,
-    calibration: Mapping[str, np.ndarray] | None = None,
-    holdout: Mapping[str, np.ndarray] | None = None,
+    calibration: Mapping[str, np.ndarray] | SampleSet | None = None,
+    holdout: Mapping[str, np.ndarray] | SampleSet | None = None,
     options: Mapping | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> Build:
@@ -38,12 +40,16 @@ def package_model(
 __all__ = [
     "TARGETS",
     "Build",
+    "Contract",
     "ModelInfo",
     "Packager",
     "QualityReport",
     "SampleLimits",
+    "SampleSet",
+    "StatePair",
     "TensorSpec",
     "bind_samples",
+    "card_contract_options",
     "get_packager",
     "inspect_model",
     "load_calibration",

@@ -18,8 +18,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from edge_runtime.samples import Contract, SampleSet, parse_pairs, unroll
 from edgemart.core.errors import UsageError
-from packagers._data import bind_samples, require_static_shapes, sample_count, synthetic_inputs, take
+from packagers._data import bind_samples, synthetic_samples
 from packagers._model import ModelInfo, inspect_model
 from packagers._runtime import OnnxRunner, median_latencies_ms, runner_for
 from packagers.quality import QualityReport, compare_outputs, verdict
@@ -36,8 +37,12 @@ class QualityOptions:
     latency_runs: int = 30  # timed runs per model (median reported), interleaved fp32/build
     latency_threads: int = 1  # intra-op threads for timing, like a small board's single big core
     max_quality_samples: int = 500  # samples per split used for agreement figures
+    fixed: tuple[str, ...] = ()  # NAME=VALUE: inputs that always get VALUE (need no array; builds specialize)
+    state: tuple[str, ...] = ()  # IN=OUT: recurrent state pairs, beyond those detected by name and shape
+    detect_state: bool = True  # pair state inputs with outputs by name and shape
 
     def __post_init__(self) -> None:
+        self.contract()  # a malformed NAME=VALUE is an error now, not when samples arrive
         if not 0.0 <= self.min_agreement <= 1.0:
             raise UsageError(f"option min_agreement must be in [0, 1], got {self.min_agreement}")
         if self.latency_runs < 1:
@@ -46,6 +51,14 @@ class QualityOptions:
             raise UsageError(f"option latency_threads must be >= 0, got {self.latency_threads}")
         if self.max_quality_samples < 1:
             raise UsageError(f"option max_quality_samples must be >= 1, got {self.max_quality_samples}")
+
+    def contract(self) -> Contract:
+        """The sample contract these options declare: fixed input values and state pairs."""
+        return Contract(
+            fixed=parse_pairs(self.fixed, "option fixed", numeric=True),
+            state=parse_pairs(self.state, "option state"),
+            detect_state=self.detect_state,
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,8 @@ class Conversion:
     quantized_ops: dict = field(default_factory=dict)
     op_compatibility: dict | None = None
     notes: list = field(default_factory=list)
+    constraints: list = field(default_factory=list)  # accelerator rules checked node by node
+    as_uploaded: bool = False  # the seller's pre-quantized model, sealed byte for byte
 
 
 class Packager(ABC):
@@ -81,6 +96,9 @@ class Packager(ABC):
     target: ClassVar[str]
     options_type: ClassVar[type[QualityOptions]] = QualityOptions
     needs_calibration: ClassVar[bool] = True
+    made_for: ClassVar[str] = "any onnxruntime CPU"  # the hardware the build is made for, in the report
+    # platform.machine() values on which this machine's timing is the build's own latency (None: any)
+    native_machines: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, options: QualityOptions | Mapping[str, Any] | None = None) -> None:
         if isinstance(options, QualityOptions):
@@ -92,9 +110,15 @@ class Packager(ABC):
 
     @abstractmethod
     def convert(
-        self, model: bytes, info: ModelInfo, calibration: dict[str, np.ndarray] | None, progress: Progress
+        self, model: bytes, info: ModelInfo, calibration: SampleSet | None, progress: Progress
     ) -> Conversion:
-        """Produce the payload (and any target-specific figures) from the validated model."""
+        """Produce the payload (and any target-specific figures) from the validated model.
+
+        `calibration` runs one sample per run or in batches; never stateful (state is unrolled beforehand)."""
+
+    def as_uploaded(self, info: ModelInfo, model: bytes, progress: Progress) -> Conversion | None:
+        """The uploaded model itself when it already is this target's build (pre-quantized); None to convert."""
+        return None
 
     def check_input(self, info: ModelInfo, model: bytes) -> None:
         """Reject models this target cannot take, before any work is done."""
@@ -108,8 +132,8 @@ class Packager(ABC):
         self,
         model: bytes,
         *,
-        calibration: Mapping[str, np.ndarray] | None = None,
-        holdout: Mapping[str, np.ndarray] | None = None,
+        calibration: Mapping[str, np.ndarray] | SampleSet | None = None,
+        holdout: Mapping[str, np.ndarray] | SampleSet | None = None,
         progress: Progress | None = None,
     ) -> Build:
         report = progress or (lambda fraction, message: None)
@@ -117,20 +141,26 @@ class Packager(ABC):
         report(0.0, "inspecting model")
         info = inspect_model(model)
         self.check_input(info, model)
-        cal = bind_samples(info, calibration, "calibration") if calibration is not None else None
-        hold = bind_samples(info, holdout, "holdout") if holdout is not None else None
+        contract = self.options.contract()
+        cal = self.bind(info, calibration, "calibration")
+        hold = self.bind(info, holdout, "holdout")
+        sealed = self.as_uploaded(info, model, report)
         if cal is None:
-            require_static_shapes(info, f"target {self.target}")
-            if self.needs_calibration:
+            timing = synthetic_samples(info, contract)  # names the input whose dims only samples can fix
+            if self.needs_calibration and sealed is None:
                 raise UsageError(
                     f"target {self.target} quantizes activations and needs calibration samples "
                     "(--calibration PATH.npz keyed by input name, or 'x')"
                 )
         started = time.perf_counter()
-        conversion = self.convert(model, info, cal, lambda f, m: report(0.05 + 0.6 * f, m))
+        steps = cal
+        if cal is not None and cal.state and info.format == "onnx" and sealed is None:
+            report(0.02, "running the calibration sequences through fp32 to carry their state")
+            steps = unroll(OnnxRunner(model).run, cal)
+        conversion = sealed or self.convert(model, info, steps, lambda f, m: report(0.05 + 0.6 * f, m))
         seconds = time.perf_counter() - started
         report(0.7, "measuring quality against fp32")
-        quality = self._measure(model, info, conversion, cal, hold)
+        quality = self._measure(model, info, conversion, cal, hold, None if cal is not None else timing)
         metadata = {
             "target": self.target,
             "options": dataclasses.asdict(self.options),
@@ -143,6 +173,9 @@ class Packager(ABC):
             "machine": platform.machine(),
             **conversion.metadata,
         }
+        samples = cal or hold
+        if samples is not None:
+            metadata["samples"] = samples.describe()
         report(1.0, "done")
         return Build(
             target=self.target,
@@ -153,7 +186,21 @@ class Packager(ABC):
             quality=quality,
         )
 
-    def _measure(self, model: bytes, info: ModelInfo, conv: Conversion, cal, hold) -> QualityReport:
+    def bind(
+        self, info: ModelInfo, samples: Mapping[str, np.ndarray] | SampleSet | None, role: str
+    ) -> SampleSet | None:
+        """`samples` bound to the model by this target's contract (fixed inputs, state pairs)."""
+        return None if samples is None else bind_samples(info, samples, role, self.options.contract())
+
+    def _measure(
+        self,
+        model: bytes,
+        info: ModelInfo,
+        conv: Conversion,
+        cal: SampleSet | None,
+        hold: SampleSet | None,
+        timing: SampleSet | None,
+    ) -> QualityReport:
         opts = self.options
         threads = opts.latency_threads
         fp32 = OnnxRunner(model, threads) if info.format == "onnx" else runner_for(model, "tflite", threads)
@@ -163,18 +210,37 @@ class Packager(ABC):
         for split, samples in (("calibration", cal), ("holdout", hold)):
             if samples is None:
                 continue
-            n = min(sample_count(samples), opts.max_quality_samples)
-            subset = take(samples, slice(0, n))
-            agreement[split] = compare_outputs(fp32.run_all(subset, info), built.run_all(subset, info))
-        if hold is None:
+            subset = _first_samples(samples, opts.max_quality_samples)
+            outputs = built.run_all(subset)
+            if conv.as_uploaded:  # no fp32 original to compare with: the samples show that it runs
+                finite = all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f")
+                notes.append(
+                    f"{split}: the uploaded build ran {subset.count} samples, outputs finite: {finite}"
+                )
+                continue
+            agreement[split] = compare_outputs(fp32.run_all(subset), outputs)
+        source = hold if hold is not None else cal
+        if source is not None and source.state:
+            pairs = ", ".join(f"{p.input} <- {p.output} ({p.how})" for p in source.state)
+            notes.append(
+                f"stateful model: {len(source.sequences)} sequence(s) run step by step, fp32 and the build "
+                f"each carrying their own state ({pairs}); figures compare every step's outputs"
+            )
+        if source is not None and source.fixed:
+            notes.append(
+                "fixed inputs: " + ", ".join(f"{k}={v}" for k, v in source.describe()["fixed_inputs"].items())
+            )
+        if hold is None and not conv.as_uploaded:
             notes.append("no holdout samples given: agreement on calibration samples alone is optimistic")
-        if not agreement:
+        if not agreement and not conv.as_uploaded:
             notes.append("no samples given: agreement not measured, latency measured on synthetic inputs")
-        timing_source = hold if hold is not None else cal
-        feed = _first_batch(timing_source if timing_source is not None else synthetic_inputs(info, 1), info)
+        feed_source = source if source is not None else timing
+        assert feed_source is not None
+        feed = feed_source.first_feed()
         fp32_ms, build_ms = median_latencies_ms([fp32, built], feed, opts.latency_runs)
-        batch = sample_count(feed)
         passed, reason = verdict(agreement, opts.min_agreement, opts.min_snr_db)
+        if conv.as_uploaded:
+            reason = "as uploaded: the seller's pre-quantized model, sealed byte for byte (no fp32 original to compare)"
         if not passed and conv.suggested_nodes_to_exclude:
             reason += "; suggested: --option nodes_to_exclude=" + ",".join(conv.suggested_nodes_to_exclude)
         return QualityReport(
@@ -185,15 +251,9 @@ class Packager(ABC):
                 "build_bytes": len(conv.payload),
                 "ratio": round(len(conv.payload) / len(model), 4),
             },
-            latency={
-                "fp32_ms": round(fp32_ms, 4),
-                "build_ms": round(build_ms, 4),
-                "ratio": round(build_ms / fp32_ms, 4) if fp32_ms > 0 else None,
-                "runs": opts.latency_runs,
-                "batch": batch,
-                "threads": threads,
-                "machine": platform.machine(),
-            },
+            latency=self._latency(
+                fp32_ms, build_ms, _feed_rows(feed), "step" if feed_source.state else "run"
+            ),
             agreement=agreement,
             thresholds={"min_agreement": opts.min_agreement, "min_snr_db": opts.min_snr_db},
             passed=passed,
@@ -204,12 +264,51 @@ class Packager(ABC):
             suggested_nodes_to_exclude=conv.suggested_nodes_to_exclude,
             op_compatibility=conv.op_compatibility,
             notes=notes,
+            constraints=conv.constraints,
         )
 
+    def _latency(self, fp32_ms: float, build_ms: float, batch: int, per: str) -> dict:
+        """Timing figures that say where they were measured; on a machine the build is not made for, the
+        build's run is a host check (`host_build_ms`), never presented as its latency (`build_ms` None)."""
+        machine = platform.machine()
+        native = self.native_machines is None or machine in self.native_machines
+        ratio = round(build_ms / fp32_ms, 4) if fp32_ms > 0 else None
+        figures = {
+            "fp32_ms": round(fp32_ms, 4),
+            "build_ms": round(build_ms, 4) if native else None,
+            "ratio": ratio if native else None,
+            "host_build_ms": round(build_ms, 4),
+            "host_ratio": ratio,
+            "measured_on": f"{machine}, onnxruntime/LiteRT CPU, {self.options.latency_threads} thread(s)",
+            "made_for": self.made_for,
+            "representative": native,
+            "runs": self.options.latency_runs,
+            "batch": batch,
+            "per": per,
+            "threads": self.options.latency_threads,
+            "machine": machine,
+        }
+        if not native:
+            figures["note"] = (
+                f"measured on this {machine} host only as a check that the build runs; it is made for "
+                f"{self.made_for}, where its latency is not measured here (run edgemart device eval there)"
+            )
+        return figures
 
-def _first_batch(samples: Mapping[str, np.ndarray], info: ModelInfo) -> dict[str, np.ndarray]:
-    fixed = [s.shape[0] for s in info.inputs if s.shape and s.shape[0] is not None]
-    return take(samples, slice(0, fixed[0] if fixed else 1))
+
+def _first_samples(samples: SampleSet, limit: int) -> SampleSet:
+    """At most `limit` samples; a stateful set keeps whole sequences when it can (at least the first one)."""
+    if samples.count <= limit:
+        return samples
+    if samples.state:
+        ends = [end for _, end in samples.sequences if end <= limit]
+        return samples.take(slice(0, ends[-1] if ends else limit))
+    return samples.take(slice(0, limit))
+
+
+def _feed_rows(feed: Mapping[str, np.ndarray]) -> int:
+    """Rows of the run that was timed: axis 0 of its first input with one."""
+    return next((int(v.shape[0]) for v in feed.values() if np.ndim(v) >= 1), 1)
 
 
 def tool_versions() -> dict[str, str]:

@@ -24,6 +24,7 @@ class TensorSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    dim_names: tuple[str | None, ...] = ()  # ONNX dim_param of each dynamic dim (None when unnamed)
 
     def shape_text(self) -> str:
         return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
@@ -42,7 +43,7 @@ class ModelInfo:
     size: int
     opsets: dict[str, int] = field(default_factory=dict)  # ONNX only: domain -> version
     op_counts: dict[str, int] = field(default_factory=dict)  # op type (ONNX) or builtin name (TFLite)
-    quantized: bool = False  # TFLite: every op works on int8/uint8 tensors (already full-integer)
+    quantized: bool = False  # TFLite: every op works on int8/uint8 tensors; ONNX: QDQ / QLinear int8 ops
 
     @property
     def default_opset(self) -> int | None:
@@ -129,9 +130,11 @@ def _onnx_dtype(elem_type: int) -> str:
 def _onnx_spec(value_info) -> TensorSpec:
     ttype = value_info.type.tensor_type
     dims: list[int | None] = []
+    names: list[str | None] = []
     for d in ttype.shape.dim:
         dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
-    return TensorSpec(value_info.name, tuple(dims), _onnx_dtype(ttype.elem_type))
+        names.append(d.dim_param if d.HasField("dim_param") and d.dim_param else None)
+    return TensorSpec(value_info.name, tuple(dims), _onnx_dtype(ttype.elem_type), tuple(names))
 
 
 def _inspect_onnx(proto, size: int) -> ModelInfo:
@@ -140,7 +143,30 @@ def _inspect_onnx(proto, size: int) -> ModelInfo:
     outputs = tuple(_onnx_spec(vi) for vi in proto.graph.output)
     opsets = {imp.domain if imp.domain != "ai.onnx" else "": imp.version for imp in proto.opset_import}
     ops = Counter(n.op_type for n in proto.graph.node)
-    return ModelInfo("onnx", inputs, outputs, size, opsets, dict(ops))
+    int8_weights = any(init.data_type in (2, 3) for init in proto.graph.initializer)  # uint8 / int8
+    quantized = int8_weights and any(op in ops for op in PRE_QUANTIZED_ONNX_OPS)
+    return ModelInfo("onnx", inputs, outputs, size, opsets, dict(ops), quantized)
+
+
+# Ops that only a quantized ONNX graph has (QDQ pairs or operator-format integer kernels).
+PRE_QUANTIZED_ONNX_OPS = ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+def full_int8_problems(model: bytes, limit: int = 5) -> list[str]:
+    """Tensors of a TFLite model that are neither int8 nor int32 (graph inputs and outputs may be float,
+    with QUANTIZE/DEQUANTIZE at the edges): what keeps it from being a full-int8 build."""
+    schema = tflite_schema()
+    graph = schema.ModelT.InitFromPackedBuf(model, 0).subgraphs[0]
+    io = set(graph.inputs if graph.inputs is not None else []) | set(
+        graph.outputs if graph.outputs is not None else []
+    )
+    problems = []
+    for index, tensor in enumerate(graph.tensors or []):
+        if index in io or tensor.type in (9, 2):  # int8, int32
+            continue
+        name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+        problems.append(f"{name[:60]} ({_TFLITE_DTYPES.get(tensor.type, tensor.type)})")
+    return problems[:limit] + ([f"... {len(problems) - limit} more"] if len(problems) > limit else [])
 
 
 _TFLITE_DTYPES = {

@@ -12,11 +12,11 @@ from typing import Literal
 
 import numpy as np
 
+from edge_runtime.samples import SampleSet
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, QualityOptions
-from packagers._data import take
 from packagers._runtime import OnnxRunner
-from packagers.quality import snr_db
+from packagers.quality import compare_outputs, snr_db
 
 # Per-channel QDQ (DequantizeLinear with `axis`) needs opset 13.
 QDQ_MIN_OPSET = 13
@@ -105,7 +105,7 @@ def _with_outputs(model, names: list[str]) -> bytes:
 
 
 def layer_errors(
-    fp32_model, qdq_model, feeds: Mapping[str, np.ndarray], top: int = 5, suggest: int = 3
+    fp32_model, qdq_model, samples: SampleSet, top: int = 5, suggest: int = 3
 ) -> tuple[list[dict], list[str]]:
     """Worst `top` layers by activation SNR, and the quantized nodes whose own SNR drop is largest.
 
@@ -139,8 +139,8 @@ def layer_errors(
         return [], []
     ref_names = list(pairs) + list(input_pairs)
     q_names = [pairs[n] for n in pairs] + [input_pairs[n] for n in input_pairs]
-    ref = OnnxRunner(_with_outputs(fp32_model, ref_names), output_names=ref_names).run(feeds)
-    got = OnnxRunner(_with_outputs(qdq_model, q_names), output_names=q_names).run(feeds)
+    ref = OnnxRunner(_with_outputs(fp32_model, ref_names), output_names=ref_names).run_all(samples)
+    got = OnnxRunner(_with_outputs(qdq_model, q_names), output_names=q_names).run_all(samples)
     snr: dict[str, float] = {}
     for r_name, g_name in zip(ref_names, q_names, strict=True):
         if ref[r_name].shape != got[g_name].shape:
@@ -182,19 +182,24 @@ def layer_errors(
     return worst, [r["node"] for r in candidates[:suggest]]
 
 
-def prepare_for_qdq(model: bytes, tmp: str, preprocess: bool) -> tuple[object, dict]:
-    """Parse, name nodes, upgrade the opset for QDQ and run ORT's quantization pre-processing.
+def prepare_for_qdq(
+    model: bytes, tmp: str, preprocess: bool, fixed: Mapping[str, np.ndarray] | None = None
+) -> tuple[object, dict]:
+    """Parse, specialize for the fixed inputs, name nodes, upgrade the opset for QDQ and run ORT's
+    quantization pre-processing.
 
     Returns the fp32 model that gets quantized (the per-layer reference) and metadata about what was done."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from packagers._model import parse_onnx
+    from packagers._specialize import specialize
 
-    proto = parse_onnx(model)
+    proto, specialized = specialize(parse_onnx(model), fixed or {})
     name_nodes(proto)
     proto, opset_before = upgrade_opset(proto)
     meta: dict = {
+        **specialized,
         "opset_before": opset_before,
         "opset": QDQ_MIN_OPSET if opset_before < QDQ_MIN_OPSET else opset_before,
     }
@@ -231,12 +236,13 @@ def _flatten_gemm_bias(model) -> None:
 
 
 class _Reader:
-    """ORT CalibrationDataReader over an in-memory dict of samples, in small batches."""
+    """ORT CalibrationDataReader over in-memory samples (small batches, or one run per sample), each feed
+    holding only the inputs the model being calibrated has."""
 
-    def __init__(self, samples: Mapping[str, np.ndarray], info, batch: int = 16) -> None:
-        from packagers._data import batches
-
-        self._batches = list(batches(samples, info, batch))
+    def __init__(self, samples: SampleSet, input_names: set[str], batch: int = 16) -> None:
+        self._batches = [
+            {k: v for k, v in feed.items() if k in input_names} for _, feed in samples.runs(batch)
+        ]
         self._iter = iter(self._batches)
 
     def get_next(self):
@@ -248,8 +254,7 @@ class _Reader:
 
 def quantize_qdq(
     fp32_model,
-    samples: Mapping[str, np.ndarray],
-    info,
+    samples: SampleSet,
     tmp: str,
     *,
     per_channel: bool,
@@ -257,8 +262,12 @@ def quantize_qdq(
     percentile: float,
     nodes_to_exclude: tuple[str, ...],
     symmetric_activations: bool,
+    activations: Literal["int8", "uint8"] = "int8",
+    operator_format: bool = False,
+    op_types: tuple[str, ...] = (),
 ):
-    """Static int8 QDQ quantization with onnxruntime; temp files stay in `tmp`."""
+    """Static int8 quantization with onnxruntime (QDQ, or QOperator: QLinearConv, QLinearMatMul...);
+    temp files stay in `tmp`."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -285,17 +294,20 @@ def quantize_qdq(
     extra: dict = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    src, dst = f"{tmp}/fp32.onnx", f"{tmp}/int8.onnx"
+    src, dst = f"{tmp}/fp32.onnx", f"{tmp}/int8-{'qop' if operator_format else 'qdq'}.onnx"
     onnx.save(fp32_model, src)
+    initializers = {i.name for i in fp32_model.graph.initializer}
+    inputs = {i.name for i in fp32_model.graph.input if i.name not in initializers}
     quantize_static(
         src,
         dst,
-        Reader(samples, info),
-        quant_format=QuantFormat.QDQ,
+        Reader(samples, inputs),
+        quant_format=QuantFormat.QOperator if operator_format else QuantFormat.QDQ,
         per_channel=per_channel,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=list(nodes_to_exclude) or None,
+        op_types_to_quantize=list(op_types) or None,
         calibrate_method=methods[method],
         extra_options=extra,
     )
@@ -313,6 +325,7 @@ class QdqOptions(QualityOptions):
     percentile: float = 99.999  # only for calibration_method=percentile
     per_channel: bool = True
     nodes_to_exclude: tuple[str, ...] = ()  # node names kept in float
+    op_types: tuple[str, ...] = ()  # op types to quantize; empty: every op onnxruntime can quantize
     preprocess: bool = True  # onnxruntime quant_pre_process (shape inference + optimization)
 
     def __post_init__(self) -> None:
@@ -321,47 +334,166 @@ class QdqOptions(QualityOptions):
             raise UsageError(f"option percentile must be in (50, 100], got {self.percentile}")
 
 
+@dataclass
+class Quantized:
+    """What `quantize_with_options` made: the fp32 model that was quantized (the per-layer reference), its
+    QDQ quantization, optionally its QOperator quantization, and metadata."""
+
+    fp32: object
+    qdq: object
+    qoperator: object | None
+    meta: dict
+
+
 def quantize_with_options(
-    model: bytes, info, calibration, opts: QdqOptions, progress, *, symmetric_activations: bool, what: str
-) -> tuple[object, object, dict]:
-    """Pre-process and statically quantize per ``opts`` (temp files in a TemporaryDirectory): fp32, qdq, metadata."""
+    model: bytes,
+    calibration: SampleSet,
+    opts: QdqOptions,
+    progress,
+    *,
+    symmetric_activations: bool,
+    what: str,
+    activations: Literal["int8", "uint8"] = "int8",
+    operator_format_too: bool = False,
+) -> Quantized:
+    """Pre-process and statically quantize per ``opts`` (temp files in a TemporaryDirectory)."""
     with tempfile.TemporaryDirectory(prefix="edgemart-qdq-") as tmp:
         progress(0.05, "pre-processing (shape inference, opset)")
-        fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess)
+        fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess, calibration.fixed)
         progress(0.2, what)
-        qdq = quantize_qdq(
-            fp32,
-            calibration,
-            info,
-            tmp,
-            per_channel=opts.per_channel,
-            method=opts.calibration_method,
-            percentile=opts.percentile,
-            nodes_to_exclude=opts.nodes_to_exclude,
-            symmetric_activations=symmetric_activations,
-        )
+
+        def quantize(operator_format: bool):
+            return quantize_qdq(
+                fp32,
+                calibration,
+                tmp,
+                per_channel=opts.per_channel,
+                method=opts.calibration_method,
+                percentile=opts.percentile,
+                nodes_to_exclude=opts.nodes_to_exclude,
+                symmetric_activations=symmetric_activations,
+                activations=activations,
+                operator_format=operator_format,
+                op_types=opts.op_types,
+            )
+
+        qdq = quantize(False)
+        qoperator = None
+        if operator_format_too:
+            progress(0.45, "quantizing in operator format too (QLinear ops), to keep the smaller equal one")
+            qoperator = quantize(True)
     meta.update(
         calibration_method=opts.calibration_method,
         per_channel=opts.per_channel,
         nodes_excluded=list(opts.nodes_to_exclude),
+        activations=activations,
+        op_types_quantized=list(opts.op_types) or "every op onnxruntime quantizes",
     )
-    return fp32, qdq, meta
+    return Quantized(fp32, qdq, qoperator, meta)
+
+
+def compact(model, *, keep_node_names: bool = False) -> bytes:
+    """The model's bytes without what no runtime reads: value_info and doc strings dropped, tensor names
+    shortened (graph inputs and outputs keep theirs; subgraphs are renamed consistently). Copies first."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            candidate = format(len(names), "x")
+            while candidate in keep:  # a graph input or output may be called "a" or "1f"
+                candidate += "_"
+            names[name] = candidate
+        return names[name]
+
+    counter = iter(range(1 << 30))
+
+    def walk(g, top: bool) -> None:
+        del g.value_info[:]
+        g.doc_string = ""
+        for init in g.initializer:
+            init.name = short(init.name)
+            init.doc_string = ""
+        if not top:
+            for vi in [*g.input, *g.output]:
+                vi.name = short(vi.name)
+        for node in g.node:
+            node.doc_string = ""
+            if not keep_node_names:
+                node.name = format(next(counter), "x")
+            node.input[:] = [short(i) for i in node.input]
+            node.output[:] = [short(o) for o in node.output]
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    walk(sub, False)
+
+    walk(graph, True)
+    copy.doc_string = ""
+    return copy.SerializeToString()
+
+
+def smaller_equal_format(
+    quantized: Quantized, calibration: SampleSet, samples: int = LAYER_SAMPLES
+) -> tuple[bytes, dict]:
+    """The compacted payload to ship: QOperator when it measures smaller than QDQ and its outputs agree with
+    fp32 as well as QDQ's do (top-1 agreement not lower, SNR within 0.5 dB), else QDQ. Returns the figures."""
+    qdq_bytes = compact(quantized.qdq)
+    if quantized.qoperator is None:
+        return qdq_bytes, {"format": "QDQ", "qdq_bytes": len(qdq_bytes), "why": "option format=qdq"}
+    qop_bytes = compact(quantized.qoperator)
+    subset = calibration.take(slice(0, samples))
+    reference = OnnxRunner(quantized.fp32.SerializeToString()).run_all(subset)  # type: ignore[attr-defined]
+    figures = {
+        "QDQ": compare_outputs(reference, OnnxRunner(qdq_bytes).run_all(subset)),
+        "QOperator": compare_outputs(reference, OnnxRunner(qop_bytes).run_all(subset)),
+    }
+    equal = all(
+        fig.get("agreement", 1.0) >= figures["QDQ"][name].get("agreement", 1.0)
+        and (fig.get("snr_db") or EXACT_SNR_DB) >= (figures["QDQ"][name].get("snr_db") or EXACT_SNR_DB) - 0.5
+        for name, fig in figures["QOperator"].items()
+    )
+    smaller = len(qop_bytes) < len(qdq_bytes)
+    chosen = "QOperator" if smaller and equal else "QDQ"
+    choice = {
+        "format": chosen,
+        "qdq_bytes": len(qdq_bytes),
+        "qoperator_bytes": len(qop_bytes),
+        "why": (
+            "QOperator measured smaller with agreement equal to QDQ's"
+            if chosen == "QOperator"
+            else "QOperator was "
+            + ("not smaller" if not smaller else "less accurate on the calibration samples")
+        ),
+    }
+    return (qop_bytes if chosen == "QOperator" else qdq_bytes), choice
 
 
 def qdq_conversion(
-    fp32, qdq, calibration, meta: dict, *, layer_samples: int = LAYER_SAMPLES, notes: list[str] | None = None
+    quantized: Quantized,
+    calibration: SampleSet,
+    *,
+    layer_samples: int = LAYER_SAMPLES,
+    notes: list[str] | None = None,
+    payload: bytes | None = None,
 ) -> Conversion:
-    """The quality evidence every QDQ target reports: worst layers by SNR, suggested exclusions, op coverage."""
-    n = min(layer_samples, next(iter(calibration.values())).shape[0])
-    worst, suggested = layer_errors(fp32, qdq, take(calibration, slice(0, n)))
-    floats, quantized = op_coverage(qdq)
+    """The quality evidence every QDQ target reports: worst layers by SNR, suggested exclusions, op coverage
+    (measured on the QDQ quantization); the payload is the compacted QDQ model unless given."""
+    worst, suggested = layer_errors(quantized.fp32, quantized.qdq, calibration.take(slice(0, layer_samples)))
+    floats, quantized_ops = op_coverage(quantized.qdq)
     return Conversion(
-        payload=qdq.SerializeToString(),
+        payload=payload if payload is not None else compact(quantized.qdq, keep_node_names=True),
         format="onnx",
-        metadata=meta,
+        metadata=quantized.meta,
         worst_layers=worst,
         suggested_nodes_to_exclude=suggested,
         float_ops=floats,
-        quantized_ops=quantized,
+        quantized_ops=quantized_ops,
         notes=notes or [],
     )

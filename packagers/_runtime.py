@@ -9,25 +9,26 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from edge_runtime.samples import SampleSet, run_samples
 from edgemart.core.errors import UsageError
-from packagers._data import batches
-from packagers._model import ModelInfo
 
 
 class Runner:
-    """Common interface: `run(feeds) -> {output name: array}` for one batch."""
+    """Common interface: `run(feeds) -> {output name: array}` for one run; feeds the model does not take
+    (an input a specialized build no longer has) are left out."""
 
     output_names: tuple[str, ...]
+    input_names: frozenset[str]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def run_all(self, samples: Mapping[str, np.ndarray], info: ModelInfo, max_batch: int = 64):
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-        for feed in batches(samples, info, max_batch):
-            for name, value in self.run(feed).items():
-                parts[name].append(value)
-        return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+    def own(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def run_all(self, samples: SampleSet, max_batch: int = 64) -> dict[str, np.ndarray]:
+        """Every sample (a stateful set step by step, carrying this model's own state), outputs joined."""
+        return run_samples(self.run, samples, max_batch=max_batch)
 
 
 class OnnxRunner(Runner):
@@ -54,9 +55,10 @@ class OnnxRunner(Runner):
             first = str(exc).strip().splitlines()[0][:400]
             raise UsageError(f"onnxruntime cannot load the model: {first}") from None
         self.output_names = tuple(output_names or (o.name for o in self.session.get_outputs()))
+        self.input_names = frozenset(i.name for i in self.session.get_inputs())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(list(self.output_names), dict(feeds))
+        values = self.session.run(list(self.output_names), self.own(feeds))
         return dict(zip(self.output_names, values, strict=True))
 
 
@@ -86,6 +88,7 @@ class TfliteRunner(Runner):
         self.interpreter.allocate_tensors()
         self.inputs = self.interpreter.get_input_details()
         self.output_names = tuple(d["name"] for d in self.interpreter.get_output_details())
+        self.input_names = frozenset(d["name"] for d in self.inputs)
         self._shape: dict[int, tuple[int, ...]] = {d["index"]: tuple(d["shape"]) for d in self.inputs}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,7 +12,11 @@ import numpy as np
 
 from edgemart.core.errors import UsageError
 
-CONVERTER_HINT = "needs the optional converter: pip install edgemart[coral]"
+CONVERTER_HINT = (
+    "is outside the in-house writer (dense classifiers only): convert the model to a full-int8 TFLite "
+    "(onnx2tf -i MODEL.onnx -oiqt, in its own environment), then: "
+    "edgemart package MODEL_full_integer_quant.tflite --target coral-edgetpu"
+)
 SUPPORTED_ONNX_OPS = ("MatMul", "Gemm", "Add", "Relu", "Softmax", "ArgMax", "Cast", "Identity", "Reshape",
                       "ArrayFeatureExtractor")  # fmt: skip
 

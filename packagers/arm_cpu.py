@@ -1,40 +1,163 @@
-"""Target `arm-cpu`: int8 QDQ ONNX (per-channel weights) by onnxruntime static quantization.
+"""Target `arm-cpu`: int8 ONNX (per-channel weights, S8S8) by onnxruntime static quantization, for aarch64.
 
-Runs with onnxruntime on aarch64; the report names the layers that lose the most precision."""
+QDQ or QOperator, whichever measures smaller with equal agreement; the report names the layers that lose
+the most precision, and never presents a run on another architecture as this build's latency."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, register
-from packagers._qdq import QdqOptions, qdq_conversion, quantize_with_options
+from packagers._model import ModelInfo, full_int8_problems
+from packagers._qdq import QdqOptions, compact, qdq_conversion, quantize_with_options, smaller_equal_format
+from packagers._runtime import OnnxRunner
+
+# The ops whose int8 kernels pay for their quantize/dequantize steps on a CPU. Quantizing the elementwise
+# ops around them (HardSwish, Add, Mul...) adds conversions, costs 3-7 dB of output SNR on PP-OCR det/rec
+# and was no faster (bench/packagers.py; measured on x86_64, where a CPU build can be timed here).
+CPU_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
 class ArmCpuOptions(QdqOptions):
-    """Per-channel weights, asymmetric activations (onnxruntime's defaults for ARM CPUs)."""
+    """Per-channel weights, asymmetric int8 activations (S8S8: onnxruntime's choice for ARM CPUs)."""
+
+    op_types: tuple[str, ...] = CPU_OP_TYPES
+    format: Literal["auto", "qdq", "qoperator"] = "auto"  # auto: the smaller of the two at equal agreement
 
 
-@register
-class ArmCpuPackager(Packager):
-    target = "arm-cpu"
-    options_type = ArmCpuOptions
+class IntCpuPackager(Packager):
+    """A CPU target built by onnxruntime static quantization with `activations` of that type."""
+
+    activations: Literal["int8", "uint8"] = "int8"
+    takes_int8_tflite: bool = False  # a full-int8 TFLite upload is sealed as uploaded (runs with LiteRT)
+
+    def check_input(self, info: ModelInfo, model: bytes) -> None:
+        if info.format == "tflite" and not (self.takes_int8_tflite and info.quantized):
+            raise UsageError(
+                f"target {self.target} takes ONNX models"
+                + (" or full-int8 TFLite" if self.takes_int8_tflite else "")
+                + f"; this is a {'float ' if not info.quantized else ''}TFLite model (coral-edgetpu takes TFLite;"
+                " for a float TFLite quantize it to full int8 first, then: edgemart package MODEL_int8.tflite"
+                f" --target {'arm-cpu' if self.takes_int8_tflite else 'coral-edgetpu'})"
+            )
+
+    def as_uploaded(self, info: ModelInfo, model: bytes, progress) -> Conversion | None:
+        if not info.quantized:
+            return None
+        if info.format == "tflite":
+            return sealed_int8_tflite(model, self.target)
+        progress(0.5, "pre-quantized ONNX: validating it loads in onnxruntime")
+        OnnxRunner(model)
+        return Conversion(
+            payload=model,
+            format="onnx",
+            metadata={
+                "as_uploaded": True,
+                "quantization": "pre-quantized by the seller (QDQ / QLinear ONNX)",
+            },
+            quantized_ops={
+                op: n
+                for op, n in info.op_counts.items()
+                if op.startswith(("QLinear", "Quantize", "Dequantize")) or op.endswith("Integer")
+            },  # fmt: skip
+            notes=["as uploaded: the seller's pre-quantized ONNX, sealed byte for byte"],
+            as_uploaded=True,
+        )
 
     def convert(self, model, info, calibration, progress) -> Conversion:
         opts = self.options
         assert isinstance(opts, ArmCpuOptions) and calibration is not None
-        fp32, qdq, meta = quantize_with_options(
+        quantized = quantize_with_options(
             model,
-            info,
             calibration,
             opts,
             progress,
             symmetric_activations=False,
             what=f"calibrating ({opts.calibration_method}) and quantizing",
+            activations=self.activations,
+            operator_format_too=opts.format != "qdq",
         )
-        progress(0.8, "comparing intermediate activations")
-        meta.update(
-            quantization="onnxruntime static QDQ int8",
-            calibration_samples=int(next(iter(calibration.values())).shape[0]),
+        progress(0.75, "choosing the format, comparing intermediate activations")
+        if opts.format == "qoperator":
+            assert quantized.qoperator is not None
+            payload, choice = (
+                compact(quantized.qoperator),
+                {"format": "QOperator", "why": "option format=qoperator"},
+            )
+        else:
+            payload, choice = smaller_equal_format(quantized, calibration)
+        acts = "U8S8" if self.activations == "uint8" else "S8S8"
+        quantized.meta.update(
+            quantization=f"onnxruntime static int8 ({acts}, {choice['format']})",
+            calibration_samples=calibration.count,
+            format_choice=choice,
         )
-        return qdq_conversion(fp32, qdq, calibration, meta)
+        notes = [
+            f"{choice['format']} format: {choice['why']}"
+            + (
+                f" ({choice['qoperator_bytes']} vs {choice['qdq_bytes']} bytes)"
+                if "qoperator_bytes" in choice
+                else ""
+            )
+        ]
+        return qdq_conversion(quantized, calibration, payload=payload, notes=notes)
+
+
+def sealed_int8_tflite(model: bytes, target: str) -> Conversion:
+    """A full-int8 TFLite upload as the build: every tensor but the graph's inputs and outputs int8/int32."""
+    problems = full_int8_problems(model)
+    if problems:
+        raise UsageError(
+            f"target {target} seals a TFLite upload only when it is full int8; these tensors are not int8/int32: "
+            + ", ".join(problems)
+        )
+    payload, how = model, "sealed byte for byte"
+    if target != "coral-edgetpu":
+        # The same bytes may also be sold as the coral-edgetpu build, and a build hash is sold once: this
+        # target's copy carries a metadata entry naming it (LiteRT ignores it; tensors and ops are untouched).
+        payload, how = with_target_marker(model, target), f"with a metadata entry naming {target}"
+    return Conversion(
+        payload=payload,
+        format="tflite",
+        metadata={
+            "as_uploaded": True,
+            "quantization": "full-int8 TFLite by the seller",
+            "runtime": "LiteRT",
+            "packaging": how,
+        },  # fmt: skip
+        notes=[
+            "as uploaded: the seller's full-int8 TFLite (every non-I/O tensor int8/int32), sealed byte for byte"
+        ],
+        as_uploaded=True,
+    )
+
+
+def with_target_marker(model: bytes, target: str) -> bytes:
+    """The TFLite model re-serialized with a metadata entry `edgemart.target` = `target`."""
+    import flatbuffers
+
+    from packagers._model import tflite_schema
+
+    schema = tflite_schema()
+    tree = schema.ModelT.InitFromPackedBuf(model, 0)
+    buffer = schema.BufferT()
+    buffer.data = list(target.encode())
+    tree.buffers = [*(tree.buffers or []), buffer]
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = b"edgemart.target", len(tree.buffers) - 1
+    tree.metadata = [*(tree.metadata or []), entry]
+    builder = flatbuffers.Builder(len(model) + 1024)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+@register
+class ArmCpuPackager(IntCpuPackager):
+    target = "arm-cpu"
+    takes_int8_tflite = True
+    options_type = ArmCpuOptions
+    made_for = "aarch64 CPU (onnxruntime)"
+    native_machines = frozenset({"aarch64", "arm64"})

@@ -21,8 +21,13 @@ def register(subparsers) -> None:
         "DIR/quality.html. Exit 0 when the quality verdict passes, 1 when it fails, 2 on bad input.",
     )
     p.add_argument("model", metavar="MODEL", help="ONNX or TFLite model file")
-    p.add_argument("--target", required=True, help="arm-cpu, coral-edgetpu, fpga-xint8 or onnx-fp32")
-    p.add_argument("--calibration", metavar="PATH.npz", help="calibration samples keyed by input name (or x)")
+    p.add_argument("--target", required=True, help="arm-cpu, x86-cpu, coral-edgetpu, fpga-xint8 or onnx-fp32")
+    p.add_argument(
+        "--calibration",
+        metavar="PATH.npz",
+        help="calibration samples keyed by input name (or x): an array of the input's rank has the batch on "
+        "axis 0, rank + 1 has one sample per entry on axis 0; optional sequence_start for stateful models",
+    )
     p.add_argument("--holdout", metavar="PATH.npz", help="held-out samples for the agreement figures")
     p.add_argument(
         "--option",
@@ -30,6 +35,22 @@ def register(subparsers) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="target option, e.g. min_agreement=0.99 or nodes_to_exclude=Conv_3,Conv_7 (repeatable)",
+    )
+    p.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input that always gets VALUE (e.g. sr=16000): it needs no array and the int8 builds are "
+        "specialized for it (repeatable)",
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="IN=OUT",
+        help="recurrent state: input IN is fed output OUT of the step before (e.g. state=stateN); pairs "
+        "named like that are also detected (repeatable)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -76,6 +97,11 @@ def handle_package(args: argparse.Namespace) -> int:
     from packagers import load_calibration, package_model
 
     options = parse_option_pairs(args.option)
+    for flag, key in ((args.fixed, "fixed"), (args.state, "state")):
+        if flag:
+            if key in options:
+                raise UsageError(f"--{key} and --option {key}=... given together; use one")
+            options[key] = ",".join(flag)
     model = _read_model(args.model)
     calibration = load_calibration(args.calibration) if args.calibration else None
     holdout = load_calibration(args.holdout) if args.holdout else None
@@ -119,9 +145,15 @@ def handle_package(args: argparse.Namespace) -> int:
     else:
         q = build.quality
         print(f"{build.target}: {model_path} ({len(build.payload)} bytes, {build.build_hash})")
-        print(
-            f"  size {q.size['ratio']}x fp32, latency {q.latency['ratio']}x fp32 (median of {q.latency['runs']})"
-        )
+        lat = q.latency
+        if lat.get("representative", True):
+            timing = f"latency {lat['ratio']}x fp32 (median of {lat['runs']} on {lat['machine']})"
+        else:
+            timing = (
+                f"latency not measured on {lat['made_for']} (this {lat['machine']} host ran it at "
+                f"{lat['host_ratio']}x fp32, a check only)"
+            )
+        print(f"  size {q.size['ratio']}x fp32, {timing}")
         print(f"  verdict: {'PASSED' if q.passed else 'FAILED'}: {q.verdict_reason}")
         print(f"  report: {html_path}")
     if not build.quality.passed:

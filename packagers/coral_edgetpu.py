@@ -18,12 +18,12 @@ import numpy as np
 
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, QualityOptions, register
-from packagers._data import take
 from packagers._edgetpu_ops import model_compatibility, onnx_compatibility, tflite_compatibility
 from packagers._model import ModelInfo, parse_onnx
 from packagers._qdq import EXACT_SNR_DB, _with_outputs
 from packagers._runtime import OnnxRunner, make_litert_interpreter
-from packagers._tflite_writer import CONVERTER_HINT, lower_onnx, write_int8_tflite
+from packagers._tflite_writer import lower_onnx, write_int8_tflite
+from packagers.arm_cpu import sealed_int8_tflite
 from packagers.quality import snr_db
 
 RANGE_SAMPLES = 500
@@ -48,16 +48,35 @@ def _compat_line(report: dict) -> str:
 class CoralEdgeTpuPackager(Packager):
     target = "coral-edgetpu"
     options_type = CoralEdgeTpuOptions
+    made_for = "Coral Edge TPU (LiteRT + libedgetpu)"
+    native_machines = frozenset()
 
     def check_input(self, info: ModelInfo, model: bytes) -> None:
+        if info.format == "tflite" and not info.quantized:
+            raise UsageError(
+                "coral-edgetpu takes a full-int8 TFLite or an ONNX model; this TFLite is float: quantize it to "
+                "full int8 (TFLite converter with a representative dataset, or ai-edge-quantizer's "
+                "static_wi8_ai8 recipe), then: edgemart package MODEL_int8.tflite --target coral-edgetpu",
+                details={"op_compatibility": tflite_compatibility(model)},
+            )
+
+    def as_uploaded(self, info: ModelInfo, model: bytes, progress) -> Conversion | None:
         if info.format != "tflite":
-            return
-        raise UsageError(
-            "TFLite model is already int8-quantized: compile it with edgetpu_compiler directly"
-            if info.quantized
-            else f"coral-edgetpu conversion of a float TFLite model {CONVERTER_HINT}",
-            details={"op_compatibility": tflite_compatibility(model)},
-        )
+            return None
+        conversion = sealed_int8_tflite(model, self.target)
+        compat = tflite_compatibility(model)
+        conversion.op_compatibility = compat
+        conversion.float_ops, conversion.quantized_ops = _op_types(compat)
+        conversion.notes.append(_compat_line(compat))
+        opts = self.options
+        assert isinstance(opts, CoralEdgeTpuOptions)
+        if opts.run_compiler:
+            progress(0.5, "running edgetpu_compiler")
+            compiled = run_edgetpu_compiler(model, opts.compiler_timeout_s)
+            compat["compiler_log"] = compiled["log"]
+            conversion.metadata["edgetpu_compiler"] = {k: v for k, v in compiled.items() if k != "log"}
+            conversion.notes.append(compiled["summary"])
+        return conversion
 
     def convert(self, model, info, calibration, progress) -> Conversion:
         opts = self.options
@@ -71,16 +90,16 @@ class CoralEdgeTpuPackager(Packager):
                 f"{exc.message}. {_compat_line(compat)}", details={"op_compatibility": compat}
             ) from None
         progress(0.1, "measuring activation ranges")
-        subset = take(calibration, slice(0, min(RANGE_SAMPLES, next(iter(calibration.values())).shape[0])))
+        subset = calibration.take(slice(0, RANGE_SAMPLES))
         names = [i.name for i in proto.graph.input] + [layer.output for layer in layers]
         names = list(dict.fromkeys(names))
-        values = OnnxRunner(_with_outputs(proto, names), output_names=names).run_all(subset, info)
+        values = OnnxRunner(_with_outputs(proto, names), output_names=names).run_all(subset)
         ranges = {n: (float(np.min(v)), float(np.max(v))) for n, v in values.items() if v.dtype.kind == "f"}
         progress(0.4, "writing int8 TFLite")
-        shapes = {k: v.shape for k, v in calibration.items()}
+        shapes = {k: v.shape for k, v in calibration.arrays.items()}
         payload = write_int8_tflite(proto, ranges, shapes)
         progress(0.6, "checking the build loads in LiteRT; per-layer error")
-        worst = _layer_errors(payload, layers, values, subset)
+        worst = _layer_errors(payload, layers, values, subset.arrays)
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
         notes = [_compat_line(compat)]

@@ -13,9 +13,9 @@ import numpy as np
 
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, register
-from packagers._data import take
 from packagers._qdq import LAYER_SAMPLES, QdqOptions, _with_outputs, qdq_conversion, quantize_with_options
 from packagers._runtime import OnnxRunner
+from packagers._xint8_rules import apply_dpu_variants, check, enforce
 
 ACTIVATION_SAMPLES = 32  # calibration samples whose activations choose each power of two
 
@@ -23,6 +23,9 @@ ACTIVATION_SAMPLES = 32  # calibration samples whose activations choose each pow
 @dataclass(frozen=True)
 class FpgaXint8Options(QdqOptions):
     per_channel: bool = False  # DPU-style accelerators use one power-of-two scale per tensor
+    dpu_variants: bool = True  # LeakyRelu and HardSigmoid take the DPU's fixed-point slopes
+    sigmoid_as_hard_sigmoid: bool = False  # run Sigmoid as the DPU HardSigmoid (else it stays on the CPU)
+    int8_biases: bool = False  # biases as int8 with their own power of two (within shift_bias), not int32
 
 
 def is_power_of_two(values: np.ndarray) -> bool:
@@ -59,32 +62,78 @@ def best_power_of_two(x: np.ndarray, float_scale: float) -> tuple[float, str]:
 class FpgaXint8Packager(Packager):
     target = "fpga-xint8"
     options_type = FpgaXint8Options
+    made_for = "Vitis AI DPU (deployable QDQ ONNX)"
+    native_machines = frozenset()
 
     def convert(self, model, info, calibration, progress) -> Conversion:
         opts = self.options
         assert isinstance(opts, FpgaXint8Options) and calibration is not None
-        fp32, qdq, meta = quantize_with_options(
+        quantized = quantize_with_options(
             model,
-            info,
             calibration,
             opts,
             progress,
             symmetric_activations=True,
             what="calibrating and quantizing (symmetric int8)",
         )
+        fp32, qdq, meta = quantized.fp32, quantized.qdq, quantized.meta
         progress(0.6, "snapping scales to powers of two")
-        n = min(ACTIVATION_SAMPLES, next(iter(calibration.values())).shape[0])
-        stats = snap_to_powers_of_two(qdq, fp32, take(calibration, slice(0, n)))
+        n = min(ACTIVATION_SAMPLES, calibration.count)
+        stats = snap_to_powers_of_two(qdq, fp32, calibration.take(slice(0, n)))
+        progress(0.8, "checking the Vitis AI XINT8 constraints")
+        rows = apply_dpu_variants(qdq, opts.sigmoid_as_hard_sigmoid) if opts.dpu_variants else []
+        adjusted = enforce(qdq)
+        requantize_biases(qdq, fp32, int8=opts.int8_biases)  # input positions may have moved
+        rows += check(qdq, adjusted)
         progress(0.85, "comparing intermediate activations")
+        violated = [r for r in rows if r["status"] == "violated"]
+        moved = [r for r in rows if r["status"].startswith("adjusted")]
         meta.update(
             quantization="onnxruntime static QDQ int8 (symmetric), scales snapped to powers of two",
             power_of_two=stats,
+            xint8_constraints={"checked": len(rows), "adjusted": len(moved), "violated": len(violated)},
+            biases="int8, power of two" if opts.int8_biases else "int32 (input pos + weight pos)",
         )
         notes = [
             f"{stats['scales']} scales snapped to powers of two; {stats['differs_from_nearest']} differ "
-            "from blind rounding of the exponent (chosen by least MSE on calibration data)"
+            "from blind rounding of the exponent (chosen by least MSE on calibration data)",
+            f"Vitis AI XINT8 constraints: {len(rows)} checked node by node, {len(moved)} met by moving a "
+            f"position, {len(violated)} violated",
         ]
-        return qdq_conversion(fp32, qdq, calibration, meta, layer_samples=min(n, LAYER_SAMPLES), notes=notes)
+        conversion = qdq_conversion(quantized, calibration, layer_samples=min(n, LAYER_SAMPLES), notes=notes)
+        conversion.constraints = rows
+        return conversion
+
+
+def requantize_biases(qdq, fp32, *, int8: bool) -> None:
+    """Biases again after positions moved: int32 at input pos + weight pos, or int8 at the power of two with
+    least error that keeps shift_bias in [0, 15]."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qdq.graph.initializer}
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    def put(name: str, value: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    for dq in [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]:
+        if dq.input[0] in inits and inits[dq.input[0]].data_type == 6:  # int32 bias
+            _requantize_bias(dq, qdq, fp32_inits, inits, producer, array, put)
+            if int8:
+                bias = array(dq.input[0]).astype(np.float64) * array(dq.input[1]).astype(np.float64)
+                fine = float(np.max(array(dq.input[1])))  # input scale x weight scale: shift_bias 0
+                peak = float(np.max(np.abs(bias))) or fine
+                candidates = [fine * 2.0**k for k in range(0, 16)]
+                fitting = [c for c in candidates if peak / c <= 127] or candidates[-1:]
+                scale = min(fitting, key=lambda c: (_fake_quant_mse(bias, c), c))
+                put(dq.input[1], np.array(scale, np.float32))
+                put(dq.input[0], np.clip(np.round(bias / scale), -128, 127).astype(np.int8))
+                if len(dq.input) > 2 and dq.input[2] in inits:
+                    put(dq.input[2], np.zeros((), np.int8))
 
 
 def snap_to_powers_of_two(qdq, fp32, samples) -> dict:
@@ -107,7 +156,11 @@ def snap_to_powers_of_two(qdq, fp32, samples) -> dict:
 
     # Float data seen by each activation quantizer, from the QDQ model itself on calibration samples.
     act_names = sorted({n.input[0] for n in nodes if n.op_type == "QuantizeLinear"})
-    acts = OnnxRunner(_with_outputs(qdq, act_names), output_names=act_names).run(samples) if act_names else {}
+    acts = (
+        OnnxRunner(_with_outputs(qdq, act_names), output_names=act_names).run_all(samples)
+        if act_names
+        else {}
+    )
 
     groups: dict[str, list] = {}
     for node in nodes:

@@ -20,6 +20,8 @@ class OnnxFp32Packager(Packager):
     target = "onnx-fp32"
     options_type = OnnxFp32Options
     needs_calibration = False
+    made_for = "any onnxruntime CPU"
+    native_machines = None
 
     def convert(self, model, info, calibration, progress) -> Conversion:
         progress(0.5, "loading in onnxruntime")

@@ -32,6 +32,7 @@ class QualityReport:
     suggested_nodes_to_exclude: list = field(default_factory=list)
     op_compatibility: dict | None = None
     notes: list = field(default_factory=list)
+    constraints: list = field(default_factory=list)  # accelerator rules, node by node (fpga-xint8)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -64,6 +65,15 @@ def output_kind(reference: np.ndarray) -> str:
     return "error"
 
 
+def _is_probability(reference: np.ndarray) -> bool:
+    """A float output holding one value in [0, 1] per sample ([N], [N, 1])."""
+    if reference.dtype.kind != "f" or reference.size == 0 or reference.ndim == 0 or reference.ndim > 2:
+        return False
+    if reference.ndim == 2 and reference.shape[1] != 1:
+        return False
+    return bool(np.all((reference >= 0.0) & (reference <= 1.0)))
+
+
 def snr_db(reference: np.ndarray, test: np.ndarray) -> float | None:
     """Signal-to-noise ratio in dB of `test` against `reference`; None when they are identical."""
     ref = reference.astype(np.float64).ravel()
@@ -89,6 +99,9 @@ def output_figures(reference: np.ndarray, test: np.ndarray) -> dict:
         figures["agreement"] = float(np.mean(same))
     elif kind == "top1":
         figures["agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(test, -1)))
+    if kind == "error" and _is_probability(reference):
+        # One probability per step or sample (a detector's score): how often both sides decide alike.
+        figures["decision_agreement"] = float(np.mean((reference > 0.5) == (test > 0.5)))
     if reference.dtype.kind == "f":
         diff = np.abs(reference.astype(np.float64) - test.astype(np.float64))
         figures["max_abs_error"] = float(diff.max()) if diff.size else 0.0
@@ -196,6 +209,15 @@ def _table(rows: list[list], head: list[str]) -> str:
     return "".join(out)
 
 
+def _latency_row(latency: dict) -> list:
+    per = f"per {latency.get('per', 'run')}, batch {latency.get('batch')}"
+    if latency.get("representative", True):
+        return [f"latency, median of {latency.get('runs')} runs (ms, {per})", latency.get("fp32_ms"),
+                latency.get("build_ms"), latency.get("ratio")]  # fmt: skip
+    return [f"{latency.get('machine')} host check, NOT this build's latency (ms, {per})", latency.get("fp32_ms"),
+            latency.get("host_build_ms"), latency.get("host_ratio")]  # fmt: skip
+
+
 def render_html(report: QualityReport) -> str:
     r = report
     status = "pass" if r.passed else "fail"
@@ -206,18 +228,22 @@ def render_html(report: QualityReport) -> str:
         _table(
             [
                 ["size (bytes)", r.size.get("fp32_bytes"), r.size.get("build_bytes"), r.size.get("ratio")],
-                [
-                    f"latency median of {r.latency.get('runs')} runs (ms, batch {r.latency.get('batch')})",
-                    r.latency.get("fp32_ms"),
-                    r.latency.get("build_ms"),
-                    r.latency.get("ratio"),
-                ],
+                _latency_row(r.latency),
             ],
             ["figure", "fp32", "build", "ratio"],
         ),
+        f"<p>Latency measured on {html.escape(str(r.latency.get('measured_on', r.latency.get('machine'))))}; "
+        f"the build is made for {html.escape(str(r.latency.get('made_for', 'this machine')))}."
+        + (f" {html.escape(r.latency['note'])}." if r.latency.get("note") else "")
+        + "</p>",
         svg_bars(
             "build / fp32 (lower is better)",
-            [("size ratio", r.size.get("ratio")), ("latency ratio", r.latency.get("ratio"))],
+            [("size ratio", r.size.get("ratio"))]
+            + (
+                [("latency ratio", r.latency.get("ratio"))]
+                if r.latency.get("representative", True)
+                else [(f"{r.latency.get('machine')} host check", r.latency.get("host_ratio"))]
+            ),
             "x",
             threshold=1.0,
         ),
@@ -233,6 +259,7 @@ def render_html(report: QualityReport) -> str:
                     fig.get("kind"),
                     fig.get("samples"),
                     fig.get("agreement", ""),
+                    fig.get("decision_agreement", ""),
                     fig.get("snr_db", ""),
                     fig.get("max_abs_error", ""),
                     fig.get("mean_abs_error", ""),
@@ -241,7 +268,20 @@ def render_html(report: QualityReport) -> str:
             if "agreement" in fig:
                 bars.append((f"{split}: {name}", fig["agreement"]))
     body.append(
-        _table(rows, ["split", "output", "kind", "samples", "top-1", "SNR dB", "max |err|", "mean |err|"])
+        _table(
+            rows,
+            [
+                "split",
+                "output",
+                "kind",
+                "samples",
+                "top-1",
+                "decisions alike (>0.5)",
+                "SNR dB",
+                "max |err|",
+                "mean |err|",
+            ],
+        )
     )
     if bars:
         body.append(svg_bars("top-1 agreement", bars, threshold=r.thresholds.get("min_agreement")))
@@ -281,6 +321,17 @@ def render_html(report: QualityReport) -> str:
         )
         if oc.get("compiler_log"):
             body.append(f"<pre>{html.escape(oc['compiler_log'])}</pre>")
+    if r.constraints:
+        body.append("<h2>Vitis AI XINT8 constraints, node by node</h2>")
+        body.append(
+            _table(
+                [
+                    [c["node"], c["op"], c["rule"], c["value"], c["allowed"], c["status"]]
+                    for c in r.constraints
+                ],
+                ["node", "op", "rule", "value", "allowed", "status"],
+            )
+        )
     if r.notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in r.notes) + "</ul>")
     body.append(

@@ -155,6 +155,15 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)")
 
 
+def _option_pairs(args: argparse.Namespace) -> list[str]:
+    """--option pairs plus --fixed and --state as the `fixed=` / `state=` options they stand for."""
+    pairs = list(args.option)
+    for flag, key in ((args.fixed, "fixed"), (args.state, "state")):
+        if flag:
+            pairs.append(f"{key}={','.join(flag)}")
+    return pairs
+
+
 def _option_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option",
@@ -163,6 +172,21 @@ def _option_flag(p: argparse.ArgumentParser) -> None:
         metavar="[TARGET:]KEY=VALUE",
         help="packager option for one target (arm-cpu:min_agreement=0.99) or, without TARGET, for every"
         " target; repeatable (see `edgemart package --help`)",
+    )
+    p.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input that always gets VALUE (e.g. sr=16000): no calibration array needed (repeatable; "
+        "shorthand for --option fixed=...)",
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="IN=OUT",
+        help="recurrent state pair, e.g. state=stateN (repeatable; shorthand for --option state=...)",
     )
 
 
@@ -461,10 +485,11 @@ def seller_upload(args: argparse.Namespace) -> int:
         extra["visibility"] = args.visibility
     if args.price is not None:
         extra["price_per_seat"] = str(args.price)
-    if args.option:
+    pairs = _option_pairs(args)
+    if pairs:
         if not targets:
-            raise UsageError("--option needs --targets when publishing a new version")
-        extra["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
+            raise UsageError("--option, --fixed and --state need --targets when publishing a new version")
+        extra["options"] = json.dumps(_target_options(pairs, targets), sort_keys=True)
     client = StoreClient(args.store, args.token)
     try:
         result = client.upload(
@@ -524,8 +549,8 @@ def seller_repackage(args: argparse.Namespace) -> int:
     fields = {"targets": ",".join(targets)}
     if args.version is not None:
         fields["version"] = str(args.version)
-    if args.option:
-        fields["options"] = json.dumps(_target_options(args.option, targets), sort_keys=True)
+    if pairs := _option_pairs(args):
+        fields["options"] = json.dumps(_target_options(pairs, targets), sort_keys=True)
     files = {"calibration": args.calibration} if args.calibration is not None else {}
     try:
         result = client.post_multipart(

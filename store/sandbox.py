@@ -233,9 +233,23 @@ def _task_inspect(
 def _task_samples(
     args: dict[str, Any], blobs: dict[str, bytes], progress: Callable[[float, str], None]
 ) -> Any:
-    """A samples archive checked (sizes, ratio, headers) and read; answers the array shapes."""
+    """A samples archive checked (sizes, ratio, headers) and read; answers the array shapes and, given the
+    model, how the samples miss each target's sample contract: [[message, [targets]]...]."""
+    import packagers
+
     samples = _load_npz(blobs["samples"], args.get("sample_limits"))
-    return {"shapes": {k: list(v.shape) for k, v in samples.items()}}, {}
+    out: dict[str, Any] = {"shapes": {k: list(v.shape) for k, v in samples.items()}, "fit_problems": []}
+    if "model" in blobs:
+        info = packagers.inspect_model(blobs["model"])
+        misses: dict[str, list[str]] = {}
+        options = args.get("target_options") or {}
+        for target in [t for t in args.get("targets", []) if t in packagers.TARGETS]:
+            try:
+                packagers.get_packager(target, options.get(target)).bind(info, samples, "calibration")
+            except UsageError as exc:
+                misses.setdefault(exc.message, []).append(target)
+        out["fit_problems"] = [[message, names] for message, names in misses.items()]
+    return out, {}
 
 
 def _load_npz(data: bytes, limits: dict[str, Any] | None) -> dict[str, Any]:
@@ -270,23 +284,25 @@ def _task_package(
     model, target = blobs["model"], args["target"]
     calibration = holdout = None
     if "samples" in blobs:
+        # The seller's samples bound by the target's sample contract (fixed inputs, state pairs), counted as
+        # uploaded, then split: the first part calibrates, the held-out rest (cut between sequences for a
+        # stateful model) measures quality honestly.
+        packager = packagers.get_packager(target, args.get("options"))
         samples = _load_npz(blobs["samples"], args.get("sample_limits"))
-        bound = packagers.bind_samples(packagers.inspect_model(model), samples, "calibration")
-        n = min(len(v) for v in bound.values())
+        bound = packager.bind(packagers.inspect_model(model), samples, "calibration")
         least = int(args.get("min_calibration", 1))
-        if packagers.get_packager(target).needs_calibration and n < least:
+        if packager.needs_calibration and bound.count < least:
             raise UsageError(
-                f"calibration too small: {n} sample(s); {target} needs at least {least} to set its int8 ranges",
+                f"calibration too small: {bound.count} sample(s); {target} needs at least {least} to set its"
+                " int8 ranges",
                 code="calibration_too_small",
             )
-        # The first part calibrates, the held-out rest measures quality honestly.
-        n = min(len(v) for v in samples.values())
-        held = int(n * float(args.get("holdout_fraction", 0.0)))
-        if held < 10 or n - held < 10:
-            calibration = samples
-        else:
-            calibration = {k: v[: n - held] for k, v in samples.items()}
-            holdout = {k: v[n - held : n] for k, v in samples.items()}
+        calibration = bound
+        held = int(bound.count * float(args.get("holdout_fraction", 0.0)))
+        if held >= 10 and bound.count - held >= 10:
+            first, rest = bound.split_tail(held)
+            if rest is not None and rest.count >= 10 and first.count >= 10:
+                calibration, holdout = first, rest
     build = packagers.package_model(
         model,
         target,

@@ -61,10 +61,23 @@ def inspect(ctx: StoreContext, model: bytes) -> dict[str, Any]:
     return _at_upload(ctx, "inspect", {}, {"model": model}, "the model")["info"]  # type: ignore[no-any-return]
 
 
-def check_samples(ctx: StoreContext, data: bytes) -> dict[str, list[int]]:
-    """Shapes of the arrays in a samples archive, after the archive checks; UsageError otherwise."""
-    args = {"sample_limits": _sample_limits(ctx.config)}
-    return _at_upload(ctx, "samples", args, {"samples": data}, "the calibration file")["shapes"]  # type: ignore[no-any-return]
+def check_samples(
+    ctx: StoreContext,
+    data: bytes,
+    *,
+    model: bytes | None = None,
+    targets: list[str] | None = None,
+    target_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A samples archive after the archive checks: {"shapes", "fit_problems": [[message, [targets]]...]}
+    (how the samples miss each target's sample contract, when the model is given); UsageError otherwise."""
+    args = {
+        "sample_limits": _sample_limits(ctx.config),
+        "targets": list(targets or []),
+        "target_options": target_options or {},
+    }
+    blobs = {"samples": data} if model is None else {"samples": data, "model": model}
+    return _at_upload(ctx, "samples", args, blobs, "the calibration file")  # type: ignore[no-any-return]
 
 
 def gate(ctx: StoreContext, model: bytes, *, card: str | None, license: str) -> dict[str, Any]:

@@ -249,6 +249,18 @@ def _target_options(
     return out
 
 
+def _with_card_declarations(
+    front_matter: dict[str, Any], targets: list[str], target_options: dict[str, Any]
+) -> dict[str, Any]:
+    """The card's `fixed` and `state` declarations as every target's options, unless the seller gave them."""
+    import packagers
+
+    declared = packagers.card_contract_options(front_matter)
+    if not declared:
+        return target_options
+    return {t: {**declared, **target_options.get(t, {})} for t in targets if t in packagers.TARGETS}
+
+
 # ------------------------------------------------------------------------------------------ upload
 
 
@@ -476,7 +488,8 @@ def _version_spec(
             from licenses.card import parse_model_card
 
             try:
-                parse_model_card(card)
+                declared = parse_model_card(card).raw
+                target_options = _with_card_declarations(declared, targets, target_options)
             except UsageError as exc:
                 problems.append(Problem("card", "invalid_card", with_prefix("model card", exc.message)))
 
@@ -491,7 +504,9 @@ def _version_spec(
                 model_format = confined.inspect(ctx, model_bytes)["format"]
             except UsageError as exc:
                 problems.append(Problem("model", "invalid_model", with_prefix("model", exc.message)))
-    calibration = _checked_calibration(ctx, problems, form.calibration)
+    calibration = _checked_calibration(
+        ctx, problems, form.calibration, model_bytes if model_format else None, targets, target_options
+    )
     # Seller bytes are stored only once everything is checked: a refused upload never makes a blob.
     model_put = _put_new(ctx, model_bytes, created) if not problems else None
     calibration_put = _put_new(ctx, calibration, created) if not problems else None
@@ -524,21 +539,35 @@ def _read_upload(problems: list[Problem], field_name: str, stream: BinaryIO, lim
     return bytes(out)
 
 
-def _checked_calibration(ctx: StoreContext, problems: list[Problem], stream: BinaryIO | None) -> bytes | None:
-    """Uploaded samples, read and checked in the sandbox (None when none were sent or they are refused)."""
+def _checked_calibration(
+    ctx: StoreContext,
+    problems: list[Problem],
+    stream: BinaryIO | None,
+    model: bytes | None = None,
+    targets: list[str] | None = None,
+    target_options: dict[str, Any] | None = None,
+) -> bytes | None:
+    """Uploaded samples, read and checked in the sandbox, and (given the model) bound to it by each chosen
+    target's sample contract: the same miss for several targets is listed once. None when none were sent
+    or they are refused."""
     if stream is None:
         return None
     data = _read_upload(problems, "calibration", stream, int(ctx.config["MAX_UPLOAD_BYTES"]))
     if data is None:
         return None
     try:
-        confined.check_samples(ctx, data)
+        checked = confined.check_samples(
+            ctx, data, model=model, targets=targets, target_options=target_options
+        )
     except UsageError as exc:
         problems.append(
             Problem("calibration", "invalid_calibration", with_prefix("calibration", exc.message))
         )
         return None
-    return data
+    for message, names in checked["fit_problems"]:
+        text = message if len(names) == len(targets or []) else f"{', '.join(names)}: {message}"
+        problems.append(Problem("calibration", "samples_do_not_fit", text))
+    return data if not checked["fit_problems"] else None
 
 
 def _put_new(ctx: StoreContext, data: bytes | None, created: list[str]) -> Any:

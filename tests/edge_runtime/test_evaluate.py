@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -91,11 +93,12 @@ def test_html_has_confusion_heatmap_and_no_external_assets(digits_model, digits_
 
 
 def test_data_mismatches_are_usage_errors_naming_the_input(digits_model):
-    with pytest.raises(drm.UsageError, match="input 'x': data dtype float64"):
+    expects = r"eval data does not fit the model inputs: 'x' expects float32 \[\?, 64\] \(batch on axis 0\)"
+    with pytest.raises(drm.UsageError, match=expects + r".*given \[3, 64\] float64"):
         evaluate(digits_model, {"x": np.zeros((3, 64))})
-    with pytest.raises(drm.UsageError, match="input 'x': dim 1 is 60"):
+    with pytest.raises(drm.UsageError, match=expects + r".*given \[3, 60\] float32"):
         evaluate(digits_model, {"x": np.zeros((3, 60), np.float32)})
-    with pytest.raises(drm.UsageError, match="no array for model input 'x'"):
+    with pytest.raises(drm.UsageError, match=expects + r".*given none"):
         evaluate(digits_model, {"pixels": np.zeros((3, 64), np.float32), "other": np.zeros(3)})
     assert digits_model.runs_left() == 200
 
@@ -106,3 +109,36 @@ def test_budget_checked_before_running(device, factory, digits_build, digits_tes
         with pytest.raises(drm.UsageError, match="needs 32 runs"):
             evaluate(model, dict(np.load(digits_test)))
         assert model.runs_left() == 5
+
+
+def test_streaming_model_runs_its_sequences_carrying_state(device, factory, build_file, now):
+    """device eval on a stateful model: one licensed run per step, the state carried, reset per recording."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from streaming_models import streaming_vad, vad_sequences
+
+    model_bytes = streaming_vad()
+    build = factory.seal(model_bytes, target="onnx-fp32")
+    data = vad_sequences(sequences=2, steps=12)
+    data["sr"] = np.full(24, 16000, np.int64)  # a scalar input: one value per step
+    data["notes"] = np.zeros(3)  # not an input: ignored, not refused
+    lic = factory.license(device, build, max_runs=100)
+    with device.open_model(build_path=build_file(build), license_bytes=lic, now=now) as model:
+        report = evaluate(model, data, warmup=1)
+        assert model.runs_left() == 100 - 25
+        with pytest.raises(drm.UsageError, match="--batch-size applies to data batched on axis 0"):
+            evaluate(model, data, warmup=0, batch_size=4)
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    expected, state = [], np.zeros((2, 1, 128), np.float32)
+    for step in range(24):
+        if data["sequence_start"][step]:
+            state = np.zeros_like(state)
+        feed = {"input": data["input"][step : step + 1], "state": state, "sr": np.array(16000, np.int64)}
+        prob, state = session.run(["output", "stateN"], feed)
+        expected.append(prob)
+    np.testing.assert_allclose(report.outputs["output"], np.concatenate(expected), rtol=1e-5, atol=1e-6)
+    assert report.calls == 24 and report.batch_size == 1 and report.ignored_keys == ["notes"]
+    assert report.contract["sequences"] == 2
+    assert report.contract["state"] == [
+        {"input": "state", "output": "stateN", "how": "detected by name and shape"}
+    ]
+    assert "2 sequence(s), one call per step, state carried (state <- stateN)" in report.to_text()

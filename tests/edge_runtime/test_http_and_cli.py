@@ -276,7 +276,7 @@ def test_cli_sideload_eval_outputs_html(tmp_path, sideload, digits_test, digits_
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((4, 63), np.float32))
     r = _cli("eval", "--build", build, "--license", lic, "--device-dir", d, "--data", bad)
-    assert r.returncode == 2 and "input 'x'" in r.stderr
+    assert r.returncode == 2 and "'x' expects float32 [?, 64]" in r.stderr and "given [4, 63]" in r.stderr
 
 
 @pytest.mark.skipif(

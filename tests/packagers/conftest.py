@@ -41,7 +41,7 @@ def cls_samples(corpus: Path) -> dict[str, np.ndarray]:
 def digits_builds(digits_bytes, digits_cal, digits_hold):
     return {
         target: package_model(digits_bytes, target, calibration=digits_cal, holdout=digits_hold, options=FAST)
-        for target in ("onnx-fp32", "arm-cpu", "fpga-xint8", "coral-edgetpu")
+        for target in ("onnx-fp32", "arm-cpu", "x86-cpu", "fpga-xint8", "coral-edgetpu")
     }
 
 
@@ -52,5 +52,5 @@ def cls_builds(cls_model, cls_samples):
     hold = {k: v[8:] for k, v in cls_samples.items()}
     return {
         target: package_model(cls_model, target, calibration=cal, holdout=hold, options=FAST)
-        for target in ("onnx-fp32", "arm-cpu", "fpga-xint8")
+        for target in ("onnx-fp32", "arm-cpu", "x86-cpu", "fpga-xint8")
     }

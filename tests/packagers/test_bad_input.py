@@ -57,10 +57,17 @@ def test_fp32_without_samples_measures_latency_only(digits_bytes):
 @pytest.mark.parametrize(
     ("samples", "message"),
     [
-        ({"image": np.zeros((4, 64), np.float32)}, "no array for model input 'x'"),
-        ({"x": np.zeros((4, 64), np.float64)}, "dtype float64, the model expects float32"),
-        ({"x": np.zeros((4, 32), np.float32)}, r"expects \[\?, 64\] \(axis 1\)"),
-        ({"x": np.zeros((4, 8, 8), np.float32)}, "rank 3"),
+        (
+            {"image": np.zeros((4, 64), np.float32)},
+            r"'x' expects float32 \[\?, 64\] .*, given none; key 'image'",
+        ),
+        ({"x": np.zeros((4, 64), np.float64)}, r"given \[4, 64\] float64"),
+        (
+            {"x": np.zeros((4, 32), np.float32)},
+            r"'x' expects float32 \[\?, 64\] \(batch on axis 0\) or \[n, \?, 64\] \(n samples on axis 0\), "
+            r"given \[4, 32\] float32",
+        ),
+        ({"x": np.zeros((4, 8, 8), np.float32)}, r"given \[4, 8, 8\] float32"),
         (
             {"x": np.zeros((4, 64), np.float32), "z": np.zeros((4, 2), np.float32)},
             "'z' matches no model input",
@@ -74,39 +81,74 @@ def test_calibration_not_matching_the_signature(digits_bytes, samples, message):
 
 
 def test_holdout_mismatch_names_the_split(digits_bytes, digits_cal):
-    with pytest.raises(UsageError, match="holdout data for input 'x' has dtype int64"):
+    with pytest.raises(
+        UsageError, match=r"holdout data does not fit the model inputs: 'x' .*given \[3, 64\] int64"
+    ):
         package_model(
             digits_bytes, "arm-cpu", calibration=digits_cal, holdout={"x": np.zeros((3, 64), np.int64)}
         )
 
 
-def test_tflite_that_is_already_int8(digits_builds):
+def test_full_int8_tflite_is_sealed_as_uploaded_for_coral_and_arm(digits_builds, digits_hold):
     int8_tflite = digits_builds["coral-edgetpu"].payload
-    with pytest.raises(UsageError, match="already int8-quantized") as err:
-        package_model(int8_tflite, "coral-edgetpu", calibration={"x": np.zeros((2, 64), np.float32)})
-    assert err.value.details["op_compatibility"]["ops"]
+    for target in ("coral-edgetpu", "arm-cpu"):
+        build = package_model(int8_tflite, target, holdout=digits_hold, options={"latency_runs": 1})
+        assert build.format == "tflite"
+        if target == "coral-edgetpu":
+            assert build.payload == int8_tflite
+        else:  # the same tensors and ops, plus a metadata entry naming the target (a build hash sells once)
+            assert build.payload != int8_tflite and b"edgemart.target" in build.payload
+            assert inspect_model(build.payload).op_counts == inspect_model(int8_tflite).op_counts
+        assert build.metadata["as_uploaded"] is True
+        assert build.quality.passed and build.quality.verdict_reason.startswith("as uploaded")
+        assert any(n.startswith("as uploaded") for n in build.quality.notes)
+        assert any("ran 450 samples, outputs finite: True" in n for n in build.quality.notes)
+    assert build.quality.op_compatibility is None  # arm-cpu: a LiteRT CPU build
+    coral = package_model(int8_tflite, "coral-edgetpu", options={"latency_runs": 1})
+    assert coral.quality.op_compatibility["ops"] and coral.quality.op_compatibility["source"] == "tflite"
+    with pytest.raises(UsageError, match="x86-cpu takes ONNX models; this is a TFLite model"):
+        package_model(int8_tflite, "x86-cpu")
 
 
-def test_float_tflite_needs_the_converter_but_gets_an_op_report(corpus: Path):
+def test_pre_quantized_onnx_is_sealed_as_uploaded_for_arm_cpu(digits_builds):
+    qdq = digits_builds["x86-cpu"].payload  # a QDQ ONNX someone quantized elsewhere
+    assert inspect_model(qdq).quantized and not inspect_model(digits_builds["onnx-fp32"].payload).quantized
+    build = package_model(qdq, "arm-cpu", options={"latency_runs": 1})  # no calibration needed
+    assert build.payload == qdq and build.metadata["as_uploaded"] is True
+    assert "QuantizeLinear" in build.quality.quantized_ops
+    assert build.quality.agreement == {} and build.quality.verdict_reason.startswith("as uploaded")
+
+
+def test_float_tflite_names_a_command_that_works_and_gets_an_op_report(corpus: Path):
+    from packagers._model import full_int8_problems
+
     model = (corpus / "models" / "mediapipe" / "face_detection_front.tflite").read_bytes()
-    with pytest.raises(UsageError, match=r"pip install edgemart\[coral\]") as err:
-        package_model(model, "coral-edgetpu", calibration={"input": np.zeros((1, 128, 128, 3), np.float32)})
+    cal = {"input": np.zeros((1, 128, 128, 3), np.float32)}
+    with pytest.raises(
+        UsageError, match=r"quantize it to full int8 .*edgemart package MODEL_int8.tflite"
+    ) as err:
+        package_model(model, "coral-edgetpu", calibration=cal)
+    assert "pip install" not in err.value.message
     compat = err.value.details["op_compatibility"]
     assert compat["source"] == "tflite" and compat["cpu_ops"] > 0
-    with pytest.raises(UsageError, match="takes ONNX models"):
-        package_model(model, "arm-cpu", calibration={"input": np.zeros((1, 128, 128, 3), np.float32)})
-
-
-def test_coral_outside_the_writer_subset_names_the_ops(cls_model, cls_samples):
     with pytest.raises(
-        UsageError, match=r"coral-edgetpu conversion of op .*Conv.*pip install edgemart\[coral\]"
-    ) as err:
+        UsageError, match="arm-cpu takes ONNX models or full-int8 TFLite; this is a float TFLite"
+    ):
+        package_model(model, "arm-cpu", calibration=cal)
+    assert full_int8_problems(model)[0].endswith(("(float16)", "(float32)"))  # why it is not full int8
+
+
+def test_coral_outside_the_writer_subset_names_a_command_that_works(cls_model, cls_samples):
+    with pytest.raises(UsageError, match=r"conversion of op .*Conv.*onnx2tf -i MODEL.onnx -oiqt") as err:
         package_model(cls_model, "coral-edgetpu", calibration=cls_samples)
+    assert "pip install edgemart[coral]" not in err.value.message
     assert err.value.details["op_compatibility"]["edgetpu_ops"] > 0
 
 
 def test_registry_and_typed_options():
-    with pytest.raises(UsageError, match="valid targets: arm-cpu, coral-edgetpu, fpga-xint8, onnx-fp32"):
+    with pytest.raises(
+        UsageError, match="valid targets: arm-cpu, coral-edgetpu, fpga-xint8, onnx-fp32, x86-cpu"
+    ):
         get_packager("gpu-magic")
     with pytest.raises(UsageError, match="unknown option 'extra_options'.*valid options: .*nodes_to_exclude"):
         get_packager("arm-cpu", {"extra_options": "x"})

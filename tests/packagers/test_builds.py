@@ -32,11 +32,11 @@ def _tflite_run(payload: bytes, x: np.ndarray) -> dict:
     return {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}
 
 
-def test_targets_are_the_four_of_the_design():
-    assert set(TARGETS) == {"arm-cpu", "coral-edgetpu", "fpga-xint8", "onnx-fp32"}
+def test_targets_are_the_four_of_the_design_and_x86():
+    assert set(TARGETS) == {"arm-cpu", "coral-edgetpu", "fpga-xint8", "onnx-fp32", "x86-cpu"}
 
 
-@pytest.mark.parametrize("target", ["onnx-fp32", "arm-cpu", "fpga-xint8", "coral-edgetpu"])
+@pytest.mark.parametrize("target", ["onnx-fp32", "arm-cpu", "x86-cpu", "fpga-xint8", "coral-edgetpu"])
 def test_digits_build_is_consistent(digits_builds, target):
     build: Build = digits_builds[target]
     assert build.target == target
@@ -59,7 +59,7 @@ def test_fp32_payload_is_the_original(digits_builds, digits_bytes):
     assert digits_builds["onnx-fp32"].quality.passed
 
 
-@pytest.mark.parametrize("target", ["arm-cpu", "fpga-xint8", "coral-edgetpu"])
+@pytest.mark.parametrize("target", ["arm-cpu", "x86-cpu", "fpga-xint8", "coral-edgetpu"])
 def test_quantized_digits_is_smaller_and_reported_agreement_is_recomputable(
     digits_builds, digits_bytes, digits_hold, target
 ):
@@ -79,18 +79,46 @@ def test_quantized_digits_is_smaller_and_reported_agreement_is_recomputable(
     assert build.quality.passed is (agreement >= 0.98 and top1 >= 0.98)
 
 
-def test_arm_cpu_build_is_int8_qdq_with_per_channel_weights(digits_builds):
-    model = onnx.load_from_string(digits_builds["arm-cpu"].payload)
+def test_arm_cpu_build_is_int8_with_per_channel_weights_in_the_smaller_equal_format(digits_builds):
+    build = digits_builds["arm-cpu"]
+    model = onnx.load_from_string(build.payload)
     onnx.checker.check_model(model)
     ops = {n.op_type for n in model.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    weights = [i for i in model.graph.initializer if i.name.endswith("_quantized")]
-    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights if i.name.startswith("coef"))
-    scales = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_scale")}
-    assert any(v.ndim == 1 and v.size > 1 for v in scales.values()), "per-channel weight scales expected"
-    q = digits_builds["arm-cpu"].quality
+    choice = build.metadata["format_choice"]
+    assert choice["format"] in ("QDQ", "QOperator")
+    if choice["format"] == "QOperator":
+        assert ops & {"QLinearMatMul", "QGemm", "QLinearConv", "MatMulInteger"}
+        assert choice["qoperator_bytes"] == len(build.payload) < choice["qdq_bytes"]
+    else:
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in model.graph.initializer)
+    scales = [
+        numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+    ]
+    assert any(v.ndim == 1 and v.size > 1 for v in scales), "per-channel weight scales expected"
+    assert not model.graph.value_info  # nothing a runtime never reads
+    assert all(len(i.name) <= 4 for i in model.graph.initializer)  # short tensor names
+    q = build.quality
     assert q.worst_layers and all("snr_db" in w and "node" in w for w in q.worst_layers)
     assert q.quantized_ops
+
+
+def test_latency_is_labelled_with_where_it_was_measured(digits_builds):
+    import platform
+
+    here = platform.machine()
+    for target, build in digits_builds.items():
+        lat = build.quality.latency
+        assert lat["machine"] == here and here in lat["measured_on"] and lat["made_for"]
+        native = {"arm-cpu": here in ("aarch64", "arm64"), "x86-cpu": here in ("x86_64", "AMD64"),
+                  "onnx-fp32": True, "fpga-xint8": False, "coral-edgetpu": False}[target]  # fmt: skip
+        assert lat["representative"] is native
+        if native:
+            assert lat["build_ms"] == lat["host_build_ms"] and lat["ratio"] == lat["host_ratio"]
+        else:  # an x86 run of an ARM/DPU/TPU build is a host check, never the build's latency
+            assert lat["build_ms"] is None and lat["ratio"] is None and lat["host_build_ms"] > 0
+            assert "not measured here" in lat["note"]
+            assert "host check, NOT this build" in build.quality.to_html()
 
 
 @pytest.mark.parametrize("builds", ["digits_builds", "cls_builds"])
@@ -130,7 +158,7 @@ def test_coral_build_is_full_integer_and_reports_op_placement(digits_builds):
     assert compat["edgetpu_ops"] + compat["cpu_ops"] == len(compat["ops"])
 
 
-@pytest.mark.parametrize("target", ["onnx-fp32", "arm-cpu", "fpga-xint8"])
+@pytest.mark.parametrize("target", ["onnx-fp32", "arm-cpu", "x86-cpu", "fpga-xint8"])
 def test_ppocr_cls_builds_run_and_figures_recompute(cls_builds, cls_model, cls_samples, target):
     build = cls_builds[target]
     x = cls_samples["x"][8:]
@@ -144,3 +172,49 @@ def test_ppocr_cls_builds_run_and_figures_recompute(cls_builds, cls_model, cls_s
         assert build.quality.float_ops is not None
         assert build.quality.worst_layers
         assert build.metadata["opset_before"] == 11 and build.metadata["opset"] >= 13
+
+
+def test_fpga_build_follows_the_vitis_xint8_rules_node_by_node(cls_builds):
+    build = cls_builds["fpga-xint8"]
+    rows = build.quality.constraints
+    assert rows and not [r for r in rows if r["status"] == "violated"]
+    rules = {(r["op"], r["rule"]) for r in rows}
+    assert {("Conv", "shift_cut"), ("Conv", "shift_bias"), ("Add", "shift_read"), ("Add", "shift_write"),
+            ("Mul", "shift_write"), ("GlobalAveragePool", "input pos == output pos"),
+            ("HardSigmoid", "shift_sigmoid")} <= rules  # fmt: skip
+    model = onnx.load_from_string(build.payload)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantizer = {n.input[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    nodes = {n.name: n for n in model.graph.node}
+    pools = [n for n in model.graph.node if n.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool")
+             and producer[n.input[0]].op_type == "DequantizeLinear" and n.output[0] in quantizer]  # fmt: skip
+    assert pools
+    for pool in pools:  # recomputed from the payload: pooling keeps its input position
+        assert inits[producer[pool.input[0]].input[1]] == inits[quantizer[pool.output[0]].input[1]]
+    for row in rows:  # the table names the payload's own nodes
+        assert row["node"] in nodes
+    for node in model.graph.node:
+        if node.op_type == "HardSigmoid":
+            alpha = next(a.f for a in node.attribute if a.name == "alpha")
+            assert alpha == pytest.approx(2731 / 16384)  # the DPU's slope
+    assert build.metadata["xint8_constraints"]["violated"] == 0
+    page = build.quality.to_html()
+    assert "Vitis AI XINT8 constraints, node by node" in page and "shift_cut" in page
+
+
+def test_fpga_int8_power_of_two_biases(digits_bytes, digits_cal):
+    from packagers import package_model
+
+    build = package_model(digits_bytes, "fpga-xint8", calibration=digits_cal,
+                          options={"int8_biases": "true", "latency_runs": 1})  # fmt: skip
+    model = onnx.load_from_string(build.payload)
+    inits = {i.name: i for i in model.graph.initializer}
+    bias_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and len(inits[n.input[0]].dims) == 1 and any(c.input[2:] == [n.output[0]][:1] for c in model.graph.node
+                if c.op_type in ("Gemm", "Conv"))]  # fmt: skip
+    assert bias_dqs and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in bias_dqs)
+    assert all(is_power_of_two(numpy_helper.to_array(inits[n.input[1]])) for n in bias_dqs)
+    shift_bias = [r for r in build.quality.constraints if r["rule"] == "shift_bias"]
+    assert shift_bias and all(r["status"] != "violated" for r in shift_bias)
+    assert build.metadata["biases"] == "int8, power of two"

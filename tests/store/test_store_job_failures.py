@@ -74,12 +74,17 @@ def test_shape_mismatch_inside_the_model_names_the_node(st):
     assert "'mm0'" in failure["reason"] and "MatMul" in failure["reason"]
 
 
-def test_calibration_that_does_not_fit_an_input_names_the_input(st, digits_base, digits_calibration):
+def test_calibration_that_does_not_fit_an_input_is_refused_at_upload(st, digits_base, digits_calibration):
+    """Checked synchronously by the sample contract now (issue #18): no job is created to fail later."""
+    before = st.counts()
     with np.load(digits_calibration) as d:
         narrow = _npz(x=d["x"][:, :32])
-    failure = _package(st, digits_base.read_bytes(), narrow)
-    assert failure["code"] == "sample_mismatch"
-    assert "input 'x'" in failure["reason"] and "[200, 32]" in failure["reason"]
+    r = st.upload("sally", digits_base.read_bytes(), name="m", targets="arm-cpu", calibration=narrow)
+    assert r.status_code == 422, r.json
+    (problem,) = r.json["error"]["problems"]
+    assert problem["code"] == "samples_do_not_fit"
+    assert "'x' expects float32 [?, 64]" in problem["message"] and "given [200, 32]" in problem["message"]
+    assert st.counts() == before
 
 
 def test_calibration_too_small_says_how_many_are_needed(st, digits_base, digits_calibration):
