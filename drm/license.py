@@ -31,6 +31,12 @@ _WRAPPED_LEN = {SUITE_X25519: 32 + 32 + 16, SUITE_HYBRID: 1088 + 32 + 32 + 16}
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 _KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+# Claims a license may leave out: absent from licenses issued before they existed (those still verify), and
+# then absent from the canonical bytes too. docs/FORMAT.md §5.
+OPTIONAL_CLAIMS = ("offline", "seats")
+MAX_OFFLINE_RUNS = 10_000_000
+MAX_OFFLINE_HOURS = 24 * 366
+MAX_SEATS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -48,16 +54,25 @@ class LicenseClaims:
     issued_at: int
     issuer_kid: str
     wrapped_cek: dict[str, str]
+    # Eval licenses from a store: the offline budget {"runs": n, "hours": h}. Past it the device must check in
+    # (upload its usage log) and run on the budget grant the store signs back (drm.metering).
+    offline: dict[str, int] | None = None
+    # Fleet-key production licenses: how many devices may activate a seat (drm.metering activations).
+    seats: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for name in OPTIONAL_CLAIMS:
+            if d[name] is None:
+                del d[name]
         d["v"] = 1
         return d
 
     @classmethod
     def from_dict(cls, obj: Any) -> LicenseClaims:
         what = "license claims"
-        exact_keys(obj, set(cls.__dataclass_fields__) | {"v"}, what=what)
+        allowed = set(cls.__dataclass_fields__) | {"v"}
+        exact_keys(obj, allowed, what=what, required=allowed - set(OPTIONAL_CLAIMS))
         if field(obj, "v", int, what=what) != 1:
             raise FormatError("license claims: unsupported version")
         for name in ("license_id", "listing", "issuer_kid", "target"):
@@ -91,7 +106,20 @@ class LicenseClaims:
         enc = b64d(field(wrapped, "enc", str, what="wrapped_cek"), what="wrapped_cek.enc", max_len=2048)
         if len(enc) != _WRAPPED_LEN[suite]:
             raise FormatError("license claims: wrapped_cek.enc has the wrong length for its suite")
-        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
+        if "offline" in obj:
+            if obj["kind"] != "eval":
+                raise FormatError("license claims: only an eval license carries an offline budget")
+            budget = exact_keys(field(obj, "offline", dict, what=what), {"hours", "runs"}, what="offline")
+            if not 1 <= field(budget, "runs", int, what="offline") <= MAX_OFFLINE_RUNS:
+                raise FormatError(f"license claims: offline.runs must be between 1 and {MAX_OFFLINE_RUNS}")
+            if not 1 <= field(budget, "hours", int, what="offline") <= MAX_OFFLINE_HOURS:
+                raise FormatError(f"license claims: offline.hours must be between 1 and {MAX_OFFLINE_HOURS}")
+        if "seats" in obj:
+            if obj["kind"] != "production" or fleet is None:
+                raise FormatError("license claims: only a fleet-key production license carries seats")
+            if not 1 <= field(obj, "seats", int, what=what) <= MAX_SEATS:
+                raise FormatError(f"license claims: seats must be between 1 and {MAX_SEATS}")
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
 
     @property
     def binding_id(self) -> str:
@@ -173,8 +201,11 @@ def issue_license(
     device_id: str | None = None,
     fleet_key_id: str | None = None,
     license_id: str | None = None,
+    offline: dict[str, int] | None = None,
+    seats: int | None = None,
 ) -> bytes:
-    """Issue a signed license token (bytes of canonical JSON)."""
+    """Issue a signed license token (bytes of canonical JSON). ``offline`` ({"runs", "hours"}) makes an eval
+    license metered at the store; ``seats`` counts a fleet license's activations."""
     lid = license_id or new_license_id()
     binding = device_id or fleet_key_id or ""
     claims = LicenseClaims(
@@ -191,6 +222,8 @@ def issue_license(
         issued_at=now,
         issuer_kid=issuer.kid,
         wrapped_cek=wrap_cek(cek, recipient, license_id=lid, build_hash=build_hash, binding_id=binding),
+        offline=offline,
+        seats=seats,
     )
     LicenseClaims.from_dict(claims.to_dict())  # the issuer refuses to sign what a verifier would reject
     return sign_envelope(LICENSE_TYP, claims.to_dict(), issuer)
