@@ -610,6 +610,37 @@ class Device:
             )
         return {"listing": listing or claims.listing, **entry}
 
+    def check_bundle_release(self, release: Any, *, now: int | None = None) -> None:
+        """Refuse (Refusal, recorded in the audit log) a bundle release below the one installed for its fleet,
+        unless its signed allow_downgrade_from reaches the installed version."""
+        clock = self._clock(now)
+        with fileio.locked(self.ledger.lock_path):
+            st = self._load_state(clock)
+        held = st.bundles.get(release.fleet)
+        if held is None or release.version >= held:
+            return
+        allow = release.allow_downgrade_from
+        if allow is not None and allow >= held:
+            return
+        reason = (
+            f"bundle release {release.version} of fleet {release.fleet!r} is older than the installed release"
+            f" {held}" + ("" if allow is None else f" (its downgrade allowance reaches only {allow})")
+        )
+        self.ledger.audit(t=max(clock, st.hwm), license_id="", reason=reason, event="bundle-refused")
+        raise drm.Refusal(f"{reason}: refusing to roll the device back")
+
+    def record_bundle_release(self, release: Any, *, now: int | None = None) -> None:
+        """Make the installed release of the bundle's fleet durable (a signed sync record, anchor, state)."""
+        from edge_runtime.ledger import bundle_detail
+
+        clock = self._clock(now)
+        with fileio.locked(self.ledger.lock_path):
+            st = self._load_state(clock)
+            st.bundles[release.fleet] = release.version
+            self.ledger.commit(
+                st, event="sync", t=max(clock, st.hwm), detail=bundle_detail(release.fleet, release.version)
+            )
+
     def install_revocations(self, blob: bytes, *, now: int | None = None) -> dict[str, Any]:
         """Install a signed revocation list; an older version than the one already seen is refused."""
         clock = self._clock(now)
@@ -884,6 +915,7 @@ class Device:
                 "usage_records": st.log_seq,
                 "trusted_time": _iso(max(clock, st.hwm)),
                 "revocation_version": st.revocation_version,
+                "bundle_releases": dict(sorted(st.bundles.items())),
             }
         except StateProblem as problem:
             st = None

@@ -54,9 +54,12 @@ class State:
     log_head: str  # sha256 tag of the last record line (genesis tag when empty)
     rollbacks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Installed bundle release per fleet (drm.bundle.Release): a lower version is refused without a
+    # signed downgrade allowance. Absent from the sealed bytes while empty (older states stay identical).
+    bundles: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self, kind: str = "state") -> dict[str, Any]:
-        return {
+        out = {
             "clock_hwm": self.clock_hwm,
             "generation": self.generation,
             "hwm": self.hwm,
@@ -67,6 +70,9 @@ class State:
             "runs": dict(sorted(self.runs.items())),
             "v": STATE_VERSION,
         }
+        if self.bundles:
+            out["bundles"] = dict(sorted(self.bundles.items()))
+        return out
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> State:
@@ -76,6 +82,9 @@ class State:
         runs = obj["runs"]
         if not isinstance(runs, dict) or not all(isinstance(v, int) for v in runs.values()):
             raise FormatError("bad run counters")
+        bundles = obj.get("bundles", {})
+        if not isinstance(bundles, dict) or not all(isinstance(v, int) for v in bundles.values()):
+            raise FormatError("bad bundle releases")
         return cls(
             generation=int(obj["generation"]),
             hwm=int(obj["hwm"]),
@@ -85,6 +94,7 @@ class State:
             log_seq=int(log["seq"]),
             log_head=str(log["head"]),
             rollbacks=int(obj.get("rollbacks", 0)),
+            bundles=dict(bundles),
         )
 
     def copy(self) -> State:
@@ -97,10 +107,16 @@ class State:
             self.log_seq,
             self.log_head,
             self.rollbacks,
+            bundles=dict(self.bundles),
         )
 
 
 RESERVE, RELEASE = "reserve", "release"
+BUNDLE_DETAIL = "bundle"  # a "sync" record with detail "bundle:<fleet>:<version>" installs a bundle release
+
+
+def bundle_detail(fleet: str, version: int) -> str:
+    return f"{BUNDLE_DETAIL}:{fleet}:{version}"
 
 
 def reservation_detail(kind: str, runs: int) -> str:
@@ -308,6 +324,10 @@ class Ledger:
                     f"usage log's last record does not follow from the device state's run counter for {lid}"
                 )
             st.runs[lid] = expected
+        if rec["event"] == "sync" and rec["detail"].startswith(BUNDLE_DETAIL + ":"):
+            _, fleet, version = rec["detail"].split(":", 2)
+            if version.isdigit():
+                st.bundles[fleet] = int(version)
         st.hwm = max(st.hwm, int(rec["t"]))
 
     def _check_anchor(self, st: State, *, also: tuple[int, int, str] | None = None) -> None:
