@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -24,6 +24,8 @@ from drm._canonical import FormatError
 from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
 from edge_runtime import fileio
+from edge_runtime.anchor import ANCHOR_CONFIG, Anchor, TpmAnchor, tpm_from_config
+from edge_runtime.anchor import load_config as load_anchor_config
 from edge_runtime.backends import Backend, TensorSpec, open_backend
 from edge_runtime.ledger import (
     DEFAULT_POLICY,
@@ -145,16 +147,21 @@ class Device:
         *,
         anchor_dir: Path | None = None,
         policy: Policy = DEFAULT_POLICY,
+        anchor: Anchor | None = None,
     ) -> None:
         self.dir = directory
         self.keys = keys
         self.policy = policy
+        if anchor is None:
+            cfg = load_anchor_config(directory)
+            anchor = None if cfg is None else cast(Anchor, tpm_from_config(cfg))
         self.ledger = Ledger(
             directory,
             device_id=keys.device_id,
             sign_key=keys.sign,
             state_key=state_key,
             anchor_dir=anchor_dir,
+            anchor=anchor,
             policy=policy,
         )
         self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
@@ -179,9 +186,11 @@ class Device:
         now: int | None = None,
         anchor_dir: Path | None = None,
         pq: bool = True,
+        tpm: TpmAnchor | None = None,
     ) -> Device:
         """Make the device's keypairs here (0600 files in a 0700 dir), a self-signed certificate and the
-        initial sealed state. Refuses to overwrite existing keys."""
+        initial sealed state. Refuses to overwrite existing keys. With ``tpm``, a TPM 2.0 NV counter is the
+        rollback anchor (DIR/anchor.json names it; the sealed state remembers it too)."""
         d = Path(directory)
         now = int(time.time()) if now is None else now
         root = None
@@ -207,7 +216,10 @@ class Device:
             fileio.atomic_write(d / "root.crt", drm.cert_to_pem(root), mode=0o644)
         (d / "licenses").mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
         (d / "builds").mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
-        device = cls(d, keys, state_key, anchor_dir=anchor_dir)
+        if tpm is not None:
+            cfg = {"kind": "tpm", "nv_index": f"{tpm.nv_index:#010x}", "tcti": tpm.tcti}
+            fileio.atomic_write(d / ANCHOR_CONFIG, json.dumps(cfg, sort_keys=True).encode(), mode=0o644)
+        device = cls(d, keys, state_key, anchor_dir=anchor_dir, anchor=cast(Anchor | None, tpm))
         device.ledger.create(now=now)
         return device
 
@@ -899,6 +911,7 @@ class Device:
             if cert.issuer == cert.subject
             else f"issued by {cert.issuer.rfc4514_string()}",
             "root_pinned": (self.dir / "root.crt").is_file(),
+            "anchor": {"kind": self.ledger.anchor.kind, "where": self.ledger.anchor.describe()},
             "store": json.loads((self.dir / "store.json").read_text())["url"]
             if (self.dir / "store.json").is_file()
             else None,
