@@ -19,12 +19,14 @@ $(STAMP):
 	touch $@
 
 # Debian packages the tests use: faketime (clock-rollback tests on the CLI), chromium (Playwright UI test),
-# postgresql (the scale-out database suites), softhsm2 (the PKCS#11 key vault suite).
-APT_PACKAGES := faketime chromium postgresql softhsm2
+# postgresql (the scale-out database suites), softhsm2 (the PKCS#11 key vault suite), swtpm + tpm2-tools
+# (the TPM 2.0 rollback anchor, tests/edge_runtime/test_tpm_anchor.py).
+APT_PACKAGES := faketime chromium postgresql softhsm2 swtpm tpm2-tools
 apt: $(APT_STAMP)
 $(APT_STAMP): Makefile | $(STAMP)
 	@if ! command -v faketime >/dev/null || ! command -v chromium >/dev/null \
-	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v softhsm2-util >/dev/null; then \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v softhsm2-util >/dev/null \
+	    || ! command -v swtpm >/dev/null || ! command -v tpm2_nvdefine >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	  else echo "make: some of $(APT_PACKAGES) missing and not root; the tests needing them will be skipped"; fi; fi
 	touch $@

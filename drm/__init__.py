@@ -41,6 +41,15 @@ from drm.license import (
     verify_license,
     wrap_cek,
 )
+from drm.metering import (
+    Activation,
+    BudgetGrant,
+    parse_activation,
+    sign_activation,
+    sign_budget_grant,
+    verify_activation,
+    verify_budget_grant,
+)
 from drm.revocation import RevocationList, sign_revocation_list, verify_revocation_list
 from drm.sealed_state import open_state, seal_state
 from drm.usagelog import LogReport, make_record, verify_log
@@ -57,6 +66,13 @@ from edgemart.core.errors import (
 )
 
 __all__ = [
+    "Activation",
+    "BudgetGrant",
+    "parse_activation",
+    "sign_activation",
+    "sign_budget_grant",
+    "verify_activation",
+    "verify_budget_grant",
     "Authority",
     "AuthError",
     "ConflictError",

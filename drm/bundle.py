@@ -324,19 +324,64 @@ class LicenseEntry:
 
 
 @dataclass(frozen=True)
+class Release:
+    """A bundle's place in its fleet's release line (signed with the manifest): devices refuse a ``version``
+    lower than the one installed for ``fleet``, unless ``allow_downgrade_from`` (a version ≥ the installed
+    one) says the builder meant this bundle to replace it."""
+
+    fleet: str
+    version: int
+    allow_downgrade_from: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"fleet": self.fleet, "version": self.version}
+        if self.allow_downgrade_from is not None:
+            d["allow_downgrade_from"] = self.allow_downgrade_from
+        return d
+
+
+_RELEASE_FLEET = re.compile(r"^[A-Za-z0-9._\-]{1,64}\Z")
+MAX_RELEASE_VERSION = 2**31 - 1
+
+
+def parse_release(obj: Any) -> Release:
+    what = "manifest release"
+    exact_keys(obj, {"fleet", "version", "allow_downgrade_from"}, what=what, required={"fleet", "version"})
+    fleet = field(obj, "fleet", str, what=what)
+    if not _RELEASE_FLEET.match(fleet):
+        raise FormatError("manifest release: fleet must be 1-64 of A-Z a-z 0-9 . _ -")
+    version = field(obj, "version", int, what=what)
+    allow = (
+        field(obj, "allow_downgrade_from", (int, type(None)), what=what)
+        if "allow_downgrade_from" in obj
+        else None
+    )
+    for value in (version, allow):
+        if value is not None and not 1 <= value <= MAX_RELEASE_VERSION:
+            raise FormatError(f"manifest release: versions must be between 1 and {MAX_RELEASE_VERSION}")
+    if allow is not None and allow <= version:
+        raise FormatError("manifest release: allow_downgrade_from must be above the bundle's own version")
+    return Release(fleet, version, allow)
+
+
+@dataclass(frozen=True)
 class Manifest:
     files: tuple[FileEntry, ...]
     builds: tuple[BuildEntry, ...]
     licenses: tuple[LicenseEntry, ...]
+    release: Release | None = None  # absent from bundles built without --release (no anti-rollback)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "builds": [b.to_dict() for b in self.builds],
             "files": [f.to_dict() for f in self.files],
             "format": BUNDLE_FORMAT,
             "licenses": [lic.to_dict() for lic in self.licenses],
             "v": BUNDLE_VERSION,
         }
+        if self.release is not None:
+            d["release"] = self.release.to_dict()
+        return d
 
     def to_bytes(self) -> bytes:
         """Canonical JSON; the builder's signature covers exactly these bytes."""
@@ -359,7 +404,12 @@ class Manifest:
         """Strict parse: canonical JSON, exact fields, canonical file order, consistent cross-references."""
         what = "manifest"
         obj = loads(data, max_size=limits.max_manifest_bytes, what=what)
-        exact_keys(obj, {"builds", "files", "format", "licenses", "v"}, what=what)
+        exact_keys(
+            obj,
+            {"builds", "files", "format", "licenses", "release", "v"},
+            what=what,
+            required={"builds", "files", "format", "licenses", "v"},
+        )
         if field(obj, "format", str, what=what) != BUNDLE_FORMAT:
             raise FormatError("manifest: not an edgemart bundle manifest")
         if field(obj, "v", int, what=what) != BUNDLE_VERSION:
@@ -395,7 +445,8 @@ class Manifest:
         for required in (MLBOM_NAME, NOTICE_NAME):
             if required not in listed:
                 raise FormatError(f"manifest: {required} is not listed")
-        return cls(files, builds, licenses)
+        release = parse_release(obj["release"]) if "release" in obj else None
+        return cls(files, builds, licenses, release)
 
 
 def _file_entry(obj: Any) -> FileEntry:
@@ -462,13 +513,19 @@ def _license_entry(obj: Any) -> LicenseEntry:
     )
 
 
-def make_manifest(files: list[FileEntry], builds: list[BuildEntry], licenses: list[LicenseEntry]) -> Manifest:
+def make_manifest(
+    files: list[FileEntry],
+    builds: list[BuildEntry],
+    licenses: list[LicenseEntry],
+    release: Release | None = None,
+) -> Manifest:
     """A manifest with every list in canonical order (so equal inputs give equal bytes)."""
     ordered = {name: i for i, name in enumerate(canonical_order([f.path for f in files]))}
     return Manifest(
         tuple(sorted(files, key=lambda f: ordered[f.path])),
         tuple(sorted(builds, key=lambda b: b.path)),
         tuple(sorted(licenses, key=lambda lic: lic.path)),
+        release,
     )
 
 
@@ -636,6 +693,8 @@ __all__ = [
     "load_builder_private_key",
     "load_builder_public_key",
     "make_manifest",
+    "Release",
+    "parse_release",
     "member_rank",
     "parse_tar_header",
     "read_license_token",

@@ -31,8 +31,13 @@ _WRAPPED_LEN = {SUITE_X25519: 32 + 32 + 16, SUITE_HYBRID: 1088 + 32 + 32 + 16}
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 _KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
-OPTIONAL_CLAIMS = ("version",)
+# Claims a license may leave out: absent from licenses issued before they existed (those still verify), and
+# then absent from the canonical bytes too. docs/FORMAT.md §7.
+OPTIONAL_CLAIMS = ("version", "offline", "seats")
 MAX_VERSION = 2**31 - 1
+MAX_OFFLINE_RUNS = 10_000_000
+MAX_OFFLINE_HOURS = 24 * 366
+MAX_SEATS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -50,14 +55,19 @@ class LicenseClaims:
     issued_at: int
     issuer_kid: str
     wrapped_cek: dict[str, str]
-    # The listing version the build belongs to. Optional: absent from licenses issued before listings had
-    # versions (those still verify), and then absent from the canonical bytes too.
+    # The listing version the build belongs to (absent from licenses issued before listings had versions).
     version: int | None = None
+    # Eval licenses from a store: the offline budget {"runs": n, "hours": h}. Past it the device must check in
+    # (upload its usage log) and run on the budget grant the store signs back (drm.metering).
+    offline: dict[str, int] | None = None
+    # Fleet-key production licenses: how many devices may activate a seat (drm.metering activations).
+    seats: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["version"] is None:
-            del d["version"]
+        for name in OPTIONAL_CLAIMS:
+            if d[name] is None:
+                del d[name]
         d["v"] = 1
         return d
 
@@ -101,6 +111,19 @@ class LicenseClaims:
             raise FormatError("license claims: wrapped_cek.enc has the wrong length for its suite")
         if "version" in obj and not 1 <= field(obj, "version", int, what=what) <= MAX_VERSION:
             raise FormatError(f"license claims: version must be between 1 and {MAX_VERSION}")
+        if "offline" in obj:
+            if obj["kind"] != "eval":
+                raise FormatError("license claims: only an eval license carries an offline budget")
+            budget = exact_keys(field(obj, "offline", dict, what=what), {"hours", "runs"}, what="offline")
+            if not 1 <= field(budget, "runs", int, what="offline") <= MAX_OFFLINE_RUNS:
+                raise FormatError(f"license claims: offline.runs must be between 1 and {MAX_OFFLINE_RUNS}")
+            if not 1 <= field(budget, "hours", int, what="offline") <= MAX_OFFLINE_HOURS:
+                raise FormatError(f"license claims: offline.hours must be between 1 and {MAX_OFFLINE_HOURS}")
+        if "seats" in obj:
+            if obj["kind"] != "production" or fleet is None:
+                raise FormatError("license claims: only a fleet-key production license carries seats")
+            if not 1 <= field(obj, "seats", int, what=what) <= MAX_SEATS:
+                raise FormatError(f"license claims: seats must be between 1 and {MAX_SEATS}")
         return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
 
     @property
@@ -184,8 +207,12 @@ def issue_license(
     fleet_key_id: str | None = None,
     license_id: str | None = None,
     version: int | None = None,
+    offline: dict[str, int] | None = None,
+    seats: int | None = None,
 ) -> bytes:
-    """Issue a signed license token (bytes of canonical JSON); ``version`` names the listing version."""
+    """Issue a signed license token (bytes of canonical JSON); ``version`` names the listing version,
+    ``offline`` ({"runs", "hours"}) makes an eval license metered at the store, ``seats`` counts a fleet
+    license's activations."""
     lid = license_id or new_license_id()
     binding = device_id or fleet_key_id or ""
     claims = LicenseClaims(
@@ -203,6 +230,8 @@ def issue_license(
         issuer_kid=issuer.kid,
         wrapped_cek=wrap_cek(cek, recipient, license_id=lid, build_hash=build_hash, binding_id=binding),
         version=version,
+        offline=offline,
+        seats=seats,
     )
     LicenseClaims.from_dict(claims.to_dict())  # the issuer refuses to sign what a verifier would reject
     return sign_envelope(LICENSE_TYP, claims.to_dict(), issuer)

@@ -490,6 +490,9 @@ def install_bundle(
             f"device {device.device_id}{held_text} is not in this bundle's license set "
             f"({len(verified.claims)} license(s), none bound to it or to a fleet key it holds)"
         )
+    release = verified.manifest.release
+    if release is not None:
+        device.check_bundle_release(release, now=clock)
     installed = []
     for path, claims in chosen:
         build_path = f"builds/{claims.build_hash[7:]}.emdl"
@@ -500,9 +503,12 @@ def install_bundle(
             now=now,
         )
         installed.append({**result, "binding": "device" if claims.device_id else "fleet"})
+    if release is not None:
+        device.record_bundle_release(release, now=clock)
     return {
         "ok": True,
         "device_id": device.device_id,
+        "release": None if release is None else release.to_dict(),
         "builder": {"kid": verified.builder_kid, "pinned": verified.builder_pinned},
         "installed": installed,
         "skipped": skipped,

@@ -30,6 +30,16 @@ def register(subparsers: Any) -> None:
 
     p = add("init", _init, "offline: make the device keypairs and a self-signed certificate")
     p.add_argument("--trust", type=Path, help="pin this store root certificate (PEM/DER)")
+    p.add_argument(
+        "--anchor",
+        choices=("file", "tpm"),
+        default="file",
+        help="rollback anchor: a sealed file outside the device dir (default) or a TPM 2.0 NV counter",
+    )
+    p.add_argument("--tpm-nv-index", default="0x01500e00", help="with --anchor tpm: the NV index to define")
+    p.add_argument(
+        "--tpm-tcti", help="with --anchor tpm: TCTI (default: $TPM2TOOLS_TCTI, else the kernel device)"
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("enroll", _enroll, "send a CSR to the store; store its certificate and pin its root")
@@ -124,14 +134,22 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from edge_runtime.anchor import TpmAnchor, parse_nv_index
     from edge_runtime.device import Device
 
     trust = _read(args.trust, "--trust") if args.trust else None
-    device = Device.init(args.device_dir, trust=trust)
+    tpm = TpmAnchor(parse_nv_index(args.tpm_nv_index), args.tpm_tcti) if args.anchor == "tpm" else None
+    device = Device.init(args.device_dir, trust=trust, tpm=tpm)
+    anchor = device.ledger.anchor.describe()
     emit(
         args,
-        {"device_id": device.device_id, "device_dir": str(device.dir), "root_pinned": trust is not None},
-        f"initialized device {device.device_id} in {device.dir}"
+        {
+            "device_id": device.device_id,
+            "device_dir": str(device.dir),
+            "root_pinned": trust is not None,
+            "anchor": anchor,
+        },
+        f"initialized device {device.device_id} in {device.dir}, rollback anchor: {anchor}"
         + ("" if trust else " (no store root pinned yet: enroll, or init with --trust)"),
     )
     return 0
@@ -302,6 +320,12 @@ def _status(args: argparse.Namespace) -> int:
         f"cert       {st['certificate']}",
         f"root       {'pinned' if st['root_pinned'] else 'NOT pinned'}",
         f"store      {st['store'] or '-'}",
+        f"anchor     {st['anchor']['where']}"
+        + (
+            " (protects against restoring the device dir alone, not a user who also restores the anchor file)"
+            if st["anchor"]["kind"] == "file"
+            else " (hardware monotonic counter: a restored state is refused)"
+        ),
     ]
     state = st["state"]
     lines.append(

@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -23,6 +23,9 @@ import drm
 from drm._canonical import FormatError
 from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
+from edgemart.core import fileio
+from edge_runtime.anchor import ANCHOR_CONFIG, Anchor, TpmAnchor, tpm_from_config
+from edge_runtime.anchor import load_config as load_anchor_config
 from edge_runtime.backends import Backend, TensorSpec, open_backend
 from edge_runtime.ledger import (
     DEFAULT_POLICY,
@@ -35,10 +38,13 @@ from edge_runtime.ledger import (
     replay_run_counters,
     reservation_detail,
 )
-from edgemart.core import fileio
 
 KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
 REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")
+BUDGET_DIR = (
+    "budgets"  # DIR/budgets/<license_id>.grant: the store's latest budget grant for a metered license
+)
+MAX_GRANT_BYTES = 16 * 1024
 FLEET_DIR = "fleet"  # DIR/fleet/<fleet_key_id>.key: X25519 PKCS#8 PEM, 0600, one per fleet the device is in
 MAX_FLEET_KEY_BYTES = 16 * 1024
 _FLEET_KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
@@ -58,6 +64,7 @@ def _parse_claims(token: bytes) -> drm.LicenseClaims:
 # would be an oracle for forging licenses). The precise reason goes to DIR/audit.log. First match wins.
 _REFUSAL_CATEGORIES = (
     ("run cap", "run cap reached"),
+    ("offline budget", "offline budget used up: check in with `edgemart device sync`"),
     ("is revoked", "license revoked"),
     ("revocation list", "revocation list missing or invalid (run `edgemart device sync`)"),
     ("clock rollback", "device clock went back"),
@@ -140,16 +147,21 @@ class Device:
         *,
         anchor_dir: Path | None = None,
         policy: Policy = DEFAULT_POLICY,
+        anchor: Anchor | None = None,
     ) -> None:
         self.dir = directory
         self.keys = keys
         self.policy = policy
+        if anchor is None:
+            cfg = load_anchor_config(directory)
+            anchor = None if cfg is None else cast(Anchor, tpm_from_config(cfg))
         self.ledger = Ledger(
             directory,
             device_id=keys.device_id,
             sign_key=keys.sign,
             state_key=state_key,
             anchor_dir=anchor_dir,
+            anchor=anchor,
             policy=policy,
         )
         self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
@@ -174,9 +186,11 @@ class Device:
         now: int | None = None,
         anchor_dir: Path | None = None,
         pq: bool = True,
+        tpm: TpmAnchor | None = None,
     ) -> Device:
         """Make the device's keypairs here (0600 files in a 0700 dir), a self-signed certificate and the
-        initial sealed state. Refuses to overwrite existing keys."""
+        initial sealed state. Refuses to overwrite existing keys. With ``tpm``, a TPM 2.0 NV counter is the
+        rollback anchor (DIR/anchor.json names it; the sealed state remembers it too)."""
         d = Path(directory)
         now = int(time.time()) if now is None else now
         root = None
@@ -202,7 +216,10 @@ class Device:
             fileio.atomic_write(d / "root.crt", drm.cert_to_pem(root), mode=0o644)
         (d / "licenses").mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
         (d / "builds").mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
-        device = cls(d, keys, state_key, anchor_dir=anchor_dir)
+        if tpm is not None:
+            cfg = {"kind": "tpm", "nv_index": f"{tpm.nv_index:#010x}", "tcti": tpm.tcti}
+            fileio.atomic_write(d / ANCHOR_CONFIG, json.dumps(cfg, sort_keys=True).encode(), mode=0o644)
+        device = cls(d, keys, state_key, anchor_dir=anchor_dir, anchor=cast(Anchor | None, tpm))
         device.ledger.create(now=now)
         return device
 
@@ -438,7 +455,8 @@ class Device:
             self._refuse(st, exc.reason, t=max(clock, st.hwm), license_id=lid, build_hash=build_hash or "")
         return verified.claims, st, trusted
 
-    def _check_cap(self, st: State, claims: drm.LicenseClaims, trusted: int) -> None:
+    def _check_cap(self, st: State, claims: drm.LicenseClaims, trusted: int) -> tuple[int, int] | None:
+        """Refuse when the run cap or the offline budget is used up; returns the budget (see _budget)."""
         used = st.runs.get(claims.license_id, 0)
         if claims.max_runs is not None and used >= claims.max_runs:
             self._refuse(
@@ -448,6 +466,97 @@ class Device:
                 license_id=claims.license_id,
                 build_hash=claims.build_hash,
             )
+        budget = self._budget(st, claims, trusted)
+        if budget is not None:
+            self._check_budget_time(st, claims, budget, trusted)
+            if used >= budget[0]:
+                self._refuse(
+                    st,
+                    f"offline budget used up: the run counter is at {used}, the budget allows {budget[0]}",
+                    t=trusted,
+                    license_id=claims.license_id,
+                    build_hash=claims.build_hash,
+                )
+        return budget
+
+    def _check_budget_time(
+        self, st: State, claims: drm.LicenseClaims, budget: tuple[int, int], trusted: int
+    ) -> None:
+        if trusted >= budget[1]:
+            self._refuse(
+                st,
+                f"offline budget expired at {_iso(budget[1])}",
+                t=trusted,
+                license_id=claims.license_id,
+                build_hash=claims.build_hash,
+            )
+
+    def _budget(self, st: State, claims: drm.LicenseClaims, trusted: int) -> tuple[int, int] | None:
+        """(counter limit, deadline) a metered license runs on offline; None for a license without an offline
+        budget. The license's own budget holds until the store signs a grant at a check-in; a grant made after
+        more usage records than this log holds belongs to a later state (this one was restored) and is
+        ignored, so a restore never keeps the newer grant with the older counters."""
+        if claims.offline is None:
+            return None
+        lid = claims.license_id
+        budget = (claims.offline["runs"], claims.issued_at + claims.offline["hours"] * 3600)
+        path = self.dir / BUDGET_DIR / f"{lid}.grant"
+        if not path.is_file():
+            return budget
+        try:
+            with open(path, "rb") as fh:
+                token = fh.read(MAX_GRANT_BYTES + 1)
+            grant = drm.verify_budget_grant(
+                token, root=self.root(), now=trusted, device_id=self.device_id, license_id=lid
+            )
+        except drm.LicenseRefused as exc:
+            self.ledger.audit(t=trusted, license_id=lid, reason=exc.reason, event="grant-ignored")
+            return budget
+        if grant.seq > st.log_seq:
+            self.ledger.audit(
+                t=trusted,
+                license_id=lid,
+                reason=f"budget grant made after {grant.seq} usage records; this state holds {st.log_seq}"
+                " (restored from an older copy?)",
+                event="grant-ignored",
+            )
+            return budget
+        return grant.runs_until, grant.not_after
+
+    def install_budget_grant(self, token: bytes, *, now: int | None = None) -> dict[str, Any]:
+        """Keep a budget grant from a check-in (verified for this device; the newest one wins)."""
+        if len(token) > MAX_GRANT_BYTES:
+            raise drm.UsageError("budget grant too large")
+        clock = self._clock(now)
+        try:
+            payload, _, _ = drm.parse_envelope(token, "edgemart-budget/1")
+            lid = drm.BudgetGrant.from_dict(payload).license_id
+            grant = drm.verify_budget_grant(
+                token, root=self.root(), now=clock + 86400, device_id=self.device_id, license_id=lid
+            )
+        except (FormatError, drm.LicenseRefused) as exc:
+            reason = exc.reason if isinstance(exc, drm.LicenseRefused) else exc.message
+            raise drm.UsageError(f"the store sent a budget grant this device refuses: {reason}") from None
+        folder = self.dir / BUDGET_DIR
+        folder.mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
+        path = folder / f"{grant.license_id}.grant"
+        with fileio.locked(self.ledger.lock_path):
+            if path.is_file():
+                try:
+                    held = drm.BudgetGrant.from_dict(
+                        drm.parse_envelope(path.read_bytes(), "edgemart-budget/1")[0]
+                    )
+                    if held.issued_at > grant.issued_at:
+                        return {"license_id": lid, "runs_until": held.runs_until, "updated": False}
+                except FormatError:
+                    pass
+            fileio.atomic_write(path, bytes(token))
+        return {
+            "license_id": lid,
+            "runs_until": grant.runs_until,
+            "not_after": _iso(grant.not_after),
+            "updated": True,
+        }
 
     # ------------------------------------------------------------------ enrollment and installation
 
@@ -533,6 +642,37 @@ class Device:
             )
         return {"listing": listing or claims.listing, **entry}
 
+    def check_bundle_release(self, release: Any, *, now: int | None = None) -> None:
+        """Refuse (Refusal, recorded in the audit log) a bundle release below the one installed for its fleet,
+        unless its signed allow_downgrade_from reaches the installed version."""
+        clock = self._clock(now)
+        with fileio.locked(self.ledger.lock_path):
+            st = self._load_state(clock)
+        held = st.bundles.get(release.fleet)
+        if held is None or release.version >= held:
+            return
+        allow = release.allow_downgrade_from
+        if allow is not None and allow >= held:
+            return
+        reason = (
+            f"bundle release {release.version} of fleet {release.fleet!r} is older than the installed release"
+            f" {held}" + ("" if allow is None else f" (its downgrade allowance reaches only {allow})")
+        )
+        self.ledger.audit(t=max(clock, st.hwm), license_id="", reason=reason, event="bundle-refused")
+        raise drm.Refusal(f"{reason}: refusing to roll the device back")
+
+    def record_bundle_release(self, release: Any, *, now: int | None = None) -> None:
+        """Make the installed release of the bundle's fleet durable (a signed sync record, anchor, state)."""
+        from edge_runtime.ledger import bundle_detail
+
+        clock = self._clock(now)
+        with fileio.locked(self.ledger.lock_path):
+            st = self._load_state(clock)
+            st.bundles[release.fleet] = release.version
+            self.ledger.commit(
+                st, event="sync", t=max(clock, st.hwm), detail=bundle_detail(release.fleet, release.version)
+            )
+
     def install_revocations(self, blob: bytes, *, now: int | None = None) -> dict[str, Any]:
         """Install a signed revocation list; an older version than the one already seen is refused."""
         clock = self._clock(now)
@@ -586,8 +726,16 @@ class Device:
         """Upload usage.log; return the store's verdict. Also picks up a newer revocation list."""
         client = self._store()
         log = self.ledger.log_path.read_bytes() if self.ledger.log_path.is_file() else b""
-        verdict = client.post_bytes(f"/api/v1/devices/{self.device_id}/usage", log, "application/x-ndjson")
+        try:
+            verdict = client.post_bytes(
+                f"/api/v1/devices/{self.device_id}/usage", log, "application/x-ndjson"
+            )
+        except drm.ConflictError:
+            # A fork: the store revoked this device's licenses; take the list that says so, then report.
+            self._fetch_revocations(client, now=now)
+            raise
         revocations = self._fetch_revocations(client, now=now)
+        budgets = [self.install_budget_grant(str(t).encode(), now=now) for t in verdict.pop("budgets", [])]
         clock = self._clock(now)
         records = log.count(b"\n")
         with fileio.locked(self.ledger.lock_path):
@@ -598,7 +746,7 @@ class Device:
                 t=max(clock, st.hwm),
                 detail=f"uploaded {records} records; store ok={verdict.get('ok')}",
             )
-        return {"uploaded": records, "store": verdict, "revocations": revocations}
+        return {"uploaded": records, "store": verdict, "revocations": revocations, "budgets": budgets}
 
     # ------------------------------------------------------------------ models
 
@@ -701,12 +849,17 @@ class Device:
             revocation_key = self._revocation_key()
             if lid in self._revoked(st, trusted, license_id=lid, build_hash=bh):
                 self._refuse(st, f"license {lid} is revoked", t=trusted, license_id=lid, build_hash=bh)
+            if meter.budget_deadline is not None:
+                self._check_budget_time(st, claims, (0, meter.budget_deadline), trusted)
             if meter.left == 0:
-                self._check_cap(st, claims, trusted)
+                budget = self._check_cap(st, claims, trusted)
                 used = st.runs.get(lid, 0)
                 block = self.policy.reserve_block
                 if claims.max_runs is not None:
                     block = min(block, claims.max_runs - used)
+                if budget is not None:
+                    block = min(block, budget[0] - used)
+                    meter.budget_deadline = budget[1]
                 st.runs[lid] = used + block
                 st.hwm = max(st.hwm, trusted)
                 st.clock_hwm = max(st.clock_hwm, clock, meter.clock_hwm)
@@ -783,6 +936,7 @@ class Device:
             if cert.issuer == cert.subject
             else f"issued by {cert.issuer.rfc4514_string()}",
             "root_pinned": (self.dir / "root.crt").is_file(),
+            "anchor": {"kind": self.ledger.anchor.kind, "where": self.ledger.anchor.describe()},
             "store": json.loads((self.dir / "store.json").read_text())["url"]
             if (self.dir / "store.json").is_file()
             else None,
@@ -799,6 +953,7 @@ class Device:
                 "usage_records": st.log_seq,
                 "trusted_time": _iso(max(clock, st.hwm)),
                 "revocation_version": st.revocation_version,
+                "bundle_releases": dict(sorted(st.bundles.items())),
             }
         except StateProblem as problem:
             st = None
@@ -892,6 +1047,7 @@ class _RunMeter:
         self.hwm = 0  # trusted-time high-water mark this model has seen
         self.clock_hwm = 0  # highest clock reading this model has seen
         self.revocation_key: tuple[int, int, int, int] | None | str = "unchecked"
+        self.budget_deadline: int | None = None  # the offline budget's deadline, for a metered license
         self.pid = os.getpid()
         self.closed = False
         self._mutex = threading.Lock()
@@ -902,6 +1058,8 @@ class _RunMeter:
             return False
         trusted = max(clock, self.hwm)
         if trusted < claims.not_before or (claims.not_after is not None and trusted >= claims.not_after):
+            return False
+        if self.budget_deadline is not None and trusted >= self.budget_deadline:
             return False
         if self.device._revocation_key() != self.revocation_key:
             return False

@@ -19,6 +19,7 @@ import drm
 from drm._canonical import FormatError
 from drm.usagelog import genesis, parse_record
 from edgemart.core import fileio
+from edge_runtime.anchor import Anchor, AnchorError, FileAnchor
 
 STATE_VERSION = 1
 _TAIL_BYTES = 3 * 4096 + 2  # two whole records at most 4 KiB each, plus slack
@@ -54,9 +55,15 @@ class State:
     log_head: str  # sha256 tag of the last record line (genesis tag when empty)
     rollbacks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Installed bundle release per fleet (drm.bundle.Release): a lower version is refused without a
+    # signed downgrade allowance. Absent from the sealed bytes while empty (older states stay identical).
+    bundles: dict[str, int] = field(default_factory=dict)
+    # What anchors this state when it is not the default file anchor: {"kind": "tpm", "base": counter at
+    # generation 0}. Sealed, so deleting DIR/anchor.json cannot switch a TPM-anchored device to a file.
+    anchor: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, kind: str = "state") -> dict[str, Any]:
-        return {
+        out = {
             "clock_hwm": self.clock_hwm,
             "generation": self.generation,
             "hwm": self.hwm,
@@ -67,6 +74,11 @@ class State:
             "runs": dict(sorted(self.runs.items())),
             "v": STATE_VERSION,
         }
+        if self.bundles:
+            out["bundles"] = dict(sorted(self.bundles.items()))
+        if self.anchor:
+            out["anchor"] = dict(sorted(self.anchor.items()))
+        return out
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> State:
@@ -76,6 +88,16 @@ class State:
         runs = obj["runs"]
         if not isinstance(runs, dict) or not all(isinstance(v, int) for v in runs.values()):
             raise FormatError("bad run counters")
+        anchor = obj.get("anchor", {})
+        if (
+            not isinstance(anchor, dict)
+            or anchor.get("kind", "tpm") != "tpm"
+            or not isinstance(anchor.get("base", 0), int)
+        ):
+            raise FormatError("bad anchor")
+        bundles = obj.get("bundles", {})
+        if not isinstance(bundles, dict) or not all(isinstance(v, int) for v in bundles.values()):
+            raise FormatError("bad bundle releases")
         return cls(
             generation=int(obj["generation"]),
             hwm=int(obj["hwm"]),
@@ -85,6 +107,8 @@ class State:
             log_seq=int(log["seq"]),
             log_head=str(log["head"]),
             rollbacks=int(obj.get("rollbacks", 0)),
+            bundles=dict(bundles),
+            anchor=dict(anchor),
         )
 
     def copy(self) -> State:
@@ -97,10 +121,17 @@ class State:
             self.log_seq,
             self.log_head,
             self.rollbacks,
+            bundles=dict(self.bundles),
+            anchor=dict(self.anchor),
         )
 
 
 RESERVE, RELEASE = "reserve", "release"
+BUNDLE_DETAIL = "bundle"  # a "sync" record with detail "bundle:<fleet>:<version>" installs a bundle release
+
+
+def bundle_detail(fleet: str, version: int) -> str:
+    return f"{BUNDLE_DETAIL}:{fleet}:{version}"
 
 
 def reservation_detail(kind: str, runs: int) -> str:
@@ -169,6 +200,7 @@ class Ledger:
         sign_key: Any,
         state_key: bytes,
         anchor_dir: Path | None = None,
+        anchor: Anchor | None = None,
         policy: Policy = DEFAULT_POLICY,
     ) -> None:
         self.dir = directory
@@ -176,7 +208,7 @@ class Ledger:
         self._sign_key = sign_key
         self._key = state_key
         self.policy = policy
-        self.anchor_path = (anchor_dir or default_anchor_dir()) / device_id
+        self.anchor: Anchor = anchor or FileAnchor((anchor_dir or default_anchor_dir()) / device_id)
         self.state_path = directory / "state.bin"
         self.log_path = directory / "usage.log"
         self.audit_path = directory / "audit.log"
@@ -186,7 +218,7 @@ class Ledger:
 
     def create(self, *, now: int) -> State:
         """Initial state for a new device (refuses when a state or anchor already exists)."""
-        if self.state_path.exists() or self.anchor_path.exists():
+        if self.state_path.exists() or self.anchor.exists():
             raise drm.UsageError(
                 f"{self.state_path} or its anchor already exists; refusing to reset device state"
             )
@@ -200,7 +232,12 @@ class Ledger:
             log_head=genesis(self.device_id),
         )
         fileio.create_private(self.log_path, b"")
-        self._write_anchor(st)
+        try:
+            memo = self.anchor.create(st.log_seq, self._seal(st, "anchor"))
+        except AnchorError as exc:
+            raise drm.UsageError(f"cannot create the rollback anchor: {exc}") from None
+        if self.anchor.kind != "file":
+            st.anchor = {"kind": self.anchor.kind, **memo}
         fileio.atomic_write(self.state_path, self._seal(st, "state"))
         return st
 
@@ -216,8 +253,10 @@ class Ledger:
         return obj
 
     def _write_anchor(self, st: State) -> None:
-        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
-        fileio.atomic_write(self.anchor_path, self._seal(st, "anchor"))
+        try:
+            self.anchor.write(st.log_seq, self._seal(st, "anchor"), st.anchor)
+        except AnchorError as exc:
+            raise StateProblem(str(exc)) from None
 
     # ------------------------------------------------------------------ loading
 
@@ -308,22 +347,38 @@ class Ledger:
                     f"usage log's last record does not follow from the device state's run counter for {lid}"
                 )
             st.runs[lid] = expected
+        if rec["event"] == "sync" and rec["detail"].startswith(BUNDLE_DETAIL + ":"):
+            _, fleet, version = rec["detail"].split(":", 2)
+            if version.isdigit():
+                st.bundles[fleet] = int(version)
         st.hwm = max(st.hwm, int(rec["t"]))
 
     def _check_anchor(self, st: State, *, also: tuple[int, int, str] | None = None) -> None:
+        kind = st.anchor.get("kind", "file")
+        if kind != self.anchor.kind:
+            raise StateProblem(
+                f"device state is anchored by a {kind} anchor but the device is set up with a {self.anchor.kind}"
+                " anchor (DIR/anchor.json removed or edited?)"
+            )
+
+        def open_blob(blob: bytes) -> tuple[int, int | None, str | None]:
+            try:
+                anchor = State.from_dict({**self._open(blob, "anchor"), "kind": "state"})
+            except (drm.IntegrityError, FormatError, KeyError, TypeError, ValueError):
+                raise AnchorError(f"rollback anchor ({self.anchor.describe()}) is corrupt") from None
+            return anchor.generation, anchor.log_seq, anchor.log_head
+
         try:
-            blob = self.anchor_path.read_bytes()
-        except FileNotFoundError:
-            raise StateProblem(f"rollback anchor {self.anchor_path} is missing") from None
-        try:
-            anchor = State.from_dict({**self._open(blob, "anchor"), "kind": "state"})
-        except (drm.IntegrityError, FormatError, KeyError, TypeError, ValueError):
-            raise StateProblem(f"rollback anchor {self.anchor_path} is corrupt") from None
-        seen = (anchor.generation, anchor.log_seq, anchor.log_head)
-        if seen != (st.generation, st.log_seq, st.log_head) and seen != also:
+            seen = self.anchor.read(st.anchor, open_blob)
+        except AnchorError as exc:
+            raise StateProblem(str(exc)) from None
+        now: tuple[Any, ...] = (st.generation, st.log_seq, st.log_head)
+        if seen[0] is None:  # a counter anchors the number of records alone
+            now, also = (None, st.log_seq, None), (None if also is None else (None, also[1], None))  # type: ignore[assignment]
+        if seen != now and seen != also:
             raise StateProblem(
                 f"device state (generation {st.generation}, {st.log_seq} records) disagrees with the rollback anchor"
-                f" (generation {anchor.generation}, {anchor.log_seq} records): device directory restored from a copy?"
+                f" ({self.anchor.describe()}: {seen[1]} records): device directory restored from a copy?"
             )
 
     # ------------------------------------------------------------------ committing
@@ -359,16 +414,18 @@ class Ledger:
         new.log_head = drm.sha256_tag(line)
         return line, self._seal(new, "anchor"), self._seal(new, "state"), new
 
-    def write(self, line: bytes, anchor_blob: bytes, state_blob: bytes) -> None:
+    def write(self, line: bytes, anchor_blob: bytes, state_blob: bytes, new: State) -> None:
         """I/O part of a commit, in crash-safe order: log record, anchor, state (each durable)."""
         fileio.append_durable(self.log_path, line + b"\n")
-        self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
-        fileio.atomic_write(self.anchor_path, anchor_blob)
+        try:
+            self.anchor.write(new.log_seq, anchor_blob, new.anchor)
+        except AnchorError as exc:
+            raise drm.UsageError(f"cannot advance the rollback anchor: {exc}") from None
         fileio.atomic_write(self.state_path, state_blob)
 
     def commit(self, st: State, **record: Any) -> State:
         line, anchor_blob, state_blob, new = self.prepare(st, **record)
-        self.write(line, anchor_blob, state_blob)
+        self.write(line, anchor_blob, state_blob, new)
         return new
 
     # ------------------------------------------------------------------ refusals
@@ -419,3 +476,7 @@ class Ledger:
             detail=reason,
         )
         fileio.append_durable(self.log_path, line + b"\n")
+        try:
+            self.anchor.bump({})  # a counter counts this record too: a restored log never catches up
+        except AnchorError:
+            pass  # the record stays one ahead of the counter: a roll-forward case, never a gain

@@ -54,6 +54,17 @@ def register(subparsers: Any) -> None:
     build.add_argument(
         "--root", type=Path, metavar="ROOT.crt", help="also verify every license against this root"
     )
+    build.add_argument(
+        "--release",
+        metavar="FLEET:VERSION",
+        help="the bundle's signed release: devices refuse a lower VERSION of FLEET than the one installed",
+    )
+    build.add_argument(
+        "--allow-downgrade-from",
+        type=int,
+        metavar="N",
+        help="with --release: this bundle may replace installed releases of FLEET up to N (a signed downgrade)",
+    )
     build.add_argument("--compress", choices=("auto", "none", "gzip"), default="auto")
     build.add_argument("--now", type=int, metavar="UNIX", help="time for license validity checks")
     build.add_argument("--json", action="store_true")
@@ -433,6 +444,7 @@ def build_bundle(
     gzip: bool = False,
     root: Any = None,
     now: int | None = None,
+    release: Any = None,
 ) -> dict[str, Any]:
     """Assemble, sign and write a bundle; the output depends only on the inputs' bytes and the key."""
     import drm
@@ -480,6 +492,7 @@ def build_bundle(
             for name, (_, header) in inputs["builds"].items()
         ],
         [LicenseEntry.from_claims(name, claims) for name, (_, claims) in inputs["licenses"].items()],
+        release,
     )
     manifest_bytes = manifest.to_bytes()
     contents["manifest.json"] = manifest_bytes
@@ -496,10 +509,32 @@ def build_bundle(
         "builds": [b.to_dict() for b in manifest.builds],
         "licenses": [lic.to_dict() for lic in manifest.licenses],
         "chains": sorted(inputs["chains"]),
+        "release": None if release is None else release.to_dict(),
         "models": [
             {"listing": m["listing"], "build_hash": m["build_hash"], "license": m["license"]} for m in models
         ],
     }
+
+
+def _release_arg(text: str | None, allow: int | None) -> Any:
+    """--release FLEET:VERSION [--allow-downgrade-from N] as a drm.bundle.Release (UsageError otherwise)."""
+    from drm._canonical import FormatError
+    from drm.bundle import parse_release
+
+    if text is None:
+        if allow is not None:
+            raise UsageError("--allow-downgrade-from needs --release FLEET:VERSION")
+        return None
+    fleet, sep, version = text.rpartition(":")
+    if not sep or not version.isdigit():
+        raise UsageError(f"--release must be FLEET:VERSION (e.g. gate-cam:3), not {text!r}")
+    obj: dict[str, Any] = {"fleet": fleet, "version": int(version)}
+    if allow is not None:
+        obj["allow_downgrade_from"] = allow
+    try:
+        return parse_release(obj)
+    except FormatError as exc:
+        raise UsageError(f"--release: {exc.message.removeprefix('manifest release: ')}") from None
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -516,6 +551,7 @@ def _build(args: argparse.Namespace) -> int:
         gzip=gzip,
         root=_load_root(args.root),
         now=args.now,
+        release=_release_arg(args.release, args.allow_downgrade_from),
     )
     text = (
         f"wrote {result['bundle']} ({result['size']} bytes, {result['sha256']})\n"

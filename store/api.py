@@ -14,7 +14,7 @@ from edgemart.core.errors import EdgemartError, ForbiddenError, NotFoundError, U
 from store.auth import ctx, current_user, db, rate_limit, require_user, roles
 from store.errors import error_payload
 from store.models import IdempotentResponse, Listing, ListingVersion
-from store.services import accounts, licensing, listings, packaging, usage
+from store.services import accounts, licensing, listings, metering, packaging, usage
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -556,12 +556,37 @@ def upload_usage(device_id: str) -> Any:
     summary: Usage-log sync
     parameters: [{name: device_id, in: path, required: true, schema: {type: string}}]
     requestBody: {content: {application/x-ndjson: {schema: {type: string}}}}
-    responses: {200: {description: "{ok, accepted, first_bad, reason, held}", schema: UsageResult}, 403: {description: not your device}, 413: {description: too large}}
+    responses: {200: {description: "{ok, accepted, first_bad, reason, held, budgets}: budgets are signed grants renewing each metered license's offline budget", schema: UsageResult}, 403: {description: not your device}, 409: {description: "the device's usage log forked (restored or cloned state): its licenses are revoked, check-ins refused"}, 413: {description: too large}}
     """
     user = require_user()
     device = licensing.get_own_device(db(), user, device_id)
     request.max_content_length = int(ctx().config["MAX_USAGE_BYTES"])
-    return usage.upload(ctx(), db(), device, request.get_data(cache=False))
+    result = usage.upload(ctx(), db(), device, request.get_data(cache=False))
+    result["budgets"] = metering.budget_grants(ctx(), db(), device, result["held"])
+    return result
+
+
+@bp.put("/listings/<listing_id>/metering")
+def set_listing_metering(listing_id: str) -> Any:
+    """The offline budget of the listing's future evaluation licenses (seller or admin).
+    ---
+    summary: Offline budget of a listing
+    parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
+    requestBody: {content: {application/json: {schema: {type: object, required: [offline_runs, offline_hours], properties: {offline_runs: {type: integer}, offline_hours: {type: integer}}}}}}
+    responses: {200: {description: "{listing, runs, hours}"}, 403: {description: not the seller}}
+    """
+    return metering.set_offline_budget(ctx(), db(), require_user(), listing_id, json_body())
+
+
+@bp.get("/forks")
+def list_forks() -> Any:
+    """Forks of device usage logs (two signed records for one position): admins all, sellers those of devices
+    holding licenses on their listings, buyers their own devices'.
+    ---
+    summary: Usage-log forks
+    responses: {200: {description: "{items: [{id, device_id, seq, held, offered, revoked, detected_at}]}"}}
+    """
+    return {"items": [metering.fork_to_dict(f) for f in metering.visible_forks(db(), require_user())]}
 
 
 @bp.post("/listings/<listing_id>/eval-license")

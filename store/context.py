@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "JOB_RETRY_BASE_SECONDS": 10.0,  # backoff after a failed attempt: base * 4^(attempt-1), capped
     "JOB_RETRY_MAX_SECONDS": 600.0,
     "EVAL_DEVICE_LIMIT": 3,
+    # Offline budget of an eval license when its listing sets none: runs and hours between check-ins.
+    "EVAL_OFFLINE_RUNS": 200,
+    "EVAL_OFFLINE_HOURS": 72,
     "PAGE_SIZE": 20,
     "SECRET_KEY": None,  # else DATA_DIR/secret.key (created 0600)
     "SESSION_COOKIE_SECURE": False,  # also on whenever PUBLIC_URL is https

@@ -304,3 +304,46 @@ class IdempotentResponse(Base):
     status: Mapped[int] = mapped_column(Integer)
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(Integer)
+
+
+class UsageFork(Base):
+    """Two different signed records for one position of a device's usage-log chain: a restored or cloned
+    device state. The device's licenses were revoked and its check-ins are refused from then on."""
+
+    __tablename__ = "usage_forks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    held: Mapped[dict[str, Any]] = mapped_column(JSON)  # the record the store accepted first (its fields)
+    offered: Mapped[str] = mapped_column(Text)  # the other record: the whole signed line, as uploaded
+    revoked: Mapped[list[str]] = mapped_column(JSON)  # licenses revoked because of this fork
+    detected_at: Mapped[int] = mapped_column(Integer)
+
+
+class ListingMetering(Base):
+    """A listing's offline budget for evaluation licenses (absent: the store's EVAL_OFFLINE_* defaults)."""
+
+    __tablename__ = "listing_metering"
+
+    listing_id: Mapped[str] = mapped_column(ForeignKey("listings.id"), primary_key=True)
+    offline_runs: Mapped[int] = mapped_column(Integer)
+    offline_hours: Mapped[int] = mapped_column(Integer)
+
+
+class SeatActivation(Base):
+    """One device holding one seat of a fleet production license (seat numbers 1..seats, each once)."""
+
+    __tablename__ = "seat_activations"
+    __table_args__ = (
+        UniqueConstraint("license_id", "seat", name="uq_seat_activations_seat"),
+        UniqueConstraint("license_id", "device_id", name="uq_seat_activations_device"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[str] = mapped_column(ForeignKey("licenses.license_id"), index=True)
+    seat: Mapped[int] = mapped_column(Integer)
+    device_id: Mapped[str] = mapped_column(String(64))
+    token: Mapped[bytes] = mapped_column(LargeBinary)  # the signed activation
+    activated_at: Mapped[int] = mapped_column(Integer)
+    revoked_at: Mapped[int | None] = mapped_column(Integer)

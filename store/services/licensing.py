@@ -28,6 +28,7 @@ from store.context import StoreContext
 from store.db import lock_row
 from store.models import Build, Device, License, Listing, Revocation, User
 from store.services.listings import get_version, get_visible
+from store.services.metering import offline_budget
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _DEVICE_ID = re.compile(r"^[0-9a-f]{32}\Z")
@@ -126,6 +127,7 @@ def _issue(
     device_id: str | None = None,
     fleet_key_id: str | None = None,
     seats: int = 1,
+    offline: dict[str, int] | None = None,
 ) -> License:
     """Sign a license and return its (unsaved) row; token and row share one clock reading."""
     assert build.build_hash is not None and build.wrapped_cek is not None
@@ -147,6 +149,8 @@ def _issue(
         device_id=device_id,
         fleet_key_id=fleet_key_id,
         license_id=license_id,
+        offline=offline,
+        seats=seats if fleet_key_id is not None else None,
     )
     return License(
         license_id=license_id,
@@ -225,6 +229,7 @@ def eval_license(
         days=listing.eval_days,
         max_runs=listing.eval_runs,
         device_id=device.device_id,
+        offline=offline_budget(ctx, session, listing),
     )
     session.add(row)
     try:
@@ -482,9 +487,20 @@ def revoke(ctx: StoreContext, session: Session, admin: User, license_id: str) ->
     current = current_revocations(ctx, session)
     if lic.revoked_at is not None and lic.license_id in current.revoked:
         return current
+    row = revoke_licenses(ctx, session, [lic], current=current)
+    session.commit()
+    return row
+
+
+def revoke_licenses(
+    ctx: StoreContext, session: Session, licenses: list[License], *, current: Revocation | None = None
+) -> Revocation:
+    """Mark ``licenses`` revoked and add the next revocation-list version naming them (the caller commits)."""
+    current = current or current_revocations(ctx, session)
     now = ctx.now()
-    lic.revoked_at = now
-    revoked = sorted(set(current.revoked) | {lic.license_id})
+    for lic in licenses:
+        lic.revoked_at = now
+    revoked = sorted(set(current.revoked) | {lic.license_id for lic in licenses})
     version = current.version + 1
     row = Revocation(
         version=version,
@@ -493,5 +509,4 @@ def revoke(ctx: StoreContext, session: Session, admin: User, license_id: str) ->
         token=drm.sign_revocation_list(ctx.vault.issuer(), version=version, issued_at=now, revoked=revoked),
     )
     session.add(row)
-    session.commit()
     return row

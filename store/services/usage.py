@@ -25,8 +25,13 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
     """Accept the records that extend what the store already holds, after checking chain and signatures.
 
     The device may send its whole log or only the new tail; records the store already has must be
-    byte-identical (a rewritten history is reported, not merged). The valid prefix of a broken upload
-    is kept; the report names the first bad line."""
+    byte-identical: a different record at a position the store already holds is a fork of the device's
+    chain (a restored or cloned state), recorded with both records, and the device's licenses are revoked
+    (store.services.metering); check-ins from a forked device are refused. The valid prefix of a broken
+    upload is kept; the report names the first bad line."""
+    from store.services import metering
+
+    metering.refuse_if_forked(session, device)
     cert = drm.cert_from_bytes(device.cert_pem.encode())
     public_key = cert.public_key()
     lines = _lines(data)
@@ -65,9 +70,14 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
         line_hash = drm.sha256_tag(lines[i])
         if seq in held_hash:
             if held_hash[seq] != line_hash:
-                ok, first_bad = False, i
-                reason = f"record {seq} differs from the one already uploaded (history rewritten)"
-                break
+                # Signed by the device key and chained from a position the store holds: the device itself
+                # produced two histories. Keep the records accepted before it, then record the fork.
+                session.commit()
+                fork = metering.record_fork(ctx, session, device, seq, lines[i])
+                raise drm.ConflictError(
+                    f"check-in refused: record {seq} differs from the one this device uploaded before: its usage"
+                    f" log forked (a restored or cloned device state); {len(fork.revoked)} license(s) revoked"
+                )
             continue
         session.add(
             UsageRecord(
@@ -84,6 +94,16 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
         )
         accepted += 1
     session.commit()
+    if ok and report.records and report.records[-1]["seq"] + 1 < next_seq:
+        # A device uploads its whole log, which only grows: ending before what it sent earlier means the
+        # log (and the state with it) was restored from an older copy, even if every record matches.
+        end = int(report.records[-1]["seq"]) + 1
+        fork = metering.record_fork(ctx, session, device, end, None)
+        raise drm.ConflictError(
+            f"check-in refused: this device's usage log forked: it ends after record {end - 1}, before the"
+            f" {next_seq} records it uploaded earlier (its state was restored from an older copy);"
+            f" {len(fork.revoked)} license(s) revoked"
+        )
     return {
         "ok": ok,
         "accepted": accepted,
@@ -178,6 +198,12 @@ def _run_counters(session: Session, where: Any) -> dict[tuple[str, str], int]:
         if key not in latest or seq > latest[key][0]:
             latest[key] = (seq, runs)
     return {key: runs for key, (_, runs) in latest.items()}
+
+
+def device_license_runs(session: Session, device_id: str, license_ids: list[str]) -> dict[str, int]:
+    """The authoritative run count per license on one device: the counter its synced log carries."""
+    where = (UsageRecord.device_id == device_id) & License.license_id.in_(license_ids)
+    return {lid: runs for (_, lid), runs in _run_counters(session, where).items()}
 
 
 def runs_left(session: Session, licenses: list[License]) -> dict[str, int | None]:

@@ -62,8 +62,10 @@ class LicenseFactory:
         listing: str = "test-listing",
         device_id: str | None = None,
         recipient: drm.KemKeys | None = None,
+        offline: dict[str, int] | None = None,
     ) -> bytes:
         return drm.issue_license(
+            offline=offline,
             issuer=self.issuer,
             cek=build.cek,
             recipient=recipient or device.keys.kem_public(),
@@ -104,6 +106,16 @@ class LicenseFactory:
             ),
         )
         return sign_envelope(LICENSE_TYP, claims.to_dict(), self.issuer)
+
+    def grant(
+        self, device, license_token: bytes, *, runs_until: int, seq: int, now: int = NOW, hours: int = 24
+    ) -> bytes:
+        """A budget grant as the store signs it at a check-in."""
+        claims = drm.LicenseClaims.from_dict(drm.parse_envelope(license_token, LICENSE_TYP)[0])
+        return drm.sign_budget_grant(
+            self.issuer,
+            drm.BudgetGrant(device.device_id, claims.license_id, runs_until, now + hours * 3600, now, seq),
+        )
 
     def revocations(self, *, version: int, revoked: list[str], now: int = NOW) -> bytes:
         return drm.sign_revocation_list(self.issuer, version=version, issued_at=now, revoked=revoked)

@@ -119,6 +119,7 @@ def scenario(shared_store: Any, digits_base: Path) -> dict[str, Any]:
         "store": store,
         "keys": keys,
         "buyer_token": store.tokens["bob"],
+        "seller_token": store.tokens["sally"],
         "other_buyer_token": store.tokens["betty"],
         "builder_token": store.tokens["bill"],
         "admin_token": store.tokens["ada"],

@@ -128,24 +128,13 @@ def test_usage_sync_accepts_only_the_verified_continuation(store, digits_base, d
         )
 
     r = post(b"\n".join(lines[:3]) + b"\n")
-    assert r.json == {"ok": True, "accepted": 3, "first_bad": None, "reason": "", "held": 3}
+    body = r.json
+    assert len(body.pop("budgets")) == 1  # the metered eval license's renewed offline budget
+    assert body == {"ok": True, "accepted": 3, "first_bad": None, "reason": "", "held": 3}
     r = post(b"\n".join(lines) + b"\n")  # the whole log again: only the two new records count
     assert r.json["ok"] and r.json["accepted"] == 2
     r = post(b"\n".join(lines[3:]) + b"\n")  # a replayed tail adds nothing
     assert r.json["ok"] and r.json["accepted"] == 0
-    forged = drm.make_record(
-        keys.sign,
-        prev_line=lines[1],
-        seq=2,
-        device_id=keys.device_id,
-        t=1_800_000_100,
-        event="run",
-        license_id=lic["license_id"],
-        build_hash=lic["build_hash"],
-        runs=1,
-    )
-    r = post(forged + b"\n")  # a rewritten record 2 is detected
-    assert not r.json["ok"] and r.json["accepted"] == 0
     tampered = lines[4].replace(b'"runs":5', b'"runs":1')
     extra = drm.make_record(
         keys.sign,
@@ -160,6 +149,20 @@ def test_usage_sync_accepts_only_the_verified_continuation(store, digits_base, d
     )
     r = post(tampered + b"\n" + extra + b"\n")
     assert not r.json["ok"] and r.json["first_bad"] == 0
+    forged = drm.make_record(
+        keys.sign,
+        prev_line=lines[1],
+        seq=2,
+        device_id=keys.device_id,
+        t=1_800_000_100,
+        event="run",
+        license_id=lic["license_id"],
+        build_hash=lic["build_hash"],
+        runs=1,
+    )
+    # A different record 2, signed by the device: its chain forked (test_store_metering.py has the rest).
+    r = post(b"\n".join(lines[:2]) + b"\n" + forged + b"\n")
+    assert r.status_code == 409 and "forked" in r.json["error"]["message"]
     usage = store.client.get("/api/v1/listings/usage-model/usage", headers=store.auth("sally")).json
     assert usage["totals"]["run"] == 5
     assert usage["devices"][0]["device_id"] == keys.device_id
