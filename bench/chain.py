@@ -32,8 +32,8 @@ MB = 1024 * 1024
 
 def slot_consumer(fd: int) -> None:
     """Maps each announced slot, reads the tensor in place, releases it."""
-    from edge_runtime.chain_node import Node
-    from edge_runtime.slots import Channel, PeerGone
+    from edge_runtime.chain.node import Node
+    from edge_runtime.chain.slots import Channel, PeerGone
 
     node = Node("consumer", {"producer": Channel.from_fd(fd, "producer")}, {}, {"t": "producer"}, 2)
     seq = 0
@@ -104,8 +104,8 @@ def _median_ms(trip: Callable[[], None], n: int, warmup: int = 2) -> float:
 
 
 def bench_slots(array: np.ndarray, n: int) -> float:
-    from edge_runtime.chain_node import Node
-    from edge_runtime.slots import Channel
+    from edge_runtime.chain.node import Node
+    from edge_runtime.chain.slots import Channel
 
     ours, theirs = Channel.pair("producer", "consumer")
     env = {
@@ -182,8 +182,8 @@ def bench_pipeline(frames: int) -> tuple[float, float]:
     import drm
     from edge_runtime import Device
     from edge_runtime.chain import Chain
-    from edge_runtime.chain_spec import load_chain
-    from edge_runtime.chain_steps import apply
+    from edge_runtime.chain.spec import load_chain
+    from edge_runtime.chain.steps import apply
 
     corpus = Path(os.environ.get("EDGEMART_CORPUS", Path.home() / ".cache" / "edgemart-corpus"))
     models = {"face-detect": "models/mediapipe/face_detection_short_range.tflite",

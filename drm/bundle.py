@@ -1,3 +1,4 @@
+# Why this is one module: the bundle format end to end (manifest, canonical encoding, signature, bounded tar reader and writer): one normative format, one module, like container.py.
 """Firmware bundle format: the signed manifest, the builder's signature and the tar member encoding.
 
 Pure: bytes in, bytes or objects out; no files, no clocks. Reading archives from a stream lives in

@@ -1,3 +1,4 @@
+# Why this is one module: the container format end to end (header, chunking, AEAD, streaming open): one normative format, one module.
 """The sealed container (.emdl): a model build encrypted in AES-256-GCM chunks.
 
 Layout (normative spec: docs/FORMAT.md): MAGIC | version u8 | header_len u32be | header

@@ -1,3 +1,4 @@
+# Why this is one module: the PKI: keys, certificates, CSRs and their validation rules (FORMAT.md §5) in one place.
 """Keys and X.509 certificates: the store's root CA, its license-issuer key, device identities.
 
 Every signature is Ed25519 (pinned; a certificate with any other algorithm is refused).

@@ -12,8 +12,8 @@ from cryptography import x509
 
 from drm._canonical import FormatError, exact_keys, field
 from drm.envelope import parse_envelope, sign_envelope, verify_envelope
-from edgemart.core.errors import LicenseRefused
 from drm.keys import EKU_LICENSE_ISSUER, Issuer
+from edgemart.core.errors import LicenseRefused
 
 BUDGET_TYP = "edgemart-budget/1"
 ACTIVATION_TYP = "edgemart-activation/1"

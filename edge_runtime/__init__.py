@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edge_runtime.backends import Backend, LiteRTBackend, OnnxBackend, TensorSpec, open_backend
     from edge_runtime.device import Device, LicensedModel
-    from edge_runtime.evaluate import EvalReport, ProgressBar, evaluate
+    from edge_runtime.evaluation.evaluate import EvalReport, ProgressBar, evaluate
     from edge_runtime.ledger import Policy
 
 _EXPORTS = {
@@ -22,9 +22,9 @@ _EXPORTS = {
     "open_backend": "edge_runtime.backends",
     "Device": "edge_runtime.device",
     "LicensedModel": "edge_runtime.device",
-    "EvalReport": "edge_runtime.evaluate",
-    "ProgressBar": "edge_runtime.evaluate",
-    "evaluate": "edge_runtime.evaluate",
+    "EvalReport": "edge_runtime.evaluation.evaluate",
+    "ProgressBar": "edge_runtime.evaluation.evaluate",
+    "evaluate": "edge_runtime.evaluation.evaluate",
     "Policy": "edge_runtime.ledger",
 }
 

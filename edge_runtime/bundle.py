@@ -1,3 +1,4 @@
+# Why this is one module: bundle install is one transaction (verify, check release, install licenses and builds, commit the sealed state) whose steps share the device lock.
 """Device side of firmware bundles: read an archive safely from bytes or a stream, verify it offline,
 and install the builds and licenses bound to this device (or to a fleet key it holds).
 

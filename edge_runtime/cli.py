@@ -113,9 +113,9 @@ def register(subparsers: Any) -> None:
     p = add("status", _status, "device id, licenses, runs left, expiry")
     p.add_argument("--json", action="store_true")
 
-    # Hook for the slot-chain runner (`device run`), owned by edge_runtime.chain_cli when present.
-    if importlib.util.find_spec("edge_runtime.chain_cli") is not None:
-        importlib.import_module("edge_runtime.chain_cli").register_run(sub)
+    # Hook for the slot-chain runner (`device run`), owned by edge_runtime.chain.cli when present.
+    if importlib.util.find_spec("edge_runtime.chain.cli") is not None:
+        importlib.import_module("edge_runtime.chain.cli").register_run(sub)
 
 
 def _version(text: str) -> int:
@@ -238,8 +238,8 @@ def _load_npz(path: Path, what: str) -> dict[str, Any]:
 
 def _eval(args: argparse.Namespace) -> int:
     from edge_runtime.device import Device
-    from edge_runtime.evaluate import ProgressBar, evaluate
-    from edge_runtime.samples import parse_pairs
+    from edge_runtime.evaluation.evaluate import ProgressBar, evaluate
+    from edge_runtime.evaluation.samples import parse_pairs
 
     sideload = args.build is not None or args.license is not None
     if sideload and (args.build is None or args.license is None):

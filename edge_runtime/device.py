@@ -1,3 +1,4 @@
+# Why this is one module: the Device object holds the directory lock, keys and sealed state that enrollment, install, license checks, reservations and the licensed model all use under that one lock; splitting it means passing the lock around (next layout step: move enrollment and install into their own modules).
 """One device directory: keys, enrollment, license installation, enforcement and the licensed model.
 
 Every license decision happens here, before any content key is unwrapped; refusals are opaque to the
@@ -23,7 +24,6 @@ import drm
 from drm._canonical import FormatError
 from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
-from edgemart.core import fileio
 from edge_runtime.anchor import ANCHOR_CONFIG, Anchor, TpmAnchor, tpm_from_config
 from edge_runtime.anchor import load_config as load_anchor_config
 from edge_runtime.backends import Backend, TensorSpec, open_backend
@@ -38,6 +38,7 @@ from edge_runtime.ledger import (
     replay_run_counters,
     reservation_detail,
 )
+from edgemart.core import fileio
 
 KEY_FILES = ("sign.key", "kem.key", "pqkem.key")
 REQUIRED_FILES = ("sign.key", "kem.key", "device.crt", "state.key")

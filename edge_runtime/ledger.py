@@ -1,3 +1,4 @@
+# Why this is one module: the run ledger's commit order (usage log, anchor, sealed state) must be read as one protocol; splitting it would scatter the crash-safety argument.
 """The device's rollback-resistant ledger: sealed state, the signed usage log, the anchor and the audit log.
 
 Every commit appends exactly one signed usage record, then writes the anchor, then the state, each
@@ -18,8 +19,8 @@ from typing import Any
 import drm
 from drm._canonical import FormatError
 from drm.usagelog import genesis, parse_record
-from edgemart.core import fileio
 from edge_runtime.anchor import Anchor, AnchorError, FileAnchor
+from edgemart.core import fileio
 
 STATE_VERSION = 1
 _TAIL_BYTES = 3 * 4096 + 2  # two whole records at most 4 KiB each, plus slack

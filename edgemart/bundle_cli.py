@@ -1,3 +1,4 @@
+# Why this is one module: the builder's commands (build, verify, install, buy, fetch, fleet-keygen) share argument parsing, the store client calls and the all-or-nothing output directory.
 """`edgemart bundle`: build, verify and install signed, reproducible firmware bundles; make builder keys.
 
 Only stdlib and drm.errors at module top; drm, edge_runtime and licenses load inside the handlers.

@@ -1,3 +1,4 @@
+# Why this is one module: canonicalisation and the two matchers share the unit normalisation they compare under.
 """Weight fingerprints: canonical per-layer weights, compact descriptors and the exact layer/unit match.
 
 Canonical form removes what a seller can change without changing the function: tensor names, format,

@@ -1,3 +1,4 @@
+# Why this is one module: one reader per format (ONNX with every subgraph and constant fold, TFLite) producing the same canonical weight layers; the two share the layout rules.
 """Model readers for the compliance gate: detect ONNX or TFLite by content and find every learned tensor.
 
 Weights come from wherever a model keeps them: every ONNX graph at any depth (If/Loop/Scan bodies, inlined

@@ -1,3 +1,4 @@
+# Why this is one module: the catalogue of derivative rewrites the evasion suite and the bench draw from; each is a few lines, kept side by side so the suite lists them in one place.
 """Derivative generators for evaluating the fingerprint: what a seller could do to hide an open model.
 
 Each takes model bytes and returns new model bytes (ONNX unless stated). Used by bench/licenses.py and

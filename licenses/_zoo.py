@@ -1,3 +1,4 @@
+# Why this is one module: the small models the evasion suite trains with numpy, side by side so their independents are built the same way.
 """Small models trained here with numpy, for the evasion suite: a streaming LSTM voice-activity detector and
 MLPs, written as ONNX (several exports of the same weights) or TFLite. Used by tests and bench, never the gate.
 

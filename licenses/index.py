@@ -1,3 +1,4 @@
+# Why this is one module: the index's storage format and its lookup share the candidate hashing.
 """The on-disk index of open models the gate compares uploads against.
 
 Layout under one directory: index.json (entries), descriptors.npy / owners.npy / shapekeys.npy (one row

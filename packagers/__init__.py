@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from edge_runtime.samples import Contract, SampleSet, StatePair
+from edge_runtime.evaluation.samples import Contract, SampleSet, StatePair
 from packagers import arm_cpu as _arm_cpu  # noqa: F401 - registers the target
 from packagers import coral_edgetpu as _coral_edgetpu  # noqa: F401 - registers the target
 from packagers import fpga_xint8 as _fpga_xint8  # noqa: F401 - registers the target

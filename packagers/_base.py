@@ -1,3 +1,4 @@
+# Why this is one module: the Packager base class and the one packaging flow every target follows.
 """The packager registry, typed option parsing, the `Build` result and the shared package-then-measure flow.
 
 A target subclasses `Packager`, declares a frozen options dataclass and implements `convert`; the quality
@@ -18,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from edge_runtime.samples import Contract, SampleSet, parse_pairs, unroll
+from edge_runtime.evaluation.samples import Contract, SampleSet, parse_pairs, unroll
 from edgemart.core.errors import UsageError
 from packagers._data import bind_samples, synthetic_samples
 from packagers._model import ModelInfo, inspect_model

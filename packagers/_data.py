@@ -12,7 +12,7 @@ from os import PathLike
 
 import numpy as np
 
-from edge_runtime.samples import LABEL_KEY, Contract, SampleSet, bind, synthetic
+from edge_runtime.evaluation.samples import LABEL_KEY, Contract, SampleSet, bind, synthetic
 from edgemart.core.errors import UsageError
 from edgemart.core.model_safety import DEFAULT_SAMPLE_LIMITS, SampleLimits, check_sample_file
 from packagers._model import ModelInfo
@@ -63,7 +63,7 @@ def bind_samples(
     role: str,
     contract: Contract | None = None,
 ) -> SampleSet:
-    """Bind `samples` to the model's inputs by the sample contract (see edge_runtime.samples): one UsageError
+    """Bind `samples` to the model's inputs by the sample contract (see edge_runtime.evaluation.samples): one UsageError
     lists, per input, the expected and the given shapes. An already bound SampleSet is returned as it is."""
     if isinstance(samples, SampleSet):
         return samples

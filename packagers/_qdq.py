@@ -1,3 +1,4 @@
+# Why this is one module: the shared static-quantization flow (specialize, preprocess, calibrate, quantize, measure) every int8 ONNX target uses.
 """ONNX graph helpers shared by the QDQ targets: preparation for quantization, per-layer error, op coverage.
 
 Per-layer error compares intermediate activations of the fp32 and the QDQ model by exposing them as outputs."""
@@ -12,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from edge_runtime.samples import SampleSet
+from edge_runtime.evaluation.samples import SampleSet
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, QualityOptions
 from packagers._runtime import OnnxRunner

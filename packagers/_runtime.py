@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge_runtime.samples import SampleSet, run_samples
+from edge_runtime.evaluation.samples import SampleSet, run_samples
 from edgemart.core.errors import UsageError
 
 

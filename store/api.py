@@ -1,3 +1,4 @@
+# Why this is one module: the JSON API blueprint: thin views, one per endpoint, with their OpenAPI docstrings (the spec is generated from them).
 """The JSON API (/api/v1): thin views over store.services. Each view's docstring ends with its OpenAPI
 operation in YAML after a ``---`` line; store.openapi assembles /openapi.json from the registered routes."""
 

@@ -1,3 +1,4 @@
+# Why this is one module: the S3 backend of one interface (BlobStore) with its multipart and checksum handling.
 """The S3-compatible ``BlobStore`` backend (AWS S3, SeaweedFS, MinIO, ...), chosen by ``BLOB_URL=s3://...``.
 
 Owns the object layout (``<prefix><key>``), content hashing while streaming, multipart uploads and the

@@ -1,3 +1,4 @@
+# Why this is one module: every `edgemart store` and `seller` command: argument parsing and output only, each handler a few lines over the services.
 """`edgemart store serve|create-user` and `edgemart seller upload`.
 
 Only stdlib and drm.errors at import time: Flask, SQLAlchemy and the packagers load inside the handlers."""

@@ -1,3 +1,4 @@
+# Why this is one module: the PKCS#11 backend of one interface (KeyVault): session handling and the wrap formats.
 """PKCS#11 key vault: the KEK is a non-extractable AES-256 key inside a token (HSM; SoftHSM2 in the tests).
 
 Content keys are wrapped by AES-GCM computed in the token. The root CA and issuer private keys (Ed25519 and

@@ -1,3 +1,4 @@
+# Why this is one module: the sandbox's two halves (the parent's client and the child's runner and tasks) speak one private frame protocol; keeping them together keeps that protocol in one place.
 """Confined processing of seller bytes: the gate, sample checks, calibration, quantization, conversion and
 quality runs happen in a child process that cannot read the store's keys, reach the network or outgrow its
 limits.

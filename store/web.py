@@ -1,3 +1,4 @@
+# Why this is one module: the HTML blueprint: thin views, one per page and form.
 """The web UI (blueprint ``web``): browse and search, listing pages with quality reports and the compliance
 decision, seller upload with live job progress, buyer licenses and devices, builder production seats with
 the downloads `edgemart bundle build` needs, seller usage, admin review.

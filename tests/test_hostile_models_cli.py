@@ -99,7 +99,7 @@ def _bomb(path: Path) -> Path:
 
 def test_device_eval_and_chain_inputs_refuse_a_zip_bomb(tmp_path, capsys):
     """The buyer's side reads .npz too: `device eval --data` and chain inputs check before inflating."""
-    from edge_runtime.chain_cli import _check_sample_file
+    from edge_runtime.chain.cli import _check_sample_file
     from edge_runtime.cli import _load_npz
     from edgemart.core.errors import UsageError
 

@@ -1,3 +1,4 @@
+# Why this is one module: one walker per format (ONNX protobuf wire, TFLite flatbuffer) plus the sample-file check: every refusal rule of docs/FORMAT.md's model-safety section in one place.
 """The one model-safety check: seller bytes (ONNX or TFLite) are walked before any parser or runtime sees them.
 
 Pure: bytes and limits in, a summary out or `UnsafeModel` (exit 2, HTTP 422) naming the tensor. No ONNX or

@@ -1,3 +1,4 @@
+# Why this is one module: eval and production license issuance share the seat locks, the version choice and the revocation list.
 """Device enrollment, evaluation and production licenses, build downloads, the signed revocation list.
 
 Content keys are unwrapped from the KEK only to be HPKE-wrapped to a device inside a signed license."""

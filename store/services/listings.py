@@ -1,3 +1,4 @@
+# Why this is one module: uploads, versions, search and views of one aggregate (a listing and its versions) share the same validation helpers and transaction rules.
 """Listings: upload validation (every problem at once), the compliance gate, job creation, search, views.
 
 An upload either becomes a listing with its jobs or leaves nothing behind (no blob, no row)."""

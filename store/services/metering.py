@@ -12,8 +12,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 import drm
-from edgemart.core.errors import ConflictError, ForbiddenError, UsageError
 from drm.license import LICENSE_TYP, MAX_OFFLINE_HOURS, MAX_OFFLINE_RUNS
+from edgemart.core.errors import ConflictError, ForbiddenError, UsageError
 from store.context import StoreContext
 from store.models import Device, License, Listing, ListingMetering, UsageFork, UsageRecord, User
 from store.services.listings import get_visible

@@ -1,3 +1,4 @@
+# Why this is one module: the packaging job's lifecycle (claim, lease, heartbeat, run, outcome, retries, dead letters) shares the fenced-update helpers.
 """Packaging jobs: package a listing's model for one target, seal it with a fresh content key, store the
 key only wrapped under the KEK, keep the quality report. Progress goes to the database as it happens."""
 

@@ -18,8 +18,8 @@ import pytest
 import drm
 from edge_runtime import Device
 from edge_runtime.chain import Chain, StageFailed, StageHung, StageRefused
-from edge_runtime.chain_spec import Timeouts, load_chain
-from edge_runtime.chain_steps import apply
+from edge_runtime.chain.spec import Timeouts, load_chain
+from edge_runtime.chain.steps import apply
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "chains"

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from edge_runtime.chain_node import Node
-from edge_runtime.slots import HEADER_BYTES, PAGE, Channel, PeerGone, SlotError
+from edge_runtime.chain.node import Node
+from edge_runtime.chain.slots import HEADER_BYTES, PAGE, Channel, PeerGone, SlotError
 
 
 def _pair(slots: int = 2) -> tuple[Node, Node]:
@@ -74,7 +74,7 @@ def test_interrupt_during_a_slot_write_does_not_pin_the_mapping(monkeypatch) -> 
     """Regression (intermittent SIGINT test failure in CI): a KeyboardInterrupt raised inside the copy left
     the slot's numpy view alive in the traceback's frame, so close() failed with BufferError and Ctrl-C
     turned into a crash with exit 1."""
-    import edge_runtime.slots as slots_mod
+    import edge_runtime.chain.slots as slots_mod
 
     slot = slots_mod.OwnedSlot("interrupt")
     slot.write(0, np.zeros(1024, np.float32))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.chain_spec import load_chain, parse_chain
-from edge_runtime.chain_steps import TensorType, apply, blazeface_anchors, infer, parse_step
+from edge_runtime.chain.spec import load_chain, parse_chain
+from edge_runtime.chain.steps import TensorType, apply, blazeface_anchors, infer, parse_step
 from edgemart.core.errors import UsageError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "chains"

@@ -185,7 +185,7 @@ def test_import_isolation():
     code = (
         "import sys, edge_runtime, edge_runtime.cli\n"
         "from edge_runtime import Device, LicensedModel, evaluate, open_backend\n"
-        "import edge_runtime.report_html, edge_runtime._store_client\n"
+        "import edge_runtime.evaluation.report_html, edge_runtime._store_client\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'flask', 'sqlalchemy', 'store', 'packagers', 'licenses', 'onnx'})\n"
         "print(','.join(bad))\n"
     )

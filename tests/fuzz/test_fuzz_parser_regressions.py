@@ -21,7 +21,7 @@ import pytest
 import drm
 from drm.bundle import BuildEntry, FileEntry, make_manifest, sign_manifest
 from edge_runtime.bundle import Member, verify_members
-from edge_runtime.chain_spec import MAX_CHAIN_BYTES, load_chain, parse_chain, parse_chain_text
+from edge_runtime.chain.spec import MAX_CHAIN_BYTES, load_chain, parse_chain, parse_chain_text
 from licenses.card import parse_model_card
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "chains"

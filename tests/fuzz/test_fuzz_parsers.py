@@ -44,7 +44,7 @@ from drm.bundle import (
     sign_manifest,
 )
 from edge_runtime.bundle import Member, read_bundle, verify_bundle, verify_members
-from edge_runtime.chain_spec import (
+from edge_runtime.chain.spec import (
     _NAME,
     ISOLATION,
     ChainSpec,

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edge_runtime.samples import Contract, bind, run_samples, state_pairs
+from edge_runtime.evaluation.samples import Contract, bind, run_samples, state_pairs
 from edgemart.core.errors import UsageError
 from packagers import inspect_model, package_model
 from packagers.cli import register

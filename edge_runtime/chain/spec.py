@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.chain_steps import DTYPES, Step, TensorType, parse_step
+from edge_runtime.chain.steps import DTYPES, Step, TensorType, parse_step
 from edgemart.core.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.slots import DTYPES
+from edge_runtime.chain.slots import DTYPES
 from edgemart.core.errors import UsageError
 
 Shape = tuple[int | None, ...] | None  # None = rank unknown; None entries = dynamic dims

@@ -1,6 +1,6 @@
 """A chain stage process: opens its own licensed models and runs its stages as frames arrive.
 
-Started by the supervisor (edge_runtime.chain) as `python -m edge_runtime.chain_worker FD`, where
+Started by the supervisor (edge_runtime.chain) as `python -m edge_runtime.chain.worker FD`, where
 FD is its control socket. A vendor's decrypted weights live only in this process."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.chain_node import Node
-from edge_runtime.chain_spec import parse_binding
-from edge_runtime.chain_steps import apply
-from edge_runtime.slots import Channel, PeerGone
+from edge_runtime.chain.node import Node
+from edge_runtime.chain.slots import Channel, PeerGone
+from edge_runtime.chain.spec import parse_binding
+from edge_runtime.chain.steps import apply
 from edgemart.core.errors import EdgemartError, LicenseRefused
 
 

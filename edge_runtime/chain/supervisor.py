@@ -1,3 +1,4 @@
+# Why this is one module: the supervisor's start, feed, watch and shutdown share the stage processes and slot rings it owns.
 """The chain supervisor: starts one process per vendor (or stage), checks signatures, feeds frames.
 
 Frames go into supervisor-owned slots; stages pass tensors to each other through their own slots;
@@ -18,11 +19,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from edge_runtime.chain_check import check_signatures
-from edge_runtime.chain_node import Node
-from edge_runtime.chain_spec import SUPERVISOR, ChainSpec, Timeouts, load_chain
-from edge_runtime.chain_steps import TensorType, apply
-from edge_runtime.slots import Channel, PeerGone, SlotError
+from edge_runtime.chain.check import check_signatures
+from edge_runtime.chain.node import Node
+from edge_runtime.chain.slots import Channel, PeerGone, SlotError
+from edge_runtime.chain.spec import SUPERVISOR, ChainSpec, Timeouts, load_chain
+from edge_runtime.chain.steps import TensorType, apply
 from edgemart.core.errors import EdgemartError, LicenseRefused, UsageError
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -238,7 +239,7 @@ class Chain:
                 ours, theirs = Channel.pair(SUPERVISOR, name)
                 try:
                     popen = subprocess.Popen(
-                        [sys.executable, "-m", "edge_runtime.chain_worker", str(theirs.fileno())],
+                        [sys.executable, "-m", "edge_runtime.chain.worker", str(theirs.fileno())],
                         pass_fds=(theirs.fileno(),),
                         stdin=subprocess.DEVNULL,
                         env=env,

@@ -1,3 +1,4 @@
+# Why this is one module: the sample contract (batched, per-run, fixed inputs, recurrent state) is one rule set used by packagers and device eval alike.
 """The sample contract: how arrays keyed by input name feed a model, run by run, for any input signature.
 
 An array whose rank equals its input's rank carries the batch on axis 0; an array of rank + 1 enumerates

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_runtime.chain_spec import Binding, ChainSpec, split_ref
-from edge_runtime.chain_steps import TensorType, infer
+from edge_runtime.chain.spec import Binding, ChainSpec, split_ref
+from edge_runtime.chain.steps import TensorType, infer
 from edgemart.core.errors import UsageError
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_runtime.backends import TensorSpec
 from edge_runtime.device import LicensedModel
-from edge_runtime.samples import RESERVED_KEYS, SINGLE_INPUT_KEY, Contract, bind, run_samples
+from edge_runtime.evaluation.samples import RESERVED_KEYS, SINGLE_INPUT_KEY, Contract, bind, run_samples
 from edgemart.core.errors import UsageError
 
 DEFAULT_DYNAMIC_BATCH = 16
@@ -145,7 +145,7 @@ class EvalReport:
         return "\n".join(lines)
 
     def to_html(self) -> str:
-        from edge_runtime.report_html import render
+        from edge_runtime.evaluation.report_html import render
 
         return render(self)
 
@@ -189,7 +189,7 @@ def evaluate(
 ) -> EvalReport:
     """Run ``model`` over ``data`` (one array per input, optional labels ``y``) and measure it.
 
-    The data follows the sample contract (edge_runtime.samples): batched on axis 0, or one sample per run;
+    The data follows the sample contract (edge_runtime.evaluation.samples): batched on axis 0, or one sample per run;
     a model with recurrent state runs its sequences step by step, carrying the state (pairs detected by name
     and shape, or given in ``state``). Each call is one licensed run, warm-up calls included; the run
     budget is checked up front."""

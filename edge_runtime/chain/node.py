@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.slots import Channel, MappedSlot, OwnedSlot, PeerGone, SlotError
+from edge_runtime.chain.slots import Channel, MappedSlot, OwnedSlot, PeerGone, SlotError
 
 
 class Node:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from edge_runtime.evaluate import EvalReport
+
+class _Report(Protocol):
+    """What the page needs of an eval report (evaluate.EvalReport); a protocol, so this module does not
+    import the one that imports it."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 _W, _H, _PAD = 560, 220, 40
 _CSS = """
@@ -102,7 +107,7 @@ def confusion_svg(confusion: list[list[int]]) -> str:
     return "".join(parts)
 
 
-def render(report: EvalReport) -> str:
+def render(report: _Report) -> str:
     d = report.to_dict()
     m, lat = d["model"], d["latency_ms"]
     rows = [
