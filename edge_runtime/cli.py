@@ -97,6 +97,12 @@ def register(subparsers: Any) -> None:
         "are detected); the data then holds sequences, with an optional sequence_start array",
     )
     p.add_argument("--reference", type=Path, help=".npz of reference outputs keyed by output name")
+    p.add_argument(
+        "--compare",
+        metavar="TARGET",
+        help="also run this installed build of LISTING (e.g. onnx-fp32) on the same data and report both side"
+        " by side with their agreement (text, --json, --html)",
+    )
     p.add_argument("--save-outputs", type=Path, help="write the model outputs to this .npz")
     p.add_argument("--html", type=Path, help="write a self-contained HTML report here")
     p.add_argument("--batch-size", type=int, help="samples per call when the batch dimension is dynamic")
@@ -250,9 +256,17 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(
             "--target and --version pick an installed build of a LISTING; a sideloaded --build is one build"
         )
+    if args.compare and (sideload or args.reference):
+        raise UsageError("--compare runs two installed builds of a LISTING; it takes no --build or --reference")
+    if args.compare and not args.target:
+        raise UsageError("--compare needs --target: the build to compare with the --compare baseline")
+    if args.compare and args.compare == args.target:
+        raise UsageError(f"--compare {args.compare} is the --target itself; name another installed build")
     data = _load_npz(args.data, "--data")
     reference = _load_npz(args.reference, "--reference") if args.reference else None
     device = Device.open(args.device_dir)
+    if args.compare:
+        return _compare(args, device, data)
     if sideload:
         model = device.open_model(build_path=args.build, license_bytes=_read(args.license, "--license"))
     else:
@@ -279,6 +293,39 @@ def _eval(args: argparse.Namespace) -> int:
     if args.html:
         args.html.write_text(report.to_html(), encoding="utf-8")
     emit(args, report.to_dict(), report.to_text() + (f"\nhtml       {args.html}" if args.html else ""))
+    return 0
+
+
+def _compare(args: argparse.Namespace, device: Any, data: dict[str, Any]) -> int:
+    """`device eval LISTING --target A --compare B`: B runs first, then A with B's outputs as reference."""
+    from edge_runtime.evaluation.compare import Comparison
+    from edge_runtime.evaluation.evaluate import ProgressBar, evaluate
+    from edge_runtime.evaluation.samples import parse_pairs
+
+    state = parse_pairs(args.state, "--state")
+    reports: list[Any] = []
+    for target, reference in ((args.compare, None), (args.target, True)):
+        with device.open_model(listing=args.listing, target=target, version=args.version) as model:
+            reports.append(
+                evaluate(
+                    model,
+                    data,
+                    progress=None if args.quiet else ProgressBar(),
+                    warmup=args.warmup,
+                    batch_size=args.batch_size,
+                    reference=reports[0].outputs if reference else None,
+                    state=state,
+                )
+            )
+    comparison = Comparison(candidate=reports[1], baseline=reports[0])
+    if args.save_outputs:
+        import numpy as np
+
+        np.savez(args.save_outputs, **reports[1].outputs)  # type: ignore[arg-type]
+    if args.html:
+        args.html.write_text(comparison.to_html(), encoding="utf-8")
+    text = comparison.to_text() + (f"\nhtml       {args.html}" if args.html else "")
+    emit(args, comparison.to_dict(), text)
     return 0
 
 

@@ -229,6 +229,37 @@ def test_cli_eval_picks_the_target_asked_for_and_takes_npy(tmp_path, store, digi
     assert r.returncode == 2 and "no coral-edgetpu build on this device" in r.stderr
 
 
+def test_cli_eval_compares_two_builds_on_the_buyers_data(tmp_path, store, digits_test):
+    """A buyer compares the int8 arm-cpu build with the onnx-fp32 baseline on their own data, in one report."""
+    d = tmp_path / "board"
+    assert _cli("enroll", "--store", store.url, "--token", TOKEN, "--device-dir", d).returncode == 0
+    for target in ("arm-cpu", "onnx-fp32"):
+        assert _cli("fetch", "digits", "--target", target, "--device-dir", d).returncode == 0
+    data = tmp_path / "mine.npz"
+    with np.load(digits_test) as z:
+        np.savez(data, x=z["x"][:40], y=z["y"][:40])
+    html = tmp_path / "compare.html"
+    r = _cli("eval", "digits", "--target", "arm-cpu", "--compare", "onnx-fp32", "--device-dir", d,
+             "--data", data, "--json", "--quiet", "--warmup", "0", "--html", html)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["compare"]["candidate"] == "arm-cpu" and doc["compare"]["baseline"] == "onnx-fp32"
+    assert doc["candidate"]["model"]["target"] == "arm-cpu" and doc["baseline"]["model"]["target"] == "onnx-fp32"
+    assert doc["candidate"]["samples"] == doc["baseline"]["samples"] == 40
+    (name, figures), *_ = doc["compare"]["agreement"].items()
+    assert 0.9 <= figures["label_agreement"] <= 1.0  # int8 vs fp32 on the same 40 samples
+    rows = {row["figure"]: row for row in doc["compare"]["figures"]}
+    assert rows["top-1 accuracy"]["candidate"] > 0.8 and rows["top-1 accuracy"]["baseline"] > 0.8
+    assert doc["compare"]["latency_p50_ratio"] > 0
+    page = html.read_text()
+    assert "arm-cpu vs onnx-fp32" in page and page.count("<svg") >= 2  # both reports' plots on one page
+    text = _cli("eval", "digits", "--target", "arm-cpu", "--compare", "onnx-fp32", "--device-dir", d,
+                "--data", data, "--quiet", "--warmup", "0")  # fmt: skip
+    assert text.returncode == 0 and "candidate" in text.stdout and "labels agree" in text.stdout
+    bad = _cli("eval", "digits", "--target", "arm-cpu", "--compare", "arm-cpu", "--device-dir", d, "--data", data)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
 @pytest.fixture
 def sideload(tmp_path, factory, digits_build, now):
     d = tmp_path / "dev"
