@@ -1,3 +1,4 @@
+# Why this is one module: every `edgemart device` command's argument parsing and output, each handler a few lines over Device and evaluation.
 """`edgemart device ...`: init, enroll, add-fleet-key, fetch, install, eval, sync, verify-log, status.
 
 Only the standard library and drm.errors are imported at module level; handlers import the runtime."""
