@@ -1,8 +1,9 @@
 # Why this is one module: the bundle format end to end (manifest, canonical encoding, signature, bounded tar reader and writer): one normative format, one module, like container.py.
 """Firmware bundle format: the signed manifest, the builder's signature and the tar member encoding.
 
-Pure: bytes in, bytes or objects out; no files, no clocks. Reading archives from a stream lives in
-edge_runtime.bundle, assembling them from directories in edgemart.bundle_cli (spec: docs/BUNDLE.md)."""
+Pure: bytes in, bytes or objects out; no files, no clocks. Reading and verifying whole archives lives in
+drm.bundle_reader, installing them in edge_runtime.bundle, assembling them in edgemart.bundle_cli (spec:
+docs/BUNDLE.md)."""
 
 from __future__ import annotations
 
