@@ -504,3 +504,64 @@ def test_model_safety_vectors(case: dict) -> None:
     else:
         with pytest.raises(UnsafeModel):
             check_model_bytes(bytes.fromhex(case["model"]))
+
+
+# ------------------------------------------------------------------------------------------ bundles
+
+
+def _spec_tar_header(name: str, size: int) -> bytes:
+    """docs/BUNDLE.md "Archive": the one canonical ustar header, built from the text alone."""
+    head = bytearray(512)
+    head[0 : len(name)] = name.encode()
+    for offset, width, value in ((100, 8, 0o644), (108, 8, 0), (116, 8, 0), (124, 12, size), (136, 12, 0),
+                                 (329, 8, 0), (337, 8, 0)):  # fmt: skip
+        head[offset : offset + width] = format(value, "o").rjust(width - 1, "0").encode() + b"\0"
+    head[148:156], head[156], head[257:265] = b" " * 8, ord("0"), b"ustar\x0000"
+    head[148:156] = format(sum(head), "06o").encode() + b"\0 "
+    return bytes(head)
+
+
+def test_bundle_vector_verifies() -> None:
+    vec = _load("bundle.json")
+    b = vec["bundle"]
+    root = x509.load_pem_x509_certificate(vec["root_cert_pem"].encode())
+    builder = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(vec["builder_public_key"]))
+    archive = bytes.fromhex(b["archive"])
+    verified = drm.verify_bundle(archive, now=vec["now"], root=root, builder_key=builder)
+    assert verified.builder_kid == vec["builder_kid"] and verified.builder_pinned
+    assert verified.manifest.release is not None and verified.manifest.release.version == 3
+
+    # From the text: the signature, the member headers, the member hashes and the build inside.
+    manifest = b["manifest_json"].encode()
+    assert dumps(loads(manifest, max_size=4 * 1024**2, what="manifest")) == manifest
+    sig = json.loads(b["manifest_sig"])
+    assert bytes.fromhex(b["signed_message"]) == b"edgemart-bundle-sig/1\x00" + manifest
+    raw_sig = __import__("base64").urlsafe_b64decode(sig["sig"] + "==")
+    builder.verify(raw_sig, bytes.fromhex(b["signed_message"]))
+    assert sig["manifest"] == "sha256:" + hashlib.sha256(manifest).hexdigest()
+    members = {}
+    for m in b["members"]:
+        header = archive[m["offset"] : m["offset"] + 512]
+        assert header.hex() == m["header"] and header == _spec_tar_header(m["name"], m["size"])
+        members[m["name"]] = archive[m["offset"] + 512 : m["offset"] + 512 + m["size"]]
+    end = b["members"][-1]["offset"] + 512 + -(-b["members"][-1]["size"] // 512) * 512
+    assert archive[end:] == bytes(1024)
+    listed = json.loads(manifest)
+    assert [m["name"] for m in b["members"]] == ["manifest.json", "manifest.sig"] + [
+        f["path"] for f in listed["files"]
+    ]
+    for f in listed["files"]:
+        assert f["size"] == len(members[f["path"]])
+        assert f["sha256"] == "sha256:" + hashlib.sha256(members[f["path"]]).hexdigest()
+    (entry,) = listed["builds"]
+    assert _spec_open(members[entry["path"]], bytes.fromhex(b["cek"])) == bytes.fromhex(b["build_plaintext"])
+
+
+@pytest.mark.parametrize("case", _load("bundle.json")["refusals"], ids=lambda c: c["name"])
+def test_bundle_refusal_vectors(case: dict) -> None:
+    vec = _load("bundle.json")
+    root = x509.load_pem_x509_certificate(vec["root_cert_pem"].encode())
+    builder = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(vec["builder_public_key"]))
+    with pytest.raises(drm.BundleInvalid) as caught:
+        drm.verify_bundle(bytes.fromhex(case["archive"]), now=vec["now"], root=root, builder_key=builder)
+    assert caught.value.message == case["message"]  # refused for the reason the vector names

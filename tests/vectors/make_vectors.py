@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import drm  # noqa: E402
+import drm.bundle  # noqa: E402
 from drm._canonical import b64e, dumps  # noqa: E402
 from drm.envelope import sign_envelope  # noqa: E402
 from drm.keys import _builder, _name  # noqa: E402
@@ -887,6 +888,160 @@ def model_safety_vectors() -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ bundles
+
+BUILDER_SEED = bytes(range(0x40, 0x60))  # test-only builder key (Ed25519 private key bytes)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    return b"".join(drm.bundle.iter_archive(members))
+
+
+def _bundle_members(
+    files: list[tuple[str, bytes]],
+    builds: list[drm.bundle.BuildEntry],
+    licenses: list[drm.bundle.LicenseEntry],
+    release: drm.bundle.Release | None,
+    key: ed25519.Ed25519PrivateKey,
+) -> list[tuple[str, bytes]]:
+    """The members of a bundle in archive order: manifest, signature, then the files as listed."""
+    manifest = drm.bundle.make_manifest(
+        [drm.bundle.FileEntry(p, len(d), drm.sha256_tag(d)) for p, d in files], builds, licenses, release
+    )
+    manifest_bytes = manifest.to_bytes()
+    ordered = {p: d for p, d in files}
+    return [
+        (drm.bundle.MANIFEST_NAME, manifest_bytes),
+        (drm.bundle.SIGNATURE_NAME, drm.bundle.sign_manifest(manifest_bytes, key)),
+    ] + [(f.path, ordered[f.path]) for f in manifest.files]
+
+
+def bundle_vectors(pki: Pki) -> dict:
+    from drm.bundle import BuildEntry, LicenseEntry, Release
+
+    builder = ed25519.Ed25519PrivateKey.from_private_bytes(BUILDER_SEED)
+    other_builder = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(0x60, 0x80)))
+    device = pki.classic_device
+    plain = plaintext(100)
+    build = drm.seal(plain, key=CEK, target="arm-cpu", media_type="application/vnd.onnx", chunk_size=4096,
+                     nonce_prefix=NONCE_PREFIX)  # fmt: skip
+    build_hash = drm.sha256_tag(plain)
+    token = drm.issue_license(
+        issuer=pki.classic, cek=CEK, recipient=device.kem_public(), kind="production", listing="vector-listing",
+        build_hash=build_hash, target="arm-cpu", now=NOW - 60, days=None, max_runs=None,
+        device_id=device.device_id, license_id="lic_bundle_vector",
+    )  # fmt: skip
+    claims = drm.LicenseClaims.from_dict(drm.parse_envelope(token, "edgemart-license/1")[0])
+    build_path, lic_path = drm.bundle.build_member_name(build_hash), "licenses/lic_bundle_vector.lic"
+    mlbom = dumps({"bomFormat": "CycloneDX", "components": [{"name": "vector-listing",
+                   "type": "machine-learning-model"}], "specVersion": "1.6", "version": 1})  # fmt: skip
+    notice = b"vector-listing: test model, license lic_bundle_vector\n"
+    files = [(build_path, build), (lic_path, token), ("mlbom.cdx.json", mlbom), ("NOTICE", notice)]
+    builds = [BuildEntry(build_path, build_hash, "arm-cpu")]
+    licenses = [LicenseEntry.from_claims(lic_path, claims)]
+    release = Release("vector-fleet", 3)
+    members = _bundle_members(files, builds, licenses, release, builder)
+    archive = _tar(members)
+    pub = builder.public_key()
+
+    def resign(
+        ms: list[tuple[str, bytes]], key: ed25519.Ed25519PrivateKey = builder
+    ) -> list[tuple[str, bytes]]:
+        return [ms[0], (ms[1][0], drm.bundle.sign_manifest(ms[0][1], key))] + ms[2:]
+
+    def replace(name: str, data: bytes) -> list[tuple[str, bytes]]:
+        return [(n, data if n == name else d) for n, d in members]
+
+    edited_manifest = members[0][1].replace(b'"version":3', b'"version":4')
+    forged_sig = json.loads(members[1][1])
+    forged_sig["sig"] = b64e(other_builder.sign(b"edgemart-bundle-sig/1\x00" + members[0][1]))
+    target_files = [(build_path, drm.seal(plain, key=CEK, target="x86-cpu", media_type="application/vnd.onnx",
+                     chunk_size=4096, nonce_prefix=NONCE_PREFIX))] + files[1:]  # fmt: skip
+    symlink = bytearray(drm.bundle.encode_tar_header("chains/link", 0))
+    symlink[156:157], symlink[157:168] = b"2", b"/etc/passwd"
+    symlink[148:156] = b" " * 8
+    symlink[148:156] = format(sum(symlink), "06o").encode() + b"\0 "
+    mtime = bytearray(drm.bundle.encode_tar_header("NOTICE", len(notice)))
+    mtime[136:148], mtime[148:156] = b"00000000001\0", b" " * 8
+    mtime[148:156] = format(sum(mtime), "06o").encode() + b"\0 "
+    many = [(f"chains/c{i:04d}", b"") for i in range(1025)]
+    cases: list[tuple[str, bytes, bool, str, str]] = [
+        ("edited-manifest", _tar(replace("manifest.json", edited_manifest)), False, "different manifest",
+         "manifest.json changed after signing (release version 3 -> 4); manifest.sig unchanged"),
+        ("wrong-signature", _tar(replace("manifest.sig", dumps(forged_sig))), False, "does not verify",
+         "manifest.sig names the builder key but its signature was made by another key"),
+        ("other-builder-key", _tar(resign(members, other_builder)), False, "not the pinned key",
+         "validly re-signed by another builder key; the verifier pins builder_public_key"),
+        ("member-hash-mismatch", _tar(replace("NOTICE", notice.upper())), False, "sha256 does not match",
+         "NOTICE changed (same size) after the manifest listed its hash"),
+        ("extra-member", _tar(members + [("chains/extra", b"x")]), False, "extra file",
+         "a member the manifest does not list"),
+        ("missing-member", _tar([m for m in members if m[0] != "NOTICE"]), False, "missing file",
+         "a member the manifest lists is absent"),
+        ("reordered-members", _tar(members[:2] + [members[3], members[2]] + members[4:]), False, "reordered",
+         "the license member before the build member (canonical order: builds, licenses, ...)"),
+        ("manifest-not-first", _tar([members[1], members[0]] + members[2:]), False, "first member",
+         "manifest.sig before manifest.json"),
+        ("path-traversal", _tar(members[:-1] + [("chains/../NOTICE", notice)]), False, "parent-directory",
+         "a member name with a .. component"),
+        ("absolute-path", _tar(members + [("/etc/passwd", b"")]), False, "absolute member path",
+         "a member name starting with /"),
+        ("symlink-member", _tar(members)[:-1024] + bytes(symlink) + drm.bundle.TAR_END, False, "symbolic link",
+         "a symbolic-link member (only regular files are allowed)"),
+        ("non-canonical-header", b"".join(
+            [_tar(members[:-1])[:-1024], bytes(mtime), notice, drm.bundle.tar_padding(len(notice)),
+             drm.bundle.TAR_END]), False, "not canonical", "NOTICE's header has mtime 1 instead of 0"),
+        ("data-after-end", archive + b"\x01" + bytes(511), False, "after the end-of-archive",
+         "a non-zero byte after the two zero blocks"),
+        ("truncated", archive[:-1024], False, "truncated", "the end-of-archive marker is missing"),
+        ("too-many-members", b"".join(drm.bundle.iter_gzip([_tar(members[:2] + many)])), False,
+         "more than 1024 members", "gzip'd archive with 1027 members (max_members = 1024, counted before "
+         "each member is read)"),
+        ("container-target-differs", _tar(_bundle_members(target_files, [BuildEntry(build_path, build_hash,
+         "x86-cpu")], licenses, release, builder)), False, "differs from its build",
+         "the build's container header (and manifest entry) say x86-cpu, the license says arm-cpu"),
+    ]  # fmt: skip
+    out = []
+    for name, data, ok, match, reason in cases:
+        try:
+            drm.verify_bundle(data, now=NOW, root=pki.root, builder_key=pub)
+            message = ""
+        except drm.BundleInvalid as exc:
+            message = exc.message
+        assert match in message and not ok, (name, message)
+        out.append({"name": name, "archive": data.hex(), "expect": "refuse", "error": "bundle_invalid",
+                    "message": message, "reason": reason})  # fmt: skip
+    verified = drm.verify_bundle(archive, now=NOW, root=pki.root, builder_key=pub)
+    assert verified.builder_pinned and verified.licenses_trusted
+    offset, headers = 0, []
+    for name, data in members:
+        headers.append({"name": name, "size": len(data), "offset": offset,
+                        "header": archive[offset : offset + 512].hex()})  # fmt: skip
+        offset += 512 + len(data) + len(drm.bundle.tar_padding(len(data)))
+    return {
+        "description": "firmware bundles (docs/BUNDLE.md): verify `bundle.archive` at `now` against root_cert_pem "
+        "and builder_public_key; every refusal MUST be refused (error bundle_invalid)",
+        "now": NOW,
+        "root_cert_pem": _cert_pem(pki.root),
+        "builder_seed": BUILDER_SEED.hex(),
+        "builder_public_key": pub.public_bytes_raw().hex(),
+        "builder_kid": drm.key_id(pub),
+        "device_id": device.device_id,
+        "device_sign_key_pem": device.to_files()["sign.key"].decode(),
+        "device_kem_key_pem": device.to_files()["kem.key"].decode(),
+        "bundle": {
+            "manifest_json": members[0][1].decode(),
+            "manifest_sig": members[1][1].decode(),
+            "signed_message": (b"edgemart-bundle-sig/1\x00" + members[0][1]).hex(),
+            "members": headers,
+            "build_plaintext": plain.hex(),
+            "cek": CEK.hex(),
+            "archive": archive.hex(),
+        },
+        "refusals": out,
+    }
+
+
 def main() -> None:
     pki = Pki()
     outputs = {
@@ -897,6 +1052,7 @@ def main() -> None:
         "usage_log.json": usage_log_vectors(),
         "at_rest.json": at_rest_vectors(),
         "model_safety.json": model_safety_vectors(),
+        "bundle.json": bundle_vectors(pki),
     }
     for name, obj in outputs.items():
         (HERE / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
