@@ -353,11 +353,8 @@ def parse_release(obj: Any) -> Release:
     if not _RELEASE_FLEET.match(fleet):
         raise FormatError("manifest release: fleet must be 1-64 of A-Z a-z 0-9 . _ -")
     version = field(obj, "version", int, what=what)
-    allow = (
-        field(obj, "allow_downgrade_from", (int, type(None)), what=what)
-        if "allow_downgrade_from" in obj
-        else None
-    )
+    # Optional members are absent, never null (as the license's optional claims): one encoding per release.
+    allow = field(obj, "allow_downgrade_from", int, what=what) if "allow_downgrade_from" in obj else None
     for value in (version, allow):
         if value is not None and not 1 <= value <= MAX_RELEASE_VERSION:
             raise FormatError(f"manifest release: versions must be between 1 and {MAX_RELEASE_VERSION}")

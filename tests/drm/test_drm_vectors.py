@@ -565,3 +565,59 @@ def test_bundle_refusal_vectors(case: dict) -> None:
     with pytest.raises(drm.BundleInvalid) as caught:
         drm.verify_bundle(bytes.fromhex(case["archive"]), now=vec["now"], root=root, builder_key=builder)
     assert caught.value.message == case["message"]  # refused for the reason the vector names
+
+
+# ------------------------------------------------------------------------------------------ metering
+
+
+def _metering_root() -> x509.Certificate:
+    return x509.load_pem_x509_certificate(_load("metering.json")["root_cert_pem"].encode())
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["budget_checks"], ids=lambda c: c["name"])
+def test_budget_grant_vectors(case: dict) -> None:
+    def verify() -> drm.BudgetGrant:
+        return drm.verify_budget_grant(
+            case["token"].encode(),
+            root=_metering_root(),
+            now=case["now"],
+            device_id=case["device_id"],
+            license_id=case["license_id"],
+        )
+
+    if case["expect"] == "accept":
+        assert verify().to_dict() == case["grant"]
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            verify()
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["activation_checks"], ids=lambda c: c["name"])
+def test_activation_vectors(case: dict) -> None:
+    def verify() -> drm.Activation:
+        return drm.verify_activation(
+            case["token"].encode(),
+            root=_metering_root(),
+            now=case["now"],
+            device_id=case["device_id"],
+            license_id=case["license_id"],
+            fleet_key_id=case["fleet_key_id"],
+            seats=case["seats"],
+        )
+
+    if case["expect"] == "accept":
+        assert verify().to_dict() == case["activation"]
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            verify()
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["release_objects"], ids=lambda c: c["name"])
+def test_bundle_release_object_vectors(case: dict) -> None:
+    from drm.bundle import parse_release
+
+    if case["expect"] == "accept":
+        assert parse_release(case["release"]).to_dict() == case["release"]
+    else:
+        with pytest.raises(drm.FormatError):
+            parse_release(case["release"])

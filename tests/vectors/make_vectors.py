@@ -1042,6 +1042,150 @@ def bundle_vectors(pki: Pki) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ metering
+
+
+def metering_vectors(pki: Pki) -> dict:
+    from drm.metering import ACTIVATION_TYP, BUDGET_TYP
+
+    device_id, other_id = pki.device.device_id, pki.classic_device.device_id
+    fleet_id = drm.key_id(pki.fleet.public_key().public_bytes_raw())
+    lic, fleet_lic = "lic_metering_vector", "lic_fleet_vector"
+    grant = {"device_id": device_id, "issued_at": NOW - 10, "license_id": lic, "not_after": NOW + 72 * 3600,
+             "runs_until": 250, "seq": 17, "v": 1}  # fmt: skip
+    act = {"device_id": device_id, "fleet_key_id": fleet_id, "issued_at": NOW - 10, "license_id": fleet_lic,
+           "seat": 2, "v": 1}  # fmt: skip
+    stranger = pki.other_root.issue_issuer(now=NOW - 86400, pq=False)
+    good_grant = drm.sign_budget_grant(pki.classic, drm.BudgetGrant.from_dict(grant))
+    good_act = drm.sign_activation(pki.classic, drm.Activation.from_dict(act))
+
+    def g(**over: Any) -> bytes:
+        body = {**grant, **over}
+        return sign_envelope(BUDGET_TYP, {k: v for k, v in body.items() if v is not ...}, pki.classic)
+
+    def a(**over: Any) -> bytes:
+        body = {**act, **over}
+        return sign_envelope(ACTIVATION_TYP, {k: v for k, v in body.items() if v is not ...}, pki.classic)
+
+    budget: list[tuple[str, bytes, dict[str, Any], bool, str]] = [
+        ("valid", good_grant, {}, True, "store-signed grant for this device and license"),
+        ("valid-hybrid-issuer", drm.sign_budget_grant(pki.issuer, drm.BudgetGrant.from_dict(grant)), {}, True,
+         "signed by the hybrid issuer: Ed25519 and ML-DSA-65"),
+        ("valid-expired", good_grant, {"now": NOW + 73 * 3600}, True,
+         "verification does not check not_after: the device compares it with trusted time when it runs"),
+        ("issued-at-skew-limit", g(issued_at=NOW + 300), {}, True, "issued_at = now + 300 is accepted"),
+        ("issued-in-future", g(issued_at=NOW + 301, not_after=NOW + 7200), {}, False, "issued_at > now + 300"),
+        ("other-device", good_grant, {"device_id": other_id}, False, "device_id is not the verifier's"),
+        ("other-license", good_grant, {"license_id": "lic_other"}, False, "license_id is not the verifier's"),
+        ("empty-window", g(not_after=NOW - 10), {}, False, "not_after must be > issued_at"),
+        ("extra-member", g(extra=1), {}, False, "exact-member rule"),
+        ("missing-seq", g(seq=...), {}, False, "seq omitted"),
+        ("version-2", g(v=2), {}, False, "v must be 1"),
+        ("negative-runs", g(runs_until=-1), {}, False, "runs_until must be >= 0"),
+        ("runs-at-2^53-1", g(runs_until=2**53 - 1), {}, True, "the largest integer canonical JSON allows"),
+        ("boolean-seq", g(seq=True), {}, False, "true is not an integer"),
+        ("device-id-uppercase", g(device_id=device_id.upper()), {"device_id": device_id.upper()}, False,
+         "device_id must be 32 lower-case hex"),
+        ("activation-as-grant", good_act, {}, False, "typ is edgemart-activation/1, not edgemart-budget/1"),
+        ("foreign-issuer", drm.sign_budget_grant(stranger, drm.BudgetGrant.from_dict(grant)), {}, False,
+         "issuer certificate not issued by the pinned root"),
+    ]  # fmt: skip
+    activation: list[tuple[str, bytes, dict[str, Any], bool, str]] = [
+        ("valid", good_act, {}, True, "seat 2 of a 5-seat fleet license"),
+        ("seat-equals-seats", good_act, {"seats": 2}, True, "seat = seats is accepted"),
+        ("no-seats-claim", good_act, {"seats": None}, True, "a license without a seats claim does not bound seat"),
+        ("seat-over-seats", good_act, {"seats": 1}, False, "seat 2 of a 1-seat license"),
+        ("seat-zero", a(seat=0), {}, False, "seats count from 1"),
+        ("other-device", good_act, {"device_id": other_id}, False, "device_id is not the verifier's"),
+        ("other-license", good_act, {"license_id": "lic_other"}, False, "license_id differs"),
+        ("other-fleet-key", good_act, {"fleet_key_id": "0" * 32}, False, "fleet_key_id differs"),
+        ("issued-in-future", a(issued_at=NOW + 301), {}, False, "issued_at > now + 300"),
+        ("extra-member", a(extra="x"), {}, False, "exact-member rule"),
+        ("grant-as-activation", good_grant, {}, False, "typ is edgemart-budget/1"),
+    ]  # fmt: skip
+    budget_out, act_out = [], []
+    for name, token, over, ok, reason in budget:
+        case = {"name": name, "token": token.decode(), "now": NOW, "device_id": device_id, "license_id": lic,
+                **over}  # fmt: skip
+        try:
+            got = drm.verify_budget_grant(token, root=pki.root, now=case["now"], device_id=case["device_id"],
+                                          license_id=case["license_id"])  # fmt: skip
+            accepted, result = True, got.to_dict()
+        except drm.LicenseRefused:
+            accepted, result = False, None
+        assert accepted == ok, name
+        budget_out.append({**case, "expect": "accept" if ok else "refuse", "grant": result, "reason": reason})
+    for name, token, over, ok, reason in activation:
+        case = {"name": name, "token": token.decode(), "now": NOW, "device_id": device_id,
+                "license_id": fleet_lic, "fleet_key_id": fleet_id, "seats": 5, **over}  # fmt: skip
+        try:
+            got_act = drm.verify_activation(token, root=pki.root, now=case["now"], device_id=case["device_id"],
+                                            license_id=case["license_id"], fleet_key_id=case["fleet_key_id"],
+                                            seats=case["seats"])  # fmt: skip
+            accepted, result = True, got_act.to_dict()
+        except drm.LicenseRefused:
+            accepted, result = False, None
+        assert accepted == ok, name
+        act_out.append(
+            {**case, "expect": "accept" if ok else "refuse", "activation": result, "reason": reason}
+        )
+    releases: list[tuple[str, Any, bool, str]] = [
+        ("fleet-and-version", {"fleet": "gate-cam", "version": 2}, True, "the minimal release"),
+        ("with-allowance", {"allow_downgrade_from": 3, "fleet": "gate-cam", "version": 1}, True,
+         "a signed downgrade allowance above the version"),
+        ("max-version", {"fleet": "a" * 64, "version": 2**31 - 1}, True, "64-character fleet, version 2^31 - 1"),
+        ("version-zero", {"fleet": "gate-cam", "version": 0}, False, "versions start at 1"),
+        ("version-over-2^31", {"fleet": "gate-cam", "version": 2**31}, False, "versions are at most 2^31 - 1"),
+        ("allowance-not-above", {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 2}, False,
+         "allow_downgrade_from must exceed version"),
+        ("allowance-null", {"allow_downgrade_from": None, "fleet": "gate-cam", "version": 2}, False,
+         "optional members are absent, never null"),
+        ("fleet-too-long", {"fleet": "a" * 65, "version": 1}, False, "fleet is 1..64 characters"),
+        ("fleet-slash", {"fleet": "gate/cam", "version": 1}, False, "fleet characters are A-Z a-z 0-9 . _ -"),
+        ("extra-member", {"fleet": "gate-cam", "notes": "", "version": 1}, False, "exact-member rule"),
+        ("missing-version", {"fleet": "gate-cam"}, False, "version is required"),
+    ]  # fmt: skip
+    release_out = []
+    for name, obj, ok, reason in releases:
+        try:
+            drm.bundle.parse_release(obj)
+            accepted = True
+        except drm.FormatError:
+            accepted = False
+        assert accepted == ok, name
+        release_out.append(
+            {"name": name, "release": obj, "expect": "accept" if ok else "refuse", "reason": reason}
+        )
+    rule = [
+        ("first-release", None, {"fleet": "gate-cam", "version": 1}, True, "nothing installed for the fleet"),
+        ("same-version", 2, {"fleet": "gate-cam", "version": 2}, True, "reinstalling the installed release"),
+        ("upgrade", 2, {"fleet": "gate-cam", "version": 3}, True, "a higher version"),
+        ("downgrade", 2, {"fleet": "gate-cam", "version": 1}, False, "a lower version without an allowance"),
+        ("downgrade-allowed", 2, {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 1}, True,
+         "allow_downgrade_from >= the installed version"),
+        ("downgrade-allowance-too-low", 3, {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 1}, False,
+         "allow_downgrade_from < the installed version"),
+    ]  # fmt: skip
+    return {
+        "description": "metering messages (docs/FORMAT.md §18): verify each budget grant and seat activation with "
+        "root_cert_pem and the case's parameters; parse each bundle release; apply the release rule",
+        "root_cert_pem": _cert_pem(pki.root),
+        "budget_checks": budget_out,
+        "activation_checks": act_out,
+        "release_objects": release_out,
+        "release_checks": [
+            {
+                "name": n,
+                "installed": inst,
+                "release": rel,
+                "expect": "accept" if ok else "refuse",
+                "reason": r,
+            }
+            for n, inst, rel, ok, r in rule
+        ],
+    }
+
+
 def main() -> None:
     pki = Pki()
     outputs = {
@@ -1053,6 +1197,7 @@ def main() -> None:
         "at_rest.json": at_rest_vectors(),
         "model_safety.json": model_safety_vectors(),
         "bundle.json": bundle_vectors(pki),
+        "metering.json": metering_vectors(pki),
     }
     for name, obj in outputs.items():
         (HERE / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
