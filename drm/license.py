@@ -11,11 +11,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field
 from drm.envelope import sign_envelope, verify_envelope
-from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys, key_id
+from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys, key_id, mlkem768_public_key
 from edgemart.core.errors import LicenseRefused, UsageError
 
 LICENSE_TYP = "edgemart-license/1"
@@ -142,7 +142,7 @@ def wrap_cek(
     if recipient.mlkem768 is not None and recipient.x25519 is not None:
         suite_id = SUITE_HYBRID
         pub: Any = hpke.MLKEM768X25519PublicKey(
-            mlkem.MLKEM768PublicKey.from_public_bytes(recipient.mlkem768),
+            mlkem768_public_key(recipient.mlkem768),
             x25519.X25519PublicKey.from_public_bytes(recipient.x25519),
         )
     elif recipient.x25519 is not None:

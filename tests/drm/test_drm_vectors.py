@@ -288,6 +288,12 @@ def test_device_keys_csr_and_certificates() -> None:
     for bad in vec["csr_refusals"]:
         with pytest.raises(drm.UsageError):
             authority.issue_device_cert(bytes.fromhex(bad["csr_der"]), now=_load("license.json")["now"])
+    # From the text (FORMAT.md §5.1): ByteDecode12 of the first 1152 bytes has a coefficient >= q = 3329.
+    (bad,) = [c for c in vec["csr_refusals"] if c["name"] == "mlkem768-coefficient-out-of-range"]
+    csr = x509.load_der_x509_csr(bytes.fromhex(bad["csr_der"]))
+    (ek,) = [e.value.value for e in csr.extensions if e.oid.dotted_string == "1.3.6.1.4.1.59999.7.2"]
+    triples = [int.from_bytes(ek[i : i + 3], "little") for i in range(0, 1152, 3)]
+    assert len(ek) == 1184 and max(max(t & 0xFFF, t >> 12) for t in triples) >= 3329
 
 
 @pytest.mark.parametrize("case", _load("license.json")["checks"], ids=lambda c: c["name"])

@@ -31,7 +31,7 @@ import drm  # noqa: E402
 import drm.bundle  # noqa: E402
 from drm._canonical import b64e, dumps  # noqa: E402
 from drm.envelope import sign_envelope  # noqa: E402
-from drm.keys import _builder, _name  # noqa: E402
+from drm.keys import OID_MLKEM768_KEM, OID_X25519_KEM, _builder, _name  # noqa: E402
 from drm.license import LICENSE_TYP  # noqa: E402
 from drm.revocation import REVOCATION_TYP  # noqa: E402
 
@@ -364,13 +364,24 @@ def certificate_vectors(pki: Pki) -> dict:
     files = pki.device.to_files()
     kem = pki.device.kem_public()
     assert drm.cert_kem_keys(pki.device_cert) == kem
-    # CSRs the store must refuse: a bad signature, and one without the X25519 key extension.
+    # CSRs the store must refuse: a bad signature, one without the X25519 key extension, a bad ML-KEM key.
     csr_der = x509.load_pem_x509_csr(pki.csr).public_bytes(serialization.Encoding.DER)
     bad_sig = bytearray(csr_der)
     bad_sig[-1] ^= 1
     no_kem = x509.CertificateSigningRequestBuilder().subject_name(_name("x", org="edgemart device"))
     no_kem_der = no_kem.sign(pki.device.sign, None).public_bytes(serialization.Encoding.DER)
-    for der in (bytes(bad_sig), no_kem_der):
+    # An ML-KEM-768 key of the right length whose first 12-bit coefficient is q = 3329 (FIPS 203 §7.2).
+    bad_ek = bytearray(kem.mlkem768 or b"")
+    bad_ek[0], bad_ek[1] = 3329 & 0xFF, (bad_ek[1] & 0xF0) | (3329 >> 8)
+    bad_mlkem_der = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(pki.device.device_id, org="edgemart device"))
+        .add_extension(x509.UnrecognizedExtension(OID_X25519_KEM, kem.x25519 or b""), critical=False)
+        .add_extension(x509.UnrecognizedExtension(OID_MLKEM768_KEM, bytes(bad_ek)), critical=False)
+        .sign(pki.device.sign, None)
+        .public_bytes(serialization.Encoding.DER)
+    )
+    for der in (bytes(bad_sig), no_kem_der, bad_mlkem_der):
         try:
             pki.authority.issue_device_cert(der, now=NOW)
         except drm.UsageError:
@@ -404,6 +415,11 @@ def certificate_vectors(pki: Pki) -> dict:
                 "name": "no-x25519-extension",
                 "csr_der": no_kem_der.hex(),
                 "reason": "CSR lacks the X25519 key",
+            },
+            {
+                "name": "mlkem768-coefficient-out-of-range",
+                "csr_der": bad_mlkem_der.hex(),
+                "reason": "the ML-KEM-768 key (1184 bytes) fails the FIPS 203 modulus check: coefficient 0 is 3329",
             },
         ],
         "checks": out,
