@@ -254,8 +254,11 @@ def verify_license(
     build_hash: str | None = None,
     revoked: frozenset[str] = frozenset(),
     require_pq: bool = False,
+    target: str | None = None,
 ) -> VerifiedLicense:
-    """Verify signature chain and claims at ``now``. Raises LicenseRefused (opaque message, precise .reason)."""
+    """Verify signature chain and claims at ``now``. Raises LicenseRefused (opaque message, precise .reason).
+
+    ``build_hash`` and ``target`` are the container header's, when the verifier has the container."""
     verified = verify_envelope(
         token, LICENSE_TYP, root=root, now=now, purpose=EKU_LICENSE_ISSUER, require_pq=require_pq
     )
@@ -273,6 +276,8 @@ def verify_license(
         raise LicenseRefused(reason="license is bound to a fleet key this device does not hold")
     if build_hash is not None and claims.build_hash != build_hash:
         raise LicenseRefused(reason="license is for another build")
+    if target is not None and claims.target != target:
+        raise LicenseRefused(reason=f"license is for target {claims.target}, the container for {target}")
     if now < claims.not_before:
         raise LicenseRefused(reason="license is not yet valid")
     if claims.not_after is not None and now >= claims.not_after:

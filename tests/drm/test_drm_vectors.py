@@ -310,6 +310,7 @@ def test_license_check_vectors(case: dict) -> None:
             build_hash=case["build_hash"],
             revoked=frozenset(case["revoked"]),
             require_pq=case["require_pq"],
+            target=case["target"],
         )
 
     if case["expect"] == "accept":

@@ -527,8 +527,8 @@ def license_vectors(pki: Pki) -> dict:
 
     x25519_claims = json.loads(drm.parse_envelope(token_x25519, LICENSE_TYP)[1])
     dev = device.device_id
-    base = {"device_id": dev, "fleet_key_ids": [], "build_hash": build_hash, "revoked": [], "require_pq": False,
-            "now": NOW}  # fmt: skip
+    base = {"device_id": dev, "fleet_key_ids": [], "build_hash": build_hash, "target": "arm-cpu", "revoked": [],
+            "require_pq": False, "now": NOW}  # fmt: skip
     checks: list[tuple[str, bytes, dict[str, Any], bool, str]] = [
         ("hybrid-eval", token, {}, True, "the reference token"),
         ("hybrid-eval-require-pq", token, {"require_pq": True}, True, "co-signed by ML-DSA-65"),
@@ -543,6 +543,9 @@ def license_vectors(pki: Pki) -> dict:
         ("wrong-device", token, {"device_id": classic.device_id}, False, "bound to another device"),
         ("no-device-given", token, {"device_id": None}, False, "device-bound, verifier has no device id"),
         ("other-build", token, {"build_hash": other_hash}, False, "license for another build"),
+        ("container-target-differs", token, {"target": "x86-cpu"}, False,
+         "the container header's target is not the license's (same build hash)"),
+        ("no-target-given", token, {"target": None}, True, "without a container there is no target to compare"),
         ("revoked", token, {"revoked": ["lic_vector_0001"]}, False, "license id is revoked"),
         ("strip-ml-dsa", env_edit(token, strip_pq), {}, False, "co-signature stripped"),
         ("extra-sig-alg", env_edit(token, add_alg), {}, False, "sig names an algorithm outside the pinned set"),
@@ -580,7 +583,8 @@ def license_vectors(pki: Pki) -> dict:
         try:
             drm.verify_license(tok, root=pki.root, now=args["now"], device_id=args["device_id"],
                                fleet_key_ids=frozenset(args["fleet_key_ids"]), build_hash=args["build_hash"],
-                               revoked=frozenset(args["revoked"]), require_pq=args["require_pq"])  # fmt: skip
+                               revoked=frozenset(args["revoked"]), require_pq=args["require_pq"],
+                               target=args["target"])  # fmt: skip
             accepted = True
         except drm.LicenseRefused:
             accepted = False
