@@ -1,12 +1,17 @@
 """Regenerate the known-answer vectors in this directory (docs/FORMAT.md §14 defines every field).
 
-    .venv/bin/python tests/vectors/make_vectors.py
+    .venv/bin/python tests/vectors/make_vectors.py [FILE ...]     # all files, or only the named ones
 
-Deterministic vectors (container, canonical JSON, usage log, model safety, the PKCS#11 wrap formats) come out
-byte-identical every run; the others embed fresh randomness (HPKE encapsulation, ML-DSA hedged signatures,
-GCM nonces, certificate serials) and therefore carry the private keys a second implementation needs to check
-them. tests/drm/test_drm_vectors.py checks every file against the code and against from-the-spec decoders.
-All keys here are test-only."""
+Byte-identical every run: container.json, canonical.json, usage_log.json, model_safety.json and the PKCS#11
+entries of at_rest.json (fixed keys, nonces and IVs; Ed25519 is deterministic). New bytes every run, so they
+carry every private key needed to check them: certificates.json and license.json (fresh root, issuer and
+device keys, certificate serials, HPKE encapsulations, hedged ML-DSA-65 signatures), at_rest.json `keywrap`
+and `state` (random GCM nonces), bundle.json (fresh root, issuer and device keys and the license's HPKE
+encapsulation, hence the license, manifest, signature and archive bytes; the builder key and the sealed build
+are fixed) and metering.json (fresh root and issuer keys). Naming files regenerates only those, so an
+unrelated change does not rewrite the random ones; certificates.json and license.json are always written
+together (they describe one PKI). tests/drm/test_drm_vectors.py checks every file against the code and
+against from-the-spec decoders. All keys here are test-only."""
 
 from __future__ import annotations
 
@@ -1206,23 +1211,30 @@ def metering_vectors(pki: Pki) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     pki = Pki()
-    outputs = {
-        "container.json": container_vectors(),
-        "canonical.json": canonical_vectors(),
-        "certificates.json": certificate_vectors(pki),
-        "license.json": license_vectors(pki),
-        "usage_log.json": usage_log_vectors(),
-        "at_rest.json": at_rest_vectors(),
-        "model_safety.json": model_safety_vectors(),
-        "bundle.json": bundle_vectors(pki),
-        "metering.json": metering_vectors(pki),
+    makers: dict[str, Callable[[], dict]] = {
+        "container.json": container_vectors,
+        "canonical.json": canonical_vectors,
+        "certificates.json": lambda: certificate_vectors(pki),
+        "license.json": lambda: license_vectors(pki),
+        "usage_log.json": usage_log_vectors,
+        "at_rest.json": at_rest_vectors,
+        "model_safety.json": model_safety_vectors,
+        "bundle.json": lambda: bundle_vectors(pki),
+        "metering.json": lambda: metering_vectors(pki),
     }
+    wanted = {Path(a).name for a in argv} or set(makers)
+    unknown = wanted - set(makers)
+    if unknown:
+        raise SystemExit(f"unknown vector file(s): {', '.join(sorted(unknown))} (known: {', '.join(makers)})")
+    if wanted & {"certificates.json", "license.json"}:
+        wanted |= {"certificates.json", "license.json"}
+    outputs = {name: make() for name, make in makers.items() if name in wanted}
     for name, obj in outputs.items():
         (HERE / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {HERE / name}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
