@@ -1,8 +1,10 @@
-"""edgemart's pure cryptographic core: container, license, keys, usage log, revocation.
+"""edgemart's pure cryptographic core: container, license, keys, usage log, revocation, bundles, metering.
 
 Bytes and ``now`` in, objects or one opaque error out. No files, network or clocks here."""
 
 from drm._canonical import FormatError, sha256_tag
+from drm.bundle import BundleInvalid, BundleLimits
+from drm.bundle_reader import VerifiedBundle, verify_bundle
 from drm.container import (
     ContainerHeader,
     ContainerLimits,
@@ -66,6 +68,10 @@ from edgemart.core.errors import (
 )
 
 __all__ = [
+    "BundleInvalid",
+    "BundleLimits",
+    "VerifiedBundle",
+    "verify_bundle",
     "Activation",
     "BudgetGrant",
     "parse_activation",

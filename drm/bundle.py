@@ -1,8 +1,9 @@
 # Why this is one module: the bundle format end to end (manifest, canonical encoding, signature, bounded tar reader and writer): one normative format, one module, like container.py.
 """Firmware bundle format: the signed manifest, the builder's signature and the tar member encoding.
 
-Pure: bytes in, bytes or objects out; no files, no clocks. Reading archives from a stream lives in
-edge_runtime.bundle, assembling them from directories in edgemart.bundle_cli (spec: docs/BUNDLE.md)."""
+Pure: bytes in, bytes or objects out; no files, no clocks. Reading and verifying whole archives lives in
+drm.bundle_reader, installing them in edge_runtime.bundle, assembling them in edgemart.bundle_cli (spec:
+docs/BUNDLE.md)."""
 
 from __future__ import annotations
 
@@ -352,11 +353,8 @@ def parse_release(obj: Any) -> Release:
     if not _RELEASE_FLEET.match(fleet):
         raise FormatError("manifest release: fleet must be 1-64 of A-Z a-z 0-9 . _ -")
     version = field(obj, "version", int, what=what)
-    allow = (
-        field(obj, "allow_downgrade_from", (int, type(None)), what=what)
-        if "allow_downgrade_from" in obj
-        else None
-    )
+    # Optional members are absent, never null (as the license's optional claims): one encoding per release.
+    allow = field(obj, "allow_downgrade_from", int, what=what) if "allow_downgrade_from" in obj else None
     for value in (version, allow):
         if value is not None and not 1 <= value <= MAX_RELEASE_VERSION:
             raise FormatError(f"manifest release: versions must be between 1 and {MAX_RELEASE_VERSION}")

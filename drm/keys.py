@@ -222,9 +222,23 @@ def _kem_keys_from(extensions: x509.Extensions) -> KemKeys:
     m = found.get(OID_MLKEM768_KEM)
     if x is not None and len(x) != 32:
         raise UsageError("X25519 key extension has the wrong length")
-    if m is not None and len(m) != 1184:
-        raise UsageError("ML-KEM-768 key extension has the wrong length")
+    if m is not None:
+        mlkem768_public_key(m)
     return KemKeys(x, m)
+
+
+def mlkem768_public_key(raw: bytes) -> mlkem.MLKEM768PublicKey:
+    """An ML-KEM-768 encapsulation key after the FIPS 203 §7.2 input checks: 1184 bytes and every 12-bit
+    coefficient < q = 3329 (ByteEncode12(ByteDecode12(ek)) = ek). UsageError otherwise, so a bad key is
+    refused where it enters (a CSR, a certificate), not when a content key is wrapped to it."""
+    if len(raw) != 1184:
+        raise UsageError("ML-KEM-768 key extension has the wrong length")
+    try:
+        return mlkem.MLKEM768PublicKey.from_public_bytes(bytes(raw))
+    except ValueError:  # the backend runs the modulus check (its message only mentions the length)
+        raise UsageError(
+            "ML-KEM-768 key fails the FIPS 203 encapsulation-key check (a coefficient is not below q = 3329)"
+        ) from None
 
 
 def device_certificate(

@@ -11,11 +11,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field
 from drm.envelope import sign_envelope, verify_envelope
-from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys, key_id
+from drm.keys import EKU_LICENSE_ISSUER, DeviceKeys, Issuer, KemKeys, key_id, mlkem768_public_key
 from edgemart.core.errors import LicenseRefused, UsageError
 
 LICENSE_TYP = "edgemart-license/1"
@@ -142,7 +142,7 @@ def wrap_cek(
     if recipient.mlkem768 is not None and recipient.x25519 is not None:
         suite_id = SUITE_HYBRID
         pub: Any = hpke.MLKEM768X25519PublicKey(
-            mlkem.MLKEM768PublicKey.from_public_bytes(recipient.mlkem768),
+            mlkem768_public_key(recipient.mlkem768),
             x25519.X25519PublicKey.from_public_bytes(recipient.x25519),
         )
     elif recipient.x25519 is not None:
@@ -254,8 +254,11 @@ def verify_license(
     build_hash: str | None = None,
     revoked: frozenset[str] = frozenset(),
     require_pq: bool = False,
+    target: str | None = None,
 ) -> VerifiedLicense:
-    """Verify signature chain and claims at ``now``. Raises LicenseRefused (opaque message, precise .reason)."""
+    """Verify signature chain and claims at ``now``. Raises LicenseRefused (opaque message, precise .reason).
+
+    ``build_hash`` and ``target`` are the container header's, when the verifier has the container."""
     verified = verify_envelope(
         token, LICENSE_TYP, root=root, now=now, purpose=EKU_LICENSE_ISSUER, require_pq=require_pq
     )
@@ -273,6 +276,8 @@ def verify_license(
         raise LicenseRefused(reason="license is bound to a fleet key this device does not hold")
     if build_hash is not None and claims.build_hash != build_hash:
         raise LicenseRefused(reason="license is for another build")
+    if target is not None and claims.target != target:
+        raise LicenseRefused(reason=f"license is for target {claims.target}, the container for {target}")
     if now < claims.not_before:
         raise LicenseRefused(reason="license is not yet valid")
     if claims.not_after is not None and now >= claims.not_after:

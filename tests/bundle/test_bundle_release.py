@@ -120,3 +120,24 @@ def test_bad_release_arguments_are_one_line_exit_2(
     assert main(build_args(dirs, tmp_path / "b.tar", builder_key[0], *args)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+_METERING = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "metering.json").read_text())
+
+
+@pytest.mark.parametrize("case", _METERING["release_checks"], ids=lambda c: c["name"])
+def test_release_rule_vectors(tmp_path: Path, case: dict) -> None:
+    """docs/FORMAT.md §18.3 on the reference device: the installed release per fleet, then the new one."""
+    from drm.bundle import parse_release
+
+    device = Device.init(tmp_path / "board", trust=_METERING["root_cert_pem"].encode(), now=NOW)
+    release = parse_release(case["release"])
+    if case["installed"] is not None:
+        device.record_bundle_release(
+            parse_release({"fleet": release.fleet, "version": case["installed"]}), now=NOW
+        )
+    if case["expect"] == "accept":
+        device.check_bundle_release(release, now=NOW)
+    else:
+        with pytest.raises(drm.Refusal):
+            device.check_bundle_release(release, now=NOW)

@@ -94,3 +94,33 @@ def test_validity_bounds_are_inclusive(store: Store) -> None:
     for now in (lo - 1, hi + 1):
         with pytest.raises(drm.LicenseRefused):
             drm.verify_cert(cert, store.authority.cert, now=now, purpose=drm.EKU_LICENSE_ISSUER)
+
+
+def _out_of_range_mlkem_key(device: drm.DeviceKeys) -> bytes:
+    """The device's ML-KEM-768 encapsulation key with its first 12-bit coefficient set to q = 3329."""
+    ek = bytearray(device.kem_public().mlkem768 or b"")
+    ek[0], ek[1] = 3329 & 0xFF, (ek[1] & 0xF0) | (3329 >> 8)
+    return bytes(ek)
+
+
+def test_mlkem_key_with_a_coefficient_of_q_or_more_is_refused(store: Store, device: drm.DeviceKeys) -> None:
+    # FIPS 203 §7.2 encapsulation-key check: ByteEncode12(ByteDecode12(ek)) = ek, i.e. every coefficient < q.
+    # The store refuses such a key at enrollment (before certifying it), not later when it wraps a CEK.
+    from cryptography.hazmat.primitives import serialization
+
+    from drm.keys import OID_MLKEM768_KEM, OID_X25519_KEM, KemKeys
+
+    bad = _out_of_range_mlkem_key(device)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(device.device_id, org="edgemart device"))
+        .add_extension(x509.UnrecognizedExtension(OID_X25519_KEM, device.kem_public().x25519 or b""), False)
+        .add_extension(x509.UnrecognizedExtension(OID_MLKEM768_KEM, bad), False)
+        .sign(device.sign, None)
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    with pytest.raises(drm.UsageError, match="FIPS 203"):
+        store.authority.issue_device_cert(csr, now=NOW)
+    with pytest.raises(drm.UsageError, match="FIPS 203"):
+        drm.wrap_cek(bytes(32), KemKeys(device.kem_public().x25519, bad), license_id="lic_a",
+                     build_hash="sha256:" + "a" * 64, binding_id=device.device_id)  # fmt: skip

@@ -288,6 +288,12 @@ def test_device_keys_csr_and_certificates() -> None:
     for bad in vec["csr_refusals"]:
         with pytest.raises(drm.UsageError):
             authority.issue_device_cert(bytes.fromhex(bad["csr_der"]), now=_load("license.json")["now"])
+    # From the text (FORMAT.md §5.1): ByteDecode12 of the first 1152 bytes has a coefficient >= q = 3329.
+    (bad,) = [c for c in vec["csr_refusals"] if c["name"] == "mlkem768-coefficient-out-of-range"]
+    csr = x509.load_der_x509_csr(bytes.fromhex(bad["csr_der"]))
+    (ek,) = [e.value.value for e in csr.extensions if e.oid.dotted_string == "1.3.6.1.4.1.59999.7.2"]
+    triples = [int.from_bytes(ek[i : i + 3], "little") for i in range(0, 1152, 3)]
+    assert len(ek) == 1184 and max(max(t & 0xFFF, t >> 12) for t in triples) >= 3329
 
 
 @pytest.mark.parametrize("case", _load("license.json")["checks"], ids=lambda c: c["name"])
@@ -304,6 +310,7 @@ def test_license_check_vectors(case: dict) -> None:
             build_hash=case["build_hash"],
             revoked=frozenset(case["revoked"]),
             require_pq=case["require_pq"],
+            target=case["target"],
         )
 
     if case["expect"] == "accept":
@@ -504,3 +511,120 @@ def test_model_safety_vectors(case: dict) -> None:
     else:
         with pytest.raises(UnsafeModel):
             check_model_bytes(bytes.fromhex(case["model"]))
+
+
+# ------------------------------------------------------------------------------------------ bundles
+
+
+def _spec_tar_header(name: str, size: int) -> bytes:
+    """docs/BUNDLE.md "Archive": the one canonical ustar header, built from the text alone."""
+    head = bytearray(512)
+    head[0 : len(name)] = name.encode()
+    for offset, width, value in ((100, 8, 0o644), (108, 8, 0), (116, 8, 0), (124, 12, size), (136, 12, 0),
+                                 (329, 8, 0), (337, 8, 0)):  # fmt: skip
+        head[offset : offset + width] = format(value, "o").rjust(width - 1, "0").encode() + b"\0"
+    head[148:156], head[156], head[257:265] = b" " * 8, ord("0"), b"ustar\x0000"
+    head[148:156] = format(sum(head), "06o").encode() + b"\0 "
+    return bytes(head)
+
+
+def test_bundle_vector_verifies() -> None:
+    vec = _load("bundle.json")
+    b = vec["bundle"]
+    root = x509.load_pem_x509_certificate(vec["root_cert_pem"].encode())
+    builder = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(vec["builder_public_key"]))
+    archive = bytes.fromhex(b["archive"])
+    verified = drm.verify_bundle(archive, now=vec["now"], root=root, builder_key=builder)
+    assert verified.builder_kid == vec["builder_kid"] and verified.builder_pinned
+    assert verified.manifest.release is not None and verified.manifest.release.version == 3
+
+    # From the text: the signature, the member headers, the member hashes and the build inside.
+    manifest = b["manifest_json"].encode()
+    assert dumps(loads(manifest, max_size=4 * 1024**2, what="manifest")) == manifest
+    sig = json.loads(b["manifest_sig"])
+    assert bytes.fromhex(b["signed_message"]) == b"edgemart-bundle-sig/1\x00" + manifest
+    raw_sig = __import__("base64").urlsafe_b64decode(sig["sig"] + "==")
+    builder.verify(raw_sig, bytes.fromhex(b["signed_message"]))
+    assert sig["manifest"] == "sha256:" + hashlib.sha256(manifest).hexdigest()
+    members = {}
+    for m in b["members"]:
+        header = archive[m["offset"] : m["offset"] + 512]
+        assert header.hex() == m["header"] and header == _spec_tar_header(m["name"], m["size"])
+        members[m["name"]] = archive[m["offset"] + 512 : m["offset"] + 512 + m["size"]]
+    end = b["members"][-1]["offset"] + 512 + -(-b["members"][-1]["size"] // 512) * 512
+    assert archive[end:] == bytes(1024)
+    listed = json.loads(manifest)
+    assert [m["name"] for m in b["members"]] == ["manifest.json", "manifest.sig"] + [
+        f["path"] for f in listed["files"]
+    ]
+    for f in listed["files"]:
+        assert f["size"] == len(members[f["path"]])
+        assert f["sha256"] == "sha256:" + hashlib.sha256(members[f["path"]]).hexdigest()
+    (entry,) = listed["builds"]
+    assert _spec_open(members[entry["path"]], bytes.fromhex(b["cek"])) == bytes.fromhex(b["build_plaintext"])
+
+
+@pytest.mark.parametrize("case", _load("bundle.json")["refusals"], ids=lambda c: c["name"])
+def test_bundle_refusal_vectors(case: dict) -> None:
+    vec = _load("bundle.json")
+    root = x509.load_pem_x509_certificate(vec["root_cert_pem"].encode())
+    builder = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(vec["builder_public_key"]))
+    with pytest.raises(drm.BundleInvalid) as caught:
+        drm.verify_bundle(bytes.fromhex(case["archive"]), now=vec["now"], root=root, builder_key=builder)
+    assert caught.value.message == case["message"]  # refused for the reason the vector names
+
+
+# ------------------------------------------------------------------------------------------ metering
+
+
+def _metering_root() -> x509.Certificate:
+    return x509.load_pem_x509_certificate(_load("metering.json")["root_cert_pem"].encode())
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["budget_checks"], ids=lambda c: c["name"])
+def test_budget_grant_vectors(case: dict) -> None:
+    def verify() -> drm.BudgetGrant:
+        return drm.verify_budget_grant(
+            case["token"].encode(),
+            root=_metering_root(),
+            now=case["now"],
+            device_id=case["device_id"],
+            license_id=case["license_id"],
+        )
+
+    if case["expect"] == "accept":
+        assert verify().to_dict() == case["grant"]
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            verify()
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["activation_checks"], ids=lambda c: c["name"])
+def test_activation_vectors(case: dict) -> None:
+    def verify() -> drm.Activation:
+        return drm.verify_activation(
+            case["token"].encode(),
+            root=_metering_root(),
+            now=case["now"],
+            device_id=case["device_id"],
+            license_id=case["license_id"],
+            fleet_key_id=case["fleet_key_id"],
+            seats=case["seats"],
+        )
+
+    if case["expect"] == "accept":
+        assert verify().to_dict() == case["activation"]
+    else:
+        with pytest.raises(drm.LicenseRefused):
+            verify()
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["release_objects"], ids=lambda c: c["name"])
+def test_bundle_release_object_vectors(case: dict) -> None:
+    from drm.bundle import parse_release
+
+    if case["expect"] == "accept":
+        assert parse_release(case["release"]).to_dict() == case["release"]
+    else:
+        with pytest.raises(drm.FormatError):
+            parse_release(case["release"])

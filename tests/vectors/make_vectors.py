@@ -1,12 +1,17 @@
 """Regenerate the known-answer vectors in this directory (docs/FORMAT.md §14 defines every field).
 
-    .venv/bin/python tests/vectors/make_vectors.py
+    .venv/bin/python tests/vectors/make_vectors.py [FILE ...]     # all files, or only the named ones
 
-Deterministic vectors (container, canonical JSON, usage log, model safety, the PKCS#11 wrap formats) come out
-byte-identical every run; the others embed fresh randomness (HPKE encapsulation, ML-DSA hedged signatures,
-GCM nonces, certificate serials) and therefore carry the private keys a second implementation needs to check
-them. tests/drm/test_drm_vectors.py checks every file against the code and against from-the-spec decoders.
-All keys here are test-only."""
+Byte-identical every run: container.json, canonical.json, usage_log.json, model_safety.json and the PKCS#11
+entries of at_rest.json (fixed keys, nonces and IVs; Ed25519 is deterministic). New bytes every run, so they
+carry every private key needed to check them: certificates.json and license.json (fresh root, issuer and
+device keys, certificate serials, HPKE encapsulations, hedged ML-DSA-65 signatures), at_rest.json `keywrap`
+and `state` (random GCM nonces), bundle.json (fresh root, issuer and device keys and the license's HPKE
+encapsulation, hence the license, manifest, signature and archive bytes; the builder key and the sealed build
+are fixed) and metering.json (fresh root and issuer keys). Naming files regenerates only those, so an
+unrelated change does not rewrite the random ones; certificates.json and license.json are always written
+together (they describe one PKI). tests/drm/test_drm_vectors.py checks every file against the code and
+against from-the-spec decoders. All keys here are test-only."""
 
 from __future__ import annotations
 
@@ -28,9 +33,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import drm  # noqa: E402
+import drm.bundle  # noqa: E402
 from drm._canonical import b64e, dumps  # noqa: E402
 from drm.envelope import sign_envelope  # noqa: E402
-from drm.keys import _builder, _name  # noqa: E402
+from drm.keys import OID_MLKEM768_KEM, OID_X25519_KEM, _builder, _name  # noqa: E402
 from drm.license import LICENSE_TYP  # noqa: E402
 from drm.revocation import REVOCATION_TYP  # noqa: E402
 
@@ -363,13 +369,24 @@ def certificate_vectors(pki: Pki) -> dict:
     files = pki.device.to_files()
     kem = pki.device.kem_public()
     assert drm.cert_kem_keys(pki.device_cert) == kem
-    # CSRs the store must refuse: a bad signature, and one without the X25519 key extension.
+    # CSRs the store must refuse: a bad signature, one without the X25519 key extension, a bad ML-KEM key.
     csr_der = x509.load_pem_x509_csr(pki.csr).public_bytes(serialization.Encoding.DER)
     bad_sig = bytearray(csr_der)
     bad_sig[-1] ^= 1
     no_kem = x509.CertificateSigningRequestBuilder().subject_name(_name("x", org="edgemart device"))
     no_kem_der = no_kem.sign(pki.device.sign, None).public_bytes(serialization.Encoding.DER)
-    for der in (bytes(bad_sig), no_kem_der):
+    # An ML-KEM-768 key of the right length whose first 12-bit coefficient is q = 3329 (FIPS 203 §7.2).
+    bad_ek = bytearray(kem.mlkem768 or b"")
+    bad_ek[0], bad_ek[1] = 3329 & 0xFF, (bad_ek[1] & 0xF0) | (3329 >> 8)
+    bad_mlkem_der = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(pki.device.device_id, org="edgemart device"))
+        .add_extension(x509.UnrecognizedExtension(OID_X25519_KEM, kem.x25519 or b""), critical=False)
+        .add_extension(x509.UnrecognizedExtension(OID_MLKEM768_KEM, bytes(bad_ek)), critical=False)
+        .sign(pki.device.sign, None)
+        .public_bytes(serialization.Encoding.DER)
+    )
+    for der in (bytes(bad_sig), no_kem_der, bad_mlkem_der):
         try:
             pki.authority.issue_device_cert(der, now=NOW)
         except drm.UsageError:
@@ -403,6 +420,11 @@ def certificate_vectors(pki: Pki) -> dict:
                 "name": "no-x25519-extension",
                 "csr_der": no_kem_der.hex(),
                 "reason": "CSR lacks the X25519 key",
+            },
+            {
+                "name": "mlkem768-coefficient-out-of-range",
+                "csr_der": bad_mlkem_der.hex(),
+                "reason": "the ML-KEM-768 key (1184 bytes) fails the FIPS 203 modulus check: coefficient 0 is 3329",
             },
         ],
         "checks": out,
@@ -510,8 +532,8 @@ def license_vectors(pki: Pki) -> dict:
 
     x25519_claims = json.loads(drm.parse_envelope(token_x25519, LICENSE_TYP)[1])
     dev = device.device_id
-    base = {"device_id": dev, "fleet_key_ids": [], "build_hash": build_hash, "revoked": [], "require_pq": False,
-            "now": NOW}  # fmt: skip
+    base = {"device_id": dev, "fleet_key_ids": [], "build_hash": build_hash, "target": "arm-cpu", "revoked": [],
+            "require_pq": False, "now": NOW}  # fmt: skip
     checks: list[tuple[str, bytes, dict[str, Any], bool, str]] = [
         ("hybrid-eval", token, {}, True, "the reference token"),
         ("hybrid-eval-require-pq", token, {"require_pq": True}, True, "co-signed by ML-DSA-65"),
@@ -526,6 +548,9 @@ def license_vectors(pki: Pki) -> dict:
         ("wrong-device", token, {"device_id": classic.device_id}, False, "bound to another device"),
         ("no-device-given", token, {"device_id": None}, False, "device-bound, verifier has no device id"),
         ("other-build", token, {"build_hash": other_hash}, False, "license for another build"),
+        ("container-target-differs", token, {"target": "x86-cpu"}, False,
+         "the container header's target is not the license's (same build hash)"),
+        ("no-target-given", token, {"target": None}, True, "without a container there is no target to compare"),
         ("revoked", token, {"revoked": ["lic_vector_0001"]}, False, "license id is revoked"),
         ("strip-ml-dsa", env_edit(token, strip_pq), {}, False, "co-signature stripped"),
         ("extra-sig-alg", env_edit(token, add_alg), {}, False, "sig names an algorithm outside the pinned set"),
@@ -563,7 +588,8 @@ def license_vectors(pki: Pki) -> dict:
         try:
             drm.verify_license(tok, root=pki.root, now=args["now"], device_id=args["device_id"],
                                fleet_key_ids=frozenset(args["fleet_key_ids"]), build_hash=args["build_hash"],
-                               revoked=frozenset(args["revoked"]), require_pq=args["require_pq"])  # fmt: skip
+                               revoked=frozenset(args["revoked"]), require_pq=args["require_pq"],
+                               target=args["target"])  # fmt: skip
             accepted = True
         except drm.LicenseRefused:
             accepted = False
@@ -887,21 +913,328 @@ def model_safety_vectors() -> dict:
     }
 
 
-def main() -> None:
-    pki = Pki()
-    outputs = {
-        "container.json": container_vectors(),
-        "canonical.json": canonical_vectors(),
-        "certificates.json": certificate_vectors(pki),
-        "license.json": license_vectors(pki),
-        "usage_log.json": usage_log_vectors(),
-        "at_rest.json": at_rest_vectors(),
-        "model_safety.json": model_safety_vectors(),
+# ------------------------------------------------------------------------------------------ bundles
+
+BUILDER_SEED = bytes(range(0x40, 0x60))  # test-only builder key (Ed25519 private key bytes)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    return b"".join(drm.bundle.iter_archive(members))
+
+
+def _bundle_members(
+    files: list[tuple[str, bytes]],
+    builds: list[drm.bundle.BuildEntry],
+    licenses: list[drm.bundle.LicenseEntry],
+    release: drm.bundle.Release | None,
+    key: ed25519.Ed25519PrivateKey,
+) -> list[tuple[str, bytes]]:
+    """The members of a bundle in archive order: manifest, signature, then the files as listed."""
+    manifest = drm.bundle.make_manifest(
+        [drm.bundle.FileEntry(p, len(d), drm.sha256_tag(d)) for p, d in files], builds, licenses, release
+    )
+    manifest_bytes = manifest.to_bytes()
+    ordered = {p: d for p, d in files}
+    return [
+        (drm.bundle.MANIFEST_NAME, manifest_bytes),
+        (drm.bundle.SIGNATURE_NAME, drm.bundle.sign_manifest(manifest_bytes, key)),
+    ] + [(f.path, ordered[f.path]) for f in manifest.files]
+
+
+def bundle_vectors(pki: Pki) -> dict:
+    from drm.bundle import BuildEntry, LicenseEntry, Release
+
+    builder = ed25519.Ed25519PrivateKey.from_private_bytes(BUILDER_SEED)
+    other_builder = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(0x60, 0x80)))
+    device = pki.classic_device
+    plain = plaintext(100)
+    build = drm.seal(plain, key=CEK, target="arm-cpu", media_type="application/vnd.onnx", chunk_size=4096,
+                     nonce_prefix=NONCE_PREFIX)  # fmt: skip
+    build_hash = drm.sha256_tag(plain)
+    token = drm.issue_license(
+        issuer=pki.classic, cek=CEK, recipient=device.kem_public(), kind="production", listing="vector-listing",
+        build_hash=build_hash, target="arm-cpu", now=NOW - 60, days=None, max_runs=None,
+        device_id=device.device_id, license_id="lic_bundle_vector",
+    )  # fmt: skip
+    claims = drm.LicenseClaims.from_dict(drm.parse_envelope(token, "edgemart-license/1")[0])
+    build_path, lic_path = drm.bundle.build_member_name(build_hash), "licenses/lic_bundle_vector.lic"
+    mlbom = dumps({"bomFormat": "CycloneDX", "components": [{"name": "vector-listing",
+                   "type": "machine-learning-model"}], "specVersion": "1.6", "version": 1})  # fmt: skip
+    notice = b"vector-listing: test model, license lic_bundle_vector\n"
+    files = [(build_path, build), (lic_path, token), ("mlbom.cdx.json", mlbom), ("NOTICE", notice)]
+    builds = [BuildEntry(build_path, build_hash, "arm-cpu")]
+    licenses = [LicenseEntry.from_claims(lic_path, claims)]
+    release = Release("vector-fleet", 3)
+    members = _bundle_members(files, builds, licenses, release, builder)
+    archive = _tar(members)
+    pub = builder.public_key()
+
+    def resign(
+        ms: list[tuple[str, bytes]], key: ed25519.Ed25519PrivateKey = builder
+    ) -> list[tuple[str, bytes]]:
+        return [ms[0], (ms[1][0], drm.bundle.sign_manifest(ms[0][1], key))] + ms[2:]
+
+    def replace(name: str, data: bytes) -> list[tuple[str, bytes]]:
+        return [(n, data if n == name else d) for n, d in members]
+
+    edited_manifest = members[0][1].replace(b'"version":3', b'"version":4')
+    forged_sig = json.loads(members[1][1])
+    forged_sig["sig"] = b64e(other_builder.sign(b"edgemart-bundle-sig/1\x00" + members[0][1]))
+    target_files = [(build_path, drm.seal(plain, key=CEK, target="x86-cpu", media_type="application/vnd.onnx",
+                     chunk_size=4096, nonce_prefix=NONCE_PREFIX))] + files[1:]  # fmt: skip
+    symlink = bytearray(drm.bundle.encode_tar_header("chains/link", 0))
+    symlink[156:157], symlink[157:168] = b"2", b"/etc/passwd"
+    symlink[148:156] = b" " * 8
+    symlink[148:156] = format(sum(symlink), "06o").encode() + b"\0 "
+    mtime = bytearray(drm.bundle.encode_tar_header("NOTICE", len(notice)))
+    mtime[136:148], mtime[148:156] = b"00000000001\0", b" " * 8
+    mtime[148:156] = format(sum(mtime), "06o").encode() + b"\0 "
+    many = [(f"chains/c{i:04d}", b"") for i in range(1025)]
+    cases: list[tuple[str, bytes, bool, str, str]] = [
+        ("edited-manifest", _tar(replace("manifest.json", edited_manifest)), False, "different manifest",
+         "manifest.json changed after signing (release version 3 -> 4); manifest.sig unchanged"),
+        ("wrong-signature", _tar(replace("manifest.sig", dumps(forged_sig))), False, "does not verify",
+         "manifest.sig names the builder key but its signature was made by another key"),
+        ("other-builder-key", _tar(resign(members, other_builder)), False, "not the pinned key",
+         "validly re-signed by another builder key; the verifier pins builder_public_key"),
+        ("member-hash-mismatch", _tar(replace("NOTICE", notice.upper())), False, "sha256 does not match",
+         "NOTICE changed (same size) after the manifest listed its hash"),
+        ("extra-member", _tar(members + [("chains/extra", b"x")]), False, "extra file",
+         "a member the manifest does not list"),
+        ("missing-member", _tar([m for m in members if m[0] != "NOTICE"]), False, "missing file",
+         "a member the manifest lists is absent"),
+        ("reordered-members", _tar(members[:2] + [members[3], members[2]] + members[4:]), False, "reordered",
+         "the license member before the build member (canonical order: builds, licenses, ...)"),
+        ("manifest-not-first", _tar([members[1], members[0]] + members[2:]), False, "first member",
+         "manifest.sig before manifest.json"),
+        ("path-traversal", _tar(members[:-1] + [("chains/../NOTICE", notice)]), False, "parent-directory",
+         "a member name with a .. component"),
+        ("absolute-path", _tar(members + [("/etc/passwd", b"")]), False, "absolute member path",
+         "a member name starting with /"),
+        ("symlink-member", _tar(members)[:-1024] + bytes(symlink) + drm.bundle.TAR_END, False, "symbolic link",
+         "a symbolic-link member (only regular files are allowed)"),
+        ("non-canonical-header", b"".join(
+            [_tar(members[:-1])[:-1024], bytes(mtime), notice, drm.bundle.tar_padding(len(notice)),
+             drm.bundle.TAR_END]), False, "not canonical", "NOTICE's header has mtime 1 instead of 0"),
+        ("data-after-end", archive + b"\x01" + bytes(511), False, "after the end-of-archive",
+         "a non-zero byte after the two zero blocks"),
+        ("truncated", archive[:-1024], False, "truncated", "the end-of-archive marker is missing"),
+        ("too-many-members", b"".join(drm.bundle.iter_gzip([_tar(members[:2] + many)])), False,
+         "more than 1024 members", "gzip'd archive with 1027 members (max_members = 1024, counted before "
+         "each member is read)"),
+        ("container-target-differs", _tar(_bundle_members(target_files, [BuildEntry(build_path, build_hash,
+         "x86-cpu")], licenses, release, builder)), False, "differs from its build",
+         "the build's container header (and manifest entry) say x86-cpu, the license says arm-cpu"),
+    ]  # fmt: skip
+    out = []
+    for name, data, ok, match, reason in cases:
+        try:
+            drm.verify_bundle(data, now=NOW, root=pki.root, builder_key=pub)
+            message = ""
+        except drm.BundleInvalid as exc:
+            message = exc.message
+        assert match in message and not ok, (name, message)
+        out.append({"name": name, "archive": data.hex(), "expect": "refuse", "error": "bundle_invalid",
+                    "message": message, "reason": reason})  # fmt: skip
+    verified = drm.verify_bundle(archive, now=NOW, root=pki.root, builder_key=pub)
+    assert verified.builder_pinned and verified.licenses_trusted
+    offset, headers = 0, []
+    for name, data in members:
+        headers.append({"name": name, "size": len(data), "offset": offset,
+                        "header": archive[offset : offset + 512].hex()})  # fmt: skip
+        offset += 512 + len(data) + len(drm.bundle.tar_padding(len(data)))
+    return {
+        "description": "firmware bundles (docs/BUNDLE.md): verify `bundle.archive` at `now` against root_cert_pem "
+        "and builder_public_key; every refusal MUST be refused (error bundle_invalid)",
+        "now": NOW,
+        "root_cert_pem": _cert_pem(pki.root),
+        "builder_seed": BUILDER_SEED.hex(),
+        "builder_public_key": pub.public_bytes_raw().hex(),
+        "builder_kid": drm.key_id(pub),
+        "device_id": device.device_id,
+        "device_sign_key_pem": device.to_files()["sign.key"].decode(),
+        "device_kem_key_pem": device.to_files()["kem.key"].decode(),
+        "bundle": {
+            "manifest_json": members[0][1].decode(),
+            "manifest_sig": members[1][1].decode(),
+            "signed_message": (b"edgemart-bundle-sig/1\x00" + members[0][1]).hex(),
+            "members": headers,
+            "build_plaintext": plain.hex(),
+            "cek": CEK.hex(),
+            "archive": archive.hex(),
+        },
+        "refusals": out,
     }
+
+
+# ------------------------------------------------------------------------------------------ metering
+
+
+def metering_vectors(pki: Pki) -> dict:
+    from drm.metering import ACTIVATION_TYP, BUDGET_TYP
+
+    device_id, other_id = pki.device.device_id, pki.classic_device.device_id
+    fleet_id = drm.key_id(pki.fleet.public_key().public_bytes_raw())
+    lic, fleet_lic = "lic_metering_vector", "lic_fleet_vector"
+    grant = {"device_id": device_id, "issued_at": NOW - 10, "license_id": lic, "not_after": NOW + 72 * 3600,
+             "runs_until": 250, "seq": 17, "v": 1}  # fmt: skip
+    act = {"device_id": device_id, "fleet_key_id": fleet_id, "issued_at": NOW - 10, "license_id": fleet_lic,
+           "seat": 2, "v": 1}  # fmt: skip
+    stranger = pki.other_root.issue_issuer(now=NOW - 86400, pq=False)
+    good_grant = drm.sign_budget_grant(pki.classic, drm.BudgetGrant.from_dict(grant))
+    good_act = drm.sign_activation(pki.classic, drm.Activation.from_dict(act))
+
+    def g(**over: Any) -> bytes:
+        body = {**grant, **over}
+        return sign_envelope(BUDGET_TYP, {k: v for k, v in body.items() if v is not ...}, pki.classic)
+
+    def a(**over: Any) -> bytes:
+        body = {**act, **over}
+        return sign_envelope(ACTIVATION_TYP, {k: v for k, v in body.items() if v is not ...}, pki.classic)
+
+    budget: list[tuple[str, bytes, dict[str, Any], bool, str]] = [
+        ("valid", good_grant, {}, True, "store-signed grant for this device and license"),
+        ("valid-hybrid-issuer", drm.sign_budget_grant(pki.issuer, drm.BudgetGrant.from_dict(grant)), {}, True,
+         "signed by the hybrid issuer: Ed25519 and ML-DSA-65"),
+        ("valid-expired", good_grant, {"now": NOW + 73 * 3600}, True,
+         "verification does not check not_after: the device compares it with trusted time when it runs"),
+        ("issued-at-skew-limit", g(issued_at=NOW + 300), {}, True, "issued_at = now + 300 is accepted"),
+        ("issued-in-future", g(issued_at=NOW + 301, not_after=NOW + 7200), {}, False, "issued_at > now + 300"),
+        ("other-device", good_grant, {"device_id": other_id}, False, "device_id is not the verifier's"),
+        ("other-license", good_grant, {"license_id": "lic_other"}, False, "license_id is not the verifier's"),
+        ("empty-window", g(not_after=NOW - 10), {}, False, "not_after must be > issued_at"),
+        ("extra-member", g(extra=1), {}, False, "exact-member rule"),
+        ("missing-seq", g(seq=...), {}, False, "seq omitted"),
+        ("version-2", g(v=2), {}, False, "v must be 1"),
+        ("negative-runs", g(runs_until=-1), {}, False, "runs_until must be >= 0"),
+        ("runs-at-2^53-1", g(runs_until=2**53 - 1), {}, True, "the largest integer canonical JSON allows"),
+        ("boolean-seq", g(seq=True), {}, False, "true is not an integer"),
+        ("device-id-uppercase", g(device_id=device_id.upper()), {"device_id": device_id.upper()}, False,
+         "device_id must be 32 lower-case hex"),
+        ("activation-as-grant", good_act, {}, False, "typ is edgemart-activation/1, not edgemart-budget/1"),
+        ("foreign-issuer", drm.sign_budget_grant(stranger, drm.BudgetGrant.from_dict(grant)), {}, False,
+         "issuer certificate not issued by the pinned root"),
+    ]  # fmt: skip
+    activation: list[tuple[str, bytes, dict[str, Any], bool, str]] = [
+        ("valid", good_act, {}, True, "seat 2 of a 5-seat fleet license"),
+        ("seat-equals-seats", good_act, {"seats": 2}, True, "seat = seats is accepted"),
+        ("no-seats-claim", good_act, {"seats": None}, True, "a license without a seats claim does not bound seat"),
+        ("seat-over-seats", good_act, {"seats": 1}, False, "seat 2 of a 1-seat license"),
+        ("seat-zero", a(seat=0), {}, False, "seats count from 1"),
+        ("other-device", good_act, {"device_id": other_id}, False, "device_id is not the verifier's"),
+        ("other-license", good_act, {"license_id": "lic_other"}, False, "license_id differs"),
+        ("other-fleet-key", good_act, {"fleet_key_id": "0" * 32}, False, "fleet_key_id differs"),
+        ("issued-in-future", a(issued_at=NOW + 301), {}, False, "issued_at > now + 300"),
+        ("extra-member", a(extra="x"), {}, False, "exact-member rule"),
+        ("grant-as-activation", good_grant, {}, False, "typ is edgemart-budget/1"),
+    ]  # fmt: skip
+    budget_out, act_out = [], []
+    for name, token, over, ok, reason in budget:
+        case = {"name": name, "token": token.decode(), "now": NOW, "device_id": device_id, "license_id": lic,
+                **over}  # fmt: skip
+        try:
+            got = drm.verify_budget_grant(token, root=pki.root, now=case["now"], device_id=case["device_id"],
+                                          license_id=case["license_id"])  # fmt: skip
+            accepted, result = True, got.to_dict()
+        except drm.LicenseRefused:
+            accepted, result = False, None
+        assert accepted == ok, name
+        budget_out.append({**case, "expect": "accept" if ok else "refuse", "grant": result, "reason": reason})
+    for name, token, over, ok, reason in activation:
+        case = {"name": name, "token": token.decode(), "now": NOW, "device_id": device_id,
+                "license_id": fleet_lic, "fleet_key_id": fleet_id, "seats": 5, **over}  # fmt: skip
+        try:
+            got_act = drm.verify_activation(token, root=pki.root, now=case["now"], device_id=case["device_id"],
+                                            license_id=case["license_id"], fleet_key_id=case["fleet_key_id"],
+                                            seats=case["seats"])  # fmt: skip
+            accepted, result = True, got_act.to_dict()
+        except drm.LicenseRefused:
+            accepted, result = False, None
+        assert accepted == ok, name
+        act_out.append(
+            {**case, "expect": "accept" if ok else "refuse", "activation": result, "reason": reason}
+        )
+    releases: list[tuple[str, Any, bool, str]] = [
+        ("fleet-and-version", {"fleet": "gate-cam", "version": 2}, True, "the minimal release"),
+        ("with-allowance", {"allow_downgrade_from": 3, "fleet": "gate-cam", "version": 1}, True,
+         "a signed downgrade allowance above the version"),
+        ("max-version", {"fleet": "a" * 64, "version": 2**31 - 1}, True, "64-character fleet, version 2^31 - 1"),
+        ("version-zero", {"fleet": "gate-cam", "version": 0}, False, "versions start at 1"),
+        ("version-over-2^31", {"fleet": "gate-cam", "version": 2**31}, False, "versions are at most 2^31 - 1"),
+        ("allowance-not-above", {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 2}, False,
+         "allow_downgrade_from must exceed version"),
+        ("allowance-null", {"allow_downgrade_from": None, "fleet": "gate-cam", "version": 2}, False,
+         "optional members are absent, never null"),
+        ("fleet-too-long", {"fleet": "a" * 65, "version": 1}, False, "fleet is 1..64 characters"),
+        ("fleet-slash", {"fleet": "gate/cam", "version": 1}, False, "fleet characters are A-Z a-z 0-9 . _ -"),
+        ("extra-member", {"fleet": "gate-cam", "notes": "", "version": 1}, False, "exact-member rule"),
+        ("missing-version", {"fleet": "gate-cam"}, False, "version is required"),
+    ]  # fmt: skip
+    release_out = []
+    for name, obj, ok, reason in releases:
+        try:
+            drm.bundle.parse_release(obj)
+            accepted = True
+        except drm.FormatError:
+            accepted = False
+        assert accepted == ok, name
+        release_out.append(
+            {"name": name, "release": obj, "expect": "accept" if ok else "refuse", "reason": reason}
+        )
+    rule = [
+        ("first-release", None, {"fleet": "gate-cam", "version": 1}, True, "nothing installed for the fleet"),
+        ("same-version", 2, {"fleet": "gate-cam", "version": 2}, True, "reinstalling the installed release"),
+        ("upgrade", 2, {"fleet": "gate-cam", "version": 3}, True, "a higher version"),
+        ("downgrade", 2, {"fleet": "gate-cam", "version": 1}, False, "a lower version without an allowance"),
+        ("downgrade-allowed", 2, {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 1}, True,
+         "allow_downgrade_from >= the installed version"),
+        ("downgrade-allowance-too-low", 3, {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 1}, False,
+         "allow_downgrade_from < the installed version"),
+    ]  # fmt: skip
+    return {
+        "description": "metering messages (docs/FORMAT.md §18): verify each budget grant and seat activation with "
+        "root_cert_pem and the case's parameters; parse each bundle release; apply the release rule",
+        "root_cert_pem": _cert_pem(pki.root),
+        "budget_checks": budget_out,
+        "activation_checks": act_out,
+        "release_objects": release_out,
+        "release_checks": [
+            {
+                "name": n,
+                "installed": inst,
+                "release": rel,
+                "expect": "accept" if ok else "refuse",
+                "reason": r,
+            }
+            for n, inst, rel, ok, r in rule
+        ],
+    }
+
+
+def main(argv: list[str]) -> None:
+    pki = Pki()
+    makers: dict[str, Callable[[], dict]] = {
+        "container.json": container_vectors,
+        "canonical.json": canonical_vectors,
+        "certificates.json": lambda: certificate_vectors(pki),
+        "license.json": lambda: license_vectors(pki),
+        "usage_log.json": usage_log_vectors,
+        "at_rest.json": at_rest_vectors,
+        "model_safety.json": model_safety_vectors,
+        "bundle.json": lambda: bundle_vectors(pki),
+        "metering.json": lambda: metering_vectors(pki),
+    }
+    wanted = {Path(a).name for a in argv} or set(makers)
+    unknown = wanted - set(makers)
+    if unknown:
+        raise SystemExit(f"unknown vector file(s): {', '.join(sorted(unknown))} (known: {', '.join(makers)})")
+    if wanted & {"certificates.json", "license.json"}:
+        wanted |= {"certificates.json", "license.json"}
+    outputs = {name: make() for name, make in makers.items() if name in wanted}
     for name, obj in outputs.items():
         (HERE / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {HERE / name}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
