@@ -1,5 +1,6 @@
-# Why this is one module: every `edgemart device` command's argument parsing and output, each handler a few lines over Device and evaluation.
-"""`edgemart device ...`: init, enroll, add-fleet-key, fetch, install, eval, sync, verify-log, status.
+# Why this is one module: every `edgemart device` command's argument parsing and output, each handler a few lines over Device, the service client and evaluation.
+"""`edgemart device ...`: init, enroll, add-fleet-key, fetch, install, eval, sync, verify-log, status; all
+but init on a --device-dir directly or through the device service (--service SOCKET, or its default socket).
 
 Only the standard library and drm.errors are imported at module level; handlers import the runtime."""
 
@@ -23,13 +24,25 @@ def register(subparsers: Any) -> None:
     sub = device.add_subparsers(dest="device_command", metavar="COMMAND")
     sub.required = True
 
-    def add(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler: Any, help_text: str, *, service: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--device-dir", required=True, type=Path, help="the device directory")
+        p.add_argument(
+            "--device-dir",
+            required=not service,
+            type=Path,
+            help="the device directory, used directly by this process (single-user boards)",
+        )
+        if service:
+            p.add_argument(
+                "--service",
+                metavar="SOCKET",
+                help="use the device service at this unix socket (default: $EDGEMART_DEVICE_SOCKET, else"
+                " /run/edgemart-device/device.sock when the service runs)",
+            )
         p.set_defaults(func=handler)
         return p
 
-    p = add("init", _init, "offline: make the device keypairs and a self-signed certificate")
+    p = add("init", _init, "offline: make the device keypairs and a self-signed certificate", service=False)
     p.add_argument("--trust", type=Path, help="pin this store root certificate (PEM/DER)")
     p.add_argument(
         "--anchor",
@@ -120,6 +133,8 @@ def register(subparsers: Any) -> None:
     p = add("status", _status, "device id, licenses, runs left, expiry")
     p.add_argument("--json", action="store_true")
 
+    importlib.import_module("edge_runtime.service.cli").register(sub)  # serve, install-service
+
     # Hook for the slot-chain runner (`device run`), owned by edge_runtime.chain.cli when present.
     if importlib.util.find_spec("edge_runtime.chain.cli") is not None:
         importlib.import_module("edge_runtime.chain.cli").register_run(sub)
@@ -138,6 +153,25 @@ def _read(path: Path, what: str) -> bytes:
         raise UsageError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise UsageError(f"{what} {path} is a directory") from None
+
+
+def _backend(args: argparse.Namespace, *, init: bool = False) -> Any:
+    """The device the command talks to: this process on --device-dir, or the device service."""
+    from edge_runtime.service.client import ServiceClient, service_socket
+
+    explicit = args.service
+    if args.device_dir is not None:
+        if explicit:
+            raise UsageError("give either --device-dir (direct) or --service (the device service), not both")
+        from edge_runtime.device import Device
+
+        return _open_or_init(args.device_dir) if init else Device.open(args.device_dir)
+    path = service_socket(explicit)
+    if path is None:
+        raise UsageError(
+            "give --device-dir DIR, or --service SOCKET for the device service (none runs at the default socket)"
+        )
+    return ServiceClient(path)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -171,16 +205,16 @@ def _open_or_init(directory: Path) -> Any:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    device = _open_or_init(args.device_dir)
+    device = _backend(args, init=True)
     result = device.enroll(args.store, args.token, name=args.name)
     emit(args, result, f"enrolled device {result['device_id']} with {result['store']}")
     return 0
 
 
 def _add_fleet_key(args: argparse.Namespace) -> int:
-    from edge_runtime.device import MAX_FLEET_KEY_BYTES, Device
+    from edge_runtime.device import MAX_FLEET_KEY_BYTES
 
-    device = Device.open(args.device_dir)
+    device = _backend(args)
     if args.key.is_file() and args.key.stat().st_size > MAX_FLEET_KEY_BYTES:
         raise UsageError(f"fleet key {args.key} is larger than {MAX_FLEET_KEY_BYTES} bytes")
     result = device.add_fleet_key(_read(args.key, "fleet key"))
@@ -195,9 +229,7 @@ def _add_fleet_key(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from edge_runtime.device import Device
-
-    entry = Device.open(args.device_dir).fetch(args.listing, args.target, version=args.version)
+    entry = _backend(args).fetch(args.listing, args.target, version=args.version)
     emit(
         args,
         entry,
@@ -208,9 +240,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from edge_runtime.device import Device
-
-    entry = Device.open(args.device_dir).install(
+    entry = _backend(args).install(
         build=_read(args.build, "--build"), license=_read(args.license, "--license"), listing=args.listing
     )
     emit(args, entry, f"installed {entry['listing']} ({entry['target']}) license {entry['license_id']}")
@@ -219,34 +249,22 @@ def _install(args: argparse.Namespace) -> int:
 
 def _load_npz(path: Path, what: str) -> dict[str, Any]:
     """Arrays keyed by name from an .npz, or a lone .npy array as ``x`` (the single-input key)."""
-    import zipfile
-
-    import numpy as np
-
-    from edgemart.core.model_safety import check_sample_file
+    from edge_runtime.service.wire import load_arrays
 
     try:
-        with open(path, "rb") as fp:  # sizes, ratio and headers checked before anything inflates
-            check_sample_file(fp, name=path.name)
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return {"x": loaded}
-        with loaded as npz:
-            return {k: npz[k] for k in npz.files}
-    except UsageError as exc:
-        raise UsageError(f"{what} {path} is refused: {exc.message}") from None
+        with open(path, "rb") as fp:
+            return load_arrays(fp, f"{what} {path}", name=path.name)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise UsageError(f"{what} {path} is a directory") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except OSError as exc:
         raise UsageError(f"{what} {path} is not a readable .npz or .npy file: {exc}") from None
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from edge_runtime.device import Device
-    from edge_runtime.evaluation.evaluate import ProgressBar, evaluate
-    from edge_runtime.evaluation.samples import parse_pairs
+    from edge_runtime.evaluation.evaluate import ProgressBar
+    from edge_runtime.evaluation.session import EvalRequest, run_eval
 
     sideload = args.build is not None or args.license is not None
     if sideload and (args.build is None or args.license is None):
@@ -258,82 +276,59 @@ def _eval(args: argparse.Namespace) -> int:
             "--target and --version pick an installed build of a LISTING; a sideloaded --build is one build"
         )
     if args.compare and (sideload or args.reference):
-        raise UsageError("--compare runs two installed builds of a LISTING; it takes no --build or --reference")
+        raise UsageError(
+            "--compare runs two installed builds of a LISTING; it takes no --build or --reference"
+        )
     if args.compare and not args.target:
         raise UsageError("--compare needs --target: the build to compare with the --compare baseline")
     if args.compare and args.compare == args.target:
         raise UsageError(f"--compare {args.compare} is the --target itself; name another installed build")
     data = _load_npz(args.data, "--data")
     reference = _load_npz(args.reference, "--reference") if args.reference else None
-    device = Device.open(args.device_dir)
-    if args.compare:
-        return _compare(args, device, data)
-    if sideload:
-        model = device.open_model(build_path=args.build, license_bytes=_read(args.license, "--license"))
-    else:
-        model = device.open_model(listing=args.listing, target=args.target, version=args.version)
-    with model:
-        if args.data.suffix == ".npy" and len(model.inputs) > 1:
+    request = EvalRequest(
+        listing=args.listing,
+        target=args.target,
+        version=args.version,
+        compare=args.compare,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        state=tuple(args.state),
+        single_array=args.data.suffix == ".npy",
+        want_outputs=args.save_outputs is not None,
+        want_html=args.html is not None,
+    )
+    device = _backend(args)
+    if not hasattr(device, "open_model"):  # the device service: it reads the data we send it, nothing else
+        if sideload:
             raise UsageError(
-                f"--data {args.data} holds one array but the model has {len(model.inputs)} inputs"
-                f" ({', '.join(s.name for s in model.inputs)}): use an .npz keyed by input name"
+                "through the device service, install the build first (`edgemart device install`) and"
+                " evaluate it by LISTING"
             )
-        report = evaluate(
-            model,
+        from edge_runtime.service.wire import encode_arrays as npz
+
+        result = device.evaluate(request, npz(data), None if reference is None else npz(reference))
+    else:
+        result = run_eval(
+            device,
+            request,
             data,
-            progress=None if args.quiet else ProgressBar(),
-            warmup=args.warmup,
-            batch_size=args.batch_size,
             reference=reference,
-            state=parse_pairs(args.state, "--state"),
+            build_path=args.build,
+            license_bytes=_read(args.license, "--license") if sideload else None,
+            progress=None if args.quiet else ProgressBar,
         )
     if args.save_outputs:
         import numpy as np
 
-        np.savez(args.save_outputs, **report.outputs)  # type: ignore[arg-type]
+        np.savez(args.save_outputs, **result.outputs)  # type: ignore[arg-type]
     if args.html:
-        args.html.write_text(report.to_html(), encoding="utf-8")
-    emit(args, report.to_dict(), report.to_text() + (f"\nhtml       {args.html}" if args.html else ""))
-    return 0
-
-
-def _compare(args: argparse.Namespace, device: Any, data: dict[str, Any]) -> int:
-    """`device eval LISTING --target A --compare B`: B runs first, then A with B's outputs as reference."""
-    from edge_runtime.evaluation.compare import Comparison
-    from edge_runtime.evaluation.evaluate import ProgressBar, evaluate
-    from edge_runtime.evaluation.samples import parse_pairs
-
-    state = parse_pairs(args.state, "--state")
-    reports: list[Any] = []
-    for target, reference in ((args.compare, None), (args.target, True)):
-        with device.open_model(listing=args.listing, target=target, version=args.version) as model:
-            reports.append(
-                evaluate(
-                    model,
-                    data,
-                    progress=None if args.quiet else ProgressBar(),
-                    warmup=args.warmup,
-                    batch_size=args.batch_size,
-                    reference=reports[0].outputs if reference else None,
-                    state=state,
-                )
-            )
-    comparison = Comparison(candidate=reports[1], baseline=reports[0])
-    if args.save_outputs:
-        import numpy as np
-
-        np.savez(args.save_outputs, **reports[1].outputs)  # type: ignore[arg-type]
-    if args.html:
-        args.html.write_text(comparison.to_html(), encoding="utf-8")
-    text = comparison.to_text() + (f"\nhtml       {args.html}" if args.html else "")
-    emit(args, comparison.to_dict(), text)
+        args.html.write_text(result.html or "", encoding="utf-8")
+    emit(args, result.report, result.text + (f"\nhtml       {args.html}" if args.html else ""))
     return 0
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from edge_runtime.device import Device
-
-    result = Device.open(args.device_dir).sync()
+    result = _backend(args).sync()
     store = result["store"]
     emit(
         args,
@@ -346,9 +341,7 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _verify_log(args: argparse.Namespace) -> int:
-    from edge_runtime.device import Device
-
-    result = Device.open(args.device_dir).verify_log()
+    result = _backend(args).verify_log()
     if result["ok"]:
         text = f"usage log OK: {result['records']} records " + json.dumps(result["events"], sort_keys=True)
     else:
@@ -360,9 +353,7 @@ def _verify_log(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from edge_runtime.device import Device
-
-    st = Device.open(args.device_dir).status()
+    st = _backend(args).status()
     lines = [
         f"device     {st['device_id']}",
         f"cert       {st['certificate']}",

@@ -639,6 +639,27 @@ def production_licenses(listing_id: str) -> Any:
     return {"licenses": [licensing.license_to_dict(r, with_token=True) for r in rows]}, 201
 
 
+@bp.post("/licenses/<license_id>/activations")
+def activate_seat(license_id: str) -> Any:
+    """Activate one seat of a fleet license for a device (the license holder asks; idempotent per device).
+    ---
+    summary: Seat activation
+    parameters: [{name: license_id, in: path, required: true, schema: {type: string}}]
+    requestBody:
+      content:
+        application/json:
+          schema: {type: object, required: [device_id], properties: {device_id: {type: string}}}
+    responses: {201: {description: "a new activation"}, 200: {description: "the device's existing activation"},
+      403: {description: "the device's activation was revoked"}, 409: {description: "every seat is taken"}}
+    """
+    user = require_user()
+    rate_limit("license", user)
+    body = json_body()
+    row, created = licensing.activate_seat(ctx(), db(), user, license_id, body.get("device_id"))
+    db().commit()
+    return licensing.activation_to_dict(row), (201 if created else 200)
+
+
 @bp.get("/licenses")
 def list_licenses() -> Any:
     """Licenses you hold (buyers), licenses on your listings (sellers, without tokens), all (admins).

@@ -21,7 +21,13 @@ def register_run(device_subparsers: Any) -> None:
         help="run a chain of licensed models (one process per vendor, shared-memory slots)",
         description="Run a slot chain over inputs and report per-stage latency and throughput.",
     )
-    p.add_argument("--device-dir", required=True, help="the initialized device directory")
+    p.add_argument("--device-dir", help="the initialized device directory, used directly by this process")
+    p.add_argument(
+        "--service",
+        metavar="SOCKET",
+        help="run the chain in the device service at this socket (default: $EDGEMART_DEVICE_SOCKET, else the"
+        " standard socket when the service runs); its stages name installed listings",
+    )
     p.add_argument("--chain", required=True, help="chain description file (.yaml, .yml or .json)")
     p.add_argument(
         "--input",
@@ -123,11 +129,7 @@ def _pick(data: dict[str, Any], input_names: list[str], where: str, keys: dict[s
 
 
 def _run(args: argparse.Namespace) -> int:
-    import itertools
-
     import numpy as np
-
-    from edge_runtime.chain import Chain
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
@@ -138,6 +140,66 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--input-key {item!r}: expected INPUT=KEY")
         keys[name] = key
     outputs: dict[str, list[Any]] = {}
+    if args.device_dir is None or args.service:
+        report = _run_in_service(args, keys, outputs)
+    else:
+        report = _run_here(args, keys, outputs)
+    if args.save_outputs:
+        stacked = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in outputs.items()}
+        np.savez(args.save_outputs, **stacked)  # type: ignore[arg-type]
+        report["saved_outputs"] = str(args.save_outputs)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(_text(report))
+    return 0
+
+
+def _run_in_service(
+    args: argparse.Namespace, keys: dict[str, str], outputs: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """The service runs the chain as its own account; we send frames and collect results."""
+    import itertools
+
+    from edge_runtime.service.client import ServiceClient, service_socket
+
+    if args.device_dir is not None:
+        raise UsageError("give either --device-dir (direct) or --service (the device service), not both")
+    path = service_socket(args.service)
+    if path is None:
+        raise UsageError(
+            "give --device-dir DIR, or --service SOCKET for the device service (none runs at the default socket)"
+        )
+    chain_path = Path(args.chain)
+    try:
+        text = chain_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"chain file not found: {chain_path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read chain file {chain_path}: {exc}") from None
+
+    def frames_for(names: list[str]) -> Any:
+        unknown = sorted(set(keys) - set(names))
+        if unknown:
+            raise UsageError(f"--input-key: {unknown[0]!r} is not a chain input (inputs: {', '.join(names)})")
+        frames = iter_frames(args.input, names, keys)
+        return frames if args.limit is None else itertools.islice(frames, args.limit)
+
+    results, final = ServiceClient(path).run_chain(text, chain_path.name, frames_for)
+    for result in results:
+        if args.save_outputs:
+            for key, value in result.items():
+                outputs.setdefault(key, []).append(value)
+    return dict(final["report"])
+
+
+def _run_here(
+    args: argparse.Namespace, keys: dict[str, str], outputs: dict[str, list[Any]]
+) -> dict[str, Any]:
+    import itertools
+
+    from edge_runtime.chain import Chain
+
     with Chain.from_file(args.chain, args.device_dir) as chain:
         names = sorted(chain.input_types)
         unknown = sorted(set(keys) - set(names))
@@ -155,15 +217,7 @@ def _run(args: argparse.Namespace) -> int:
             "processes": {p: s for p, s in chain.processes.items()},
             **chain.stats.report(),
         }
-    if args.save_outputs:
-        stacked = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in outputs.items()}
-        np.savez(args.save_outputs, **stacked)  # type: ignore[arg-type]
-        report["saved_outputs"] = str(args.save_outputs)
-    if args.json:
-        print(json.dumps(report, sort_keys=True))
-    else:
-        print(_text(report))
-    return 0
+    return report
 
 
 def _text(report: dict[str, Any]) -> str:

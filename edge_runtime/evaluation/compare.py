@@ -96,8 +96,11 @@ class Comparison:
             f"<table><tr><th></th><th>candidate</th><th>baseline</th></tr>{rows}</table>"
             "<h2>Agreement</h2><table><tr><th>output</th><th>max |Δ|</th><th>mean |Δ|</th>"
             f"<th>labels agree</th></tr>{agreement}</table>"
-            "<h2>Candidate</h2>" + _body(self.candidate.to_html()) + "<h2>Baseline</h2>"
-            + _body(self.baseline.to_html()) + "</body></html>"
+            "<h2>Candidate</h2>"
+            + _body(self.candidate.to_html())
+            + "<h2>Baseline</h2>"
+            + _body(self.baseline.to_html())
+            + "</body></html>"
         )
 
 

@@ -27,7 +27,7 @@ from edgemart.core.errors import (
 )
 from store.context import StoreContext
 from store.db import lock_row
-from store.models import Build, Device, License, Listing, Revocation, User
+from store.models import Build, Device, License, Listing, Revocation, SeatActivation, User
 from store.services.listings import get_version, get_visible
 from store.services.metering import offline_budget
 
@@ -511,3 +511,53 @@ def revoke_licenses(
     )
     session.add(row)
     return row
+
+
+def activate_seat(
+    ctx: StoreContext, session: Session, user: User, license_id: str, device_id: Any
+) -> tuple[SeatActivation, bool]:
+    """Give ``device_id`` the next seat of fleet license ``license_id`` (its holder asks): the license row is
+    locked, so concurrent requests count one at a time; a device keeps its seat (idempotent); past the signed
+    ``seats`` the answer is 409. A revoked activation keeps its seat number used (a fork does not free it)."""
+    if not isinstance(device_id, str) or not re.match(r"^[0-9a-f]{32}\Z", device_id):
+        raise UsageError("device_id must be a device key id (32 hex digits)")
+    lic = session.get(License, license_id)
+    if lic is None or (lic.buyer_id != user.id and user.role != "admin"):
+        raise NotFoundError(f"no license {license_id}")
+    if lic.kind != "production" or lic.fleet_key_id is None:
+        raise UsageError(f"license {license_id} is not a fleet license: it is bound to one device already")
+    lock_row(session, License, license_id)
+    held = session.scalar(
+        select(SeatActivation).where(
+            SeatActivation.license_id == license_id, SeatActivation.device_id == device_id
+        )
+    )
+    if held is not None:
+        if held.revoked_at is not None:
+            raise ForbiddenError(f"the activation of device {device_id} on license {license_id} was revoked")
+        return held, False
+    used = session.scalar(
+        select(func.max(SeatActivation.seat)).where(SeatActivation.license_id == license_id)
+    )
+    seat = int(used or 0) + 1
+    if seat > lic.seats:
+        raise ConflictError(f"all {lic.seats} seats of license {license_id} are activated")
+    now = ctx.now()
+    token = drm.sign_activation(
+        ctx.vault.issuer(), drm.Activation(device_id, license_id, lic.fleet_key_id, seat, now)
+    )
+    row = SeatActivation(license_id=license_id, seat=seat, device_id=device_id, token=token, activated_at=now)
+    session.add(row)
+    session.flush()
+    return row, True
+
+
+def activation_to_dict(row: SeatActivation) -> dict[str, Any]:
+    return {
+        "license_id": row.license_id,
+        "device_id": row.device_id,
+        "seat": row.seat,
+        "activated_at": row.activated_at,
+        "revoked": row.revoked_at is not None,
+        "activation": row.token.decode(),
+    }
