@@ -425,9 +425,10 @@ class Device:
         return rl.revoked
 
     def _verify_locked(
-        self, token: bytes, *, build_hash: str | None, clock: int
+        self, token: bytes, *, build_hash: str | None, clock: int, target: str | None = None
     ) -> tuple[drm.LicenseClaims, State, int]:
-        """All license checks except the run cap, with the device lock held. Returns (claims, state, trusted now)."""
+        """All license checks except the run cap, with the device lock held; ``build_hash`` and ``target`` are
+        the container header's when the build is at hand. Returns (claims, state, trusted now)."""
         try:
             claims0 = _parse_claims(token)
             lid, issued_at = claims0.license_id, claims0.issued_at
@@ -450,6 +451,7 @@ class Device:
                 device_id=self.device_id,
                 fleet_key_ids=held,
                 build_hash=build_hash,
+                target=target,
                 revoked=revoked,
             )
         except drm.LicenseRefused as exc:
@@ -608,7 +610,9 @@ class Device:
             raise drm.UsageError("license file too large")
         clock = self._clock(now)
         with fileio.locked(self.ledger.lock_path):
-            claims, _, _ = self._verify_locked(license, build_hash=header.build_hash, clock=clock)
+            claims, _, _ = self._verify_locked(
+                license, build_hash=header.build_hash, clock=clock, target=header.target
+            )
         hexdigest = claims.build_hash.split(":", 1)[1]
         build_rel, lic_rel = f"builds/{hexdigest}.emdl", f"licenses/{claims.license_id}.lic"
         for sub in ("builds", "licenses"):
@@ -786,7 +790,7 @@ class Device:
             raise drm.UsageError(f"{path} is not an edgemart container: {exc.message}") from None
         with fileio.locked(self.ledger.lock_path):
             claims, st, trusted = self._verify_locked(
-                license_bytes, build_hash=header.build_hash, clock=clock
+                license_bytes, build_hash=header.build_hash, clock=clock, target=header.target
             )
             self._check_cap(st, claims, trusted)
             recipient: drm.DeviceKeys | x25519.X25519PrivateKey | None = self.keys

@@ -106,6 +106,23 @@ def test_wrong_device(tmp_path, factory, digits_build, device, build_file, refus
     )
 
 
+def test_license_for_another_target_of_the_same_build_is_refused(
+    factory, digits_build, device, build_file, refused
+):
+    """A license names the target its build was made for; a container sealed for another target (same
+    plaintext, so the same build hash) does not run under it, on open or on install."""
+    import dataclasses
+
+    arm = dataclasses.replace(digits_build, target="arm-cpu")
+    lic = factory.license(device, arm)  # license says arm-cpu; the container header says onnx-fp32
+    refused(
+        device,
+        lambda: device.open_model(build_path=build_file(digits_build), license_bytes=lic, now=NOW),
+        "target",
+    )
+    refused(device, lambda: device.install(build=digits_build.container, license=lic, now=NOW), "target")
+
+
 def test_license_claiming_this_device_but_wrapped_for_another_fails_unwrap(
     tmp_path, factory, digits_build, device, build_file, refused
 ):
