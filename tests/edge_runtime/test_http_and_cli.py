@@ -21,11 +21,27 @@ from tests.plaintext_scan import files_containing, windows
 TOKEN = "tok-buyer"
 
 
+def _variant(model: bytes) -> bytes:
+    """The same network with one more metadata entry: a different build hash, the same outputs."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "edgemart.target", "arm-cpu"
+    return proto.SerializeToString()
+
+
 class MiniStore:
     """Just enough of the store's device API, built on drm, served by http.server on 127.0.0.1."""
 
     def __init__(self, factory, build, now: int) -> None:
         self.factory, self.build, self.now = factory, build, now
+        # One sealed build per target, as the real store keeps them: an arm-cpu build is not the onnx-fp32
+        # container under another name (a license runs only with a container sealed for its target).
+        self.builds = {
+            build.target: build,
+            "arm-cpu": factory.seal(_variant(build.plaintext), target="arm-cpu"),
+        }
         self.devices: dict[str, object] = {}
         self.usage: list[bytes] = []
         self.revocations = factory.revocations(version=1, revoked=[])
@@ -56,8 +72,9 @@ class MiniStore:
                     return
                 if self.path == "/api/v1/revocations":
                     return self._send(200, store.revocations, "application/octet-stream")
-                if self.path == "/api/v1/builds/" + store.build.build_hash.split(":")[1]:
-                    return self._send(200, store.build.container, "application/octet-stream")
+                for b in store.builds.values():
+                    if self.path == "/api/v1/builds/" + b.build_hash.split(":")[1]:
+                        return self._send(200, b.container, "application/octet-stream")
                 self._send(404, {"error": {"code": "not_found", "message": "no such thing", "problems": []}})
 
             def do_POST(self):
@@ -81,7 +98,11 @@ class MiniStore:
                 if self.path == "/api/v1/listings/digits/eval-license":
                     req = json.loads(body)
                     cert = store.devices[req["device_id"]]
-                    b = store.build
+                    b = store.builds.get(req["target"])
+                    if b is None:
+                        return self._send(
+                            404, {"error": {"code": "not_found", "message": "no such build", "problems": []}}
+                        )
                     lic = drm.issue_license(
                         issuer=store.factory.issuer,
                         cek=b.cek,
@@ -244,10 +265,12 @@ def test_cli_eval_compares_two_builds_on_the_buyers_data(tmp_path, store, digits
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["compare"]["candidate"] == "arm-cpu" and doc["compare"]["baseline"] == "onnx-fp32"
-    assert doc["candidate"]["model"]["target"] == "arm-cpu" and doc["baseline"]["model"]["target"] == "onnx-fp32"
+    assert (
+        doc["candidate"]["model"]["target"] == "arm-cpu" and doc["baseline"]["model"]["target"] == "onnx-fp32"
+    )
     assert doc["candidate"]["samples"] == doc["baseline"]["samples"] == 40
     (name, figures), *_ = doc["compare"]["agreement"].items()
-    assert 0.9 <= figures["label_agreement"] <= 1.0  # int8 vs fp32 on the same 40 samples
+    assert 0.9 <= figures["label_agreement"] <= 1.0  # same 40 samples (this mini store seals fp32 for both)
     rows = {row["figure"]: row for row in doc["compare"]["figures"]}
     assert rows["top-1 accuracy"]["candidate"] > 0.8 and rows["top-1 accuracy"]["baseline"] > 0.8
     assert doc["compare"]["latency_p50_ratio"] > 0
@@ -256,7 +279,9 @@ def test_cli_eval_compares_two_builds_on_the_buyers_data(tmp_path, store, digits
     text = _cli("eval", "digits", "--target", "arm-cpu", "--compare", "onnx-fp32", "--device-dir", d,
                 "--data", data, "--quiet", "--warmup", "0")  # fmt: skip
     assert text.returncode == 0 and "candidate" in text.stdout and "labels agree" in text.stdout
-    bad = _cli("eval", "digits", "--target", "arm-cpu", "--compare", "arm-cpu", "--device-dir", d, "--data", data)
+    bad = _cli(
+        "eval", "digits", "--target", "arm-cpu", "--compare", "arm-cpu", "--device-dir", d, "--data", data
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
