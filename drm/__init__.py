@@ -47,6 +47,8 @@ from drm.keywrap import generate_kek, unwrap_key, wrap_key
 from drm.license import (
     LicenseClaims,
     VerifiedLicense,
+    chain_window,
+    check_claims,
     issue_license,
     new_license_id,
     unwrap_cek,
@@ -106,6 +108,8 @@ __all__ = [
     "verify_cert",
     "verify_envelope",
     "verify_license",
+    "chain_window",
+    "check_claims",
     "verify_log",
     "verify_revocation_list",
     "wrap_cek",

@@ -129,6 +129,35 @@ def read_fleet_keys(directory: Path) -> dict[str, x25519.X25519PrivateKey]:
     return {path.stem: read_fleet_key(path) for path in sorted(folder.glob("*.key"))}
 
 
+MAX_CACHED_VERIFICATIONS = 64
+
+
+def _verification_key(token: bytes, root: Any) -> str:
+    """What a cached license verification is bound to: the exact token bytes and the pinned root."""
+    return f"{drm.sha256_tag(bytes(token))[7:]}:{drm.sha256_tag(drm.cert_to_pem(root))[7:]}"
+
+
+def _cached_verification(st: State, key: str, trusted: int) -> bool:
+    """Whether the state holds a verification of this token under this root that still applies: made at
+    the current revocation version and with the certificate chain valid at ``trusted`` (fail closed: any
+    doubt means verifying again)."""
+    entry = st.verified.get(key)
+    return (
+        entry is not None
+        and entry["rv"] == st.revocation_version
+        and entry["first"] <= trusted <= entry["last"]
+    )
+
+
+def _remember_verification(
+    st: State, key: str, verified: drm.VerifiedLicense, root: Any, trusted: int
+) -> None:
+    first, last = drm.chain_window(verified, root)
+    st.verified[key] = {"rv": st.revocation_version, "first": first, "last": last, "at": trusted}
+    while len(st.verified) > MAX_CACHED_VERIFICATIONS:
+        del st.verified[min(st.verified, key=lambda k: st.verified[k]["at"])]
+
+
 class Device:
     """A device directory (see the layout in the project brief / docs)."""
 
@@ -412,18 +441,25 @@ class Device:
         # Only the key the license names is read: a device-bound license never touches DIR/fleet.
         fleet = claims0.fleet_key_id
         held = frozenset({fleet}) if fleet is not None and self._fleet_key(fleet) is not None else frozenset()
+        root = self.root()
+        uses = {
+            "device_id": self.device_id,
+            "fleet_key_ids": held,
+            "build_hash": build_hash,
+            "revoked": revoked,
+        }
+        cache_key = _verification_key(token, root)
         try:
-            verified = drm.verify_license(
-                token,
-                root=self.root(),
-                now=trusted,
-                device_id=self.device_id,
-                fleet_key_ids=held,
-                build_hash=build_hash,
-                revoked=revoked,
-            )
+            if _cached_verification(st, cache_key, trusted):
+                # The signatures were verified for these exact bytes under this root and revocation version;
+                # what depends on this use is checked now, as verify_license would.
+                drm.check_claims(claims0, now=trusted, **uses)  # type: ignore[arg-type]
+                return claims0, st, trusted
+            verified = drm.verify_license(token, root=root, now=trusted, **uses)  # type: ignore[arg-type]
         except drm.LicenseRefused as exc:
             self._refuse(st, exc.reason, t=max(clock, st.hwm), license_id=lid, build_hash=build_hash or "")
+        _remember_verification(st, cache_key, verified, root, trusted)
+        self.ledger.rewrite(st)
         return verified.claims, st, trusted
 
     def _check_cap(self, st: State, claims: drm.LicenseClaims, trusted: int) -> None:

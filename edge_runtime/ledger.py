@@ -54,6 +54,10 @@ class State:
     log_head: str  # sha256 tag of the last record line (genesis tag when empty)
     rollbacks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Licenses whose signatures this device verified: "<token hash>:<root hash>" -> {"rv": revocation version,
+    # "first"/"last": seconds the certificate chain is valid, "at": trusted time of the check}. A cache only:
+    # see Device._cached_verification; losing or rolling it back costs one verification.
+    verified: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self, kind: str = "state") -> dict[str, Any]:
         return {
@@ -66,6 +70,7 @@ class State:
             "rollbacks": self.rollbacks,
             "runs": dict(sorted(self.runs.items())),
             "v": STATE_VERSION,
+            **({"verified": self.verified} if self.verified else {}),
         }
 
     @classmethod
@@ -85,6 +90,7 @@ class State:
             log_seq=int(log["seq"]),
             log_head=str(log["head"]),
             rollbacks=int(obj.get("rollbacks", 0)),
+            verified=_verified_cache(obj.get("verified", {})),
         )
 
     def copy(self) -> State:
@@ -97,7 +103,23 @@ class State:
             self.log_seq,
             self.log_head,
             self.rollbacks,
+            verified={k: dict(v) for k, v in self.verified.items()},
         )
+
+
+_VERIFIED_FIELDS = frozenset({"rv", "first", "last", "at"})
+
+
+def _verified_cache(obj: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and set(v) == _VERIFIED_FIELDS
+        and all(type(n) is int for n in v.values())
+        for k, v in obj.items()
+    ):
+        raise FormatError("bad verified-license cache")
+    return {k: dict(v) for k, v in obj.items()}
 
 
 RESERVE, RELEASE = "reserve", "release"
@@ -365,6 +387,12 @@ class Ledger:
         self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
         fileio.atomic_write(self.anchor_path, anchor_blob)
         fileio.atomic_write(self.state_path, state_blob)
+
+    def rewrite(self, st: State) -> None:
+        """Write ``st`` back in place (same generation, no usage record), with the device lock held. Only for
+        a change to a cache (State.verified): the anchor and the log still match, and a crash or a rollback
+        of the file only loses the cached entries."""
+        fileio.atomic_write(self.state_path, self._seal(st, "state"))
 
     def commit(self, st: State, **record: Any) -> State:
         line, anchor_blob, state_blob, new = self.prepare(st, **record)
