@@ -151,11 +151,13 @@ def _cached_verification(st: State, key: str, trusted: int) -> bool:
 
 def _remember_verification(
     st: State, key: str, verified: drm.VerifiedLicense, root: Any, trusted: int
-) -> None:
+) -> dict[str, int]:
     first, last = drm.chain_window(verified, root)
-    st.verified[key] = {"rv": st.revocation_version, "first": first, "last": last, "at": trusted}
+    entry = {"rv": st.revocation_version, "first": first, "last": last, "at": trusted}
+    st.verified[key] = entry
     while len(st.verified) > MAX_CACHED_VERIFICATIONS:
         del st.verified[min(st.verified, key=lambda k: st.verified[k]["at"])]
+    return dict(entry)
 
 
 class Device:
@@ -183,6 +185,9 @@ class Device:
         )
         self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
         self._revocation_cache: tuple[tuple[int, int, int, int], drm.RevocationList] | None = None
+        # License verifications made here and not yet in the sealed state: merged into every state this
+        # device loads, so the next commit (the first run's reservation) persists them; no extra write.
+        self._verified_pending: dict[str, dict[str, int]] = {}
 
     @property
     def device_id(self) -> str:
@@ -368,6 +373,8 @@ class Device:
             st, _ = self.ledger.load()
         except StateProblem as problem:
             self._refuse(None, problem.reason, t=clock, license_id=license_id, build_hash=build_hash)
+        self._verified_pending = {k: v for k, v in self._verified_pending.items() if k not in st.verified}
+        st.verified.update((k, dict(v)) for k, v in self._verified_pending.items())
         if clock < st.clock_hwm - self.policy.clock_tolerance:
             st.rollbacks += 1
             self._refuse(
@@ -458,8 +465,7 @@ class Device:
             verified = drm.verify_license(token, root=root, now=trusted, **uses)  # type: ignore[arg-type]
         except drm.LicenseRefused as exc:
             self._refuse(st, exc.reason, t=max(clock, st.hwm), license_id=lid, build_hash=build_hash or "")
-        _remember_verification(st, cache_key, verified, root, trusted)
-        self.ledger.rewrite(st)
+        self._verified_pending[cache_key] = _remember_verification(st, cache_key, verified, root, trusted)
         return verified.claims, st, trusted
 
     def _check_cap(self, st: State, claims: drm.LicenseClaims, trusted: int) -> None:

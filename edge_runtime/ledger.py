@@ -55,8 +55,8 @@ class State:
     rollbacks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     # Licenses whose signatures this device verified: "<token hash>:<root hash>" -> {"rv": revocation version,
-    # "first"/"last": seconds the certificate chain is valid, "at": trusted time of the check}. A cache only:
-    # see Device._cached_verification; losing or rolling it back costs one verification.
+    # "first"/"last": seconds the certificate chain is valid, "at": trusted time of the check}. A cache only,
+    # persisted with the next commit: see device._cached_verification; losing it costs one verification.
     verified: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self, kind: str = "state") -> dict[str, Any]:
@@ -387,12 +387,6 @@ class Ledger:
         self.anchor_path.parent.mkdir(parents=True, exist_ok=True, mode=fileio.PRIVATE_DIR)
         fileio.atomic_write(self.anchor_path, anchor_blob)
         fileio.atomic_write(self.state_path, state_blob)
-
-    def rewrite(self, st: State) -> None:
-        """Write ``st`` back in place (same generation, no usage record), with the device lock held. Only for
-        a change to a cache (State.verified): the anchor and the log still match, and a crash or a rollback
-        of the file only loses the cached entries."""
-        fileio.atomic_write(self.state_path, self._seal(st, "state"))
 
     def commit(self, st: State, **record: Any) -> State:
         line, anchor_blob, state_blob, new = self.prepare(st, **record)

@@ -4,6 +4,7 @@ validity are still checked on every open, and any doubt means verifying again (f
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import drm
@@ -33,10 +34,12 @@ def test_a_license_is_verified_once_per_device_and_the_result_survives_a_restart
     path = build_file(digits_build)
     for _ in range(3):
         device.open_model(build_path=path, license_bytes=lic, now=now).close()
+    assert len(verifications) == 1 and not device.ledger.load()[0].verified  # no write of its own...
+    with device.open_model(build_path=path, license_bytes=lic, now=now) as model:
+        model.run({"x": np.zeros((1, 64), np.float32)})
+    assert len(device.ledger.load()[0].verified) == 1  # ...it is sealed with the next commit
     Device.open(device.dir).open_model(build_path=path, license_bytes=lic, now=now).close()
     assert len(verifications) == 1
-    st, _ = device.ledger.load()
-    assert len(st.verified) == 1  # sealed with the state, not in memory
 
 
 def test_per_use_checks_still_run_on_a_cached_verification(
@@ -79,7 +82,7 @@ def test_a_new_revocation_version_or_another_root_invalidates_the_cache(
     (device.dir / "revocation.bin").unlink()
     st, _ = device.ledger.load()
     st.revocation_version = 0  # as on a fresh device pinned to the other root
-    device.ledger.rewrite(st)
+    device.ledger.commit(st, event="sync", t=now, detail="test: another root")
     refused(device, lambda: device.open_model(build_path=path, license_bytes=lic, now=now), "")
 
 
@@ -101,11 +104,13 @@ def test_a_chain_outside_its_validity_is_verified_again(
 ):
     lic = factory.license(device, digits_build)
     path = build_file(digits_build)
-    device.open_model(build_path=path, license_bytes=lic, now=now).close()
+    with device.open_model(build_path=path, license_bytes=lic, now=now) as model:
+        model.run({"x": np.zeros((1, 64), np.float32)})
     st, _ = device.ledger.load()
     (entry,) = st.verified.values()
     assert entry["first"] <= now <= entry["last"]
     entry["last"] = now - 1  # as if the issuer certificate had expired by now
-    device.ledger.rewrite(st)
-    device.open_model(build_path=path, license_bytes=lic, now=now).close()
+    device.ledger.commit(st, event="sync", t=now, detail="test: chain window passed")
+    fresh = Device.open(device.dir)  # no verification pending in memory
+    fresh.open_model(build_path=path, license_bytes=lic, now=now).close()
     assert len(verifications) == 2
