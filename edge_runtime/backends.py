@@ -171,7 +171,8 @@ class LiteRTBackend:
         for name, value in feeds.items():
             self._interp.set_tensor(self._in_index[name], np.ascontiguousarray(value))
         self._interp.invoke()
-        return {name: np.array(self._interp.get_tensor(index), copy=True) for name, index in self._out}
+        # get_tensor already returns a copy (the interpreter reuses its buffers on the next invoke).
+        return {name: self._interp.get_tensor(index) for name, index in self._out}
 
     def close(self) -> None:
         model, self._model = self._model, None
