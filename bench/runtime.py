@@ -37,7 +37,9 @@ MODELS = {  # name -> (model, data file, input key); the last one is the largest
     ),
 }
 HEADLINE = "ppocr_rec"
-RUN_TARGET, LOAD_TARGET = 1.02, 1.15
+# Targets per model (issue #21 sets the digits ones and the headline cold load).
+RUN_TARGETS = {"digits_mlp": 1.2, "ppocr_det": 1.02, "ppocr_rec": 1.02}
+LOAD_TARGETS = {"digits_mlp": 1.5, "ppocr_det": 1.15, "ppocr_rec": 1.10}
 
 
 def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) -> dict[str, float]:
@@ -147,6 +149,7 @@ def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) ->
         "load": statistics.median(load_pairs),
         "load_plain_ms": statistics.median(plain_load) * 1000,
         "load_licensed_ms": statistics.median(licensed_load) * 1000,
+        "model_bytes": len(plaintext),
     }
 
 
@@ -169,11 +172,18 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="edgemart-bench-runtime-") as tmp:
         figures = {name: _measure(name, quick, Path(tmp), authority, issuer) for name in MODELS}
+    import onnxruntime as ort
+
     for name, f in figures.items():
+        what = (
+            f"{MODELS[name][0].rsplit('/', 1)[-1]} ({f['model_bytes']} B), onnx-fp32 build, onnxruntime"
+            f" {ort.__version__} CPU EP, batch 1"
+        )
         out[f"drm.run_overhead_ratio.{name}"] = _entry(
             f["run"],
-            RUN_TARGET,
-            f"median per call: licensed {f['run_licensed_ms']:.3f} ms vs plain {f['run_plain_ms']:.3f} ms;"
+            RUN_TARGETS[name],
+            f"{what}; median of per-call ratios (ABBA pairs): licensed {f['run_licensed_ms']:.3f} ms vs plain"
+            f" {f['run_plain_ms']:.3f} ms median;"
             f" mean ratio {f['run_mean']:.3f}x including {f['reservations']} durable reservation(s) of"
             f" {f['reserve_block']} runs; metering alone (same session with and without it, median)"
             f" {f['metering_us']:+.1f} us/call (licensed = in-memory license checks + count inside a"
@@ -181,12 +191,18 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
         )
         out[f"drm.cold_load_ratio.{name}"] = _entry(
             f["load"],
-            LOAD_TARGET,
-            f"median: licensed {f['load_licensed_ms']:.1f} ms vs plain {f['load_plain_ms']:.1f} ms",
+            LOAD_TARGETS[name],
+            f"{what}; median of per-pair ratios: licensed (verify + unwrap + decrypt + safety walk + session)"
+            f" {f['load_licensed_ms']:.1f} ms vs plain InferenceSession from bytes {f['load_plain_ms']:.1f} ms"
+            " median",
         )
     h = figures[HEADLINE]
-    out["drm.run_overhead_ratio"] = _entry(h["run"], RUN_TARGET, f"headline on {HEADLINE} (largest model)")
-    out["drm.cold_load_ratio"] = _entry(h["load"], LOAD_TARGET, f"headline on {HEADLINE} (largest model)")
+    out["drm.run_overhead_ratio"] = _entry(
+        h["run"], RUN_TARGETS[HEADLINE], f"headline on {HEADLINE} (largest model)"
+    )
+    out["drm.cold_load_ratio"] = _entry(
+        h["load"], LOAD_TARGETS[HEADLINE], f"headline on {HEADLINE} (largest model)"
+    )
     return out
 
 

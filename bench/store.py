@@ -40,9 +40,17 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
             model = (corpus / "models/digits/digits_mlp_base.onnx").read_bytes()
             import io
 
-            r = client.post("/api/v1/listings", headers={"Authorization": f"Bearer {seller_tok}"},
-                            data={"name": "bench-digits", "license": "MIT", "targets": "onnx-fp32",
-                                  "model": (io.BytesIO(model), "m.onnx")}, content_type="multipart/form-data")
+            r = client.post(
+                "/api/v1/listings",
+                headers={"Authorization": f"Bearer {seller_tok}"},
+                data={
+                    "name": "bench-digits",
+                    "license": "MIT",
+                    "targets": "onnx-fp32",
+                    "model": (io.BytesIO(model), "m.onnx"),
+                },
+                content_type="multipart/form-data",
+            )
             assert r.status_code == 202, r.get_json()
             assert ctx.queue.wait_idle(120)
             listing = r.get_json()["listing"]["id"]
@@ -51,16 +59,22 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
             for tok in buyers:
                 for _ in range(3):
                     keys = drm.DeviceKeys.generate()
-                    r = client.post("/api/v1/devices/enroll", json={"csr": keys.csr().decode()},
-                                    headers={"Authorization": f"Bearer {tok}"})
+                    r = client.post(
+                        "/api/v1/devices/enroll",
+                        json={"csr": keys.csr().decode()},
+                        headers={"Authorization": f"Bearer {tok}"},
+                    )
                     assert r.status_code == 201, r.get_json()
                     devices.append((tok, r.get_json()["device_id"]))
             issue_s: list[float] = []
             health_s: list[float] = []
             for tok, device_id in devices:
                 t0 = time.perf_counter()
-                r = client.post(f"/api/v1/listings/{listing}/eval-license", json={"device_id": device_id,
-                                "target": "onnx-fp32"}, headers={"Authorization": f"Bearer {tok}"})
+                r = client.post(
+                    f"/api/v1/listings/{listing}/eval-license",
+                    json={"device_id": device_id, "target": "onnx-fp32"},
+                    headers={"Authorization": f"Bearer {tok}"},
+                )
                 issue_s.append(time.perf_counter() - t0)
                 assert r.status_code == 201, r.get_json()
                 t0 = time.perf_counter()
@@ -72,12 +86,16 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
     health_rps = 1.0 / statistics.median(health_s)
     return {
         "store.license_issue_rps_ratio": {
-            "value": issue_rps / health_rps, "target": None, "unit": "x",
+            "value": issue_rps / health_rps,
+            "target": None,
+            "unit": "x",
             "note": f"fresh eval licenses {issue_rps:.0f}/s vs /healthz {health_rps:.0f}/s, one worker, in-process "
-                    f"WSGI, {len(issue_s)} issues",
+            f"WSGI, {len(issue_s)} issues",
         },
         "store.license_issue_ms": {
-            "value": statistics.median(issue_s) * 1000, "target": "<= 50", "unit": "ms",
+            "value": statistics.median(issue_s) * 1000,
+            "target": "<= 50",
+            "unit": "ms",
             "note": "median time to issue one fresh eval license (transaction + HPKE + Ed25519 + ML-DSA-65)",
         },
     }
