@@ -64,8 +64,10 @@ SCALE_ARGS ?= --duration 60 --clients 64 --app-workers 4 --job-workers 2
 scale-test: venv apt corpus
 	$(PY) -m bench.scale $(SCALE_ARGS) --json bench/results-scale.json
 
+# The README table and bench/results-quick.json come from one --quick run (BENCH_NOTE: say if the machine was shared).
+BENCH_NOTE ?=
 bench: venv corpus
-	$(VENV)/bin/edgemart bench
+	$(VENV)/bin/edgemart bench --quick --save bench/results-quick.json --readme README.md --note "$(BENCH_NOTE)"
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,7 @@ drm.cold_load_ratio: verify + unwrap + decrypt + session vs a plain InferenceSes
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import statistics
@@ -36,7 +37,9 @@ MODELS = {  # name -> (model, data file, input key); the last one is the largest
     ),
 }
 HEADLINE = "ppocr_rec"
-RUN_TARGET, LOAD_TARGET = 1.02, 1.15
+# Targets per model (issue #21 sets the digits ones and the headline cold load).
+RUN_TARGETS = {"digits_mlp": 1.2, "ppocr_det": 1.02, "ppocr_rec": 1.02}
+LOAD_TARGETS = {"digits_mlp": 1.5, "ppocr_det": 1.15, "ppocr_rec": 1.10}
 
 
 def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) -> dict[str, float]:
@@ -69,21 +72,43 @@ def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) ->
         device_id=device.device_id,
     )
 
-    loads = 3 if quick else 7
+    # Pairs of loads, plain and licensed back to back in ABBA order; the figure is the median of the per-pair
+    # ratios, so a burst of load from other processes on a shared machine skews one pair, not the figure.
+    loads = 9 if quick else 21
     plain_load, licensed_load = [], []
-    model = None
-    for _ in range(loads):
+    model: Any = None
+    plain: Any = None
+
+    def load_plain() -> None:
+        nonlocal plain
+        plain = None  # release the previous session first, as the licensed side does
         t0 = time.perf_counter()
         plain = ort.InferenceSession(plaintext, providers=["CPUExecutionProvider"])
         plain_load.append(time.perf_counter() - t0)
+
+    def load_licensed() -> None:
+        nonlocal model
         if model is not None:
             model.close()
         t0 = time.perf_counter()
         model = device.open_model(build_path=build, license_bytes=lic)
         licensed_load.append(time.perf_counter() - t0)
-    assert model is not None
 
-    calls = {"digits_mlp": 300, "ppocr_det": 30, "ppocr_rec": 30}[name] // (3 if quick else 1)
+    load_plain()
+    load_licensed()  # warm-up pair (imports, first-touch of the files): not counted
+    plain_load.clear()
+    licensed_load.clear()
+    for i in range(loads):
+        for load in (load_plain, load_licensed) if i % 2 == 0 else (load_licensed, load_plain):
+            # A fresh session's intra-op threads spin for a while: let them settle so neither side pays for
+            # the other's (on 2 cores a spinning worker takes a whole core), and collect garbage off the clock.
+            gc.collect()
+            time.sleep(0.05)
+            load()
+    assert model is not None
+    load_pairs = [b / a for a, b in zip(plain_load, licensed_load, strict=True)]
+
+    calls = {"digits_mlp": 3000, "ppocr_det": 30, "ppocr_rec": 30}[name] // (3 if quick else 1)
     names = [o.name for o in plain.get_outputs()]
     for _ in range(3):
         plain.run(names, {key: x})
@@ -110,17 +135,21 @@ def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) ->
     reservations = sum(
         1 for line in (work / name / "usage.log").read_text().splitlines() if '"detail":"reserve:' in line
     )
+    # Per-pair ratios (each licensed call beside the plain call next to it in time), median: robust to the
+    # bursts of other work on a shared machine that hit a whole stretch of calls.
+    run_pairs = [b / a for a, b in zip(plain_t, licensed_t[:calls], strict=True)]
     return {
-        "run": statistics.median(licensed_t[:calls]) / statistics.median(plain_t),
+        "run": statistics.median(run_pairs),
         "run_mean": statistics.fmean(licensed_t[:calls]) / statistics.fmean(plain_t),
         "metering_us": (statistics.median(licensed_t[calls:]) - statistics.median(inner_t)) * 1e6,
         "reservations": reservations,
         "reserve_block": device.policy.reserve_block,
         "run_plain_ms": statistics.median(plain_t) * 1000,
         "run_licensed_ms": statistics.median(licensed_t[:calls]) * 1000,
-        "load": statistics.median(licensed_load) / statistics.median(plain_load),
+        "load": statistics.median(load_pairs),
         "load_plain_ms": statistics.median(plain_load) * 1000,
         "load_licensed_ms": statistics.median(licensed_load) * 1000,
+        "model_bytes": len(plaintext),
     }
 
 
@@ -143,11 +172,18 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="edgemart-bench-runtime-") as tmp:
         figures = {name: _measure(name, quick, Path(tmp), authority, issuer) for name in MODELS}
+    import onnxruntime as ort
+
     for name, f in figures.items():
+        what = (
+            f"{MODELS[name][0].rsplit('/', 1)[-1]} ({f['model_bytes']} B), onnx-fp32 build, onnxruntime"
+            f" {ort.__version__} CPU EP, batch 1"
+        )
         out[f"drm.run_overhead_ratio.{name}"] = _entry(
             f["run"],
-            RUN_TARGET,
-            f"median per call: licensed {f['run_licensed_ms']:.3f} ms vs plain {f['run_plain_ms']:.3f} ms;"
+            RUN_TARGETS[name],
+            f"{what}; median of per-call ratios (ABBA pairs): licensed {f['run_licensed_ms']:.3f} ms vs plain"
+            f" {f['run_plain_ms']:.3f} ms median;"
             f" mean ratio {f['run_mean']:.3f}x including {f['reservations']} durable reservation(s) of"
             f" {f['reserve_block']} runs; metering alone (same session with and without it, median)"
             f" {f['metering_us']:+.1f} us/call (licensed = in-memory license checks + count inside a"
@@ -155,12 +191,18 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
         )
         out[f"drm.cold_load_ratio.{name}"] = _entry(
             f["load"],
-            LOAD_TARGET,
-            f"median: licensed {f['load_licensed_ms']:.1f} ms vs plain {f['load_plain_ms']:.1f} ms",
+            LOAD_TARGETS[name],
+            f"{what}; median of per-pair ratios: licensed (verify + unwrap + decrypt + safety walk + session)"
+            f" {f['load_licensed_ms']:.1f} ms vs plain InferenceSession from bytes {f['load_plain_ms']:.1f} ms"
+            " median",
         )
     h = figures[HEADLINE]
-    out["drm.run_overhead_ratio"] = _entry(h["run"], RUN_TARGET, f"headline on {HEADLINE} (largest model)")
-    out["drm.cold_load_ratio"] = _entry(h["load"], LOAD_TARGET, f"headline on {HEADLINE} (largest model)")
+    out["drm.run_overhead_ratio"] = _entry(
+        h["run"], RUN_TARGETS[HEADLINE], f"headline on {HEADLINE} (largest model)"
+    )
+    out["drm.cold_load_ratio"] = _entry(
+        h["load"], LOAD_TARGETS[HEADLINE], f"headline on {HEADLINE} (largest model)"
+    )
     return out
 
 

@@ -13,9 +13,10 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -335,6 +336,41 @@ def _open(
     total: int | None = None,
 ) -> tuple[ContainerHeader, bytearray]:
     """``total``: the container's length when the source knows it (a buffer, a regular file)."""
+    out = bytearray()
+
+    def allocate(n: int) -> memoryview:
+        nonlocal out
+        out = bytearray(n)
+        return memoryview(out)
+
+    header, _ = _open_into(
+        pull,
+        pull_into,
+        key=key,
+        expected_build_hash=expected_build_hash,
+        limits=limits,
+        hasher=hashlib.sha256() if verify_build_hash else None,
+        allocate=allocate,
+        total=total,
+    )
+    return header, out
+
+
+def _open_into(
+    pull: Callable[[int], bytes | memoryview],
+    pull_into: Callable[[memoryview], int] | None,
+    *,
+    key: bytes,
+    expected_build_hash: str | None,
+    limits: ContainerLimits,
+    hasher: Any,
+    allocate: Callable[[int], memoryview],
+    total: int | None = None,
+) -> tuple[ContainerHeader, memoryview]:
+    """Decrypt every chunk into the buffer ``allocate(plaintext_len)`` returns (called once the first chunk
+    has authenticated), feeding ``hasher`` chunk by chunk while each chunk is still in cache; a ``hasher``
+    of None leaves the build-hash comparison to the caller. On any failure the buffer is zeroed and the one
+    opaque IntegrityError raised."""
     aead = _check_key(key)
     try:
         fixed = bytes(pull(_PREFIX.size))
@@ -350,9 +386,7 @@ def _open(
     digest = hashlib.sha256(head).digest()
     n_chunks, size, prefix = header.n_chunks, header.chunk_size, header.nonce_prefix
     scratch = memoryview(bytearray(size + TAG_LEN)) if pull_into is not None else None
-    hasher = hashlib.sha256() if verify_build_hash else None
-    out = bytearray()
-    view = memoryview(out)
+    view = memoryview(b"")
     try:
         remaining = header.plaintext_len
         pos = 0
@@ -371,11 +405,15 @@ def _open(
             if index == 0:
                 # Allocate the whole plaintext only once the first chunk authenticates, so a forged
                 # header cannot make us reserve plaintext_len bytes.
-                first = aead.decrypt(nonce, blob, aad)
-                view.release()
-                out = bytearray(header.plaintext_len)
-                view = memoryview(out)
-                view[:n] = first
+                first = bytearray(n)
+                try:
+                    aead.decrypt_into(nonce, blob, aad, first)
+                    view = allocate(header.plaintext_len)
+                    if len(view) != header.plaintext_len or view.readonly:
+                        raise UsageError("allocate() must return a writable buffer of plaintext_len bytes")
+                    view[:n] = first
+                finally:
+                    wipe(first)
             else:
                 aead.decrypt_into(nonce, blob, aad, view[pos : pos + n])
             if hasher is not None:
@@ -386,11 +424,112 @@ def _open(
         if hasher is not None and "sha256:" + hasher.hexdigest() != header.build_hash:
             raise IntegrityError()
     except (InvalidTag, IntegrityError, ValueError, MemoryError):
-        view.release()
-        wipe(out)
+        _zero(view)
         raise IntegrityError() from None
-    view.release()
-    return header, out
+    return header, view
+
+
+# Below this size the build hash is computed inline: a thread costs more than it hides.
+_OVERLAP_MIN_BYTES = 1024 * 1024
+T = TypeVar("T")
+
+
+def open_sealed_into(
+    data: bytes | bytearray | memoryview | BinaryIO,
+    *,
+    key: bytes,
+    allocate: Callable[[int], memoryview],
+    use: Callable[[memoryview], T],
+    discard: Callable[[T], object],
+    expected_build_hash: str | None = None,
+    limits: ContainerLimits = DEFAULT_LIMITS,
+) -> tuple[ContainerHeader, T]:
+    """Open a container (in memory, or a binary file read chunk by chunk into one reused buffer) into the
+    caller's buffer, hand it to ``use`` and return its result.
+
+    One pass over the ciphertext: every chunk is authenticated (AES-GCM) and decrypted straight into the
+    buffer ``allocate(plaintext_len)`` returns (called once the first chunk authenticates; no other copy of
+    the plaintext is made). The build hash (SHA-256 of the plaintext) is then computed on a second thread
+    while ``use(buffer)`` runs (hashlib releases the GIL), so on two cores it costs no wall time.
+
+    Fail closed: ``use``'s result is returned only when every chunk authenticated **and** the build hash
+    matched. Otherwise ``discard(result)`` is called, the buffer is zeroed and the one opaque IntegrityError is
+    raised (also when ``use`` itself raised: a build that is not the licensed one is an integrity failure).
+    ``use`` therefore sees content that is authenticated under the key but whose hash is still being checked;
+    it must keep whatever it derives private until this function returns (building an inference session
+    qualifies; writing to disk or a socket does not). The buffer stays the caller's to wipe after success."""
+    pull: Callable[[int], bytes | memoryview]
+    pull_into: Callable[[memoryview], int] | None = None
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        whole = memoryview(data).cast("B")
+        total: int | None = len(whole)
+        pos = 0
+
+        def pull_view(n: int) -> memoryview:
+            nonlocal pos
+            piece = whole[pos : pos + n]  # zero-copy
+            pos += len(piece)
+            return piece
+
+        pull = pull_view
+    elif hasattr(data, "readinto"):
+        fh = data
+        total = _file_remaining(fh)
+        pull = fh.read
+
+        def read_into(buf: memoryview) -> int:
+            return _read_exact(fh, buf)
+
+        pull_into = read_into
+    else:
+        raise UsageError("open_sealed_into needs bytes or a binary file object")
+
+    plain = memoryview(b"")
+
+    def take(n: int) -> memoryview:
+        nonlocal plain
+        plain = allocate(n)
+        return plain
+
+    small = total is not None and total < _OVERLAP_MIN_BYTES
+    inline = hashlib.sha256() if small else None
+    header, plain = _open_into(
+        pull,
+        pull_into,
+        key=key,
+        expected_build_hash=expected_build_hash,
+        limits=limits,
+        hasher=inline,
+        allocate=take,
+        total=total,
+    )
+    verdict: list[bool] = []
+    hasher: threading.Thread | None = None
+    if not small:
+
+        def check() -> None:
+            verdict.append("sha256:" + hashlib.sha256(plain).hexdigest() == header.build_hash)
+
+        hasher = threading.Thread(target=check, name="edgemart-build-hash", daemon=True)
+        hasher.start()
+    try:
+        result = use(plain)
+    except BaseException:
+        if hasher is not None:
+            hasher.join()
+        _zero(plain)
+        if hasher is not None and verdict != [True]:
+            raise IntegrityError() from None
+        raise
+    if hasher is not None:
+        hasher.join()
+        if verdict != [True]:
+            try:
+                discard(result)
+            finally:
+                _zero(plain)
+            raise IntegrityError()
+    return header, result
 
 
 def open_stream(
@@ -485,3 +624,8 @@ def open_sealed(
 def wipe(buffer: bytearray) -> None:
     """Overwrite a plaintext buffer we own (best effort: Python may hold other copies)."""
     buffer[:] = bytes(len(buffer))
+
+
+def _zero(view: memoryview) -> None:
+    if len(view) and not view.readonly:
+        view[:] = bytes(len(view))

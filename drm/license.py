@@ -3,6 +3,7 @@ a run cap and the build's content key wrapped to the device with HPKE (RFC 9180)
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from dataclasses import asdict, dataclass
@@ -268,6 +269,31 @@ def verify_license(
         raise LicenseRefused(reason=f"malformed claims: {exc.message}") from None
     if claims.issuer_kid != key_id(verified.issuer_cert.public_key()):  # type: ignore[arg-type]
         raise LicenseRefused(reason="issuer_kid does not match the signing certificate")
+    check_claims(
+        claims,
+        now=now,
+        device_id=device_id,
+        fleet_key_ids=fleet_key_ids,
+        build_hash=build_hash,
+        target=target,
+        revoked=revoked,
+    )
+    return VerifiedLicense(claims, verified.issuer_cert, verified.pq_verified)
+
+
+def check_claims(
+    claims: LicenseClaims,
+    *,
+    now: int,
+    device_id: str | None = None,
+    fleet_key_ids: frozenset[str] = frozenset(),
+    build_hash: str | None = None,
+    target: str | None = None,
+    revoked: frozenset[str] = frozenset(),
+) -> None:
+    """The checks of verify_license that depend on the use rather than on the token: revocation, binding,
+    build, target and validity window. A verifier that cached a token's verification (see chain_window) runs these
+    on every use. Raises LicenseRefused (opaque message, precise .reason)."""
     if claims.license_id in revoked:
         raise LicenseRefused(reason=f"license {claims.license_id} is revoked")
     if claims.device_id is not None and claims.device_id != device_id:
@@ -282,4 +308,15 @@ def verify_license(
         raise LicenseRefused(reason="license is not yet valid")
     if claims.not_after is not None and now >= claims.not_after:
         raise LicenseRefused(reason="license has expired")
-    return VerifiedLicense(claims, verified.issuer_cert, verified.pq_verified)
+
+
+def chain_window(verified: VerifiedLicense, root: x509.Certificate) -> tuple[int, int]:
+    """The whole seconds [first, last] at which the time-dependent part of verifying the token's signatures
+    (the validity periods of its certificate and of the root) holds. Everything else verify_license checked
+    about the token's signatures depends only on the token bytes and the root, so a verifier may keep the
+    result for (token hash, root) and, on a later use at ``now``, require first <= now <= last and run
+    check_claims instead of verifying again."""
+    certs = (verified.issuer_cert, root)
+    first = max(math.ceil(c.not_valid_before_utc.timestamp()) for c in certs)
+    last = min(math.floor(c.not_valid_after_utc.timestamp()) for c in certs)
+    return first, last

@@ -7,10 +7,11 @@ from __future__ import annotations
 import ctypes
 import sys
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
+from drm.container import open_sealed_into as drm_open_sealed_into
 from edgemart.core.errors import UsageError
 from edgemart.core.model_safety import check_model_bytes
 
@@ -105,13 +106,19 @@ class OnnxBackend:
         self.inputs = [_onnx_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_onnx_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        # On the CPU EP alone, call the C++ session directly: the Python wrapper's per-run work (re-reading
+        # the input metadata to find missing inputs, OrtValue ownership, EP fallback) is covered by the
+        # callers' feed check (LicensedModel.check_feeds) or by the C++ session itself, and costs ~1-2 us.
+        raw: Any = getattr(self._session, "_sess", None)
+        direct = raw is not None and self.providers == ["CPUExecutionProvider"]
+        self._run: Any = raw.run if direct else self._session.run
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(self._output_names, feeds)
+        values = self._run(self._output_names, feeds, None)
         return dict(zip(self._output_names, values, strict=True))
 
     def close(self) -> None:
-        self._session = None
+        self._session = self._run = None
 
 
 def _onnx_spec(arg: Any) -> TensorSpec:
@@ -167,7 +174,8 @@ class LiteRTBackend:
         for name, value in feeds.items():
             self._interp.set_tensor(self._in_index[name], np.ascontiguousarray(value))
         self._interp.invoke()
-        return {name: np.array(self._interp.get_tensor(index), copy=True) for name, index in self._out}
+        # get_tensor already returns a copy (the interpreter reuses its buffers on the next invoke).
+        return {name: self._interp.get_tensor(index) for name, index in self._out}
 
     def close(self) -> None:
         model, self._model = self._model, None
@@ -186,16 +194,84 @@ def _tflite_spec(d: dict[str, Any]) -> TensorSpec:
 
 def open_backend(plaintext: bytearray, *, target: str) -> Backend:
     """Open the right backend for a decrypted build. The caller wipes ``plaintext`` afterwards."""
-    fmt = sniff_format(plaintext)
+    _check_build(plaintext, target)
+    return _open_checked(bytes(plaintext), target)  # the runtimes accept only bytes
+
+
+def _check_build(plaintext: bytes | bytearray | memoryview, target: str) -> None:
     check_model_bytes(plaintext)  # in place, no copy: a build that reads files outside itself never opens
-    if target in TFLITE_TARGETS and fmt != "tflite":
+    if target in TFLITE_TARGETS and sniff_format(plaintext) != "tflite":
         raise UsageError(f"target {target} expects a TFLite build but the decrypted build is not TFLite")
-    model = bytes(plaintext)  # the runtimes accept only bytes
+
+
+def _open_checked(model: bytes, target: str) -> Backend:
+    """Open a backend on ``model`` (already through _check_build), a bytes object nothing else refers to."""
     backend: Backend
-    if fmt == "tflite":
+    if sniff_format(model) == "tflite":
         backend = LiteRTBackend(model, target=target)  # keeps ``model`` alive until close()
     else:
         backend = OnnxBackend(model, target=target)
         scrub_bytes(model)
     del model
+    return backend
+
+
+def _private_bytes(n: int) -> tuple[bytes | None, memoryview]:
+    """A fresh, uninitialized ``bytes`` object of ``n`` bytes and a writable view of its storage, so a build can be
+    decrypted straight into the object the runtimes read (they take only ``bytes``): no plaintext copy.
+
+    CPython only (as scrub_bytes): the view is valid only while the object lives, and the object must not be
+    hashed or shared before it is filled. Elsewhere (or for n = 0) the view is over a bytearray and None is
+    returned: the caller copies it into bytes once."""
+    if sys.implementation.name != "cpython" or n == 0:
+        return None, memoryview(bytearray(n))
+    # Uninitialized (no zero-fill pass over the plaintext size): every byte is written by the decryption,
+    # and on any failure open_sealed_into zeroes the whole buffer.
+    data = _new_bytes(None, n)
+    storage = (ctypes.c_char * n).from_address(id(data) + sys.getsizeof(b"") - 1)
+    return data, memoryview(storage).cast("B")
+
+
+if sys.implementation.name == "cpython":
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def open_sealed_backend(
+    container: bytes | bytearray | memoryview | BinaryIO, *, key: bytes, build_hash: str, target: str
+) -> Backend:
+    """Decrypt a sealed build straight into the bytes a backend reads and open it, in one pass.
+
+    The model-safety walk runs on the plaintext before the backend sees it; the build hash is checked on a
+    second thread while the backend opens, and a mismatch closes the backend, zeroes the plaintext and raises
+    drm.IntegrityError (see drm.open_sealed_into). Nothing is returned before every check has passed. The
+    plaintext is zeroed as soon as onnxruntime has its own copy; LiteRT reads it in place until close()."""
+    held: dict[str, Any] = {}  # the bytes, kept alive while any view of their storage exists
+
+    def allocate(n: int) -> memoryview:
+        held["model"], held["view"] = _private_bytes(n)
+        return held["view"]
+
+    def use(view: memoryview) -> Backend:
+        _check_build(view, target)
+        model = held["model"] if held["model"] is not None else bytes(view)
+        if sniff_format(view) == "tflite":
+            held["wipe"] = held["model"] is None  # LiteRT reads ``model`` in place until close()
+            return LiteRTBackend(model, target=target)
+        held["wipe"] = True  # the session holds its own copy (wiped after the hash check, which reads it)
+        return OnnxBackend(model, target=target)
+
+    def discard(backend: Backend) -> None:
+        backend.close()
+
+    try:
+        _, backend = drm_open_sealed_into(
+            container, key=key, allocate=allocate, use=use, discard=discard, expected_build_hash=build_hash
+        )
+        if held.get("wipe"):
+            view = held["view"]
+            view[:] = bytes(len(view))
+    finally:
+        held.clear()  # the views go first; then the bytes (LiteRT's own reference keeps its model alive)
     return backend

@@ -26,7 +26,7 @@ from drm.keys import private_key_to_pem, x25519_from_pem
 from drm.license import LICENSE_TYP
 from edge_runtime.anchor import ANCHOR_CONFIG, Anchor, TpmAnchor, tpm_from_config
 from edge_runtime.anchor import load_config as load_anchor_config
-from edge_runtime.backends import Backend, TensorSpec, open_backend
+from edge_runtime.backends import Backend, TensorSpec, open_sealed_backend
 from edge_runtime.ledger import (
     DEFAULT_POLICY,
     RELEASE,
@@ -137,6 +137,37 @@ def read_fleet_keys(directory: Path) -> dict[str, x25519.X25519PrivateKey]:
     return {path.stem: read_fleet_key(path) for path in sorted(folder.glob("*.key"))}
 
 
+MAX_CACHED_VERIFICATIONS = 64
+
+
+def _verification_key(token: bytes, root: Any) -> str:
+    """What a cached license verification is bound to: the exact token bytes and the pinned root."""
+    return f"{drm.sha256_tag(bytes(token))[7:]}:{drm.sha256_tag(drm.cert_to_pem(root))[7:]}"
+
+
+def _cached_verification(st: State, key: str, trusted: int) -> bool:
+    """Whether the state holds a verification of this token under this root that still applies: made at
+    the current revocation version and with the certificate chain valid at ``trusted`` (fail closed: any
+    doubt means verifying again)."""
+    entry = st.verified.get(key)
+    return (
+        entry is not None
+        and entry["rv"] == st.revocation_version
+        and entry["first"] <= trusted <= entry["last"]
+    )
+
+
+def _remember_verification(
+    st: State, key: str, verified: drm.VerifiedLicense, root: Any, trusted: int
+) -> dict[str, int]:
+    first, last = drm.chain_window(verified, root)
+    entry = {"rv": st.revocation_version, "first": first, "last": last, "at": trusted}
+    st.verified[key] = entry
+    while len(st.verified) > MAX_CACHED_VERIFICATIONS:
+        del st.verified[min(st.verified, key=lambda k: st.verified[k]["at"])]
+    return dict(entry)
+
+
 class Device:
     """A device directory (see the layout in the project brief / docs)."""
 
@@ -167,6 +198,9 @@ class Device:
         )
         self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
         self._revocation_cache: tuple[tuple[int, int, int, int], drm.RevocationList] | None = None
+        # License verifications made here and not yet in the sealed state: merged into every state this
+        # device loads, so the next commit (the first run's reservation) persists them; no extra write.
+        self._verified_pending: dict[str, dict[str, int]] = {}
 
     @property
     def device_id(self) -> str:
@@ -369,6 +403,8 @@ class Device:
             st, _ = self.ledger.load()
         except StateProblem as problem:
             self._refuse(None, problem.reason, t=clock, license_id=license_id, build_hash=build_hash)
+        self._verified_pending = {k: v for k, v in self._verified_pending.items() if k not in st.verified}
+        st.verified.update((k, dict(v)) for k, v in self._verified_pending.items())
         if clock < st.clock_hwm - self.policy.clock_tolerance:
             st.rollbacks += 1
             self._refuse(
@@ -443,19 +479,25 @@ class Device:
         # Only the key the license names is read: a device-bound license never touches DIR/fleet.
         fleet = claims0.fleet_key_id
         held = frozenset({fleet}) if fleet is not None and self._fleet_key(fleet) is not None else frozenset()
+        root = self.root()
+        uses = {
+            "device_id": self.device_id,
+            "fleet_key_ids": held,
+            "build_hash": build_hash,
+            "target": target,
+            "revoked": revoked,
+        }
+        cache_key = _verification_key(token, root)
         try:
-            verified = drm.verify_license(
-                token,
-                root=self.root(),
-                now=trusted,
-                device_id=self.device_id,
-                fleet_key_ids=held,
-                build_hash=build_hash,
-                target=target,
-                revoked=revoked,
-            )
+            if _cached_verification(st, cache_key, trusted):
+                # The signatures were verified for these exact bytes under this root and revocation version;
+                # what depends on this use is checked now, as verify_license would.
+                drm.check_claims(claims0, now=trusted, **uses)  # type: ignore[arg-type]
+                return claims0, st, trusted
+            verified = drm.verify_license(token, root=root, now=trusted, **uses)  # type: ignore[arg-type]
         except drm.LicenseRefused as exc:
             self._refuse(st, exc.reason, t=max(clock, st.hwm), license_id=lid, build_hash=build_hash or "")
+        self._verified_pending[cache_key] = _remember_verification(st, cache_key, verified, root, trusted)
         return verified.claims, st, trusted
 
     def _check_cap(self, st: State, claims: drm.LicenseClaims, trusted: int) -> tuple[int, int] | None:
@@ -693,6 +735,7 @@ class Device:
             if rl.version == st.revocation_version and (self.dir / "revocation.bin").is_file():
                 return {"version": rl.version, "revoked": len(rl.revoked), "updated": False}
             fileio.atomic_write(self.dir / "revocation.bin", blob, mode=0o644)
+            _invalidate_fast_paths()  # every model open in this process re-checks before its next run
             st.revocation_version = rl.version
             self.ledger.commit(st, event="sync", t=trusted, detail=f"revocation list version {rl.version}")
         return {"version": rl.version, "revoked": len(rl.revoked), "updated": True}
@@ -782,7 +825,10 @@ class Device:
             raise drm.UsageError(f"build file {path} exceeds the {self.policy.max_build_bytes}-byte limit")
         if len(license_bytes) > self.policy.max_license_bytes:
             raise drm.UsageError("license file too large")
-        container = path.read_bytes()
+        with open(path, "rb") as fh:
+            container = fh.read(
+                64 * 1024
+            )  # the header: the chunks are read one at a time as they are decrypted
         clock = self._clock(now)
         try:
             header = drm.read_header(container[: 64 * 1024])
@@ -807,7 +853,10 @@ class Device:
                     st, exc.reason, t=trusted, license_id=claims.license_id, build_hash=claims.build_hash
                 )
         try:
-            _, plaintext = drm.open_sealed(container, key=cek, expected_build_hash=claims.build_hash)
+            # One pass: decrypt into the bytes the backend reads, safety walk, then the backend opens while
+            # the build hash is checked beside it; nothing comes back unless every check passed.
+            with open(path, "rb") as fh:
+                backend = open_sealed_backend(fh, key=cek, build_hash=claims.build_hash, target=claims.target)
         except drm.IntegrityError:
             with fileio.locked(self.ledger.lock_path):
                 st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
@@ -818,10 +867,6 @@ class Device:
                     license_id=claims.license_id,
                     build_hash=claims.build_hash,
                 )
-        try:
-            backend = open_backend(plaintext, target=claims.target)
-        finally:
-            drm.wipe(plaintext)
         return LicensedModel(self, claims, backend, load_seconds=time.perf_counter() - started, now=now)
 
     # ------------------------------------------------------------------ the run path (called by _RunMeter)
@@ -1036,13 +1081,36 @@ class Device:
         return out
 
 
+# Process-wide generations the run fast path compares with one integer read instead of a syscall: _FORKS
+# changes in every forked child, _FAST_GEN in a forked child and whenever this process installs a revocation
+# list (any Device instance), so every reservation held in memory is re-checked before its next run.
+_FORKS = [0]
+_FAST_GEN = [0]
+
+
+def _invalidate_fast_paths() -> None:
+    _FAST_GEN[0] += 1
+
+
+def _after_fork_in_child() -> None:
+    _FORKS[0] += 1
+    _invalidate_fast_paths()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _RunMeter:
     """Counts one LicensedModel's runs against its reservation, in memory; holds no reference to the model, so
     a finalizer can give the unused runs back when the model is closed, collected or the interpreter exits.
 
-    The fast path (a run inside the reservation) does no disk I/O: it compares the clock with the high-water
-    marks and the validity window, and stat()s the revocation list. Anything it does not accept goes to
-    Device._admit_slow, which re-checks against the durable state and records a refusal precisely."""
+    The fast path (a run inside the reservation, the clock within the second already seen) makes no syscall
+    and no disk I/O: a lock, one clock read and four comparisons (runs left, clock rollback, fast-path
+    generation; the validity window was checked for that clock already). When the clock moves on, the run
+    is checked against the validity window and the revocation list is stat()ed (at most once a second: a
+    list installed by another process takes effect within a second, one installed by this process at the next
+    run). Anything it does not accept goes to Device._admit_slow, which re-checks against the durable state,
+    takes a new reservation when this one is used up, and records a refusal precisely."""
 
     def __init__(self, device: Device, claims: drm.LicenseClaims, now: int | None) -> None:
         self.device = device
@@ -1054,40 +1122,58 @@ class _RunMeter:
         self.revocation_key: tuple[int, int, int, int] | None | str = "unchecked"
         self.budget_deadline: int | None = None  # the offline budget's deadline, for a metered license
         self.pid = os.getpid()
+        self.fork = _FORKS[0]
         self.closed = False
         self._mutex = threading.Lock()
+        # Armed by the slow path: runs are admitted without further checks while lo <= clock <= clock_hwm
+        # and the fast-path generation is the one the slow path saw.
+        self.lo, self.hi, self.gen = 1, 0, -1
 
-    def _fast_ok(self, clock: int) -> bool:
-        claims = self.claims
-        if clock < self.clock_hwm - self.device.policy.clock_tolerance:
+    def _arm(self, gen: int) -> None:
+        not_after = self.claims.not_after
+        self.lo = self.clock_hwm - self.device.policy.clock_tolerance
+        self.hi = not_after if not_after is not None else 1 << 62
+        if self.budget_deadline is not None:  # past the offline budget's deadline only the slow path decides
+            self.hi = min(self.hi, self.budget_deadline)
+        self.gen = gen
+
+    def _clock_moved_on(self, clock: int) -> bool:
+        """The clock passed the highest reading seen: accept it if the license is still valid then and the
+        revocation list is unchanged (the one syscall between reservations, once a second at most)."""
+        if not self.clock_hwm < clock < self.hi or self.gen != _FAST_GEN[0]:
             return False
-        trusted = max(clock, self.hwm)
-        if trusted < claims.not_before or (claims.not_after is not None and trusted >= claims.not_after):
-            return False
-        if self.budget_deadline is not None and trusted >= self.budget_deadline:
+        if self.budget_deadline is not None and clock >= self.budget_deadline:
             return False
         if self.device._revocation_key() != self.revocation_key:
             return False
-        self.hwm, self.clock_hwm = trusted, max(self.clock_hwm, clock)
+        self.clock_hwm = clock
+        self.hwm = max(self.hwm, clock)
+        self.lo = clock - self.device.policy.clock_tolerance
         return True
 
     def admit(self) -> None:
         """Check and count one run, before it is computed; raises the opaque LicenseRefused on refusal."""
-        clock = Device._clock(self.now)
+        now = self.now
+        clock = int(time.time()) if now is None else int(now)
         with self._mutex:
-            if self.closed:
-                raise drm.UsageError("this model is closed")
-            if self.pid != os.getpid():
-                # A forked child inherits the parent's in-memory reservation but must not use it (the parent
-                # does): it reserves its own runs, and never gives back the parent's.
-                self.pid, self.left = os.getpid(), 0
-            if self.left > 0 and self._fast_ok(clock):
+            if self.left > 0 and self.lo <= clock <= self.clock_hwm and self.gen == _FAST_GEN[0]:
                 self.left -= 1
                 return
+            if self.closed:
+                raise drm.UsageError("this model is closed")
+            if self.fork != _FORKS[0]:
+                # A forked child inherits the parent's in-memory reservation but must not use it (the parent
+                # does): it reserves its own runs, and never gives back the parent's.
+                self.fork, self.left = _FORKS[0], 0
+            if self.left > 0 and self._clock_moved_on(clock):
+                self.left -= 1
+                return
+            gen = _FAST_GEN[0]  # read before the checks: a revocation installed meanwhile re-arms nothing
             self.device._admit_slow(self, clock)
+            self._arm(gen)
 
     def unused(self) -> int:
-        return self.left if self.pid == os.getpid() else 0
+        return self.left if self.fork == _FORKS[0] else 0
 
     def release(self) -> None:
         """Give the unused part of the reservation back (idempotent; a no-op in a forked child)."""
@@ -1128,6 +1214,7 @@ class LicensedModel:
         self.providers = list(getattr(backend, "providers", []))
         self.load_seconds = load_seconds
         self._meter = _RunMeter(device, claims, now)
+        self._accepted: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []  # see _same_feeds
         # Also runs at interpreter exit (atexit) and when the model is collected without close().
         self._release = weakref.finalize(self, self._meter.release)
 
@@ -1181,15 +1268,28 @@ class LicensedModel:
             raise drm.UsageError(
                 f"unknown input(s) {sorted(extra)} (model inputs: {[s.name for s in self.inputs]})"
             )
+        self._accepted = [(name, value.dtype, value.shape) for name, value in out.items()]
         return out
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         backend = self._backend
         if backend is None:
             raise drm.UsageError("this model is closed")
-        checked = self.check_feeds(feeds)
+        checked = feeds if self._same_feeds(feeds) else self.check_feeds(feeds)
         self._meter.admit()
         return backend.run(checked)
+
+    def _same_feeds(self, feeds: Any) -> bool:
+        """True when ``feeds`` are numpy arrays of exactly the dtypes and shapes of feeds check_feeds already
+        accepted (the check hoisted out of a run loop: a few comparisons instead of a full check)."""
+        accepted = self._accepted
+        if type(feeds) is not dict or len(feeds) != len(accepted):
+            return False
+        for name, dtype, shape in accepted:
+            value = feeds.get(name)
+            if type(value) is not np.ndarray or value.dtype is not dtype or value.shape != shape:
+                return False
+        return True
 
     def close(self) -> None:
         backend, self._backend = self._backend, None

@@ -62,6 +62,10 @@ class State:
     # What anchors this state when it is not the default file anchor: {"kind": "tpm", "base": counter at
     # generation 0}. Sealed, so deleting DIR/anchor.json cannot switch a TPM-anchored device to a file.
     anchor: dict[str, Any] = field(default_factory=dict)
+    # Licenses whose signatures this device verified: "<token hash>:<root hash>" -> {"rv": revocation version,
+    # "first"/"last": seconds the certificate chain is valid, "at": trusted time of the check}. A cache only,
+    # persisted with the next commit: see device._cached_verification; losing it costs one verification.
+    verified: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self, kind: str = "state") -> dict[str, Any]:
         out = {
@@ -74,6 +78,7 @@ class State:
             "rollbacks": self.rollbacks,
             "runs": dict(sorted(self.runs.items())),
             "v": STATE_VERSION,
+            **({"verified": self.verified} if self.verified else {}),
         }
         if self.bundles:
             out["bundles"] = dict(sorted(self.bundles.items()))
@@ -110,6 +115,7 @@ class State:
             rollbacks=int(obj.get("rollbacks", 0)),
             bundles=dict(bundles),
             anchor=dict(anchor),
+            verified=_verified_cache(obj.get("verified", {})),
         )
 
     def copy(self) -> State:
@@ -124,7 +130,23 @@ class State:
             self.rollbacks,
             bundles=dict(self.bundles),
             anchor=dict(self.anchor),
+            verified={k: dict(v) for k, v in self.verified.items()},
         )
+
+
+_VERIFIED_FIELDS = frozenset({"rv", "first", "last", "at"})
+
+
+def _verified_cache(obj: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and set(v) == _VERIFIED_FIELDS
+        and all(type(n) is int for n in v.values())
+        for k, v in obj.items()
+    ):
+        raise FormatError("bad verified-license cache")
+    return {k: dict(v) for k, v in obj.items()}
 
 
 RESERVE, RELEASE = "reserve", "release"

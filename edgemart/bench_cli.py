@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -22,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--markdown", action="store_true", help="print the README table (markdown)")
     p.add_argument("--only", default="", help="comma-separated module names, e.g. drm,chain")
     p.add_argument("--save", metavar="FILE", help="also write the JSON results to FILE")
+    p.add_argument(
+        "--readme",
+        metavar="FILE",
+        help="also replace the table after <!-- bench-table --> in FILE (markdown)",
+    )
+    p.add_argument("--note", default="", help="a line about the run (e.g. 'machine shared with 3 test runs')")
     p.set_defaults(func=run)
 
 
@@ -77,14 +84,65 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TABLE_START, TABLE_END = "<!-- bench-table -->", "<!-- /bench-table -->"
+
+
+def _machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """Where the figures were measured: they are ratios, but a busy machine still widens them."""
+    import platform
+
+    import numpy as np
+
+    versions = {"numpy": np.__version__}
+    for module in ("onnxruntime", "ai_edge_litert", "cryptography"):
+        try:
+            versions[module] = importlib.import_module(module).__version__
+        except (ImportError, AttributeError):
+            pass
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "load_avg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "versions": versions,
+    }
+
+
+def write_readme_table(
+    path: str, results: dict[str, Any], machine: dict[str, Any], note: str, *, quick: bool
+) -> None:
+    """Replace the lines between TABLE_START and TABLE_END (or the next blank line) in ``path``."""
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    if TABLE_START not in lines:
+        raise UsageError(f"{path} has no {TABLE_START} line to put the table after")
+    start = lines.index(TABLE_START) + 1
+    end = lines.index(TABLE_END) if TABLE_END in lines else lines.index("", start)
+    load = machine["load_avg_1min_before_after"]
+    header = (
+        f"`edgemart bench{' --quick' if quick else ''}`: {machine['cpus']} CPUs {machine['machine']}, Python "
+        f"{machine['python']}, load average {load[0]} before / {load[1]} after"
+        + (f"; {note}" if note else "")
+        + "."
+    )
+    lines[start:end] = [header, "", markdown(results)]
+    if TABLE_END not in lines:
+        lines.insert(start + 3, TABLE_END)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+
+
 def run(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     known = {m.split(".", 1)[1] for m in MODULES}
     unknown = set(only) - known
     if unknown:
         raise UsageError(f"unknown benchmark module(s) {sorted(unknown)}; choose from {sorted(known)}")
+    load_before = os.getloadavg()
     results = collect(args.quick, only)
-    doc = {"quick": bool(args.quick), "figures": results}
+    doc = {"quick": bool(args.quick), "figures": results, "machine": _machine(load_before), "note": args.note}
+    if args.readme:
+        write_readme_table(args.readme, results, doc["machine"], args.note, quick=bool(args.quick))
     if args.save:
         with open(args.save, "w") as fh:
             json.dump(doc, fh, indent=1, sort_keys=True)

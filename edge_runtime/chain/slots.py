@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import mmap
 import os
 import select
@@ -29,6 +30,7 @@ MAX_FDS_PER_MESSAGE = 16
 _MAGIC = 0x45534C54  # "ESLT"
 # magic, version, ndim, seq, nbytes, dtype (16 bytes, numpy str), shape[MAX_DIMS]
 _HEADER = struct.Struct(f"<IHHqQ16s{MAX_DIMS}q")
+_SEQ = struct.Struct("<q")  # the header's seq, at offset 8
 # The element types a slot carries (and a chain file may name).
 DTYPES = (
     "bool",
@@ -146,24 +148,37 @@ class MappedSlot:
             self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)  # the mapping keeps the memory alive; no fd lingers in the consumer
+        # The view of the last layout read: a stream of frames of one shape reuses it (no per-hop allocation).
+        self._layout: bytes = b""
+        self._view: np.ndarray | None = None
 
     def read(self, seq: int) -> np.ndarray:
         """The tensor in the slot, as a read-only view (no copy); checks the header's seq."""
         assert self._map is not None
-        header = _unpack_header(self._map)
+        raw = self._map[: _HEADER.size]
+        layout = raw[:8] + raw[16:]  # everything but the sequence number (bytes 8-16)
+        if layout == self._layout and self._view is not None:
+            if _SEQ.unpack_from(raw, 8)[0] != seq:
+                raise SlotError(
+                    f"slot holds frame {_SEQ.unpack_from(raw, 8)[0]}, message announced frame {seq}"
+                )
+            return self._view
+        header = _unpack_header(raw)
         if header.seq != seq:
             raise SlotError(f"slot holds frame {header.seq}, message announced frame {seq}")
-        count = int(np.prod(header.shape, dtype=np.int64))
-        if (
-            count * np.dtype(header.dtype).itemsize != header.nbytes
-            or header.nbytes > len(self._map) - HEADER_BYTES
-        ):
+        try:
+            dtype = np.dtype(check_dtype(np.dtype(header.dtype)))
+        except (TypeError, UsageError):
+            raise SlotError("slot header is corrupt") from None
+        count = math.prod(header.shape)
+        if count * dtype.itemsize != header.nbytes or header.nbytes > len(self._map) - HEADER_BYTES:
             raise SlotError("slot header is corrupt")
-        return np.frombuffer(self._map, dtype=header.dtype, count=count, offset=HEADER_BYTES).reshape(
-            header.shape
-        )
+        view = np.frombuffer(self._map, dtype=dtype, count=count, offset=HEADER_BYTES).reshape(header.shape)
+        self._layout, self._view = layout, view
+        return view
 
     def close(self) -> None:
+        self._view = None
         if self._map is not None:
             try:
                 self._map.close()
@@ -182,6 +197,31 @@ def _recv_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int], int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
     return data, list(fds), msg_flags
+
+
+# The two per-frame messages travel as one struct (kind, slot, seq, size) + the tensor key instead of JSON:
+# no encoder or parser work per hop. Every other message is JSON (it starts with "{", never with 1 or 2).
+_FRAME = struct.Struct("<BIqQ")
+_FRAME_KINDS = {"ready": 1, "released": 2}
+_FRAME_NAMES = {v: k for k, v in _FRAME_KINDS.items()}
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    kind = _FRAME_KINDS.get(message.get("t"))  # type: ignore[arg-type]
+    if kind is not None and set(message) <= {"t", "k", "s", "q", "z"}:
+        return _FRAME.pack(kind, message["s"], message["q"], message.get("z", 0)) + message["k"].encode()
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    name = _FRAME_NAMES.get(data[0])
+    if name is None:
+        return json.loads(data)  # type: ignore[no-any-return]
+    kind, slot, seq, size = _FRAME.unpack_from(data)
+    message: dict[str, Any] = {"t": name, "k": data[_FRAME.size :].decode(), "s": slot, "q": seq}
+    if size:
+        message["z"] = size
+    return message
 
 
 class Channel:
@@ -205,7 +245,7 @@ class Channel:
         return self.sock.fileno()
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode()
+        data = _encode(message)
         if len(data) > MAX_MESSAGE:
             raise UsageError(f"control message to {self.peer} is too large ({len(data)} bytes)")
         try:
@@ -245,7 +285,12 @@ class Channel:
             for fd in fds:
                 os.close(fd)
             raise SlotError(f"truncated control message from {self.peer}")
-        return json.loads(data), fds
+        try:
+            return _decode(data), fds
+        except (ValueError, UnicodeDecodeError, struct.error):
+            for fd in fds:
+                os.close(fd)
+            raise SlotError(f"malformed control message from {self.peer}") from None
 
     def recv_expect(self, kind: str, timeout: float) -> tuple[dict[str, Any], list[int]]:
         deadline = time.monotonic() + timeout

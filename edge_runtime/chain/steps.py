@@ -5,6 +5,7 @@ output (shape, dtype) when the chain starts, and transforms arrays frame by fram
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -287,7 +288,14 @@ def _resize(img: np.ndarray, size: tuple[int, int], nhwc: bool, method: str) -> 
 
 
 def blazeface_anchors(strides: list[int], input_size: list[int]) -> np.ndarray:
-    """SSD anchor centres (x, y) of MediaPipe's BlazeFace: 2 anchors per layer, layers of equal stride merged."""
+    """SSD anchor centres (x, y) of MediaPipe's BlazeFace: 2 anchors per layer, layers of equal stride merged.
+
+    Computed once per configuration (read-only array): decode runs on every frame."""
+    return _blazeface_anchors(tuple(strides), tuple(input_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _blazeface_anchors(strides: tuple[int, ...], input_size: tuple[int, ...]) -> np.ndarray:
     h, w = input_size
     centres: list[tuple[float, float]] = []
     i = 0
@@ -300,7 +308,9 @@ def blazeface_anchors(strides: list[int], input_size: list[int]) -> np.ndarray:
         for y in range(gh):
             for x in range(gw):
                 centres.extend([((x + 0.5) / gw, (y + 0.5) / gh)] * per_cell)
-    return np.asarray(centres, dtype=np.float32)
+    anchors = np.asarray(centres, dtype=np.float32)
+    anchors.flags.writeable = False
+    return anchors
 
 
 def decode_boxes(step: Step, boxes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:

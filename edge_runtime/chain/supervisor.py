@@ -407,10 +407,10 @@ class Chain:
 
     def _on_control(self, channel: Channel, message: dict[str, Any]) -> None:
         process = self._process_of(channel)
-        if message.get("t") == "done":
-            stage = message["stage"]
-            self.stats.stage_ms[stage].append(float(message["ms"]))
-            self._last_done[stage] = int(message["q"])
+        if message.get("t") == "done":  # a batch of [stage, frame, ms] (see chain_worker._flush_done)
+            for stage, seq, ms in message["runs"]:
+                self.stats.stage_ms[stage].append(float(ms))
+                self._last_done[stage] = max(self._last_done[stage], int(seq))
             self._last_progress = time.monotonic()
         else:
             self._raise_reported(process, message)

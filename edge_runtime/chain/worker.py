@@ -21,6 +21,8 @@ from edge_runtime.chain.spec import parse_binding
 from edge_runtime.chain.steps import apply
 from edgemart.core.errors import EdgemartError, LicenseRefused
 
+_DONE_BATCH = 16
+
 
 @dataclass
 class _Stage:
@@ -107,6 +109,7 @@ class Worker:
         self._by_name = by_name
         self._local: dict[tuple[str, int], list[Any]] = {}  # (key, seq) -> [array, readers left]
         self._remote_left: dict[tuple[str, int], int] = {}
+        self._done: list[list[Any]] = []  # [stage, frame, ms] not yet reported (see _flush_done)
         self._reader_count = {
             ref: sum(ref in s.refs for s in self.stages) for s in self.stages for ref in s.refs
         }
@@ -163,7 +166,16 @@ class Worker:
                 self._remote_left.pop((ref, n), None)
                 self.node.release(ref, n)
         stage.next_seq = n + 1
-        self.control.send({"t": "done", "stage": stage.name, "q": n, "ms": elapsed_ms})
+        self._done.append([stage.name, n, elapsed_ms])
+        if len(self._done) >= _DONE_BATCH:
+            self._flush_done()
+
+    def _flush_done(self) -> None:
+        """Stage timings go to the supervisor in one message when this process is about to wait (or every
+        _DONE_BATCH frames): one wake-up of the supervisor per batch instead of one per frame and stage."""
+        if self._done:
+            done, self._done = self._done, []
+            self.control.send({"t": "done", "runs": done})
 
     def loop(self) -> int:
         while True:
@@ -183,6 +195,8 @@ class Worker:
                         _report(self.control, stage.name, exc)
                         return self.wait_for_stop()
                     progressed = True
+            if not progressed:
+                self._flush_done()
             for _, message in self.node.pump(0 if progressed else None):
                 if message.get("t") == "stop":
                     return 0

@@ -99,6 +99,12 @@ _TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 1
 _Where = tuple | None  # (parent _Where, message kind, name start, name end)
 _KIND_NAMES = ("model", "graph", "node", "attribute", "tensor", "sparse tensor", "function", "training info")
 _NAME_FIELD = {_GRAPH: 2, _NODE: 3, _ATTR: 1, _FUNCTION: 1}  # the `name` field of each named message
+# The fields the walk reads, per message kind; every other field is only skipped.
+_WANTED = {
+    kind: frozenset(children) | ({_NAME_FIELD[kind]} if kind in _NAME_FIELD else set())
+    for kind, children in _CHILDREN.items()
+}
+_TENSOR_FIELDS = frozenset({_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION})
 # TensorProto.DataType -> bytes per element (strings count their declared length via dims only: 1).
 _ONNX_ITEMSIZE = {
     1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 8: 1, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
@@ -143,7 +149,7 @@ class _OnnxCheck:
             name_field = _NAME_FIELD.get(kind)
             name = (0, 0)
             found: list[tuple[int, int, int]] = []
-            for field, wire, lo, hi in self._fields(start, end):
+            for field, wire, lo, hi in self._fields(start, end, _WANTED[kind]):
                 if field == name_field and wire == _LEN:
                     name = (lo, hi)
                 child = children.get(field)
@@ -170,29 +176,52 @@ class _OnnxCheck:
             f"not a model: neither ONNX (malformed protobuf: {what}) nor TFLite (no 'TFL3' identifier)"
         )
 
-    def _fields(self, start: int, end: int):  # type: ignore[no-untyped-def]
-        """(field number, wire type, value start, value end) of each field of one message."""
+    def _fields(self, start: int, end: int, wanted: frozenset[int]) -> list[tuple[int, int, int, int]]:
+        """(field number, wire type, value start, value end) of each field of one message whose number is in
+        ``wanted``; every other field is checked and skipped.
+
+        The hot loop of the check (every field key of every message is read): varints are decoded inline,
+        with a one-byte fast path, and skipped fields build nothing."""
+        data = self.data
+        out: list[tuple[int, int, int, int]] = []
         pos = start
         while pos < end:
-            key, pos = self._varint(pos, end)
+            key = data[pos]
+            pos += 1
+            if key & 0x80:
+                key, pos = self._varint(pos - 1, end)
             field, wire = key >> 3, key & 7
             if field == 0:
                 raise self._malformed("field number 0")
-            if wire == _VARINT:
-                lo = pos
-                _, pos = self._varint(pos, end)
-            elif wire == _I64:
-                lo, pos = pos, pos + 8
-            elif wire == _I32:
-                lo, pos = pos, pos + 4
-            elif wire == _LEN:
-                length, lo = self._varint(pos, end)
+            lo = pos
+            if wire == _LEN:
+                if pos >= end:
+                    raise self._malformed("truncated or overlong varint")
+                length = data[pos]
+                if length & 0x80:
+                    length, lo = self._varint(pos, end)
+                else:
+                    lo = pos + 1
                 pos = lo + length
+            elif wire == _VARINT:
+                while True:  # skip the value; _varint re-reads it (with its checks) where it is used
+                    if pos >= end or pos - lo > 9:
+                        raise self._malformed("truncated or overlong varint")
+                    byte = data[pos]
+                    pos += 1
+                    if not byte & 0x80:
+                        break
+            elif wire == _I64:
+                pos += 8
+            elif wire == _I32:
+                pos += 4
             else:  # groups are not part of ONNX (proto3) and would need a second parser here
                 raise self._malformed(f"wire type {wire}")
             if pos > end:
                 raise self._malformed("a field runs past its message")
-            yield field, wire, lo, pos
+            if field in wanted:
+                out.append((field, wire, lo, pos))
+        return out
 
     def _varint(self, pos: int, end: int) -> tuple[int, int]:
         result = shift = 0
@@ -215,7 +244,7 @@ class _OnnxCheck:
         dims: list[int] = []
         data_type = 0
         external = False
-        for field, wire, lo, hi in self._fields(start, end):
+        for field, wire, lo, hi in self._fields(start, end, _TENSOR_FIELDS):
             if field == _TENSOR_NAME and wire == _LEN:
                 name = self.data[lo:hi]
             elif field == _TENSOR_EXTERNAL:

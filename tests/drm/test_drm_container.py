@@ -350,3 +350,109 @@ def test_wipe_zeroes_a_plaintext_buffer() -> None:
     _, plain = drm.open_sealed(drm.seal(b"secret weights", key=KEY, target="t"), key=KEY)
     drm.wipe(plain)
     assert plain == bytearray(len(b"secret weights"))
+
+
+def _forged_under(real: bytes, evil: bytes, chunk_size: int | None = None) -> bytes:
+    """A container holding ``evil`` under ``real``'s build hash, sealed with the right key (a CEK holder)."""
+    real_hash = "sha256:" + hashlib.sha256(real).hexdigest()
+    out = io.BytesIO()
+    with pytest.raises(drm.UsageError):
+        drm.seal_stream(
+            io.BytesIO(evil),
+            out,
+            key=KEY,
+            plaintext_len=len(evil),
+            build_hash=real_hash,
+            target="t",
+            chunk_size=chunk_size,
+        )
+    return out.getvalue()
+
+
+class _Into:
+    """allocate/use/discard for open_sealed_into that records what it was handed."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.buffer = bytearray()
+        self.seen = b""
+        self.discarded: list[object] = []
+        self.fail = fail
+
+    def allocate(self, n: int) -> memoryview:
+        self.buffer = bytearray(n)
+        return memoryview(self.buffer)
+
+    def use(self, view: memoryview) -> object:
+        self.seen = hashlib.sha256(view).digest()
+        if self.fail is not None:
+            raise self.fail
+        return ("opened", len(view))
+
+    def discard(self, result: object) -> None:
+        self.discarded.append(result)
+
+
+@pytest.mark.parametrize("size", [CHUNK - 7, 3 * 1024 * 1024 + 5])  # inline hash / hash beside use()
+def test_open_sealed_into_decrypts_into_the_callers_buffer(size: int) -> None:
+    plain = os.urandom(size)
+    sealed = drm.seal(plain, key=KEY, target="t", chunk_size=CHUNK if size < CHUNK else None)
+    into = _Into()
+    header, result = drm.open_sealed_into(
+        sealed,
+        key=KEY,
+        allocate=into.allocate,
+        use=into.use,
+        discard=into.discard,
+        expected_build_hash="sha256:" + hashlib.sha256(plain).hexdigest(),
+    )
+    assert result == ("opened", size) and bytes(into.buffer) == plain and not into.discarded
+    assert header.plaintext_len == size and into.seen == hashlib.sha256(plain).digest()
+
+
+@pytest.mark.parametrize("size", [CHUNK - 7, 3 * 1024 * 1024 + 5])
+def test_open_sealed_into_fails_closed_on_a_substituted_build(size: int) -> None:
+    real, evil = os.urandom(size), os.urandom(size)
+    forged = _forged_under(real, evil)
+    real_hash = "sha256:" + hashlib.sha256(real).hexdigest()
+    into = _Into()
+    with pytest.raises(drm.IntegrityError):
+        drm.open_sealed_into(
+            forged,
+            key=KEY,
+            allocate=into.allocate,
+            use=into.use,
+            discard=into.discard,
+            expected_build_hash=real_hash,
+        )
+    # Whatever use() built from the unverified bytes was discarded, and the buffer zeroed.
+    assert not any(into.buffer)
+    if size >= 1024 * 1024:
+        assert into.discarded == [("opened", size)]
+    else:
+        assert into.seen == b"" and not into.discarded  # small builds are hashed before use()
+
+
+def test_open_sealed_into_reports_integrity_over_a_use_error_and_passes_use_errors_through() -> None:
+    size = 2 * 1024 * 1024
+    real, evil = os.urandom(size), os.urandom(size)
+    forged = _forged_under(real, evil)
+    into = _Into(fail=drm.UsageError("backend could not load"))
+    with pytest.raises(drm.IntegrityError):
+        drm.open_sealed_into(forged, key=KEY, allocate=into.allocate, use=into.use, discard=into.discard)
+    assert not any(into.buffer)
+    sealed = drm.seal(real, key=KEY, target="t")
+    into = _Into(fail=drm.UsageError("backend could not load"))
+    with pytest.raises(drm.UsageError, match="could not load"):
+        drm.open_sealed_into(sealed, key=KEY, allocate=into.allocate, use=into.use, discard=into.discard)
+    assert not any(into.buffer)
+
+
+def test_open_sealed_into_refuses_tampering_before_use() -> None:
+    sealed = bytearray(drm.seal(os.urandom(3 * CHUNK), key=KEY, target="t", chunk_size=CHUNK))
+    sealed[-5] ^= 1
+    into = _Into()
+    with pytest.raises(drm.IntegrityError):
+        drm.open_sealed_into(
+            bytes(sealed), key=KEY, allocate=into.allocate, use=into.use, discard=into.discard
+        )
+    assert into.seen == b"" and not any(into.buffer)

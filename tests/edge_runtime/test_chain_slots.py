@@ -91,3 +91,32 @@ def test_interrupt_during_a_slot_write_does_not_pin_the_mapping(monkeypatch) -> 
     else:
         raise AssertionError("the write was not interrupted")
     assert slot.fd == -1
+
+
+def test_frame_messages_travel_as_structs_and_others_as_json() -> None:
+    a, b = Channel.pair("x", "y")
+    for message in (
+        {"t": "ready", "k": "detect.boxes", "s": 1, "q": 7, "z": 8192},
+        {"t": "released", "k": "detect.boxes", "s": 1, "q": 7},
+        {"t": "done", "stage": "s", "q": 3, "ms": 1.5},
+    ):
+        a.send(message)
+        assert b.recv(1.0)[0] == message
+    a.sock.send(b"\x01short")  # a frame message cut short is a protocol error, not a crash
+    with pytest.raises(SlotError, match="malformed control message"):
+        b.recv(1.0)
+    a.close()
+    b.close()
+
+
+def test_a_slot_header_naming_a_dtype_outside_the_list_is_refused() -> None:
+    producer, consumer = _pair()
+    producer.publish("t", 0, np.zeros(4, np.float32))
+    slot = producer._owned["t"][0]
+    assert slot._map is not None
+    slot._map[24:40] = b"object".ljust(16, b"\0")  # the dtype field of the header
+    consumer.pump(1.0)
+    with pytest.raises(SlotError, match="corrupt"):
+        consumer.view("t", 0)
+    producer.close()
+    consumer.close()
