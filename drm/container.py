@@ -402,9 +402,16 @@ def _open_into(
             if got != n + TAG_LEN:
                 raise IntegrityError()  # truncated
             nonce, aad = _nonce(prefix, index), _aad(digest, index, index == n_chunks - 1)
-            if index == 0:
-                # Allocate the whole plaintext only once the first chunk authenticates, so a forged
-                # header cannot make us reserve plaintext_len bytes.
+            if index == 0 and total is not None:
+                # The source's length matched the header's, so plaintext_len is bounded by bytes we hold:
+                # allocate at once and decrypt chunk 0 in place like the others.
+                view = allocate(header.plaintext_len)
+                if len(view) != header.plaintext_len or view.readonly:
+                    raise UsageError("allocate() must return a writable buffer of plaintext_len bytes")
+                aead.decrypt_into(nonce, blob, aad, view[:n])
+            elif index == 0:
+                # A stream of unknown length: allocate the whole plaintext only once the first chunk
+                # authenticates, so a forged header cannot make us reserve plaintext_len bytes.
                 first = bytearray(n)
                 try:
                     aead.decrypt_into(nonce, blob, aad, first)

@@ -6,6 +6,7 @@ caller and recorded precisely in DIR/audit.log and as signed "refused" usage rec
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -57,6 +58,13 @@ def _iso(t: int | None) -> str | None:
 
 def _parse_claims(token: bytes) -> drm.LicenseClaims:
     """Structural parse of a license (no trust decision), for ids and display."""
+    return _parse_claims_of(bytes(token))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_claims_of(token: bytes) -> drm.LicenseClaims:
+    # A pure function of the bytes (frozen result), so a device opening the same license again in one
+    # process does not re-parse and re-canonicalize its ~6 KB envelope. Errors are not cached.
     payload, _, _ = drm.parse_envelope(token, LICENSE_TYP)
     return drm.LicenseClaims.from_dict(payload)
 
