@@ -286,10 +286,15 @@ class StoreClient:
             raise EdgemartError(f"the store sent another build than {build_hash} for {url}")
         return data
 
-    def listing_card(self, listing: str) -> str | None:
-        """The model card of a listing's current version (None if it has none)."""
-        card = self.get_json(f"/api/v1/listings/{urllib.parse.quote(listing, safe='')}").get("card")
-        return card or None
+    def listing_card(self, listing: str, version: int | None = None) -> str | None:
+        """The model card of one version of a listing (default: its current version); None if that version
+        has none or is not visible to this account. A store that predates version cards in its listing
+        answer gives the current version's card, as `bundle fetch` always wrote before."""
+        doc = self.get_json(f"/api/v1/listings/{urllib.parse.quote(listing, safe='')}")
+        entries = [e for e in doc.get("versions") or [] if isinstance(e, dict)]
+        if version is None or not any("card" in e for e in entries):
+            return doc.get("card") or None
+        return next((e.get("card") or None for e in entries if e.get("number") == version), None)
 
     def root_certificate(self) -> bytes:
         return self.request("GET", "/api/v1/root.crt").body
@@ -330,8 +335,15 @@ class StoreClient:
             name = build_hash.split(":", 1)[-1] + ".emdl"
             atomic_write(out / "builds" / name, self.download_build(build_hash, url), mode=0o644)
             written["builds"].append(name)
-        for listing in sorted({it["listing"] for it in held}):
-            card = self.listing_card(listing)
+        # One card per listing (`bundle build --cards` reads <listing>.md): the card of the licensed version,
+        # the newest one if this account holds licenses for several versions of the listing.
+        versions: dict[str, list[int]] = {}
+        for it in held:
+            versions.setdefault(it["listing"], [])
+            if isinstance(it.get("version"), int):
+                versions[it["listing"]].append(it["version"])
+        for listing, numbers in sorted(versions.items()):
+            card = self.listing_card(listing, max(numbers, default=None))
             if card:
                 atomic_write(out / "cards" / f"{listing}.md", card.encode(), mode=0o644)
                 written["cards"].append(listing)
