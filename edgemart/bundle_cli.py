@@ -1,4 +1,4 @@
-# Why this is one module: the builder's commands (build, verify, install, buy, fetch, fleet-keygen) share argument parsing, the store client calls and the all-or-nothing output directory.
+# Why this is one module: the builder's commands (build, verify, install, buy, fetch, fleet-keygen) share argument parsing, input reading and the atomic output; the store calls live in store.client.
 """`edgemart bundle`: build, verify and install signed, reproducible firmware bundles; make builder keys.
 
 Only stdlib and drm.errors at module top; drm, edge_runtime and licenses load inside the handlers.
@@ -10,9 +10,7 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -636,24 +634,28 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _buy(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"target": args.target}
-    if args.version is not None:
-        body["version"] = args.version
+    fleet_key_pem = device_cert_pems = None
     if args.fleet_key is not None:
         if args.seats is None:
             raise UsageError("--seats is required with --fleet-key")
-        body["fleet_key"] = _read(args.fleet_key, "--fleet-key", 64 * 1024).decode("utf-8", "replace")
-        body["seats"] = args.seats
+        fleet_key_pem = _read(args.fleet_key, "--fleet-key", 64 * 1024).decode("utf-8", "replace")
     else:
         if args.seats is not None:
             raise UsageError("--seats goes with --fleet-key; device certificates are one seat each")
-        body["device_certs"] = [
+        device_cert_pems = [
             _read(p, "--device-cert", 64 * 1024).decode("utf-8", "replace") for p in args.device_cert
         ]
     listing = args.listing.strip()
     if not listing or "/" in listing:
         raise UsageError("listing must be a listing id such as my-model")
-    items = _client(args).post_json(f"/api/v1/listings/{listing}/production-licenses", body)["licenses"]
+    items = _client(args).buy_production_licenses(
+        listing,
+        target=args.target,
+        version=args.version,
+        fleet_key_pem=fleet_key_pem,
+        seats=args.seats,
+        device_cert_pems=device_cert_pems,
+    )
     emit(
         args,
         {"licenses": [{k: v for k, v in it.items() if k != "license"} for it in items]},
@@ -672,37 +674,9 @@ def _buy(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    """Write out/licenses/<id>.lic, out/builds/<hex>.emdl (header checked against the license), out/cards/
-    <listing>.md and out/root.crt: exactly what `bundle build` reads."""
-    client = _client(args)
-    held = [
-        it
-        for it in client.get_json("/api/v1/licenses")["items"]
-        if it.get("kind") == "production" and it.get("license") and not it.get("revoked")
-    ]
-    if args.license:
-        wanted = set(args.license)
-        missing = wanted - {it["license_id"] for it in held}
-        if missing:
-            raise UsageError(f"no usable production license {', '.join(sorted(missing))} on this account")
-        held = [it for it in held if it["license_id"] in wanted]
-    if args.listing:
-        held = [it for it in held if it["listing"] == args.listing]
-    if not held:
-        raise UsageError("no production licenses to fetch (buy seats first: edgemart bundle buy)")
+    """The inputs of `bundle build` from the store, into an empty --out (store.client.fetch_bundle_inputs)."""
     out: Path = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        written = _fetch_into(client, held, stage)
-        if out.exists():
-            out.rmdir()
-        os.replace(stage, out)  # all or nothing: a failed fetch leaves no half-filled input directory
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    written = _client(args).fetch_bundle_inputs(out, license_ids=args.license, listing=args.listing)
     emit(
         args,
         {"out": str(out), **written},
@@ -711,29 +685,3 @@ def _fetch(args: argparse.Namespace) -> int:
         f"{out}/builds --cards {out}/cards --root {out}/root.crt --signing-key builder.pem --out fleet.bundle",
     )
     return 0
-
-
-def _fetch_into(client: Any, held: list[dict[str, Any]], out: Path) -> dict[str, list[str]]:
-    import drm
-    from edgemart.core.fileio import atomic_write
-
-    for sub in ("licenses", "builds", "cards"):
-        (out / sub).mkdir()
-    written: dict[str, list[str]] = {"licenses": [], "builds": [], "cards": []}
-    for it in sorted(held, key=lambda x: x["license_id"]):
-        atomic_write(out / "licenses" / f"{it['license_id']}.lic", it["license"].encode(), mode=0o644)
-        written["licenses"].append(it["license_id"])
-    for build_hash, url in sorted({(it["build_hash"], it["build_url"]) for it in held}):
-        data = client.request("GET", url, headers={"Accept": "application/octet-stream"}).body
-        if drm.read_header(data[:65536]).build_hash != build_hash:
-            raise EdgemartError(f"the store sent another build than {build_hash} for {url}")
-        name = build_hash.split(":", 1)[-1] + ".emdl"
-        atomic_write(out / "builds" / name, data, mode=0o644)
-        written["builds"].append(name)
-    for listing in sorted({it["listing"] for it in held}):
-        card = client.get_json(f"/api/v1/listings/{listing}").get("card")
-        if card:
-            atomic_write(out / "cards" / f"{listing}.md", card.encode(), mode=0o644)
-            written["cards"].append(listing)
-    atomic_write(out / "root.crt", client.request("GET", "/api/v1/root.crt").body, mode=0o644)
-    return written

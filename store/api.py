@@ -360,14 +360,14 @@ def _decision_summary(decision: dict[str, Any] | None) -> str:
 
 @bp.get("/listings/<listing_id>")
 def get_listing(listing_id: str) -> Any:
-    """One listing with its builds and quality reports.
+    """One listing with its builds and quality reports, and the model card of each version you may see.
     ---
     summary: A listing
     parameters: [{name: listing_id, in: path, required: true, schema: {type: string}}]
-    responses: {200: {description: listing, schema: Listing}, 404: {description: absent or not visible to you}}
+    responses: {200: {description: listing (each of its versions with its card), schema: Listing}, 404: {description: absent or not visible to you}}
     """
     user = current_user(required=False)
-    return listings.listing_to_dict(listings.get_visible(db(), listing_id, user), user)
+    return listings.listing_to_dict(listings.get_visible(db(), listing_id, user), user, version_cards=True)
 
 
 @bp.post("/listings/<listing_id>/unpublish")

@@ -1,5 +1,6 @@
 """A small HTTP client for the store API (stdlib urllib only): JSON calls, streamed multipart uploads,
-job polling. Store errors come back as the matching EdgemartError subclass with the store's message."""
+job polling, and a firmware builder's calls (buy production seats, fetch the inputs of `bundle build`).
+Store errors come back as the matching EdgemartError subclass with the store's message."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import mimetypes
 import os
 import secrets
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -228,6 +231,124 @@ class StoreClient:
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"jobs still running after {timeout:.0f} s")
             time.sleep(poll)
+
+    # ------------------------------------------------------------------ a firmware builder's calls
+
+    def buy_production_licenses(
+        self,
+        listing: str,
+        *,
+        target: str,
+        version: int | None = None,
+        fleet_key_pem: str | None = None,
+        seats: int | None = None,
+        device_cert_pems: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """POST /listings/ID/production-licenses: seats for one fleet key, or one license per device
+        certificate; returns the issued licenses (each with its token under "license")."""
+        body: dict[str, Any] = {"target": target}
+        if version is not None:
+            body["version"] = version
+        if fleet_key_pem is not None:
+            body["fleet_key"] = fleet_key_pem
+            body["seats"] = seats
+        else:
+            body["device_certs"] = device_cert_pems or []
+        path = f"/api/v1/listings/{urllib.parse.quote(listing, safe='')}/production-licenses"
+        return self.post_json(path, body)["licenses"]  # type: ignore[no-any-return]
+
+    def production_licenses(
+        self, *, license_ids: list[str] | None = None, listing: str | None = None
+    ) -> list[dict[str, Any]]:
+        """This account's usable production licenses (token present, not revoked), optionally only the
+        given ids (each must be one of them) and only one listing's."""
+        held = [
+            it
+            for it in self.get_json("/api/v1/licenses")["items"]
+            if it.get("kind") == "production" and it.get("license") and not it.get("revoked")
+        ]
+        if license_ids:
+            wanted = set(license_ids)
+            missing = wanted - {it["license_id"] for it in held}
+            if missing:
+                raise UsageError(f"no usable production license {', '.join(sorted(missing))} on this account")
+            held = [it for it in held if it["license_id"] in wanted]
+        if listing:
+            held = [it for it in held if it["listing"] == listing]
+        return held
+
+    def download_build(self, build_hash: str, url: str) -> bytes:
+        """A sealed build's bytes, its header checked to be the build ``build_hash``."""
+        import drm
+
+        data = self.request("GET", url, headers={"Accept": "application/octet-stream"}).body
+        if drm.read_header(data[:65536]).build_hash != build_hash:
+            raise EdgemartError(f"the store sent another build than {build_hash} for {url}")
+        return data
+
+    def listing_card(self, listing: str, version: int | None = None) -> str | None:
+        """The model card of one version of a listing (default: its current version); None if that version
+        has none or is not visible to this account. A store that predates version cards in its listing
+        answer gives the current version's card, as `bundle fetch` always wrote before."""
+        doc = self.get_json(f"/api/v1/listings/{urllib.parse.quote(listing, safe='')}")
+        entries = [e for e in doc.get("versions") or [] if isinstance(e, dict)]
+        if version is None or not any("card" in e for e in entries):
+            return doc.get("card") or None
+        return next((e.get("card") or None for e in entries if e.get("number") == version), None)
+
+    def root_certificate(self) -> bytes:
+        return self.request("GET", "/api/v1/root.crt").body
+
+    def fetch_bundle_inputs(
+        self, out: Path, *, license_ids: list[str] | None = None, listing: str | None = None
+    ) -> dict[str, list[str]]:
+        """Write out/licenses/<id>.lic, out/builds/<hex>.emdl (header checked against the license),
+        out/cards/<listing>.md and out/root.crt: exactly what `bundle build` reads. All or nothing: the
+        files are gathered in a staging directory beside ``out`` and renamed into place at the end."""
+        held = self.production_licenses(license_ids=license_ids, listing=listing)
+        if not held:
+            raise UsageError("no production licenses to fetch (buy seats first: edgemart bundle buy)")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out} exists and is not an empty directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            written = self._fetch_into(held, stage)
+            if out.exists():
+                out.rmdir()
+            os.replace(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return written
+
+    def _fetch_into(self, held: list[dict[str, Any]], out: Path) -> dict[str, list[str]]:
+        from edgemart.core.fileio import atomic_write
+
+        for sub in ("licenses", "builds", "cards"):
+            (out / sub).mkdir()
+        written: dict[str, list[str]] = {"licenses": [], "builds": [], "cards": []}
+        for it in sorted(held, key=lambda x: x["license_id"]):
+            atomic_write(out / "licenses" / f"{it['license_id']}.lic", it["license"].encode(), mode=0o644)
+            written["licenses"].append(it["license_id"])
+        for build_hash, url in sorted({(it["build_hash"], it["build_url"]) for it in held}):
+            name = build_hash.split(":", 1)[-1] + ".emdl"
+            atomic_write(out / "builds" / name, self.download_build(build_hash, url), mode=0o644)
+            written["builds"].append(name)
+        # One card per listing (`bundle build --cards` reads <listing>.md): the card of the licensed version,
+        # the newest one if this account holds licenses for several versions of the listing.
+        versions: dict[str, list[int]] = {}
+        for it in held:
+            versions.setdefault(it["listing"], [])
+            if isinstance(it.get("version"), int):
+                versions[it["listing"]].append(it["version"])
+        for listing, numbers in sorted(versions.items()):
+            card = self.listing_card(listing, max(numbers, default=None))
+            if card:
+                atomic_write(out / "cards" / f"{listing}.md", card.encode(), mode=0o644)
+                written["cards"].append(listing)
+        atomic_write(out / "root.crt", self.root_certificate(), mode=0o644)
+        return written
 
 
 def env_token() -> str | None:

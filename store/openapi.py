@@ -112,6 +112,7 @@ SCHEMAS: dict[str, Any] = {
             "builds": {"type": "array", "items": {"$ref": "#/components/schemas/Build"}},
         },
         targets={"type": "array", "items": _STR},
+        card={**_NSTR, "description": "this version's model card (in GET /listings/{listing_id})"},
     ),
     "ListingPage": _page_of("Listing"),
     "Job": _obj(

@@ -823,9 +823,12 @@ def version_to_dict(version: ListingVersion, viewer: User | None = None) -> dict
     return out
 
 
-def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, Any]:
+def listing_to_dict(
+    listing: Listing, viewer: User | None = None, *, version_cards: bool = False
+) -> dict[str, Any]:
     """The listing with its current version (the newest listed one, else the newest) flattened in, as
-    before versions existed, and every version ``viewer`` may see under ``versions``."""
+    before versions existed, and every version ``viewer`` may see under ``versions`` (with its model card
+    when ``version_cards``: one listing's page, not a list of listings, to keep lists small)."""
     current = version_to_dict(listing.current, viewer)
     return {
         "id": listing.id,
@@ -841,7 +844,7 @@ def listing_to_dict(listing: Listing, viewer: User | None = None) -> dict[str, A
         "version": listing.current.number,
         "created_at": listing.created_at,
         "versions": [
-            {k: v for k, v in version_to_dict(x, viewer).items() if k != "card"}
+            {k: v for k, v in version_to_dict(x, viewer).items() if version_cards or k != "card"}
             for x in visible_versions(listing, viewer)
         ],
     }

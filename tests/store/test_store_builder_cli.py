@@ -4,6 +4,7 @@ key on a device, install the bundle and run the model with outputs equal to plai
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -118,3 +119,50 @@ def test_builder_cli_errors_are_clean(served, tmp_path):
     assert "builder" in r.stderr
     r = _cli("bundle", "fetch", "--out", str(tmp_path / "o"), "--store", url, expect=2)
     assert "--token is required" in r.stderr
+
+
+def _card(title: str) -> str:
+    return f"---\nlicense: MIT\ndatasets:\n  - uci/optdigits\n---\n# {title}\n\nDigits for the fleet.\n"
+
+
+def test_fetch_writes_the_card_of_the_licensed_version(served, corpus, tmp_path):
+    """#19: a license pinned to v1 gets v1's card, not the card of the listing's newer current version."""
+    store, url = served
+    digits = corpus / "models" / "digits"
+    card_a, card_b = _card("Card A, version 1"), _card("Card B, version 2")
+    r = store.upload("sally", digits / "digits_mlp_base.onnx", name="carded", card=card_a, price_per_seat=10)
+    assert r.status_code == 202, r.json
+    store.wait()
+    r = store.client.post(
+        "/api/v1/listings/carded/versions",
+        data={"model": (io.BytesIO((digits / "digits_mlp_independent.onnx").read_bytes()), "model.onnx"),
+              "card": (io.BytesIO(card_b.encode()), "README.md")},
+        headers=store.auth("sally"),
+        content_type="multipart/form-data",
+    )  # fmt: skip
+    assert r.status_code == 202, r.json
+    store.wait()
+    listing = store.client.get("/api/v1/listings/carded").json
+    assert listing["version"] == 2 and listing["card"] == card_b
+    assert [(v["number"], v["card"]) for v in listing["versions"]] == [(1, card_a), (2, card_b)]
+
+    fleet = x25519.X25519PrivateKey.generate().public_key()
+    (tmp_path / "fleet.pub.pem").write_bytes(
+        fleet.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    tok = store.tokens["bill"]
+    bought = json.loads(
+        _cli("bundle", "buy", "carded", "--target", "onnx-fp32", "--fleet-key", str(tmp_path / "fleet.pub.pem"),
+             "--seats", "2", "--version", "1", "--store", url, "--json", token=tok).stdout
+    )  # fmt: skip
+    (lic,) = bought["licenses"]
+    assert lic["version"] == 1
+    inputs = tmp_path / "inputs"
+    fetched = json.loads(
+        _cli("bundle", "fetch", "--out", str(inputs), "--listing", "carded", "--store", url, "--json",
+             token=tok).stdout
+    )  # fmt: skip
+    assert fetched["cards"] == ["carded"]
+    assert (inputs / "cards" / "carded.md").read_text() == card_a
+    v1_build = listing["versions"][0]["builds"][0]["build_hash"]
+    assert fetched["builds"] == [v1_build.split(":", 1)[1] + ".emdl"]

@@ -1,9 +1,11 @@
 """Concurrency on both databases: 50 simultaneous requests for the last evaluation seat issue exactly one
 license; simultaneous retries of one upload (same Idempotency-Key) create one listing; simultaneous
-uploads under one name give one listing and clean 4xx answers, never a 500."""
+uploads under one name give one listing and clean 4xx answers, never a 500; two new versions of one
+listing published at the same instant never share a number."""
 
 from __future__ import annotations
 
+import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,7 @@ import pytest
 from sqlalchemy import delete, func, select
 
 import drm
-from store.models import IdempotentResponse, License, Listing
+from store.models import IdempotentResponse, License, Listing, ListingVersion
 
 N = 50
 
@@ -155,3 +157,35 @@ def test_concurrent_uploads_under_one_name_give_one_listing_and_clean_errors(sto
     assert after["listings"] == before["listings"] + 1
     # the losers' model blobs were removed: one model + one sealed build + one quality report remain
     assert after["blobs"] == before["blobs"] + 3
+
+
+def test_two_new_versions_at_once_never_share_a_number(store, digits_base, corpus):
+    """Both read version 1 as the newest: the unique (listing, number) lets one commit version 2; the other
+    gets a clean 409 and leaves no blobs (or, had it started after the first committed, version 3)."""
+    assert store.upload("sally", digits_base, name="twice").status_code == 202
+    store.wait()
+    raw = (corpus / "models" / "digits" / "digits_mlp_independent.onnx").read_bytes()  # not v1's model
+    before = store.counts()
+
+    def publish(i: int) -> tuple[int, int | None]:
+        r = store.app.test_client().post(
+            "/api/v1/listings/twice/versions",
+            data={"model": (io.BytesIO(raw), "model.onnx")},
+            headers=store.auth("sally"),
+            content_type="multipart/form-data",
+        )
+        assert r.status_code < 500, r.data[:300]
+        return r.status_code, (r.json.get("version") or {}).get("number") if r.status_code == 202 else None
+
+    results = _together(2, publish)
+    statuses = sorted(s for s, _ in results)
+    numbers = sorted(n for _, n in results if n is not None)
+    assert statuses in ([202, 202], [202, 409]), results
+    assert numbers == list(range(2, 2 + len(numbers))), results  # consecutive from 2, never the same twice
+    store.wait()
+    with store.ctx.Session() as s:
+        stored = s.scalars(select(ListingVersion.number).where(ListingVersion.listing_id == "twice")).all()
+    assert sorted(stored) == [1, *numbers]
+    if numbers == [2]:
+        # the winner added its model, its sealed build and its quality report; the loser's model is gone
+        assert store.counts()["blobs"] == before["blobs"] + 3
