@@ -405,6 +405,12 @@ class Device:
             f"license refused: {refusal_category(reason)} (details in {self.audit_path})", reason=reason
         )
 
+    def _refuse_license(
+        self, st: State | None, claims: drm.LicenseClaims, reason: str, *, t: int
+    ) -> NoReturn:
+        """_refuse for a verified license: the record names its id and build."""
+        self._refuse(st, reason, t=t, license_id=claims.license_id, build_hash=claims.build_hash)
+
     def _load_state(self, clock: int, *, license_id: str = "", build_hash: str = "") -> State:
         """Load the ledger and apply the clock-rollback rule; refusals are recorded."""
         try:
@@ -512,23 +518,18 @@ class Device:
         """Refuse when the run cap or the offline budget is used up; returns the budget (see _budget)."""
         used = st.runs.get(claims.license_id, 0)
         if claims.max_runs is not None and used >= claims.max_runs:
-            self._refuse(
-                st,
-                f"run cap exhausted: {used} of {claims.max_runs} runs used",
-                t=trusted,
-                license_id=claims.license_id,
-                build_hash=claims.build_hash,
+            self._refuse_license(
+                st, claims, f"run cap exhausted: {used} of {claims.max_runs} runs used", t=trusted
             )
         budget = self._budget(st, claims, trusted)
         if budget is not None:
             self._check_budget_time(st, claims, budget, trusted)
             if used >= budget[0]:
-                self._refuse(
+                self._refuse_license(
                     st,
+                    claims,
                     f"offline budget used up: the run counter is at {used}, the budget allows {budget[0]}",
                     t=trusted,
-                    license_id=claims.license_id,
-                    build_hash=claims.build_hash,
                 )
         return budget
 
@@ -536,13 +537,7 @@ class Device:
         self, st: State, claims: drm.LicenseClaims, budget: tuple[int, int], trusted: int
     ) -> None:
         if trusted >= budget[1]:
-            self._refuse(
-                st,
-                f"offline budget expired at {_iso(budget[1])}",
-                t=trusted,
-                license_id=claims.license_id,
-                build_hash=claims.build_hash,
-            )
+            self._refuse_license(st, claims, f"offline budget expired at {_iso(budget[1])}", t=trusted)
 
     def _budget(self, st: State, claims: drm.LicenseClaims, trusted: int) -> tuple[int, int] | None:
         """(counter limit, deadline) a metered license runs on offline; None for a license without an offline
@@ -857,9 +852,7 @@ class Device:
                     )
                 cek = drm.unwrap_cek(claims, recipient)
             except drm.LicenseRefused as exc:
-                self._refuse(
-                    st, exc.reason, t=trusted, license_id=claims.license_id, build_hash=claims.build_hash
-                )
+                self._refuse_license(st, claims, exc.reason, t=trusted)
         try:
             # One pass: decrypt into the bytes the backend reads, safety walk, then the backend opens while
             # the build hash is checked beside it; nothing comes back unless every check passed.
@@ -868,12 +861,11 @@ class Device:
         except drm.IntegrityError:
             with fileio.locked(self.ledger.lock_path):
                 st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
-                self._refuse(
+                self._refuse_license(
                     st,
+                    claims,
                     "build failed its integrity check (tampered, truncated or swapped container)",
                     t=max(clock, st.hwm),
-                    license_id=claims.license_id,
-                    build_hash=claims.build_hash,
                 )
         return LicensedModel(self, claims, backend, load_seconds=time.perf_counter() - started, now=now)
 
