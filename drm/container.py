@@ -7,6 +7,7 @@ AAD = SHA-256(prefix bytes + header) || index u32be || final u8."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -100,45 +101,51 @@ class ContainerHeader:
         end = _PREFIX.size + hlen
         if len(data) < end:
             raise FormatError("container: truncated header")
-        obj = loads(data[_PREFIX.size : end], max_size=limits.max_header_bytes, what="container header")
-        what = "container header"
-        exact_keys(
-            obj,
-            {
-                "aead",
-                "build_hash",
-                "chunk_size",
-                "media_type",
-                "nonce_prefix",
-                "plaintext_len",
-                "target",
-                "v",
-            },
-            what=what,
-        )
-        if field(obj, "v", int, what=what) != VERSION:
-            raise FormatError("container header: version mismatch")
-        aead = field(obj, "aead", str, what=what)
-        if aead != AEAD_ID:  # pinned: the header never chooses the algorithm
-            raise FormatError(f"container header: algorithm {aead!r} is not allowed")
-        chunk = field(obj, "chunk_size", int, what=what)
-        if not limits.min_chunk_size <= chunk <= limits.max_chunk_size:
-            raise FormatError(f"container header: chunk_size {chunk} out of bounds")
-        plen = field(obj, "plaintext_len", int, what=what)
-        if not 0 <= plen <= limits.max_plaintext_bytes:
-            raise FormatError(f"container header: plaintext_len {plen} out of bounds")
-        build_hash = field(obj, "build_hash", str, what=what)
-        if not _BUILD_HASH.match(build_hash):
-            raise FormatError("container header: build_hash must be sha256:<64 hex>")
-        target = field(obj, "target", str, what=what)
-        media_type = field(obj, "media_type", str, what=what)
-        if not _TARGET.match(target) or not _MEDIA_TYPE.match(media_type):
-            raise FormatError("container header: target or media_type malformed")
-        prefix = b64d(field(obj, "nonce_prefix", str, what=what), what="nonce_prefix", max_len=8)
-        if len(prefix) != 8:
-            raise FormatError("container header: nonce_prefix must be 8 bytes")
-        header = cls(build_hash, target, chunk, plen, prefix, aead, media_type)
-        return header, end
+        return _parse_body(bytes(data[_PREFIX.size : end]), limits), end
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_body(body: bytes, limits: ContainerLimits) -> ContainerHeader:
+    """The header JSON checked and parsed: a pure function of its bytes (and the limits), remembered so a
+    device opening the same build again does not parse its header twice per open. Errors are not cached."""
+    obj = loads(body, max_size=limits.max_header_bytes, what="container header")
+    what = "container header"
+    exact_keys(
+        obj,
+        {
+            "aead",
+            "build_hash",
+            "chunk_size",
+            "media_type",
+            "nonce_prefix",
+            "plaintext_len",
+            "target",
+            "v",
+        },
+        what=what,
+    )
+    if field(obj, "v", int, what=what) != VERSION:
+        raise FormatError("container header: version mismatch")
+    aead = field(obj, "aead", str, what=what)
+    if aead != AEAD_ID:  # pinned: the header never chooses the algorithm
+        raise FormatError(f"container header: algorithm {aead!r} is not allowed")
+    chunk = field(obj, "chunk_size", int, what=what)
+    if not limits.min_chunk_size <= chunk <= limits.max_chunk_size:
+        raise FormatError(f"container header: chunk_size {chunk} out of bounds")
+    plen = field(obj, "plaintext_len", int, what=what)
+    if not 0 <= plen <= limits.max_plaintext_bytes:
+        raise FormatError(f"container header: plaintext_len {plen} out of bounds")
+    build_hash = field(obj, "build_hash", str, what=what)
+    if not _BUILD_HASH.match(build_hash):
+        raise FormatError("container header: build_hash must be sha256:<64 hex>")
+    target = field(obj, "target", str, what=what)
+    media_type = field(obj, "media_type", str, what=what)
+    if not _TARGET.match(target) or not _MEDIA_TYPE.match(media_type):
+        raise FormatError("container header: target or media_type malformed")
+    prefix = b64d(field(obj, "nonce_prefix", str, what=what), what="nonce_prefix", max_len=8)
+    if len(prefix) != 8:
+        raise FormatError("container header: nonce_prefix must be 8 bytes")
+    return ContainerHeader(build_hash, target, chunk, plen, prefix, aead, media_type)
 
 
 def _aad(header_digest: bytes, index: int, final: bool) -> bytes:

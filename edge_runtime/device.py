@@ -148,9 +148,10 @@ def read_fleet_keys(directory: Path) -> dict[str, x25519.X25519PrivateKey]:
 MAX_CACHED_VERIFICATIONS = 64
 
 
-def _verification_key(token: bytes, root: Any) -> str:
-    """What a cached license verification is bound to: the exact token bytes and the pinned root."""
-    return f"{drm.sha256_tag(bytes(token))[7:]}:{drm.sha256_tag(drm.cert_to_pem(root))[7:]}"
+def _verification_key(token: bytes, root_tag: str) -> str:
+    """What a cached license verification is bound to: the exact token bytes and the pinned root (hex SHA-256
+    of its PEM)."""
+    return f"{drm.sha256_tag(bytes(token))[7:]}:{root_tag}"
 
 
 def _cached_verification(st: State, key: str, trusted: int) -> bool:
@@ -206,6 +207,9 @@ class Device:
         )
         self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
         self._revocation_cache: tuple[tuple[int, int, int, int], drm.RevocationList] | None = None
+        self._root_cache: tuple[tuple[int, int, int, int], Any, str] | None = None
+        # Content keys this process unwrapped, by everything the unwrap reads (see _unwrap).
+        self._ceks: dict[tuple[Any, ...], bytes] = {}
         # License verifications made here and not yet in the sealed state: merged into every state this
         # device loads, so the next commit (the first run's reservation) persists them; no extra write.
         self._verified_pending: dict[str, dict[str, int]] = {}
@@ -301,12 +305,49 @@ class Device:
         return drm.cert_from_bytes((self.dir / "device.crt").read_bytes())
 
     def root(self) -> Any:
+        """The pinned store root; parsed again only when DIR/root.crt changed (inode, size, mtime, ctime)."""
         path = self.dir / "root.crt"
-        if not path.is_file():
+        try:
+            info = os.stat(path)
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
             raise drm.UsageError(
                 f"{self.dir} has no pinned store root: run `edgemart device enroll` or `device init --trust ROOT.crt`"
             )
-        return drm.cert_from_bytes(path.read_bytes())
+        key = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        cached = self._root_cache
+        if cached is None or cached[0] != key:
+            cert = drm.cert_from_bytes(path.read_bytes())
+            cached = self._root_cache = (key, cert, drm.sha256_tag(drm.cert_to_pem(cert))[7:])
+        return cached[1]
+
+    def _unwrap(self, claims: drm.LicenseClaims, recipient: Any) -> bytes:
+        """drm.unwrap_cek, remembered for this process: the unwrap is a pure function of the wrapped key, the
+        binding it is bound to and the private key, so a license opened again (after every license check has
+        passed again) skips the KEM decapsulation. The cache adds no exposure: the private key that recovers
+        the content key is in this process's memory already."""
+        key = (
+            claims.fleet_key_id,
+            claims.license_id,
+            claims.build_hash,
+            claims.binding_id,
+            json.dumps(claims.wrapped_cek, sort_keys=True),
+        )
+        cek = self._ceks.get(key)
+        if cek is None:
+            cek = drm.unwrap_cek(claims, recipient)
+            if len(self._ceks) >= 64:
+                self._ceks.pop(next(iter(self._ceks)))
+            self._ceks[key] = cek
+        return cek
+
+    def _root_tag(self, root: Any) -> str:
+        """Hex SHA-256 of the root's PEM (what cached verifications are bound to)."""
+        cached = self._root_cache
+        if cached is not None and cached[1] is root:
+            return cached[2]
+        return drm.sha256_tag(drm.cert_to_pem(root))[7:]
 
     def _store(self) -> Any:
         from edge_runtime._store_client import StoreClient
@@ -501,7 +542,7 @@ class Device:
             "target": target,
             "revoked": revoked,
         }
-        cache_key = _verification_key(token, root)
+        cache_key = _verification_key(token, self._root_tag(root))
         try:
             if _cached_verification(st, cache_key, trusted):
                 # The signatures were verified for these exact bytes under this root and revocation version;
@@ -850,7 +891,7 @@ class Device:
                     raise drm.LicenseRefused(
                         reason="license is bound to a fleet key this device does not hold"
                     )
-                cek = drm.unwrap_cek(claims, recipient)
+                cek = self._unwrap(claims, recipient)
             except drm.LicenseRefused as exc:
                 self._refuse_license(st, claims, exc.reason, t=trusted)
         try:

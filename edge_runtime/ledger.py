@@ -236,6 +236,9 @@ class Ledger:
         self.log_path = directory / "usage.log"
         self.audit_path = directory / "audit.log"
         self.lock_path = directory / ".lock"
+        # The last state this process loaded and fully checked, with the file-system identity of every file
+        # the check read (see _identity); load() reuses it while none of them changed.
+        self._loaded: tuple[tuple[Any, ...], State] | None = None
 
     # ------------------------------------------------------------------ creation
 
@@ -303,7 +306,37 @@ class Ledger:
     def load(self) -> tuple[State, bool]:
         """The current state, checked against the usage log and the anchor. Returns (state, rolled_forward).
 
-        Raises StateProblem with the precise reason when state is missing, corrupt or rolled back."""
+        Raises StateProblem with the precise reason when state is missing, corrupt or rolled back.
+
+        A process that loads again while the state file, the usage log and a file anchor are exactly as its
+        last full check saw them gets a copy of that checked state without reading them again. "Exactly" is
+        their inode, size, mtime and ctime: any write, copy, rename or restore changes the ctime, which only
+        the kernel sets (a user can set mtime back, not ctime). A hardware anchor is always read: its counter
+        can move without any file changing."""
+        identity = self._identity()
+        if identity is not None and self._loaded is not None and self._loaded[0] == identity:
+            return self._loaded[1].copy(), False
+        self._loaded = None
+        st, rolled = self._load_checked()
+        if identity is not None and not rolled:
+            self._loaded = (identity, st.copy())
+        return st, rolled
+
+    def _identity(self) -> tuple[Any, ...] | None:
+        """(inode, size, mtime, ctime) of the files a full load reads; None when one is missing or the anchor
+        is not a file (then every load is a full one)."""
+        if not isinstance(self.anchor, FileAnchor):
+            return None
+        out: list[Any] = []
+        for path in (self.state_path, self.log_path, self.anchor.path):
+            try:
+                info = os.stat(path)
+            except OSError:
+                return None
+            out.append((info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+        return tuple(out)
+
+    def _load_checked(self) -> tuple[State, bool]:
         try:
             blob = self.state_path.read_bytes()
         except FileNotFoundError:

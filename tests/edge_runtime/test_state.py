@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -197,3 +198,45 @@ def test_cli_module_is_light():
     code = "import sys, edge_runtime.cli; print(','.join(m for m in ('numpy', 'onnxruntime', 'ai_edge_litert') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_process_holding_a_checked_state_sees_another_process_commit(
+    device, factory, digits_build, digits_test, build_file, now
+):
+    # The ledger reuses the state it last checked while the files are unchanged (inode, size, mtime, ctime):
+    # a commit by another process (another Device object on the same dir) must never be hidden by it.
+    lic = factory.license(device, digits_build, max_runs=4)
+    path = build_file(digits_build)
+    x = np.load(digits_test)["x"][:1]
+    before, _ = device.ledger.load()
+    assert device.ledger.load()[0].log_seq == before.log_seq  # the reused copy
+    other = Device.open(device.dir)
+    with other.open_model(build_path=path, license_bytes=lic, now=now) as model:
+        model.run({"x": x})
+    after, _ = device.ledger.load()
+    assert after.log_seq > before.log_seq and after.runs.get(drm_license_id(lic)) == 1
+    with device.open_model(build_path=path, license_bytes=lic, now=now) as model:
+        for _ in range(3):
+            model.run({"x": x})
+        with pytest.raises(drm.LicenseRefused):
+            model.run({"x": x})  # 1 + 3 runs of 4: the cap counts both processes' runs
+
+
+def test_a_state_file_edited_in_place_with_its_mtime_put_back_is_still_checked(used_device, refused, now):
+    device, lic, path, _ = used_device
+    device.ledger.load()  # the checked state is now held by the ledger
+    state = device.dir / "state.bin"
+    info = state.stat()
+    blob = bytearray(state.read_bytes())
+    blob[-5] ^= 0xFF
+    time.sleep(0.02)  # past the file system's timestamp tick, as any later write is
+    with open(state, "r+b") as fh:  # same inode, same size
+        fh.write(bytes(blob))
+    os.utime(state, ns=(info.st_atime_ns, info.st_mtime_ns))  # the mtime put back; the ctime cannot be
+    assert state.stat().st_mtime_ns == info.st_mtime_ns
+    refused(device, lambda: device.open_model(build_path=path, license_bytes=lic, now=now), "corrupt")
+
+
+def drm_license_id(token: bytes) -> str:
+    payload, _, _ = drm.parse_envelope(token, drm.license.LICENSE_TYP)
+    return str(payload["license_id"])
