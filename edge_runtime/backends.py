@@ -92,10 +92,9 @@ class OnnxBackend:
     def __init__(self, model: bytes, *, target: str) -> None:
         import onnxruntime as ort
 
-        available = set(ort.get_available_providers())
-        providers = [p for p in _PREFERRED_PROVIDERS.get(target, ()) if p in available] + [
-            "CPUExecutionProvider"
-        ]
+        preferred = _PREFERRED_PROVIDERS.get(target, ())
+        available = set(ort.get_available_providers()) if preferred else set()
+        providers = [p for p in preferred if p in available] + ["CPUExecutionProvider"]
         try:
             self._session: Any = ort.InferenceSession(model, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; report one clear line

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, BinaryIO, NoReturn, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -208,6 +208,7 @@ class Device:
         self._revocation_file = os.fspath(directory / "revocation.bin")  # stat()ed on every run
         self._revocation_cache: tuple[tuple[int, int, int, int], drm.RevocationList] | None = None
         self._root_cache: tuple[tuple[int, int, int, int], Any, str] | None = None
+        self._device_id = keys.device_id  # derived from the signing key, which a Device never changes
         # Content keys this process unwrapped, by everything the unwrap reads (see _unwrap).
         self._ceks: dict[tuple[Any, ...], bytes] = {}
         # License verifications made here and not yet in the sealed state: merged into every state this
@@ -216,7 +217,7 @@ class Device:
 
     @property
     def device_id(self) -> str:
-        return self.keys.device_id
+        return self._device_id
 
     @property
     def audit_path(self) -> Path:
@@ -332,7 +333,7 @@ class Device:
             claims.license_id,
             claims.build_hash,
             claims.binding_id,
-            json.dumps(claims.wrapped_cek, sort_keys=True),
+            tuple(sorted(claims.wrapped_cek.items())),
         )
         cek = self._ceks.get(key)
         if cek is None:
@@ -863,16 +864,26 @@ class Device:
         if build_path is None or license_bytes is None:
             raise drm.UsageError("open_model needs a listing, or both build_path and license_bytes")
         path = Path(build_path)
-        if not path.is_file():
-            raise drm.UsageError(f"build file {path} does not exist")
-        if path.stat().st_size > self.policy.max_build_bytes:
-            raise drm.UsageError(f"build file {path} exceeds the {self.policy.max_build_bytes}-byte limit")
         if len(license_bytes) > self.policy.max_license_bytes:
             raise drm.UsageError("license file too large")
-        with open(path, "rb") as fh:
-            container = fh.read(
-                64 * 1024
-            )  # the header: the chunks are read one at a time as they are decrypted
+        # One open of the build for the whole call: its header routes the license checks, then the chunks are
+        # read one at a time as they are decrypted (a build that fits in the first read is not read again).
+        try:
+            fh = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise drm.UsageError(f"build file {path} does not exist") from None
+        with fh:
+            return self._open_build(fh, path, license_bytes, now=now, started=started)
+
+    def _open_build(
+        self, fh: BinaryIO, path: Path, license_bytes: bytes, *, now: int | None, started: float
+    ) -> LicensedModel:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise drm.UsageError(f"build file {path} does not exist")
+        if info.st_size > self.policy.max_build_bytes:
+            raise drm.UsageError(f"build file {path} exceeds the {self.policy.max_build_bytes}-byte limit")
+        container = fh.read(64 * 1024)
         clock = self._clock(now)
         try:
             header = drm.read_header(container[: 64 * 1024])
@@ -897,8 +908,11 @@ class Device:
         try:
             # One pass: decrypt into the bytes the backend reads, safety walk, then the backend opens while
             # the build hash is checked beside it; nothing comes back unless every check passed.
-            with open(path, "rb") as fh:
-                backend = open_sealed_backend(fh, key=cek, build_hash=claims.build_hash, target=claims.target)
+            source: bytes | BinaryIO = container
+            if len(container) != info.st_size:
+                fh.seek(0)
+                source = fh
+            backend = open_sealed_backend(source, key=cek, build_hash=claims.build_hash, target=claims.target)
         except drm.IntegrityError:
             with fileio.locked(self.ledger.lock_path):
                 st = self._load_state(clock, license_id=claims.license_id, build_hash=claims.build_hash)
