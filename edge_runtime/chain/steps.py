@@ -270,24 +270,39 @@ def _resize(img: np.ndarray, size: tuple[int, int], nhwc: bool, method: str) -> 
         xs = np.minimum((np.arange(ow) + 0.5) * w / ow, w - 1).astype(np.intp)
         out = x[:, ys][:, :, xs]
     else:  # bilinear, half-pixel centres (align_corners=False)
-        fy = np.clip((np.arange(oh) + 0.5) * h / oh - 0.5, 0, h - 1)
-        fx = np.clip((np.arange(ow) + 0.5) * w / ow - 0.5, 0, w - 1)
-        y0, x0 = np.floor(fy).astype(np.intp), np.floor(fx).astype(np.intp)
-        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-        wy = (fy - y0).astype(np.float32)[None, :, None, None]
-        wx = (fx - x0).astype(np.float32)[None, None, :, None]
+        y0, y1, wy = _bilinear_axis(h, oh)
+        x0, x1, wx = _bilinear_axis(w, ow)
         xf = x.astype(np.float32, copy=False)
-        # Separable: blend the two source rows of each output row first (at the source width, usually the
-        # smaller side when a crop is scaled up), then the two columns: two gathers at the output size
-        # instead of four, and fewer full-size temporaries.
-        rows = xf[:, y0] * (1 - wy)
-        rows += xf[:, y1] * wy
-        out = rows[:, :, x0] * (1 - wx)
-        out += rows[:, :, x1] * wx
+        # Separable, rows first (at the source width, usually the smaller side when a crop is scaled up),
+        # then columns; each pass is two whole-row/whole-pixel gathers (take) and an in-place lerp
+        # a + (b - a) * w on the gathered copies: no full-size temporaries beyond those two.
+        top = xf.take(y0, axis=1)
+        rows = xf.take(y1, axis=1)
+        rows -= top
+        rows *= wy[None, :, None, None]
+        rows += top
+        out = rows.take(x0, axis=2)
+        right = rows.take(x1, axis=2)
+        right -= out
+        right *= wx[None, None, :, None]
+        out += right
     if not nhwc:
         out = out.transpose(0, 3, 1, 2)
     out = np.ascontiguousarray(out)
     return out[0] if squeeze else out
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (below, above) and weight of the upper one for each output position along one axis
+    (half-pixel centres, clamped at the edges); read-only, computed once per size pair."""
+    f = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    below = np.floor(f).astype(np.intp)
+    above = np.minimum(below + 1, n_in - 1)
+    weight = (f - below).astype(np.float32)
+    for a in (below, above, weight):
+        a.setflags(write=False)
+    return below, above, weight
 
 
 def blazeface_anchors(strides: list[int], input_size: list[int]) -> np.ndarray:

@@ -120,3 +120,42 @@ def test_steps_follow_their_shape_rules() -> None:
     assert apply(tr, image, lambda r: image).shape == (1, 3, 40, 60)
     with pytest.raises(UsageError, match="does not fit rank 2"):
         infer(tr, TensorType((None, 10), "float32"), {}, "s")
+
+
+@pytest.mark.parametrize(
+    "shape,size,layout,dtype",
+    [
+        ((1, 70, 70, 3), (192, 192), "nhwc", np.float32),
+        ((2, 33, 17, 1), (8, 40), "nhwc", np.float32),
+        ((1, 3, 25, 31), (64, 12), "nchw", np.float32),
+        ((1, 40, 60, 3), (40, 60), "nhwc", np.uint8),
+    ],
+)
+def test_bilinear_resize_matches_the_four_tap_formula(shape, size, layout, dtype) -> None:
+    rng = np.random.default_rng(1)
+    image = (rng.random(shape) * 255).astype(dtype)
+    if layout == "nhwc" and dtype == np.float32:
+        image = np.pad(image, ((0, 0), (2, 1), (3, 0), (0, 0)))[:, 2:-1, 3:]  # a non-contiguous view
+    step = parse_step({"op": "resize", "size": list(size), "layout": layout}, "s")
+    got = apply(step, image, lambda r: image)
+    x = image.astype(np.float64) if layout == "nhwc" else image.astype(np.float64).transpose(0, 2, 3, 1)
+    n, h, w, c = x.shape
+    want = np.empty((n, *size, c))
+    for i in range(size[0]):
+        fy = min(max((i + 0.5) * h / size[0] - 0.5, 0), h - 1)
+        y0 = int(fy)
+        y1, wy = min(y0 + 1, h - 1), fy - y0
+        for j in range(size[1]):
+            fx = min(max((j + 0.5) * w / size[1] - 0.5, 0), w - 1)
+            x0 = int(fx)
+            x1, wx = min(x0 + 1, w - 1), fx - x0
+            want[:, i, j] = (
+                x[:, y0, x0] * (1 - wy) * (1 - wx)
+                + x[:, y0, x1] * (1 - wy) * wx
+                + x[:, y1, x0] * wy * (1 - wx)
+                + x[:, y1, x1] * wy * wx
+            )
+    if layout == "nchw":
+        want = want.transpose(0, 3, 1, 2)
+    assert got.dtype == np.float32 and got.shape == want.shape and got.flags.c_contiguous
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-4 * max(1.0, float(np.abs(want).max())))
