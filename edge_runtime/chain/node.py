@@ -49,6 +49,19 @@ class Node:
         self.control.append(channel)
         self.selector.register(channel.sock, selectors.EVENT_READ, channel)
 
+    # --- batching ---------------------------------------------------------------------------
+
+    def cork(self) -> None:
+        """Hold this process's frame messages (ready, released) until uncork(): each peer then gets what one
+        stage run says to it in one packet, so it wakes once per run instead of once per tensor."""
+        for channel in self.hops.values():
+            channel.corked = True
+
+    def uncork(self) -> None:
+        for channel in self.hops.values():
+            channel.corked = False
+            channel.flush()
+
     # --- producer side ---------------------------------------------------------------------
 
     def can_publish(self, key: str, seq: int) -> bool:

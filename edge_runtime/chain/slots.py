@@ -200,10 +200,14 @@ def _recv_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int], int]:
 
 
 # The two per-frame messages travel as one struct (kind, slot, seq, size) + the tensor key instead of JSON:
-# no encoder or parser work per hop. Every other message is JSON (it starts with "{", never with 1 or 2).
+# no encoder or parser work per hop. Every other message is JSON (it starts with "{", never with 1, 2 or 3).
+# A packet starting with 3 carries several frame messages, each prefixed by its length (u16): what one stage
+# run says to one peer (its outputs ready, its inputs released) wakes that peer once, not once per tensor.
 _FRAME = struct.Struct("<BIqQ")
 _FRAME_KINDS = {"ready": 1, "released": 2}
 _FRAME_NAMES = {v: k for k, v in _FRAME_KINDS.items()}
+_BATCH = 3
+_PART = struct.Struct("<H")
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -211,6 +215,20 @@ def _encode(message: dict[str, Any]) -> bytes:
     if kind is not None and set(message) <= {"t", "k", "s", "q", "z"}:
         return _FRAME.pack(kind, message["s"], message["q"], message.get("z", 0)) + message["k"].encode()
     return json.dumps(message, separators=(",", ":")).encode()
+
+
+def _decode_batch(data: bytes) -> list[dict[str, Any]]:
+    out, pos = [], 1
+    while pos < len(data):
+        (n,) = _PART.unpack_from(data, pos)
+        part = data[pos + _PART.size : pos + _PART.size + n]
+        if len(part) != n or not n or part[0] not in _FRAME_NAMES:
+            raise ValueError("malformed batch")
+        out.append(_decode(part))
+        pos += _PART.size + n
+    if not out:
+        raise ValueError("empty batch")
+    return out
 
 
 def _decode(data: bytes) -> dict[str, Any]:
@@ -231,6 +249,9 @@ class Channel:
         self.sock = sock
         self.peer = peer
         self.closed = False
+        self.corked = False  # while set, frame messages without fds wait in _out until flush()
+        self._out: list[bytes] = []
+        self._inbox: list[dict[str, Any]] = []  # the rest of a received batch, handed out first
 
     @classmethod
     def pair(cls, a_name: str, b_name: str) -> tuple[Channel, Channel]:
@@ -248,6 +269,23 @@ class Channel:
         data = _encode(message)
         if len(data) > MAX_MESSAGE:
             raise UsageError(f"control message to {self.peer} is too large ({len(data)} bytes)")
+        if self.corked and not fds and data[0] in _FRAME_NAMES:
+            if sum(len(d) + _PART.size for d in self._out) + len(data) + _PART.size + 1 > MAX_MESSAGE:
+                self.flush()
+            self._out.append(data)
+            return
+        self.flush()  # what waits goes first: messages keep their order
+        self._send(data, fds)
+
+    def flush(self) -> None:
+        """Send the frame messages held while corked: one packet (a batch when there are several)."""
+        if not self._out:
+            return
+        held, self._out = self._out, []
+        data = held[0] if len(held) == 1 else bytes([_BATCH]) + b"".join(_PART.pack(len(d)) + d for d in held)
+        self._send(data, None)
+
+    def _send(self, data: bytes, fds: list[int] | None) -> None:
         try:
             if fds:
                 socket.send_fds(self.sock, [data], fds)
@@ -258,6 +296,8 @@ class Channel:
 
     def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
         """One message; raises PeerGone on EOF and TimeoutError when nothing arrives in time."""
+        if self._inbox:
+            return self._inbox.pop(0), []
         if timeout is not None:
             ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
             if not ready:
@@ -271,6 +311,8 @@ class Channel:
         return self._recv(socket.MSG_DONTWAIT)
 
     def _recv(self, flags_in: int) -> tuple[dict[str, Any], list[int]] | None:
+        if self._inbox:
+            return self._inbox.pop(0), []
         try:
             data, fds, flags = _recv_fds(self.sock, flags_in)
         except BlockingIOError:
@@ -286,6 +328,9 @@ class Channel:
                 os.close(fd)
             raise SlotError(f"truncated control message from {self.peer}")
         try:
+            if data[0] == _BATCH and not fds:
+                first, *self._inbox = _decode_batch(data)
+                return first, []
             return _decode(data), fds
         except (ValueError, UnicodeDecodeError, struct.error):
             for fd in fds:

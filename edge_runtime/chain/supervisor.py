@@ -506,8 +506,12 @@ class Chain:
             for step in binding.steps:
                 value = apply(step, value, fetch)
             result[name] = np.array(value, copy=True)  # the slot is released next; hand out our own copy
-        for ref in node.consumes:
-            node.release(ref, seq)
+        node.cork()  # one "released" packet per producer for this frame
+        try:
+            for ref in node.consumes:
+                node.release(ref, seq)
+        finally:
+            node.uncork()
         return result
 
 

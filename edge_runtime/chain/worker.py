@@ -135,6 +135,13 @@ class Worker:
         return local[0] if local is not None else self.node.view(ref, seq)
 
     def _run(self, stage: _Stage) -> None:
+        self.node.cork()
+        try:
+            self._run_corked(stage)
+        finally:
+            self.node.uncork()
+
+    def _run_corked(self, stage: _Stage) -> None:
         n = stage.next_seq
         t0 = time.perf_counter()
         feeds = {}

@@ -120,3 +120,48 @@ def test_a_slot_header_naming_a_dtype_outside_the_list_is_refused() -> None:
         consumer.view("t", 0)
     producer.close()
     consumer.close()
+
+
+def test_a_corked_stage_run_reaches_each_peer_in_one_packet_in_order() -> None:
+    a, b = Channel.pair("a", "b")
+    a.corked = True
+    a.send({"t": "ready", "k": "det.boxes", "s": 0, "q": 7})
+    a.send({"t": "released", "k": "image", "s": 1, "q": 7})
+    b.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.sock.recv(16)  # nothing on the wire while corked
+    a.send({"t": "ready", "k": "det.scores", "s": 0, "q": 7, "z": 4096}, [os.dup(0)])  # fds flush first
+    a.send({"t": "ready", "k": "det.more", "s": 0, "q": 7})
+    a.corked = False
+    a.flush()
+    got = []
+    for _ in range(4):
+        message, fds = b.recv(1.0)
+        got.append((message["t"], message["k"], bool(fds)))
+        for fd in fds:
+            os.close(fd)
+    assert got == [
+        ("ready", "det.boxes", False),
+        ("released", "image", False),
+        ("ready", "det.scores", True),
+        ("ready", "det.more", False),
+    ]
+    with pytest.raises(TimeoutError):
+        b.recv(0.05)
+    # Three plain frame messages sent while corked leave as one batch packet (kind 3), nothing after it.
+    a.corked = True
+    for q in range(3):
+        a.send({"t": "released", "k": "x", "s": 0, "q": q})
+    a.flush()
+    packet = b.sock.recv(65536)
+    assert packet[0] == 3 and packet.count(b"x") == 3 and b.recv_nowait() is None
+
+
+def test_a_malformed_batch_is_a_slot_error() -> None:
+    a, b = Channel.pair("a", "b")
+    a.sock.send(bytes([3]) + (200).to_bytes(2, "little") + b"\x01short")
+    with pytest.raises(SlotError, match="malformed"):
+        b.recv(1.0)
+    a.sock.send(bytes([3]))
+    with pytest.raises(SlotError, match="malformed"):
+        b.recv(1.0)
