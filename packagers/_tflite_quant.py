@@ -41,7 +41,9 @@ def quantize_float_tflite(
     """The float TFLite `model` as a full-int8 TFLite, with metadata saying how it was made; graph inputs and
     outputs are what the quantizer makes them (LiteRT runners quantize/dequantize int8 I/O)."""
     if calibration.state:
-        raise UsageError("a stateful float TFLite cannot be quantized here: give a model without state inputs")
+        raise UsageError(
+            "a stateful float TFLite cannot be quantized here: give a model without state inputs"
+        )
     try:
         from ai_edge_quantizer import calibrator, quantizer, recipe
         from ai_edge_quantizer.utils import qsv_utils
@@ -81,7 +83,10 @@ def quantize_float_tflite(
     interpreter = make_litert_interpreter(payload)
     interpreter.allocate_tensors()
     io_types = sorted(
-        {np.dtype(d["dtype"]).name for d in interpreter.get_input_details() + interpreter.get_output_details()}
+        {
+            np.dtype(d["dtype"]).name
+            for d in interpreter.get_input_details() + interpreter.get_output_details()
+        }
     )
     meta = {
         "quantization": HOW,

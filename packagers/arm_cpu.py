@@ -48,7 +48,11 @@ class IntCpuPackager(Packager):
             )
 
     def missing_calibration(self, info: ModelInfo) -> UsageError:
-        return calibration_required(self.target) if info.format == "tflite" else super().missing_calibration(info)
+        return (
+            calibration_required(self.target)
+            if info.format == "tflite"
+            else super().missing_calibration(info)
+        )
 
     def as_uploaded(self, info: ModelInfo, model: bytes, progress) -> Conversion | None:
         if not info.quantized:
@@ -77,6 +81,7 @@ class IntCpuPackager(Packager):
         opts = self.options
         assert isinstance(opts, ArmCpuOptions) and calibration is not None
         if info.format == "tflite":
+            _onnx_only_options(opts, self.target)
             return float_tflite_conversion(model, info, calibration, progress, self.target)
         quantized = quantize_with_options(
             model,
@@ -141,6 +146,27 @@ def sealed_int8_tflite(model: bytes, target: str) -> Conversion:
         ],
         as_uploaded=True,
     )
+
+
+def _onnx_only_options(opts: QdqOptions, target: str) -> None:
+    """onnxruntime's quantization options do not reach ai-edge-quantizer: set on a TFLite upload, they are an error."""
+    import dataclasses
+
+    from packagers._base import QualityOptions
+
+    shared = {f.name for f in dataclasses.fields(QualityOptions)}
+    defaults = type(opts)()
+    given = [
+        f.name
+        for f in dataclasses.fields(opts)
+        if f.name not in shared and getattr(opts, f.name) != getattr(defaults, f.name)
+    ]
+    if given:
+        raise UsageError(
+            f"option {', '.join(given)} of target {target} applies to ONNX input (onnxruntime quantization); "
+            f"a float TFLite is quantized with ai-edge-quantizer static_wi8_ai8: leave it out, e.g. "
+            f"edgemart package MODEL.tflite --target {target} --calibration samples.npz --out DIR"
+        )
 
 
 def float_tflite_conversion(model: bytes, info: ModelInfo, calibration, progress, target: str) -> Conversion:

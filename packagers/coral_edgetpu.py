@@ -57,7 +57,11 @@ class CoralEdgeTpuPackager(Packager):
         """ONNX and TFLite both: a full-int8 TFLite is sealed as uploaded, a float one quantized (with samples)."""
 
     def missing_calibration(self, info: ModelInfo) -> UsageError:
-        return calibration_required(self.target) if info.format == "tflite" else super().missing_calibration(info)
+        return (
+            calibration_required(self.target)
+            if info.format == "tflite"
+            else super().missing_calibration(info)
+        )
 
     def as_uploaded(self, info: ModelInfo, model: bytes, progress) -> Conversion | None:
         if info.format != "tflite" or not info.quantized:

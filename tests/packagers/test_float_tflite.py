@@ -20,6 +20,7 @@ from packagers.quality import snr_db
 
 pytest.importorskip("ai_edge_quantizer")
 
+
 def _fast(target: str) -> dict:
     return {"latency_runs": 2, **({"run_compiler": False} if target == "coral-edgetpu" else {})}
 
@@ -60,7 +61,11 @@ def _tiny_float_tflite(weight: np.ndarray, bias: np.ndarray) -> bytes:
     fp16, fp32 = 1, 0
     model = s.ModelT()
     model.version, model.description = 3, b"edgemart test"
-    model.buffers = [buffer(None), buffer(weight.astype("<f2").tobytes()), buffer(bias.astype("<f4").tobytes())]
+    model.buffers = [
+        buffer(None),
+        buffer(weight.astype("<f2").tobytes()),
+        buffer(bias.astype("<f4").tobytes()),
+    ]
     model.buffers += [buffer(None), buffer(None), buffer(None)]
     graph = s.SubGraphT()
     graph.tensors = [
@@ -122,12 +127,16 @@ def test_prepare_folds_fp16_weights_and_adds_a_signature(tiny):
     graph = tree.subgraphs[0]
     assert len(graph.operators) == 2 and len(graph.tensors) == 5  # DEQUANTIZE and its fp16 input gone
     assert {t.type for t in graph.tensors} == {0}  # all fp32 now
-    assert [c.builtinCode for c in tree.operatorCodes if c.builtinCode] != []  # names the ops for the quantizer
+    assert [
+        c.builtinCode for c in tree.operatorCodes if c.builtinCode
+    ] != []  # names the ops for the quantizer
     assert make_litert_interpreter(prepared).get_signature_list() == {
         "serving_default": {"inputs": ["x"], "outputs": ["y"]}
     }
     x = cal["x"][:4]
-    np.testing.assert_array_equal(TfliteRunner(model).run({"x": x})["y"], TfliteRunner(prepared).run({"x": x})["y"])
+    np.testing.assert_array_equal(
+        TfliteRunner(model).run({"x": x})["y"], TfliteRunner(prepared).run({"x": x})["y"]
+    )
 
 
 @pytest.mark.parametrize("target", ["coral-edgetpu", "arm-cpu"])
@@ -181,9 +190,17 @@ def test_float_tflite_is_refused_by_onnx_only_targets_naming_the_ones_that_take_
         package_model(model, "x86-cpu", calibration=cal)
 
 
+def test_onnx_quantization_options_on_a_tflite_upload_are_an_error(tiny):
+    model, cal, _ = tiny
+    with pytest.raises(UsageError, match=r"option nodes_to_exclude of target arm-cpu applies to ONNX input"):
+        package_model(model, "arm-cpu", calibration=cal, options={"nodes_to_exclude": "fc"})
+
+
 def test_sparse_float_tflite_is_refused_before_any_work(corpus: Path):
     model = (corpus / "models" / "mediapipe" / "face_detection_full_range_sparse.tflite").read_bytes()
-    images = load_calibration(corpus / "data" / "mediapipe" / "face_detection_full_range_sparse.npz")["input_1"]
+    images = load_calibration(corpus / "data" / "mediapipe" / "face_detection_full_range_sparse.npz")[
+        "input_1"
+    ]
     with pytest.raises(UsageError, match=r"46 sparse weight tensors \(DENSIFY ops\).*export it dense"):
         package_model(model, "coral-edgetpu", calibration={"input_1": images}, options=_fast("coral-edgetpu"))
 
