@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_runtime.evaluation.samples import SampleSet
 from edgemart.core.errors import UsageError
-from packagers._model import ModelInfo, builtin_op_names, full_int8_problems, tflite_schema
+from packagers._model import ModelInfo, builtin_op_names, full_int8_problems, tflite_schema, tflite_tree
 from packagers._runtime import make_litert_interpreter
 
 RECIPE = "static_wi8_ai8"
@@ -36,7 +36,11 @@ def calibration_required(target: str) -> UsageError:
 
 
 def quantize_float_tflite(
-    model: bytes, info: ModelInfo, calibration: SampleSet, progress: Callable[[float, str], None]
+    model: bytes,
+    info: ModelInfo,
+    calibration: SampleSet,
+    progress: Callable[[float, str], None],
+    target: str = "coral-edgetpu",
 ) -> tuple[bytes, dict]:
     """The float TFLite `model` as a full-int8 TFLite, with metadata saying how it was made; graph inputs and
     outputs are what the quantizer makes them (LiteRT runners quantize/dequantize int8 I/O)."""
@@ -52,7 +56,7 @@ def quantize_float_tflite(
             "quantizing a float TFLite needs ai-edge-quantizer: pip install 'edgemart[packagers]'"
         ) from None
     progress(0.05, "folding fp16 weights to fp32, adding a signature")
-    prepared, folded, signature = prepare_float_tflite(model)
+    prepared, folded, signature = prepare_float_tflite(model, target)
     progress(0.1, f"calibrating activation ranges ({RECIPE})")
     runs = list(_calibration_feeds(calibration, CALIBRATION_SAMPLES))
     try:
@@ -69,7 +73,7 @@ def quantize_float_tflite(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UsageError(
             f"ai-edge-quantizer {RECIPE} cannot quantize this TFLite: {first}; quantize it to full int8 "
-            "yourself, then: edgemart package MODEL_int8.tflite --target coral-edgetpu"
+            f"yourself, then: edgemart package MODEL_int8.tflite --target {target}"
         ) from None
     problems = full_int8_problems(payload)
     if problems:
@@ -77,7 +81,7 @@ def quantize_float_tflite(
         raise UsageError(
             f"ai-edge-quantizer {RECIPE} left tensors that are not int8/int32: {', '.join(problems)} "
             f"(ops still float: {ops}); quantize it to full int8 yourself, then: "
-            "edgemart package MODEL_int8.tflite --target coral-edgetpu"
+            f"edgemart package MODEL_int8.tflite --target {target}"
         )
     progress(0.8, "checking the build loads in LiteRT")
     interpreter = make_litert_interpreter(payload)
@@ -100,18 +104,18 @@ def quantize_float_tflite(
     return payload, meta
 
 
-def prepare_float_tflite(model: bytes) -> tuple[bytes, int, str]:
+def prepare_float_tflite(model: bytes, target: str = "coral-edgetpu") -> tuple[bytes, int, str]:
     """(model with fp16 DEQUANTIZE constants folded to fp32 and unused tensors dropped, folded count,
     signature key); a model without a signature gets `serving_default` over its graph inputs/outputs."""
     import flatbuffers
 
     schema = tflite_schema()
-    tree = schema.ModelT.InitFromPackedBuf(model, 0)
+    tree = tflite_tree(model)
     if len(tree.subgraphs or []) != 1:
         raise UsageError(
             f"this TFLite has {len(tree.subgraphs or [])} subgraphs; float TFLite quantization takes "
             "one-subgraph models: quantize it to full int8 yourself, then: "
-            "edgemart package MODEL_int8.tflite --target coral-edgetpu"
+            f"edgemart package MODEL_int8.tflite --target {target}"
         )
     graph = tree.subgraphs[0]
     names = builtin_op_names()
@@ -124,7 +128,7 @@ def prepare_float_tflite(model: bytes) -> tuple[bytes, int, str]:
         raise UsageError(
             f"this TFLite stores {len(sparse)} sparse weight tensors (DENSIFY ops), which ai-edge-quantizer "
             "does not take: export it dense, then: "
-            "edgemart package MODEL.tflite --target coral-edgetpu --calibration samples.npz --out DIR"
+            f"edgemart package MODEL.tflite --target {target} --calibration samples.npz --out DIR"
         )
     replace: dict[int, int] = {}  # DEQUANTIZE output tensor -> the constant that now holds fp32 values
     kept = []

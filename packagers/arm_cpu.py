@@ -173,7 +173,7 @@ def float_tflite_conversion(model: bytes, info: ModelInfo, calibration, progress
     """A float TFLite upload quantized to full int8 for a LiteRT CPU target; its copy names the target, as a
     sealed upload's does (the coral-edgetpu build from the same upload has the same tensors, and a build
     hash is sold once)."""
-    payload, meta = quantize_float_tflite(model, info, calibration, progress)
+    payload, meta = quantize_float_tflite(model, info, calibration, progress, target)
     return Conversion(
         payload=with_target_marker(payload, target),
         format="tflite",
@@ -187,10 +187,10 @@ def with_target_marker(model: bytes, target: str) -> bytes:
     """The TFLite model re-serialized with a metadata entry `edgemart.target` = `target`."""
     import flatbuffers
 
-    from packagers._model import tflite_schema
+    from packagers._model import tflite_schema, tflite_tree
 
     schema = tflite_schema()
-    tree = schema.ModelT.InitFromPackedBuf(model, 0)
+    tree = tflite_tree(model)
     buffer = schema.BufferT()
     buffer.data = list(target.encode())
     tree.buffers = [*(tree.buffers or []), buffer]

@@ -131,7 +131,7 @@ class CoralEdgeTpuPackager(Packager):
         """A float TFLite upload quantized to full int8 (ai-edge-quantizer), then the Edge TPU op report."""
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions)
-        payload, meta = quantize_float_tflite(model, info, calibration, progress)
+        payload, meta = quantize_float_tflite(model, info, calibration, progress, self.target)
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
         notes = [HOW + f" ({meta['calibration_samples']} calibration samples)", _compat_line(compat)]

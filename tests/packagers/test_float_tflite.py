@@ -259,3 +259,39 @@ def test_blazeface_float_tflite_is_quantized_to_full_int8(blazeface, target):
         compat = build.quality.op_compatibility
         assert compat["source"] == "tflite" and compat["edgetpu_ops"] > 0
         assert build.quality.quantized_ops.get("CONV_2D", 0) > 0
+
+
+@pytest.mark.slow
+def test_full_range_blazeface_keeps_the_constants_the_quantizer_writes_after_the_flatbuffer(corpus: Path):
+    """ai-edge-quantizer stores this model's constants after the flatbuffer (offset buffers): the arm-cpu
+    copy, re-serialized with its target entry, must carry them (else LiteRT refuses an out-of-range offset)."""
+    model = (corpus / "models" / "mediapipe" / "face_detection_full_range.tflite").read_bytes()
+    images = load_calibration(corpus / "data" / "mediapipe" / "face_detection_full_range.npz")["input"]
+    cal, hold = {"input": _augmented(images, 8, seed=3)}, {"input": images}
+    coral = package_model(
+        model, "coral-edgetpu", calibration=cal, holdout=hold, options=_fast("coral-edgetpu")
+    )
+    tree = tflite_schema().ModelT.InitFromPackedBuf(coral.payload, 0)
+    assert any(b.offset for b in tree.buffers)  # the case this test is about
+    arm = package_model(model, "arm-cpu", calibration=cal, holdout=hold, options=_fast("arm-cpu"))
+    assert b"edgemart.target" in arm.payload and full_int8_problems(arm.payload) == []
+    for build in (coral, arm):
+        figures = build.quality.agreement["holdout"]
+        # 21-28 dB measured on the two corpus photos; 18 dB asserted.
+        assert all(f["snr_db"] >= 18.0 for f in figures.values()), figures
+    ref, got = TfliteRunner(model), TfliteRunner(arm.payload)
+    for image in images:  # the face photo is found by both, the other by neither
+        a = _sigmoid(ref.run({"input": image[None]})["reshaped_classifier_face_4"]).max()
+        b = _sigmoid(got.run({"input": image[None]})["reshaped_classifier_face_4"]).max()
+        assert (a > 0.5) == (b > 0.5) and abs(float(a - b)) <= 0.1
+
+
+@pytest.mark.slow
+def test_ops_the_quantizer_leaves_float_are_refused_naming_them(corpus: Path):
+    model = (corpus / "models" / "mediapipe" / "face_landmark.tflite").read_bytes()
+    images = load_calibration(corpus / "data" / "mediapipe" / "face_landmark.npz")["input_1"]
+    with pytest.raises(UsageError, match=r"left tensors that are not int8/int32: p_re_lu.*ops still float: .*PRELU"
+                       r".*edgemart package MODEL_int8.tflite --target arm-cpu"):  # fmt: skip
+        package_model(
+            model, "arm-cpu", calibration={"input_1": _augmented(images, 2, seed=1)}, options=_fast("arm-cpu")
+        )
