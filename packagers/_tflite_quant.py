@@ -49,7 +49,7 @@ def quantize_float_tflite(
             "a stateful float TFLite cannot be quantized here: give a model without state inputs"
         )
     try:
-        from ai_edge_quantizer import calibrator, quantizer, recipe
+        from ai_edge_quantizer import calibrator, quantizer, recipe, recipe_manager
         from ai_edge_quantizer.utils import qsv_utils
     except ImportError:
         raise UsageError(
@@ -60,15 +60,19 @@ def quantize_float_tflite(
     progress(0.1, f"calibrating activation ranges ({RECIPE})")
     runs = list(_calibration_feeds(calibration, CALIBRATION_SAMPLES))
     try:
-        with _quiet():
-            q = quantizer.Quantizer(prepared, recipe.static_wi8_ai8())
+        with _quiet():  # the calibrator's tqdm bar cannot be turned off
             # Quantizer.calibrate keeps a moving average (0.95) of per-run min/max, which clips what only a
             # few runs reach (one sample per run here); the ranges over every run are what we calibrate on.
+            manager = recipe_manager.RecipeManager()
+            manager.load_quantization_recipe(recipe.static_wi8_ai8())
             calib = calibrator.Calibrator(prepared, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
-            calib.calibrate({signature: runs}, q._recipe_manager)
+            calib.calibrate({signature: runs}, manager)
             ranges = calib.get_model_qsvs()
-            progress(0.6, "quantizing weights and activations to int8")
-            payload = bytes(q.quantize(ranges, enable_progress_report=False).quantized_model)
+        progress(0.6, "quantizing weights and activations to int8")
+        with _quiet():
+            q = quantizer.Quantizer(prepared, recipe.static_wi8_ai8())
+            result = q.quantize(ranges, enable_progress_bar=False, enable_progress_report=False)
+            payload = bytes(result.quantized_model)
     except (ValueError, RuntimeError, KeyError, NotImplementedError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UsageError(
@@ -235,7 +239,8 @@ def _version(dist: str) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """ai-edge-quantizer prints progress and absl logs; a CLI run shows our progress lines only."""
+    """ai-edge-quantizer draws tqdm bars and logs through absl; a CLI run shows our progress lines only.
+    (sys.stdout/stderr are swapped for the block: packaging runs in the CLI or in a sandbox process.)"""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
