@@ -126,8 +126,15 @@ class Packager(ABC):
         if info.format != "onnx":
             raise UsageError(
                 f"target {self.target} takes ONNX models; this is a {info.format} model "
-                f"(TFLite input is only accepted by coral-edgetpu)"
+                f"(TFLite input is accepted by coral-edgetpu and arm-cpu)"
             )
+
+    def missing_calibration(self, info: ModelInfo) -> UsageError:
+        """The error for a model this target must calibrate but was given no samples for."""
+        return UsageError(
+            f"target {self.target} quantizes activations and needs calibration samples "
+            "(--calibration PATH.npz keyed by input name, or 'x')"
+        )
 
     def package(
         self,
@@ -149,10 +156,7 @@ class Packager(ABC):
         if cal is None:
             timing = synthetic_samples(info, contract)  # names the input whose dims only samples can fix
             if self.needs_calibration and sealed is None:
-                raise UsageError(
-                    f"target {self.target} quantizes activations and needs calibration samples "
-                    "(--calibration PATH.npz keyed by input name, or 'x')"
-                )
+                raise self.missing_calibration(info)
         started = time.perf_counter()
         steps = cal
         if cal is not None and cal.state and info.format == "onnx" and sealed is None:

@@ -192,6 +192,22 @@ def tflite_schema():
     return schema_py_generated
 
 
+def tflite_tree(model: bytes):
+    """The TFLite model as the schema's object tree, constant data kept outside the flatbuffer (offset/size
+    buffers, as large-model writers and ai-edge-quantizer emit them) read in, so that it packs whole again."""
+    tree = tflite_schema().ModelT.InitFromPackedBuf(model, 0)
+    for buffer in tree.buffers or []:
+        if buffer.offset:
+            end = buffer.offset + buffer.size
+            if end > len(model):
+                raise UsageError(
+                    f"TFLite buffer data runs past the end of the file ({end} > {len(model)} bytes)"
+                )
+            buffer.data = np.frombuffer(model, np.uint8, buffer.size, buffer.offset)
+            buffer.offset = buffer.size = 0
+    return tree
+
+
 def builtin_op_names() -> dict[int, str]:
     schema = tflite_schema()
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}

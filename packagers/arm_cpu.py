@@ -1,5 +1,8 @@
 """Target `arm-cpu`: int8 ONNX (per-channel weights, S8S8) by onnxruntime static quantization, for aarch64.
 
+A TFLite upload is built for LiteRT instead: a full-int8 one sealed as uploaded, a float one quantized to full
+int8 with ai-edge-quantizer (packagers/_tflite_quant.py).
+
 QDQ or QOperator, whichever measures smaller with equal agreement; the report names the layers that lose
 the most precision, and never presents a run on another architecture as this build's latency."""
 
@@ -10,9 +13,10 @@ from typing import Literal
 
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, register
-from packagers._model import ModelInfo, full_int8_problems
+from packagers._model import ModelInfo, full_int8_problems, inspect_model
 from packagers._qdq import QdqOptions, compact, qdq_conversion, quantize_with_options, smaller_equal_format
 from packagers._runtime import OnnxRunner
+from packagers._tflite_quant import HOW, calibration_required, quantize_float_tflite
 
 # The ops whose int8 kernels pay for their quantize/dequantize steps on a CPU. Quantizing the elementwise
 # ops around them (HardSwish, Add, Mul...) adds conversions, costs 3-7 dB of output SNR on PP-OCR det/rec
@@ -32,17 +36,23 @@ class IntCpuPackager(Packager):
     """A CPU target built by onnxruntime static quantization with `activations` of that type."""
 
     activations: Literal["int8", "uint8"] = "int8"
-    takes_int8_tflite: bool = False  # a full-int8 TFLite upload is sealed as uploaded (runs with LiteRT)
+    # TFLite uploads run with LiteRT: a full-int8 one is sealed as uploaded, a float one quantized to full int8
+    takes_tflite: bool = False
 
     def check_input(self, info: ModelInfo, model: bytes) -> None:
-        if info.format == "tflite" and not (self.takes_int8_tflite and info.quantized):
+        if info.format == "tflite" and not self.takes_tflite:
             raise UsageError(
-                f"target {self.target} takes ONNX models"
-                + (" or full-int8 TFLite" if self.takes_int8_tflite else "")
-                + f"; this is a {'float ' if not info.quantized else ''}TFLite model (coral-edgetpu takes TFLite;"
-                " for a float TFLite quantize it to full int8 first, then: edgemart package MODEL_int8.tflite"
-                f" --target {'arm-cpu' if self.takes_int8_tflite else 'coral-edgetpu'})"
+                f"target {self.target} takes ONNX models; this is a {'float ' if not info.quantized else ''}"
+                "TFLite model (coral-edgetpu and arm-cpu take TFLite: edgemart package MODEL.tflite "
+                "--target arm-cpu --calibration samples.npz --out DIR)"
             )
+
+    def missing_calibration(self, info: ModelInfo) -> UsageError:
+        return (
+            calibration_required(self.target)
+            if info.format == "tflite"
+            else super().missing_calibration(info)
+        )
 
     def as_uploaded(self, info: ModelInfo, model: bytes, progress) -> Conversion | None:
         if not info.quantized:
@@ -70,6 +80,9 @@ class IntCpuPackager(Packager):
     def convert(self, model, info, calibration, progress) -> Conversion:
         opts = self.options
         assert isinstance(opts, ArmCpuOptions) and calibration is not None
+        if info.format == "tflite":
+            _onnx_only_options(opts, self.target)
+            return float_tflite_conversion(model, info, calibration, progress, self.target)
         quantized = quantize_with_options(
             model,
             calibration,
@@ -135,14 +148,49 @@ def sealed_int8_tflite(model: bytes, target: str) -> Conversion:
     )
 
 
+def _onnx_only_options(opts: QdqOptions, target: str) -> None:
+    """onnxruntime's quantization options do not reach ai-edge-quantizer: set on a TFLite upload, they are an error."""
+    import dataclasses
+
+    from packagers._base import QualityOptions
+
+    shared = {f.name for f in dataclasses.fields(QualityOptions)}
+    defaults = type(opts)()
+    given = [
+        f.name
+        for f in dataclasses.fields(opts)
+        if f.name not in shared and getattr(opts, f.name) != getattr(defaults, f.name)
+    ]
+    if given:
+        raise UsageError(
+            f"option {', '.join(given)} of target {target} applies to ONNX input (onnxruntime quantization); "
+            f"a float TFLite is quantized with ai-edge-quantizer static_wi8_ai8: leave it out, e.g. "
+            f"edgemart package MODEL.tflite --target {target} --calibration samples.npz --out DIR"
+        )
+
+
+def float_tflite_conversion(model: bytes, info: ModelInfo, calibration, progress, target: str) -> Conversion:
+    """A float TFLite upload quantized to full int8 for a LiteRT CPU target; its copy names the target, as a
+    sealed upload's does (the coral-edgetpu build from the same upload has the same tensors, and a build
+    hash is sold once)."""
+    payload, meta = quantize_float_tflite(model, info, calibration, progress, target)
+    return Conversion(
+        payload=with_target_marker(payload, target),
+        format="tflite",
+        metadata={**meta, "packaging": f"with a metadata entry naming {target}"},
+        quantized_ops=dict(inspect_model(payload).op_counts),
+        notes=[HOW + f" ({meta['calibration_samples']} calibration samples), run with LiteRT"],
+    )
+
+
 def with_target_marker(model: bytes, target: str) -> bytes:
     """The TFLite model re-serialized with a metadata entry `edgemart.target` = `target`."""
     import flatbuffers
 
-    from packagers._model import tflite_schema
+    from packagers._model import tflite_schema, tflite_tree
 
     schema = tflite_schema()
-    tree = schema.ModelT.InitFromPackedBuf(model, 0)
+    tree = tflite_tree(model)
     buffer = schema.BufferT()
     buffer.data = list(target.encode())
     tree.buffers = [*(tree.buffers or []), buffer]
@@ -157,7 +205,7 @@ def with_target_marker(model: bytes, target: str) -> bytes:
 @register
 class ArmCpuPackager(IntCpuPackager):
     target = "arm-cpu"
-    takes_int8_tflite = True
+    takes_tflite = True
     options_type = ArmCpuOptions
     made_for = "aarch64 CPU (onnxruntime)"
     native_machines = frozenset({"aarch64", "arm64"})

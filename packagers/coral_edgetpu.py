@@ -1,7 +1,8 @@
 """Target `coral-edgetpu`: full-integer int8 TFLite plus an Edge TPU op-compatibility report.
 
-The int8 TFLite comes from the in-house writer (dense classifiers); other models get a UsageError that
-carries the op-compatibility estimate. `edgetpu_compiler` runs when it is on PATH and its log is kept."""
+The int8 TFLite comes from the in-house writer (dense classifiers), from ai-edge-quantizer for a float TFLite
+upload, or is the seller's full-int8 TFLite sealed as uploaded; other models get a UsageError that carries the
+op-compatibility estimate. `edgetpu_compiler` runs when it is on PATH and its log is kept."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from packagers._edgetpu_ops import model_compatibility, onnx_compatibility, tfli
 from packagers._model import ModelInfo, parse_onnx
 from packagers._qdq import EXACT_SNR_DB, _with_outputs
 from packagers._runtime import OnnxRunner, make_litert_interpreter
+from packagers._tflite_quant import HOW, calibration_required, quantize_float_tflite
 from packagers._tflite_writer import lower_onnx, write_int8_tflite
 from packagers.arm_cpu import sealed_int8_tflite
 from packagers.quality import snr_db
@@ -52,16 +54,17 @@ class CoralEdgeTpuPackager(Packager):
     native_machines = frozenset()
 
     def check_input(self, info: ModelInfo, model: bytes) -> None:
-        if info.format == "tflite" and not info.quantized:
-            raise UsageError(
-                "coral-edgetpu takes a full-int8 TFLite or an ONNX model; this TFLite is float: quantize it to "
-                "full int8 (TFLite converter with a representative dataset, or ai-edge-quantizer's "
-                "static_wi8_ai8 recipe), then: edgemart package MODEL_int8.tflite --target coral-edgetpu",
-                details={"op_compatibility": tflite_compatibility(model)},
-            )
+        """ONNX and TFLite both: a full-int8 TFLite is sealed as uploaded, a float one quantized (with samples)."""
+
+    def missing_calibration(self, info: ModelInfo) -> UsageError:
+        return (
+            calibration_required(self.target)
+            if info.format == "tflite"
+            else super().missing_calibration(info)
+        )
 
     def as_uploaded(self, info: ModelInfo, model: bytes, progress) -> Conversion | None:
-        if info.format != "tflite":
+        if info.format != "tflite" or not info.quantized:
             return None
         conversion = sealed_int8_tflite(model, self.target)
         compat = tflite_compatibility(model)
@@ -81,6 +84,8 @@ class CoralEdgeTpuPackager(Packager):
     def convert(self, model, info, calibration, progress) -> Conversion:
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions) and calibration is not None
+        if info.format == "tflite":
+            return self._from_float_tflite(model, info, calibration, progress)
         proto = parse_onnx(model)
         try:
             layers, _ = lower_onnx(proto)
@@ -116,6 +121,30 @@ class CoralEdgeTpuPackager(Packager):
             format="tflite",
             metadata=meta,
             worst_layers=worst,
+            float_ops=floats,
+            quantized_ops=quantized,
+            op_compatibility=compat,
+            notes=notes,
+        )
+
+    def _from_float_tflite(self, model: bytes, info: ModelInfo, calibration, progress) -> Conversion:
+        """A float TFLite upload quantized to full int8 (ai-edge-quantizer), then the Edge TPU op report."""
+        opts = self.options
+        assert isinstance(opts, CoralEdgeTpuOptions)
+        payload, meta = quantize_float_tflite(model, info, calibration, progress, self.target)
+        compat = tflite_compatibility(payload)
+        floats, quantized = _op_types(compat)
+        notes = [HOW + f" ({meta['calibration_samples']} calibration samples)", _compat_line(compat)]
+        if opts.run_compiler:
+            progress(0.9, "running edgetpu_compiler")
+            compiled = run_edgetpu_compiler(payload, opts.compiler_timeout_s)
+            compat["compiler_log"] = compiled["log"]
+            meta["edgetpu_compiler"] = {k: v for k, v in compiled.items() if k != "log"}
+            notes.append(compiled["summary"])
+        return Conversion(
+            payload=payload,
+            format="tflite",
+            metadata=meta,
             float_ops=floats,
             quantized_ops=quantized,
             op_compatibility=compat,

@@ -119,23 +119,23 @@ def test_pre_quantized_onnx_is_sealed_as_uploaded_for_arm_cpu(digits_builds):
     assert build.quality.agreement == {} and build.quality.verdict_reason.startswith("as uploaded")
 
 
-def test_float_tflite_names_a_command_that_works_and_gets_an_op_report(corpus: Path):
+def test_float_tflite_without_calibration_names_a_command_that_works(corpus: Path):
     from packagers._model import full_int8_problems
 
     model = (corpus / "models" / "mediapipe" / "face_detection_front.tflite").read_bytes()
-    cal = {"input": np.zeros((1, 128, 128, 3), np.float32)}
-    with pytest.raises(
-        UsageError, match=r"quantize it to full int8 .*edgemart package MODEL_int8.tflite"
-    ) as err:
-        package_model(model, "coral-edgetpu", calibration=cal)
-    assert "pip install" not in err.value.message
-    compat = err.value.details["op_compatibility"]
-    assert compat["source"] == "tflite" and compat["cpu_ops"] > 0
-    with pytest.raises(
-        UsageError, match="arm-cpu takes ONNX models or full-int8 TFLite; this is a float TFLite"
-    ):
-        package_model(model, "arm-cpu", calibration=cal)
     assert full_int8_problems(model)[0].endswith(("(float16)", "(float32)"))  # why it is not full int8
+    for target in (
+        "coral-edgetpu",
+        "arm-cpu",
+    ):  # quantized with samples (tests/packagers/test_float_tflite.py)
+        with pytest.raises(
+            UsageError,
+            match=rf"edgemart package MODEL.tflite --target {target} --calibration samples.npz --out DIR",
+        ) as err:
+            package_model(model, target)
+        assert "needs calibration samples" in err.value.message and "pip install" not in err.value.message
+    with pytest.raises(UsageError, match="fpga-xint8 takes ONNX models; this is a tflite model"):
+        package_model(model, "fpga-xint8", calibration={"input": np.zeros((1, 128, 128, 3), np.float32)})
 
 
 def test_coral_outside_the_writer_subset_names_a_command_that_works(cls_model, cls_samples):
