@@ -98,6 +98,7 @@ class Packager(ABC):
     options_type: ClassVar[type[QualityOptions]] = QualityOptions
     needs_calibration: ClassVar[bool] = True
     made_for: ClassVar[str] = "any onnxruntime CPU"  # the hardware the build is made for, in the report
+    made_for_tflite: ClassVar[str | None] = None  # the same for a TFLite build of this target, when it differs
     # platform.machine() values on which this machine's timing is the build's own latency (None: any)
     native_machines: ClassVar[frozenset[str] | None] = None
 
@@ -257,7 +258,7 @@ class Packager(ABC):
                 "ratio": round(len(conv.payload) / len(model), 4),
             },
             latency=self._latency(
-                fp32_ms, build_ms, _feed_rows(feed), "step" if feed_source.state else "run"
+                fp32_ms, build_ms, _feed_rows(feed), "step" if feed_source.state else "run", conv.format
             ),
             agreement=agreement,
             thresholds={"min_agreement": opts.min_agreement, "min_snr_db": opts.min_snr_db},
@@ -272,7 +273,11 @@ class Packager(ABC):
             constraints=conv.constraints,
         )
 
-    def _latency(self, fp32_ms: float, build_ms: float, batch: int, per: str) -> dict:
+    def made_for_format(self, fmt: str) -> str:
+        """What the report says a build of format ``fmt`` is made for."""
+        return self.made_for_tflite if fmt == "tflite" and self.made_for_tflite else self.made_for
+
+    def _latency(self, fp32_ms: float, build_ms: float, batch: int, per: str, fmt: str = "onnx") -> dict:
         """Timing figures that say where they were measured; on a machine the build is not made for, the
         build's run is a host check (`host_build_ms`), never presented as its latency (`build_ms` None)."""
         machine = platform.machine()
@@ -285,7 +290,7 @@ class Packager(ABC):
             "host_build_ms": round(build_ms, 4),
             "host_ratio": ratio,
             "measured_on": f"{machine}, onnxruntime/LiteRT CPU, {self.options.latency_threads} thread(s)",
-            "made_for": self.made_for,
+            "made_for": self.made_for_format(fmt),
             "representative": native,
             "runs": self.options.latency_runs,
             "batch": batch,
@@ -296,7 +301,8 @@ class Packager(ABC):
         if not native:
             figures["note"] = (
                 f"measured on this {machine} host only as a check that the build runs; it is made for "
-                f"{self.made_for}, where its latency is not measured here (run edgemart device eval there)"
+                f"{self.made_for_format(fmt)}, where its latency is not measured here (run edgemart device eval"
+                " there)"
             )
         return figures
 

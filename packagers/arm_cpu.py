@@ -208,4 +208,5 @@ class ArmCpuPackager(IntCpuPackager):
     takes_tflite = True
     options_type = ArmCpuOptions
     made_for = "aarch64 CPU (onnxruntime)"
+    made_for_tflite = "aarch64 CPU (LiteRT)"
     native_machines = frozenset({"aarch64", "arm64"})

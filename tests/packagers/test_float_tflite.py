@@ -164,6 +164,7 @@ def test_tiny_float_tflite_is_quantized_to_full_int8(tiny, target):
         assert compat["source"] == "tflite" and compat["edgetpu_ops"] > 0
     else:  # the arm-cpu copy names its target, so the two builds never share a hash
         assert b"edgemart.target" in build.payload and build.quality.op_compatibility is None
+        assert build.quality.latency["made_for"] == "aarch64 CPU (LiteRT)"  # not onnxruntime: a LiteRT build
 
 
 # ---------------------------------------------------------------- refusals
