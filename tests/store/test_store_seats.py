@@ -1,13 +1,26 @@
 """Seats of a fleet license are signed and counted at the store (#20 item 4): the activation endpoint locks the
-license row, hands out seat numbers 1..seats once each, is idempotent per device and refuses past `seats`."""
+license row, hands out seat numbers 1..seats once each, is idempotent per device and refuses past `seats`; a
+device runs the fleet license only with its activation (one seat runs on one device), and a fork at the store
+revokes the forked device's activation, not the license."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 import drm
+from drm.keys import private_key_to_pem
+from edge_runtime import Device
+from tests.store.conftest import serve_http
 
 A, B = "a" * 32, "b" * 32
 
@@ -55,3 +68,129 @@ def test_only_the_holder_activates_and_only_fleet_licenses(store, fleet_license)
     assert _activate(store, lid, A, who="bob").status_code == 404  # not the holder: no oracle
     assert _activate(store, lid, "dev a/..", who="bill").status_code == 400
     assert _activate(store, "no-such-license", A).status_code == 404
+
+
+# --------------------------------------------------------------------------- the device side, over HTTP
+
+
+@pytest.fixture
+def fleet_order(store, digits_base, digits_calibration):
+    """buy(seats) -> (license dict with its token, the fleet's private key, the sealed build bytes)."""
+    r = store.upload("sally", digits_base, name="seated", targets="onnx-fp32", calibration=digits_calibration)
+    assert r.status_code == 202, r.json
+    store.wait()
+
+    def buy(seats: int) -> tuple[dict, x25519.X25519PrivateKey, bytes]:
+        key = x25519.X25519PrivateKey.generate()
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        r = store.client.post(
+            "/api/v1/listings/seated/production-licenses",
+            json={"target": "onnx-fp32", "fleet_key": pem.decode(), "seats": seats},
+            headers=store.auth("bill"),
+        )
+        assert r.status_code == 201, r.json
+        (lic,) = r.json["licenses"]
+        build = store.client.get(lic["build_url"], headers=store.auth("bill"))
+        assert build.status_code == 200
+        return lic, key, build.data
+
+    return buy
+
+
+def _board(tmp_path: Path, name: str, url: str, store, lic: dict, key, build: bytes) -> Device:
+    """A fleet device as the factory sets it up: enrolled on the builder's account, the fleet key installed,
+    the fleet license and its build sideloaded (no seat yet)."""
+    device = Device.init(tmp_path / name)
+    device.enroll(url, store.tokens["bill"])
+    device.add_fleet_key(private_key_to_pem(key))
+    device.install(build=build, license=lic["license"].encode(), listing="seated")
+    return device
+
+
+def _run(device: Device, x: np.ndarray, now: int | None = None) -> int:
+    with device.open_model(listing="seated", now=now) as model:
+        return len(model.run({"x": x})["label"])
+
+
+def test_one_seat_runs_on_one_device(store, fleet_order, tmp_path, monkeypatch, digits_test) -> None:
+    monkeypatch.setenv("EDGEMART_ANCHOR_DIR", str(tmp_path / "anchors"))
+    lic, key, build = fleet_order(1)
+    x = np.load(digits_test)["x"][:3]
+    with serve_http(store.app) as url:
+        a = _board(tmp_path, "a", url, store, lic, key, build)
+        b = _board(tmp_path, "b", url, store, lic, key, build)
+        for device in (a, b):  # installed, not activated: refused
+            with pytest.raises(drm.LicenseRefused, match="no seat activated"):
+                _run(device, x)
+        assert a.activate(lic["license_id"])["seat"] == 1
+        assert _run(a, x) == 3
+        assert a.activate(lic["license_id"])["seat"] == 1  # idempotent: the same seat again
+        with pytest.raises(drm.ConflictError, match="all 1 seats"):
+            b.activate(lic["license_id"])
+        r = subprocess.run(
+            [sys.executable, "-m", "edgemart", "device", "activate", lic["license_id"], "--device-dir", str(b.dir)],
+            capture_output=True, text=True, timeout=120, env={**os.environ},
+        )  # fmt: skip
+        assert r.returncode == 1 and "all 1 seats" in r.stderr, r.stderr
+        assert not (b.dir / "activations").exists()
+        with pytest.raises(drm.LicenseRefused) as info:
+            _run(b, x)
+        assert info.value.reason == f"no seat activation for this device on fleet license {lic['license_id']}"
+        assert _run(a, x) == 3
+
+
+def test_a_fork_revokes_that_devices_seat_only(
+    store, fleet_order, tmp_path, monkeypatch, digits_test
+) -> None:
+    """A restored (cloned) board forks its usage log; the store revokes its seat activation, not the fleet
+    license: the board refuses, the other board keeps running, and the seat stays used."""
+    anchors = tmp_path / "anchors"
+    monkeypatch.setenv("EDGEMART_ANCHOR_DIR", str(anchors))
+    lic, key, build = fleet_order(2)
+    lid = lic["license_id"]
+    x = np.load(digits_test)["x"][:2]
+    t0 = int(time.time())
+    with serve_http(store.app) as url:
+        a = _board(tmp_path, "a", url, store, lic, key, build)
+        b = _board(tmp_path, "b", url, store, lic, key, build)
+        assert (a.activate(lid)["seat"], b.activate(lid)["seat"]) == (1, 2)
+        assert _run(a, x, t0) == 2 and _run(b, x, t0) == 2
+        snap = tmp_path / "snap"
+        shutil.copytree(a.dir, snap / "a")
+        shutil.copytree(anchors, snap / "anchors")
+        assert _run(a, x, t0 + 100) == 2
+        assert a.sync(now=t0 + 100)["store"]["ok"]
+        shutil.rmtree(a.dir)
+        shutil.rmtree(anchors)
+        shutil.copytree(snap / "a", a.dir)
+        shutil.copytree(snap / "anchors", anchors)
+        clone = Device.open(a.dir)
+        assert _run(clone, x, t0 + 200) == 2  # another history from the same state
+        with pytest.raises(drm.ConflictError, match="forked"):
+            clone.sync(now=t0 + 200)
+        with pytest.raises(drm.LicenseRefused) as info:
+            _run(clone, x, t0 + 201)
+        assert info.value.reason == f"the seat activation of this device on {lid} is revoked"
+
+        rl = drm.verify_revocation_list(
+            store.client.get("/api/v1/revocations").data,
+            root=store.ctx.vault.authority().cert,
+            now=store.ctx.now(),
+        )
+        assert drm.seat_revocation_entry(lid, a.device_id) in rl.revoked
+        assert lid not in rl.revoked and drm.seat_revocation_entry(lid, b.device_id) not in rl.revoked
+        held = store.client.get(f"/api/v1/licenses/{lid}", headers=store.auth("bill")).json
+        assert held["revoked"] is False
+        (fork,) = store.client.get("/api/v1/forks", headers=store.auth("bill")).json["items"]
+        assert fork["revoked"] == [drm.seat_revocation_entry(lid, a.device_id)]
+
+        # The other board checks in, takes the new list and keeps running.
+        assert b.sync(now=t0 + 300)["store"]["ok"]
+        assert _run(b, x, t0 + 300) == 2
+        # The forked board cannot take its seat back, and the seat is not handed to anyone else.
+        assert _activate(store, lid, a.device_id).status_code == 403
+        c = _board(tmp_path, "c", url, store, lic, key, build)
+        with pytest.raises(drm.ConflictError, match="all 2 seats"):
+            c.activate(lid)
