@@ -194,3 +194,67 @@ def test_a_fork_revokes_that_devices_seat_only(
         c = _board(tmp_path, "c", url, store, lic, key, build)
         with pytest.raises(drm.ConflictError, match="all 2 seats"):
             c.activate(lid)
+
+
+def test_bundle_build_draws_seats_from_the_pool_and_never_past_it(
+    store, fleet_order, tmp_path, monkeypatch, capsys, digits_test
+) -> None:
+    """`bundle build --activate-devices` draws one activation per listed device from the store; more devices
+    than seats, or seats already taken by other devices (409), stop the build with no bundle written."""
+    from drm.bundle import generate_builder_key
+    from edge_runtime.bundle import install_bundle
+    from edgemart.cli import main
+
+    monkeypatch.setenv("EDGEMART_ANCHOR_DIR", str(tmp_path / "anchors"))
+    lic, key, build = fleet_order(2)
+    lid = lic["license_id"]
+    for sub in ("licenses", "builds"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "licenses" / "fleet.lic").write_text(lic["license"])
+    (tmp_path / "builds" / "digits.emdl").write_bytes(build)
+    (tmp_path / "builder.pem").write_bytes(generate_builder_key()[0])
+    root = tmp_path / "root.crt"
+    root.write_bytes(store.client.get("/api/v1/root.crt").data)
+    boards = []
+    for name in ("a", "b", "c"):
+        device = Device.init(tmp_path / name, trust=root.read_bytes())
+        device.add_fleet_key(private_key_to_pem(key))
+        boards.append(device)
+    ids = tmp_path / "devices.txt"
+
+    def build_with(devices: list[Device], url: str, out: Path) -> int:
+        ids.write_text("# the fleet\n" + "".join(f"{d.device_id}\n" for d in devices))
+        return main([
+            "bundle", "build", "--licenses", str(tmp_path / "licenses"), "--builds", str(tmp_path / "builds"),
+            "--signing-key", str(tmp_path / "builder.pem"), "--root", str(root), "--out", str(out),
+            "--activate-devices", str(ids), "--store", url, "--token", store.tokens["bill"],
+        ])  # fmt: skip
+
+    with serve_http(store.app) as url:
+        # Three devices from two seats: refused before the store is asked; nothing drawn, nothing written.
+        assert build_with(boards, url, tmp_path / "three.tar") == 2
+        assert "lists 3 devices but fleet license" in capsys.readouterr().err
+        assert not (tmp_path / "three.tar").exists()
+        seats = store.client.get(f"/api/v1/licenses/{lid}", headers=store.auth("bill")).json
+        assert _activate(store, lid, boards[2].device_id).status_code == 201  # c takes seat 1 online
+        # a and b now find only one seat left: the store's 409 stops the build, no bundle.
+        assert build_with(boards[:2], url, tmp_path / "two.tar") == 1
+        assert "all 2 seats" in capsys.readouterr().err
+        assert not (tmp_path / "two.tar").exists()
+        assert seats["seats"] == 2
+
+    # A fresh 2-seat license for a and b: a bundle carrying both activations, running on a and b only.
+    lic, key2, build = fleet_order(2)
+    (tmp_path / "licenses" / "fleet.lic").write_text(lic["license"])
+    for device in boards:
+        device.add_fleet_key(private_key_to_pem(key2))
+    with serve_http(store.app) as url:
+        assert build_with(boards[:2], url, tmp_path / "fleet.tar") == 0
+    x = np.load(digits_test)["x"][:2]
+    for seat, device in enumerate(boards[:2], 1):
+        (entry,) = install_bundle((tmp_path / "fleet.tar").read_bytes(), device.dir)["installed"]
+        assert entry["seat"] == seat
+        with device.open_model(listing="seated") as model:
+            assert len(model.run({"x": x})["label"]) == 2
+    with pytest.raises(drm.Refusal, match="not in this bundle's license set"):
+        install_bundle((tmp_path / "fleet.tar").read_bytes(), boards[2].dir)
