@@ -258,3 +258,23 @@ def test_bundle_build_draws_seats_from_the_pool_and_never_past_it(
             assert len(model.run({"x": x})["label"]) == 2
     with pytest.raises(drm.Refusal, match="not in this bundle's license set"):
         install_bundle((tmp_path / "fleet.tar").read_bytes(), boards[2].dir)
+
+
+def test_twenty_concurrent_activations_of_three_seats_give_out_exactly_three(store, fleet_order) -> None:
+    from tests.store.test_store_concurrency import _together
+
+    lic, _, _ = fleet_order(3)
+    devices = [f"{i:032x}" for i in range(1, 21)]
+
+    def ask(i: int) -> tuple[int, int | None]:
+        r = store.app.test_client().post(
+            f"/api/v1/licenses/{lic['license_id']}/activations",
+            json={"device_id": devices[i]},
+            headers=store.auth("bill"),
+        )
+        assert r.status_code < 500, r.data[:300]
+        return r.status_code, (r.json or {}).get("seat")
+
+    results = _together(len(devices), ask)
+    assert sorted(code for code, _ in results) == [201] * 3 + [409] * 17, results
+    assert sorted(seat for code, seat in results if code == 201) == [1, 2, 3]
