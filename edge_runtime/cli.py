@@ -76,7 +76,6 @@ def register(subparsers: Any) -> None:
         _activate,
         "claim a seat of a fleet license for this device at the store (or install an activation token from"
         " a file with --activation); a fleet license runs only on an activated device",
-        service=False,
     )
     p.add_argument("license_id", metavar="LICENSE_ID", nargs="?", help="the fleet license to activate")
     p.add_argument("--store", help="store URL (default: the one this device enrolled with)")
@@ -244,9 +243,9 @@ def _add_fleet_key(args: argparse.Namespace) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    from edge_runtime.device import MAX_ACTIVATION_BYTES, Device
+    from edge_runtime.device import MAX_ACTIVATION_BYTES
 
-    device = Device.open(args.device_dir)
+    device = _backend(args)
     if args.activation is not None:
         if args.license_id is not None or args.store is not None:
             raise UsageError("give either --activation FILE (offline) or LICENSE_ID (online), not both")

@@ -228,3 +228,21 @@ def test_device_activate_cli_installs_an_activation_file(fleet, factory, tmp_pat
     other.write_bytes(_activation(factory.issuer, fleet["token"], fleet["b"].device_id))
     r = subprocess.run([*cmd, "--activation", str(other)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "activation is for another device" in r.stderr
+
+
+def test_the_device_service_takes_an_activation_for_its_own_device_only(fleet, factory, digits_test) -> None:
+    """Service mode: the buyer cannot write the device dir, so activations go through the service's
+    `activate` operation (`device activate --service`), with the same checks."""
+    import os
+
+    from edge_runtime.service.server import DeviceService
+
+    a, b = fleet["a"], fleet["b"]
+    service = DeviceService(a.dir, os.getgid(), log=lambda line: None)
+    with pytest.raises(drm.UsageError, match="activation is for another device"):
+        service.op_activate({}, [_activation(factory.issuer, fleet["token"], b.device_id)])
+    answer, _ = service.op_activate({}, [_activation(factory.issuer, fleet["token"], a.device_id)])
+    assert (answer["result"]["device_id"], answer["result"]["seat"]) == (a.device_id, 1)
+    assert len(_runs(a, digits_test)) == 4
+    with pytest.raises(drm.UsageError, match="license_id"):
+        service.op_activate({}, [])  # online needs the license id
