@@ -427,8 +427,12 @@ def _status(args: argparse.Namespace) -> int:
             if lic["expires"] is None
             else ("EXPIRED " if lic["expired"] else "expires ") + lic["expires"]
         )
+        seat = ""
+        if "seat" in lic:
+            seat = f"  seat {lic['seat']}" if lic["seat"] else "  NOT ACTIVATED (edgemart device activate)"
         lines.append(
             f"license    {lic['license_id']}  {lic['listing']}  {lic['kind']}  {lic['target']}  {left}  {expiry}"
+            + seat
         )
     if not st["licenses"]:
         lines.append("license    none installed")

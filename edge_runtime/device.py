@@ -649,6 +649,16 @@ class Device:
         except drm.LicenseRefused as exc:
             self._refuse_license(st, claims, f"seat activation refused: {exc.reason}", t=trusted)
 
+    def _held_seat(self, license_id: str) -> int | None:
+        """For display: the seat DIR/activations/<license_id>.act names for this device (None: none held). The
+        run-time check (_check_activation) verifies it; this only parses."""
+        try:
+            with open(self.dir / ACTIVATION_DIR / f"{license_id}.act", "rb") as fh:
+                act = drm.parse_activation(fh.read(MAX_ACTIVATION_BYTES + 1))
+        except (OSError, FormatError):
+            return None
+        return act.seat if act.device_id == self.device_id and act.license_id == license_id else None
+
     def install_activation(self, token: bytes, *, now: int | None = None) -> dict[str, Any]:
         """Keep a seat activation (from the store, or from a bundle) as DIR/activations/<license_id>.act after
         verifying it is signed under the pinned root and names this device; the run-time check
@@ -1151,6 +1161,8 @@ class Device:
                     "expired": expired,
                 }
             )
+            if claims.fleet_key_id is not None:
+                licenses[-1]["seat"] = self._held_seat(claims.license_id)
         out["licenses"] = licenses
         return out
 

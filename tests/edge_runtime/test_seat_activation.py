@@ -100,7 +100,9 @@ def test_a_fleet_license_without_an_activation_is_refused(fleet, factory, refuse
     assert records[-1]["event"] == "refused" and records[-1]["license_id"] == fleet["lid"]
     # Once activated it runs; the activation file holds exactly the store's token.
     act = _activation(factory.issuer, fleet["token"], a.device_id)
+    assert [x["seat"] for x in a.status(now=NOW + 60)["licenses"]] == [None]
     assert a.install_activation(act, now=NOW)["seat"] == 1
+    assert [x["seat"] for x in a.status(now=NOW + 60)["licenses"]] == [1]
     assert (a.dir / "activations" / f"{fleet['lid']}.act").read_bytes() == act
     assert len(_runs(a, digits_test)) == 4
     # A device-bound license needs none (only fleet licenses are counted in seats).
