@@ -720,6 +720,8 @@ def _verify(args: argparse.Namespace) -> int:
     for lic in report["licenses"]:
         b = lic["binding"]
         lines.append(f"  {lic['path']}: {lic['kind']} {lic['listing']} -> {b['kind']} {b['id']}")
+    for act in report["activations"]:
+        lines.append(f"  seat {act['seat']} of {act['license_id']} activated for device {act['device_id']}")
     lines += [f"  warning: {w}" for w in report["warnings"]]
     emit(args, report, "\n".join(lines))
     return 0
