@@ -22,6 +22,7 @@ from drm._canonical import FormatError, b64d, b64e, dumps, exact_keys, field, lo
 from drm.envelope import parse_envelope, signed_message
 from drm.keys import ed25519_from_pem, key_id
 from drm.license import LICENSE_TYP, LicenseClaims
+from drm.metering import ACTIVATION_TYP, Activation
 from edgemart.core.errors import IntegrityError, UsageError
 
 BUNDLE_FORMAT = "edgemart-bundle"
@@ -43,11 +44,21 @@ _MEMBER_PATTERNS: tuple[tuple[int, re.Pattern[str]], ...] = (
     (1, re.compile(r"^manifest\.sig\Z")),
     (2, re.compile(r"^builds/[0-9a-f]{64}\.emdl\Z")),
     (3, re.compile(rf"^licenses/{_STEM}\.lic\Z")),
-    (4, re.compile(rf"^chains/{_STEM}\Z")),
-    (5, re.compile(r"^mlbom\.cdx\.json\Z")),
-    (6, re.compile(r"^NOTICE\Z")),
+    (4, re.compile(rf"^activations/{_STEM}\.[0-9a-f]{{32}}\.act\Z")),
+    (5, re.compile(rf"^chains/{_STEM}\Z")),
+    (6, re.compile(r"^mlbom\.cdx\.json\Z")),
+    (7, re.compile(r"^NOTICE\Z")),
 )
-TOP_LEVEL = ("manifest.json", "manifest.sig", "builds/", "licenses/", "chains/", "mlbom.cdx.json", "NOTICE")
+TOP_LEVEL = (
+    "manifest.json",
+    "manifest.sig",
+    "builds/",
+    "licenses/",
+    "activations/",
+    "chains/",
+    "mlbom.cdx.json",
+    "NOTICE",
+)
 
 
 class BundleInvalid(IntegrityError):
@@ -101,7 +112,8 @@ def check_member_name(name: str) -> None:
 
 
 def canonical_order(names: list[str]) -> list[str]:
-    """The one order members appear in: manifest.json, manifest.sig, builds, licenses, chains, ML-BOM, NOTICE."""
+    """The one order members appear in: manifest.json, manifest.sig, builds, licenses, activations, chains,
+    ML-BOM, NOTICE."""
     return sorted(names, key=lambda n: (member_rank(n), n.encode("utf-8")))
 
 
@@ -109,6 +121,19 @@ def build_member_name(build_hash: str) -> str:
     if not _HASH.match(build_hash):
         raise FormatError(f"build hash {build_hash!r} is not sha256:<hex>")
     return f"builds/{build_hash[7:]}.emdl"
+
+
+def activation_member_name(license_id: str, device_id: str) -> str:
+    """``activations/<license_id>.<device_id>.act``: a seat activation (docs/FORMAT.md §18.2) carried for one
+    device of the fleet, so the device activates offline at install."""
+    name = f"activations/{license_id}.{device_id}.act"
+    try:
+        check_member_name(name)
+    except FormatError:
+        raise UsageError(
+            f"activation of {device_id!r} on {license_id!r} cannot name a bundle member"
+        ) from None
+    return name
 
 
 def license_member_name(license_id: str) -> str:
@@ -599,31 +624,54 @@ def verify_manifest_signature(
 # --------------------------------------------------------------------------- licenses inside a bundle
 
 
-def read_license_token(token: bytes, path: str) -> LicenseClaims:
-    """Claims of a license token, with its Ed25519 signature checked against the certificate it carries.
-
-    This is integrity only (the token was not altered since its issuer signed it); trust in the issuer
-    comes from drm.verify_license against a pinned root."""
+def _read_signed(token: bytes, typ: str, path: str, what: str) -> tuple[dict[str, Any], Any]:
+    """Payload and issuer key of an envelope, its Ed25519 signature checked against the certificate it
+    carries (integrity only: trust in the issuer comes from verifying against a pinned root)."""
     try:
-        payload, body, cert = parse_envelope(token, LICENSE_TYP)
+        payload, body, cert = parse_envelope(token, typ)
         envelope = loads(token, max_size=DEFAULT_LIMITS.max_license_bytes, what=path)
         sig_obj = field(envelope, "sig", dict, what=path)
         sig = b64d(
             field(sig_obj, "Ed25519", str, what=f"{path} signature"), what=f"{path} signature", max_len=64
         )
-        claims = LicenseClaims.from_dict(payload)
     except FormatError as exc:
-        raise BundleInvalid(f"{path} is not a valid license token: {exc.message}") from None
+        raise BundleInvalid(f"{path} is not a valid {what}: {exc.message}") from None
     pub = cert.public_key()
     if not isinstance(pub, ed25519.Ed25519PublicKey):
         raise BundleInvalid(f"{path}: issuer key is not Ed25519")
     try:
-        pub.verify(sig, signed_message(LICENSE_TYP, body))
+        pub.verify(sig, signed_message(typ, body))
     except InvalidSignature:
-        raise BundleInvalid(f"{path}: license signature does not verify") from None
+        raise BundleInvalid(f"{path}: {what} signature does not verify") from None
+    return payload, pub
+
+
+def read_license_token(token: bytes, path: str) -> LicenseClaims:
+    """Claims of a license token, with its Ed25519 signature checked against the certificate it carries.
+
+    This is integrity only (the token was not altered since its issuer signed it); trust in the issuer
+    comes from drm.verify_license against a pinned root."""
+    payload, pub = _read_signed(token, LICENSE_TYP, path, "license token")
+    try:
+        claims = LicenseClaims.from_dict(payload)
+    except FormatError as exc:
+        raise BundleInvalid(f"{path} is not a valid license token: {exc.message}") from None
     if claims.issuer_kid != key_id(pub):
         raise BundleInvalid(f"{path}: issuer_kid does not match the signing certificate")
     return claims
+
+
+def read_activation_token(token: bytes, path: str) -> Activation:
+    """A seat activation carried in a bundle (§18.2), integrity-checked like read_license_token; it must be
+    the one its member name announces (``activations/<license_id>.<device_id>.act``)."""
+    payload, _ = _read_signed(token, ACTIVATION_TYP, path, "seat activation")
+    try:
+        act = Activation.from_dict(payload)
+    except FormatError as exc:
+        raise BundleInvalid(f"{path} is not a valid seat activation: {exc.message}") from None
+    if path != f"activations/{act.license_id}.{act.device_id}.act":
+        raise BundleInvalid(f"{path}: holds the activation of {act.device_id} on {act.license_id}")
+    return act
 
 
 # --------------------------------------------------------------------------- builder keys (plain Ed25519 PEM)
@@ -689,6 +737,8 @@ __all__ = [
     "encode_tar_header",
     "generate_builder_key",
     "license_member_name",
+    "activation_member_name",
+    "read_activation_token",
     "load_builder_private_key",
     "load_builder_public_key",
     "make_manifest",

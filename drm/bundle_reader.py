@@ -35,11 +35,13 @@ from drm.bundle import (
     check_member_name,
     encode_tar_header,
     parse_tar_header,
+    read_activation_token,
     read_license_token,
     verify_manifest_signature,
 )
 from drm.container import read_header
 from drm.license import LicenseClaims, verify_license
+from drm.metering import MAX_METERING_BYTES, Activation, verify_activation
 from edgemart.core.errors import LicenseRefused, UsageError
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -259,6 +261,8 @@ class VerifiedBundle:
     licenses_trusted: bool
     gzipped: bool = False
     warnings: list[str] = field(default_factory=list)
+    # (license_id, device_id) -> the seat activation the bundle carries for that device (§18.2, §19.7).
+    activations: dict[tuple[str, str], Activation] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -269,6 +273,10 @@ class VerifiedBundle:
             "files": [f.to_dict() for f in self.manifest.files],
             "builds": [b.to_dict() for b in self.manifest.builds],
             "licenses": [lic.to_dict() for lic in self.manifest.licenses],
+            "activations": [
+                {"license_id": a.license_id, "device_id": a.device_id, "seat": a.seat}
+                for a in self.activations.values()
+            ],
             "warnings": list(self.warnings),
         }
 
@@ -362,6 +370,8 @@ def verify_members(
                 raise BundleInvalid(f"{lic_entry.path}: license is revoked")
         claims[lic_entry.path] = lic
 
+    activations = check_activations(data, manifest, claims, root=root, now=now)
+
     builds = {b.build_hash: b for b in manifest.builds}
     licensed = {c.build_hash for c in claims.values()}
     for path, lic in claims.items():
@@ -384,7 +394,67 @@ def verify_members(
     warnings = [
         f"{p}: {c.kind} license in a firmware bundle" for p, c in claims.items() if c.kind != "production"
     ]
-    return VerifiedBundle(manifest, data, claims, sig.kid, sig.pinned, root is not None, warnings=warnings)
+    return VerifiedBundle(
+        manifest,
+        data,
+        claims,
+        sig.kid,
+        sig.pinned,
+        root is not None,
+        warnings=warnings,
+        activations=activations,
+    )
+
+
+def check_activations(
+    data: dict[str, bytes],
+    manifest: Manifest,
+    claims: dict[str, LicenseClaims],
+    *,
+    root: x509.Certificate | None,
+    now: int,
+) -> dict[tuple[str, str], Activation]:
+    """Every activations/ member is a seat activation of a fleet license in the bundle, for the device its
+    name announces, of a seat within the license's signed count, and (with a root) signed under it."""
+    by_id = {c.license_id: c for c in claims.values()}
+    out: dict[tuple[str, str], Activation] = {}
+    seats_used: dict[str, set[int]] = {}
+    for path in manifest.member_names():
+        if not path.startswith("activations/"):
+            continue
+        token = data[path]
+        if len(token) > MAX_METERING_BYTES:
+            raise BundleInvalid(f"{path}: {len(token)} bytes exceeds the activation limit")
+        act = read_activation_token(token, path)
+        lic = by_id.get(act.license_id)
+        if lic is None:
+            raise BundleInvalid(f"{path}: its license {act.license_id} is not in the bundle")
+        if lic.fleet_key_id is None or lic.fleet_key_id != act.fleet_key_id:
+            raise BundleInvalid(
+                f"{path}: not an activation of the fleet key the license {lic.license_id} names"
+            )
+        if lic.seats is not None and act.seat > lic.seats:
+            raise BundleInvalid(f"{path}: seat {act.seat} of a {lic.seats}-seat license")
+        if act.seat in seats_used.setdefault(act.license_id, set()):
+            raise BundleInvalid(f"{path}: seat {act.seat} of {act.license_id} is held by two devices")
+        seats_used[act.license_id].add(act.seat)
+        if root is not None:
+            try:
+                verify_activation(
+                    token,
+                    root=root,
+                    now=now,
+                    device_id=act.device_id,
+                    license_id=lic.license_id,
+                    fleet_key_id=lic.fleet_key_id,
+                    seats=lic.seats,
+                )
+            except LicenseRefused as exc:
+                raise BundleInvalid(
+                    f"{path}: activation does not verify against the root: {exc.reason}"
+                ) from None
+        out[(act.license_id, act.device_id)] = act
+    return out
 
 
 def _compare_entry(listed: LicenseEntry, actual: LicenseEntry) -> None:

@@ -17,6 +17,7 @@ from edgemart.core.errors import LicenseRefused
 
 BUDGET_TYP = "edgemart-budget/1"
 ACTIVATION_TYP = "edgemart-activation/1"
+SEAT_ENTRY_PREFIX = "seat:"
 MAX_METERING_BYTES = 16 * 1024
 CLOCK_SKEW = 300
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
@@ -177,6 +178,17 @@ def verify_activation(
     if act.issued_at > now + CLOCK_SKEW:
         raise LicenseRefused(reason="activation issued in the future")
     return act
+
+
+def seat_revocation_entry(license_id: str, device_id: str) -> str:
+    """The revocation-list entry that revokes one device's seat activation of a fleet license (docs/FORMAT.md
+    §18.2): ``seat:<license_id>:<device_id>``. The license stays valid for every other device."""
+    entry = f"{SEAT_ENTRY_PREFIX}{license_id}:{device_id}"
+    if not _KEY_ID.match(device_id) or not _ID.match(license_id) or len(entry) > 128:
+        raise FormatError(
+            "a seat revocation entry needs a license id and a 32-hex device id (at most 128 characters)"
+        )
+    return entry
 
 
 def parse_activation(token: bytes) -> Activation:

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import drm
-from drm.bundle import DEFAULT_LIMITS, BundleLimits
+from drm.bundle import DEFAULT_LIMITS, BundleLimits, activation_member_name
 from drm.bundle_reader import (
     Member,
     VerifiedBundle,
@@ -56,8 +56,9 @@ def install_bundle(
     limits: BundleLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Verify a bundle against the device's pinned root, then install every build+license bound to this
-    device (or a fleet key it holds) through Device.install. Licenses for others are skipped and reported;
-    a device with no license in the bundle is refused."""
+    device (or a fleet key it holds) through Device.install, with this device's seat activation when the
+    bundle carries one. Licenses for others are skipped and reported, and so is a fleet license whose carried
+    activations are all for other devices; a device with no license in the bundle is refused."""
     from edge_runtime.device import Device
 
     directory = Path(device_dir)
@@ -76,7 +77,17 @@ def install_bundle(
                     {"license_id": claims.license_id, "reason": f"bound to device {claims.device_id}"}
                 )
         elif claims.fleet_key_id in held:
-            chosen.append((path, claims))
+            carried = [d for (lid, d) in verified.activations if lid == claims.license_id]
+            if carried and device.device_id not in carried:
+                skipped.append(
+                    {
+                        "license_id": claims.license_id,
+                        "reason": f"fleet license whose {len(carried)} seat activation(s) in this bundle are"
+                        " for other devices",
+                    }
+                )
+            else:
+                chosen.append((path, claims))
         else:
             skipped.append(
                 {
@@ -95,6 +106,10 @@ def install_bundle(
         device.check_bundle_release(release, now=clock)
     installed = []
     for path, claims in chosen:
+        activation = None
+        if (claims.license_id, device.device_id) in verified.activations:
+            name = activation_member_name(claims.license_id, device.device_id)
+            activation = device.install_activation(verified.members[name], now=clock)
         build_path = f"builds/{claims.build_hash[7:]}.emdl"
         result = device.install(
             build=verified.members[build_path],
@@ -102,7 +117,10 @@ def install_bundle(
             listing=claims.listing,
             now=now,
         )
-        installed.append({**result, "binding": "device" if claims.device_id else "fleet"})
+        entry = {**result, "binding": "device" if claims.device_id else "fleet"}
+        if claims.fleet_key_id is not None:
+            entry["seat"] = None if activation is None else activation["seat"]
+        installed.append(entry)
     if release is not None:
         device.record_bundle_release(release, now=clock)
     return {

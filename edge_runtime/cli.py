@@ -1,5 +1,5 @@
 # Why this is one module: every `edgemart device` command's argument parsing and output, each handler a few lines over Device, the service client and evaluation.
-"""`edgemart device ...`: init, enroll, add-fleet-key, fetch, install, eval, sync, verify-log, status; all
+"""`edgemart device ...`: init, enroll, add-fleet-key, activate, fetch, install, eval, sync, verify-log, status; all
 but init on a --device-dir directly or through the device service (--service SOCKET, or its default socket).
 
 Only the standard library and drm.errors are imported at module level; handlers import the runtime."""
@@ -69,6 +69,20 @@ def register(subparsers: Any) -> None:
         " so licenses bound to that fleet install and run here",
     )
     p.add_argument("key", type=Path, metavar="KEY.pem", help="the fleet's X25519 private key (PKCS#8 PEM)")
+    p.add_argument("--json", action="store_true")
+
+    p = add(
+        "activate",
+        _activate,
+        "claim a seat of a fleet license for this device at the store (or install an activation token from"
+        " a file with --activation); a fleet license runs only on an activated device",
+    )
+    p.add_argument("license_id", metavar="LICENSE_ID", nargs="?", help="the fleet license to activate")
+    p.add_argument("--store", help="store URL (default: the one this device enrolled with)")
+    p.add_argument("--token", help="API token of the license holder (default: the enrollment's)")
+    p.add_argument(
+        "--activation", type=Path, metavar="FILE.act", help="offline: install this activation token"
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("fetch", _fetch, "get an evaluation license and the encrypted build of a listing")
@@ -224,6 +238,28 @@ def _add_fleet_key(args: argparse.Namespace) -> int:
         f"device {result['device_id']} holds fleet key {result['fleet_key_id']} in {result['path']} (0600)"
         + (" (replaced)" if result["replaced"] else "")
         + f"\n{args.key} is not needed on this device any more: keep it only where fleet keys are kept",
+    )
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    from edge_runtime.device import MAX_ACTIVATION_BYTES
+
+    device = _backend(args)
+    if args.activation is not None:
+        if args.license_id is not None or args.store is not None:
+            raise UsageError("give either --activation FILE (offline) or LICENSE_ID (online), not both")
+        if args.activation.is_file() and args.activation.stat().st_size > MAX_ACTIVATION_BYTES:
+            raise UsageError(f"{args.activation} is larger than {MAX_ACTIVATION_BYTES} bytes")
+        result = device.install_activation(_read(args.activation, "--activation"))
+    elif args.license_id is None:
+        raise UsageError("give LICENSE_ID (online activation) or --activation FILE")
+    else:
+        result = device.activate(args.license_id, store=args.store, token=args.token)
+    emit(
+        args,
+        result,
+        f"device {result['device_id']} holds seat {result['seat']} of fleet license {result['license_id']}",
     )
     return 0
 
@@ -391,8 +427,12 @@ def _status(args: argparse.Namespace) -> int:
             if lic["expires"] is None
             else ("EXPIRED " if lic["expired"] else "expires ") + lic["expires"]
         )
+        seat = ""
+        if "seat" in lic:
+            seat = f"  seat {lic['seat']}" if lic["seat"] else "  NOT ACTIVATED (edgemart device activate)"
         lines.append(
             f"license    {lic['license_id']}  {lic['listing']}  {lic['kind']}  {lic['target']}  {left}  {expiry}"
+            + seat
         )
     if not st["licenses"]:
         lines.append("license    none installed")

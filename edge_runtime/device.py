@@ -47,6 +47,9 @@ BUDGET_DIR = (
     "budgets"  # DIR/budgets/<license_id>.grant: the store's latest budget grant for a metered license
 )
 MAX_GRANT_BYTES = 16 * 1024
+# DIR/activations/<license_id>.act: the store-signed seat activation that lets this device run a fleet license.
+ACTIVATION_DIR = "activations"
+MAX_ACTIVATION_BYTES = 16 * 1024
 FLEET_DIR = "fleet"  # DIR/fleet/<fleet_key_id>.key: X25519 PKCS#8 PEM, 0600, one per fleet the device is in
 MAX_FLEET_KEY_BYTES = 16 * 1024
 _FLEET_KEY_ID = re.compile(r"^[0-9a-f]{32}\Z")
@@ -81,6 +84,7 @@ _REFUSAL_CATEGORIES = (
     ("not yet valid", "license not yet valid"),
     ("another device", "wrong device"),
     ("fleet key", "wrong device"),
+    ("seat activation", "no seat activated for this device (run `edgemart device activate`)"),
     ("unwrap failed", "wrong device"),
     ("another build", "license is for another build"),
     ("integrity check", "build damaged or not the licensed one"),
@@ -648,6 +652,113 @@ class Device:
             "updated": True,
         }
 
+    # ------------------------------------------------------------------ seat activations
+
+    def _check_activation(self, st: State, claims: drm.LicenseClaims, trusted: int) -> None:
+        """A fleet license runs only on a device holding a store-signed activation of one of its seats, for this
+        device, this license and its fleet key (seat <= the signed seat count), not revoked; refused otherwise."""
+        lid = claims.license_id
+        if claims.fleet_key_id is None:
+            return
+        if drm.seat_revocation_entry(lid, self.device_id) in self._revoked(
+            st, trusted, license_id=lid, build_hash=claims.build_hash
+        ):
+            self._refuse_license(
+                st, claims, f"the seat activation of this device on {lid} is revoked", t=trusted
+            )
+        path = self.dir / ACTIVATION_DIR / f"{lid}.act"
+        try:
+            with open(path, "rb") as fh:
+                token = fh.read(MAX_ACTIVATION_BYTES + 1)
+        except FileNotFoundError:
+            self._refuse_license(
+                st, claims, f"no seat activation for this device on fleet license {lid}", t=trusted
+            )
+        except OSError as exc:
+            self._refuse_license(st, claims, f"seat activation unreadable: {exc.strerror}", t=trusted)
+        if len(token) > MAX_ACTIVATION_BYTES:
+            self._refuse_license(st, claims, "seat activation too large", t=trusted)
+        try:
+            drm.verify_activation(
+                token,
+                root=self.root(),
+                now=trusted,
+                device_id=self.device_id,
+                license_id=lid,
+                fleet_key_id=claims.fleet_key_id,
+                seats=claims.seats,
+            )
+        except drm.LicenseRefused as exc:
+            self._refuse_license(st, claims, f"seat activation refused: {exc.reason}", t=trusted)
+
+    def _held_seat(self, license_id: str) -> int | None:
+        """For display: the seat DIR/activations/<license_id>.act names for this device (None: none held). The
+        run-time check (_check_activation) verifies it; this only parses."""
+        try:
+            with open(self.dir / ACTIVATION_DIR / f"{license_id}.act", "rb") as fh:
+                act = drm.parse_activation(fh.read(MAX_ACTIVATION_BYTES + 1))
+        except (OSError, FormatError):
+            return None
+        return act.seat if act.device_id == self.device_id and act.license_id == license_id else None
+
+    def install_activation(self, token: bytes, *, now: int | None = None) -> dict[str, Any]:
+        """Keep a seat activation (from the store, or from a bundle) as DIR/activations/<license_id>.act after
+        verifying it is signed under the pinned root and names this device; the run-time check
+        (_check_activation) compares it with the license. UsageError for one this device refuses."""
+        if len(token) > MAX_ACTIVATION_BYTES:
+            raise drm.UsageError("seat activation too large")
+        clock = self._clock(now)
+        try:
+            act = drm.parse_activation(bytes(token))
+            drm.verify_activation(
+                bytes(token),
+                root=self.root(),
+                now=clock + 86400,
+                device_id=self.device_id,
+                license_id=act.license_id,
+                fleet_key_id=act.fleet_key_id,
+                seats=None,
+            )
+        except (FormatError, drm.LicenseRefused) as exc:
+            reason = exc.reason if isinstance(exc, drm.LicenseRefused) else exc.message
+            raise drm.UsageError(f"seat activation refused by this device: {reason}") from None
+        folder = self.dir / ACTIVATION_DIR
+        folder.mkdir(mode=fileio.PRIVATE_DIR, exist_ok=True)
+        with fileio.locked(self.ledger.lock_path):
+            fileio.atomic_write(folder / f"{act.license_id}.act", bytes(token))
+        return {
+            "device_id": self.device_id,
+            "license_id": act.license_id,
+            "fleet_key_id": act.fleet_key_id,
+            "seat": act.seat,
+        }
+
+    def activate(
+        self, license_id: str, *, store: str | None = None, token: str | None = None, now: int | None = None
+    ) -> dict[str, Any]:
+        """Online activation: ask the store for a seat of fleet license ``license_id`` for this device
+        (POST /api/v1/licenses/<id>/activations; idempotent, 409 when every seat is taken) and keep the token.
+        ``store``/``token`` default to the enrollment's DIR/store.json (the license holder's token is needed)."""
+        from edge_runtime._store_client import StoreClient
+
+        if not isinstance(license_id, str) or not re.match(r"^[A-Za-z0-9._:\-]{1,128}\Z", license_id):
+            raise drm.UsageError("license id has invalid characters or length")
+        if store is not None:
+            client = StoreClient(store, token)
+        else:
+            client = self._store()
+            if token is not None:
+                client = StoreClient(client.base, token)
+        answer = client.post_json(f"/api/v1/licenses/{license_id}/activations", {"device_id": self.device_id})
+        try:
+            blob = str(answer["activation"]).encode()
+        except (KeyError, TypeError):
+            raise drm.UsageError("store activation answer lacks the activation token") from None
+        result = self.install_activation(blob, now=now)
+        if result["license_id"] != license_id:
+            raise drm.UsageError("the store sent an activation for another license")
+        return result
+
     # ------------------------------------------------------------------ enrollment and installation
 
     def enroll(
@@ -894,6 +1005,7 @@ class Device:
                 license_bytes, build_hash=header.build_hash, clock=clock, target=header.target
             )
             self._check_cap(st, claims, trusted)
+            self._check_activation(st, claims, trusted)
             recipient: drm.DeviceKeys | x25519.X25519PrivateKey | None = self.keys
             if claims.fleet_key_id is not None:
                 recipient = self._fleet_key(claims.fleet_key_id)
@@ -952,8 +1064,13 @@ class Device:
             if claims.not_after is not None and trusted >= claims.not_after:
                 self._refuse(st, "license has expired", t=trusted, license_id=lid, build_hash=bh)
             revocation_key = self._revocation_key()
-            if lid in self._revoked(st, trusted, license_id=lid, build_hash=bh):
+            revoked = self._revoked(st, trusted, license_id=lid, build_hash=bh)
+            if lid in revoked:
                 self._refuse(st, f"license {lid} is revoked", t=trusted, license_id=lid, build_hash=bh)
+            if claims.fleet_key_id is not None and drm.seat_revocation_entry(lid, self.device_id) in revoked:
+                self._refuse_license(
+                    st, claims, f"the seat activation of this device on {lid} is revoked", t=trusted
+                )
             if meter.budget_deadline is not None:
                 self._check_budget_time(st, claims, (0, meter.budget_deadline), trusted)
             if meter.left == 0:
@@ -1099,6 +1216,8 @@ class Device:
                     "expired": expired,
                 }
             )
+            if claims.fleet_key_id is not None:
+                licenses[-1]["seat"] = self._held_seat(claims.license_id)
         out["licenses"] = licenses
         return out
 

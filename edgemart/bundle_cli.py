@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,23 @@ def register(subparsers: Any) -> None:
         type=int,
         metavar="N",
         help="with --release: this bundle may replace installed releases of FLEET up to N (a signed downgrade)",
+    )
+    build.add_argument(
+        "--activations",
+        type=Path,
+        metavar="DIR",
+        help="seat activation tokens (*.act) to ship: each device installs its own and runs the fleet license",
+    )
+    build.add_argument(
+        "--activate-devices",
+        type=Path,
+        metavar="FILE",
+        help="draw one seat activation per device id listed in FILE (one 32-hex id a line, # comments) from"
+        " the store's seat pool of every fleet license (needs --store and --token); past the seats: no bundle",
+    )
+    build.add_argument("--store", help="with --activate-devices: the store URL")
+    build.add_argument(
+        "--token", default=os.environ.get("EDGEMART_TOKEN"), help="API token (or $EDGEMART_TOKEN)"
     )
     build.add_argument("--compress", choices=("auto", "none", "gzip"), default="auto")
     build.add_argument("--now", type=int, metavar="UNIX", help="time for license validity checks")
@@ -444,20 +462,26 @@ def build_bundle(
     root: Any = None,
     now: int | None = None,
     release: Any = None,
+    activations: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    """Assemble, sign and write a bundle; the output depends only on the inputs' bytes and the key."""
+    """Assemble, sign and write a bundle; the output depends only on the inputs' bytes and the key.
+    ``activations`` are seat activation tokens to carry (each checked as a verifier would, before anything
+    is written)."""
     import drm
     from drm.bundle import (
         MLBOM_NAME,
         NOTICE_NAME,
         BuildEntry,
+        BundleInvalid,
         FileEntry,
         LicenseEntry,
+        activation_member_name,
         iter_archive,
         iter_gzip,
         make_manifest,
         sign_manifest,
     )
+    from drm.bundle_reader import check_activations
 
     inputs = collect_inputs(licenses_dir, builds_dir, chains_dir, cards_dir)
     if root is not None:
@@ -480,6 +504,15 @@ def build_bundle(
     contents: dict[str, bytes] = {}
     contents.update({name: data for name, (data, _) in inputs["builds"].items()})
     contents.update({name: token for name, (token, _) in inputs["licenses"].items()})
+    for token in activations or []:
+        try:
+            act = drm.parse_activation(token)
+        except drm.FormatError as exc:
+            raise UsageError(f"not a seat activation token: {exc.message}") from None
+        name = activation_member_name(act.license_id, act.device_id)
+        if contents.get(name, token) != token:
+            raise UsageError(f"two different activations of device {act.device_id} on {act.license_id}")
+        contents[name] = token
     contents.update(inputs["chains"])
     contents[MLBOM_NAME] = make_mlbom_bytes(models, seed)
     contents[NOTICE_NAME] = make_notice_bytes(models)
@@ -493,6 +526,16 @@ def build_bundle(
         [LicenseEntry.from_claims(name, claims) for name, (_, claims) in inputs["licenses"].items()],
         release,
     )
+    try:
+        check_activations(
+            contents,
+            manifest,
+            {name: claims for name, (_, claims) in inputs["licenses"].items()},
+            root=root,
+            now=now if now is not None else int(time.time()),
+        )
+    except BundleInvalid as exc:
+        raise UsageError(f"seat activations: {exc.message}") from None
     manifest_bytes = manifest.to_bytes()
     contents["manifest.json"] = manifest_bytes
     contents["manifest.sig"] = sign_manifest(manifest_bytes, signing_key)
@@ -508,6 +551,7 @@ def build_bundle(
         "builds": [b.to_dict() for b in manifest.builds],
         "licenses": [lic.to_dict() for lic in manifest.licenses],
         "chains": sorted(inputs["chains"]),
+        "activations": sorted(n for n in contents if n.startswith("activations/")),
         "release": None if release is None else release.to_dict(),
         "models": [
             {"listing": m["listing"], "build_hash": m["build_hash"], "license": m["license"]} for m in models
@@ -536,10 +580,87 @@ def _release_arg(text: str | None, allow: int | None) -> Any:
         raise UsageError(f"--release: {exc.message.removeprefix('manifest release: ')}") from None
 
 
+def read_device_ids(path: Path) -> list[str]:
+    """--activate-devices FILE: one device id (32 lower-case hex) a line; blank lines and # comments skipped."""
+    ids: list[str] = []
+    for n, line in enumerate(
+        _read(path, "--activate-devices", 4 * 1024 * 1024).decode("utf-8", "replace").splitlines(), 1
+    ):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not re.match(r"^[0-9a-f]{32}\Z", text):
+            raise UsageError(f"{path}:{n}: {text[:40]!r} is not a device id (32 lower-case hex characters)")
+        if text in ids:
+            raise UsageError(f"{path}:{n}: device {text} listed twice")
+        ids.append(text)
+    if not ids:
+        raise UsageError(f"{path} lists no device ids")
+    return ids
+
+
+def draw_activations(client: Any, licenses_dir: Path, device_ids: list[str]) -> list[bytes]:
+    """One seat activation per device for every fleet license in ``licenses_dir``, drawn from the store's seat
+    pool (POST /api/v1/licenses/ID/activations: idempotent per device, so a retry draws nothing twice). More
+    devices than a license's signed seats is refused before the store is asked; a 409 from the store (seats
+    taken by devices outside the list) stops the build: the caller writes no bundle."""
+    from drm.bundle import read_license_token
+
+    fleet = []
+    for path in _input_dir(licenses_dir, "--licenses"):
+        if path.suffix == ".lic":
+            claims = read_license_token(_read(path, "license", 64 * 1024), path.name)
+            if claims.fleet_key_id is not None:
+                fleet.append(claims)
+    if not fleet:
+        raise UsageError("--activate-devices: --licenses holds no fleet license to activate seats of")
+    for claims in fleet:
+        if claims.seats is not None and len(device_ids) > claims.seats:
+            raise UsageError(
+                f"--activate-devices lists {len(device_ids)} devices but fleet license {claims.license_id}"
+                f" has {claims.seats} seat(s): no activation drawn, no bundle written"
+            )
+    tokens: list[bytes] = []
+    for claims in fleet:
+        for device_id in device_ids:
+            try:
+                answer = client.post_json(
+                    f"/api/v1/licenses/{claims.license_id}/activations", {"device_id": device_id}
+                )
+            except EdgemartError as exc:
+                raise type(exc)(
+                    f"drawing the seat of device {device_id} on {claims.license_id} failed: {exc.message};"
+                    " no bundle written",
+                    code=exc.code,
+                ) from None
+            tokens.append(str(answer["activation"]).encode())
+    return tokens
+
+
+def _activation_inputs(args: argparse.Namespace) -> list[bytes]:
+    tokens: list[bytes] = []
+    if args.activations is not None:
+        for path in _input_dir(args.activations, "--activations"):
+            if path.suffix != ".act":
+                raise UsageError(
+                    f"--activations holds {path.name!r}; expected only activation tokens (*.act)"
+                )
+            tokens.append(_read(path, "activation", 16 * 1024))
+    if args.activate_devices is not None:
+        if not args.store:
+            raise UsageError("--activate-devices needs --store URL (and --token)")
+        device_ids = read_device_ids(args.activate_devices)
+        tokens += draw_activations(_client(args), args.licenses, device_ids)
+    elif args.store is not None:
+        raise UsageError("--store goes with --activate-devices")
+    return tokens
+
+
 def _build(args: argparse.Namespace) -> int:
     gzip = args.compress == "gzip" or (
         args.compress == "auto" and (args.out.name.endswith(".tar.gz") or args.out.name.endswith(".tgz"))
     )
+    activations = _activation_inputs(args)
     result = build_bundle(
         licenses_dir=args.licenses,
         builds_dir=args.builds,
@@ -551,10 +672,12 @@ def _build(args: argparse.Namespace) -> int:
         root=_load_root(args.root),
         now=args.now,
         release=_release_arg(args.release, args.allow_downgrade_from),
+        activations=activations,
     )
     text = (
         f"wrote {result['bundle']} ({result['size']} bytes, {result['sha256']})\n"
-        f"  {len(result['builds'])} build(s), {len(result['licenses'])} license(s), {len(result['chains'])} chain file(s); "
+        f"  {len(result['builds'])} build(s), {len(result['licenses'])} license(s), {len(result['chains'])} chain file(s), "
+        f"{len(result['activations'])} seat activation(s); "
         f"signed by builder key {result['builder_kid']}"
     )
     emit(args, result, text)
@@ -597,6 +720,8 @@ def _verify(args: argparse.Namespace) -> int:
     for lic in report["licenses"]:
         b = lic["binding"]
         lines.append(f"  {lic['path']}: {lic['kind']} {lic['listing']} -> {b['kind']} {b['id']}")
+    for act in report["activations"]:
+        lines.append(f"  seat {act['seat']} of {act['license_id']} activated for device {act['device_id']}")
     lines += [f"  warning: {w}" for w in report["warnings"]]
     emit(args, report, "\n".join(lines))
     return 0

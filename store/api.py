@@ -650,7 +650,9 @@ def activate_seat(license_id: str) -> Any:
         application/json:
           schema: {type: object, required: [device_id], properties: {device_id: {type: string}}}
     responses: {201: {description: "a new activation"}, 200: {description: "the device's existing activation"},
-      403: {description: "the device's activation was revoked"}, 409: {description: "every seat is taken"}}
+      400: {description: "device_id is not 32 hex, or the license is not a fleet license"},
+      403: {description: "the device's activation was revoked (a fork)"},
+      404: {description: "no such license, or not the caller's"}, 409: {description: "every seat is taken"}}
     """
     user = require_user()
     rate_limit("license", user)

@@ -110,6 +110,15 @@ class ServiceClient:
     def add_fleet_key(self, pem: bytes) -> dict[str, Any]:
         return self.call("add-fleet-key", {}, [pem])[0]["result"]
 
+    def activate(
+        self, license_id: str, *, store: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
+        fields = {"license_id": license_id, "store": store, "token": token}
+        return self.call("activate", fields)[0]["result"]
+
+    def install_activation(self, token: bytes) -> dict[str, Any]:
+        return self.call("activate", {}, [token])[0]["result"]
+
     def fetch(self, listing: str, target: str, *, version: int | None = None) -> dict[str, Any]:
         return self.call("fetch", {"listing": listing, "target": target, "version": version})[0]["result"]
 

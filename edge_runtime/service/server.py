@@ -103,6 +103,20 @@ class DeviceService:
             raise UsageError(f"fleet key is larger than {MAX_FLEET_KEY_BYTES} bytes")
         return {"result": self._device().add_fleet_key(pem)}, []
 
+    def op_activate(self, h: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        """A seat activation: online for ``license_id`` (header), or the one token blob (offline)."""
+        from edge_runtime.device import MAX_ACTIVATION_BYTES
+
+        if blobs:
+            (token,) = _blobs(blobs, 1, "activate")
+            if len(token) > MAX_ACTIVATION_BYTES:
+                raise UsageError(f"seat activation is larger than {MAX_ACTIVATION_BYTES} bytes")
+            return {"result": self._device().install_activation(token)}, []
+        result = self._device().activate(
+            _str(h, "license_id", required=True), store=_str(h, "store"), token=_str(h, "token")
+        )
+        return {"result": result}, []
+
     def op_fetch(self, h: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         entry = self._device().fetch(
             _str(h, "listing", required=True), _str(h, "target", required=True), version=_int(h, "version")

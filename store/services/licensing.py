@@ -494,14 +494,28 @@ def revoke(ctx: StoreContext, session: Session, admin: User, license_id: str) ->
 
 
 def revoke_licenses(
-    ctx: StoreContext, session: Session, licenses: list[License], *, current: Revocation | None = None
+    ctx: StoreContext,
+    session: Session,
+    licenses: list[License],
+    *,
+    current: Revocation | None = None,
+    activations: list[SeatActivation] | None = None,
 ) -> Revocation:
-    """Mark ``licenses`` revoked and add the next revocation-list version naming them (the caller commits)."""
+    """Mark ``licenses`` and seat ``activations`` revoked and add the next revocation-list version naming them
+    (an activation as drm.seat_revocation_entry: its license stays valid for the other seats); the caller
+    commits."""
     current = current or current_revocations(ctx, session)
     now = ctx.now()
     for lic in licenses:
         lic.revoked_at = now
-    revoked = sorted(set(current.revoked) | {lic.license_id for lic in licenses})
+    activations = activations or []
+    for act in activations:
+        act.revoked_at = now
+    revoked = sorted(
+        set(current.revoked)
+        | {lic.license_id for lic in licenses}
+        | {drm.seat_revocation_entry(a.license_id, a.device_id) for a in activations}
+    )
     version = current.version + 1
     row = Revocation(
         version=version,

@@ -15,7 +15,16 @@ import drm
 from drm.license import LICENSE_TYP, MAX_OFFLINE_HOURS, MAX_OFFLINE_RUNS
 from edgemart.core.errors import ConflictError, ForbiddenError, UsageError
 from store.context import StoreContext
-from store.models import Device, License, Listing, ListingMetering, UsageFork, UsageRecord, User
+from store.models import (
+    Device,
+    License,
+    Listing,
+    ListingMetering,
+    SeatActivation,
+    UsageFork,
+    UsageRecord,
+    User,
+)
 from store.services.listings import get_visible
 
 DEFAULT_OFFLINE_RUNS = 200
@@ -130,11 +139,22 @@ def record_fork(
             select(License).where(License.device_id == device.device_id, License.revoked_at.is_(None))
         )
     )
-    revoked = sorted(lic.license_id for lic in licenses)
+    # A fleet license serves other devices too: the forked device loses its seat activation (the seat stays
+    # used), not the license.
+    seats = list(
+        session.scalars(
+            select(SeatActivation).where(
+                SeatActivation.device_id == device.device_id, SeatActivation.revoked_at.is_(None)
+            )
+        )
+    )
+    revoked = sorted(lic.license_id for lic in licenses) + sorted(
+        drm.seat_revocation_entry(a.license_id, a.device_id) for a in seats
+    )
     if revoked:
         from store.services.licensing import revoke_licenses
 
-        revoke_licenses(ctx, session, licenses)
+        revoke_licenses(ctx, session, licenses, activations=seats)
     fork = UsageFork(
         device_id=device.device_id,
         seq=seq,

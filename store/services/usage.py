@@ -76,7 +76,8 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
                 fork = metering.record_fork(ctx, session, device, seq, lines[i])
                 raise drm.ConflictError(
                     f"check-in refused: record {seq} differs from the one this device uploaded before: its usage"
-                    f" log forked (a restored or cloned device state); {len(fork.revoked)} license(s) revoked"
+                    f" log forked (a restored or cloned device state); {len(fork.revoked)} license(s) or seat"
+                    " activation(s) revoked"
                 )
             continue
         session.add(
@@ -102,7 +103,7 @@ def upload(ctx: StoreContext, session: Session, device: Device, data: bytes) -> 
         raise drm.ConflictError(
             f"check-in refused: this device's usage log forked: it ends after record {end - 1}, before the"
             f" {next_seq} records it uploaded earlier (its state was restored from an older copy);"
-            f" {len(fork.revoked)} license(s) revoked"
+            f" {len(fork.revoked)} license(s) or seat activation(s) revoked"
         )
     return {
         "ok": ok,

@@ -119,7 +119,9 @@ def device_license(
     )
 
 
-def fleet_license(pki: Pki, model: Model, fleet_key: x25519.X25519PrivateKey) -> bytes:
+def fleet_license(
+    pki: Pki, model: Model, fleet_key: x25519.X25519PrivateKey, *, seats: int | None = None
+) -> bytes:
     raw = fleet_key.public_key().public_bytes_raw()
     return drm.issue_license(
         issuer=pki.issuer,
@@ -133,6 +135,18 @@ def fleet_license(pki: Pki, model: Model, fleet_key: x25519.X25519PrivateKey) ->
         days=None,
         max_runs=None,
         fleet_key_id=drm.key_id(raw),
+        seats=seats,
+    )
+
+
+def seat_activation(
+    pki: Pki, license_token: bytes, device_id: str, seat: int = 1, *, now: int = NOW
+) -> bytes:
+    """The store's signed activation of ``seat`` of a fleet license for one device (drm.metering)."""
+    claims = drm.LicenseClaims.from_dict(drm.parse_envelope(license_token, "edgemart-license/1")[0])
+    assert claims.fleet_key_id is not None
+    return drm.sign_activation(
+        pki.issuer, drm.Activation(device_id, claims.license_id, claims.fleet_key_id, seat, now)
     )
 
 

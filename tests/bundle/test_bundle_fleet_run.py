@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _bundle_fixtures import NOW, Model, Pki, build_args, device_license, fleet_license, lay_out_inputs
+from _bundle_fixtures import (
+    NOW,
+    Model,
+    Pki,
+    build_args,
+    device_license,
+    fleet_license,
+    lay_out_inputs,
+    seat_activation,
+)
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 import drm
@@ -42,10 +51,23 @@ def _kid(key: x25519.X25519PrivateKey) -> str:
     return drm.key_id(key.public_key().public_bytes_raw())
 
 
-def _bundle(root: Path, model: Model, licenses: list[bytes], builder: Path) -> Path:
+def _bundle(
+    root: Path,
+    model: Model,
+    licenses: list[bytes],
+    builder: Path,
+    activations: list[bytes] = (),  # type: ignore[assignment]
+) -> Path:
     dirs = lay_out_inputs(root / "in", {model.listing: model}, licenses, chains=False, cards=False)
+    extra: list[str] = []
+    if activations:
+        folder = root / "in" / "activations"
+        folder.mkdir()
+        for i, token in enumerate(activations):
+            (folder / f"seat-{i}.act").write_bytes(token)
+        extra = ["--activations", str(folder)]
     out = root / "fleet.tar.gz"
-    assert main(build_args(dirs, out, builder)) == 0
+    assert main(build_args(dirs, out, builder, *extra)) == 0
     return out
 
 
@@ -85,18 +107,19 @@ def test_fleet_bundle_installs_and_runs_on_every_fleet_device(
     digits_test: Path,
 ) -> None:
     model = models["digits-mlp"]
-    token = fleet_license(pki, model, fleet_key)
+    token = fleet_license(pki, model, fleet_key, seats=2)
     lid = drm.LicenseClaims.from_dict(drm.parse_envelope(token, "edgemart-license/1")[0]).license_id
-    bundle = _bundle(tmp_path, model, [token], builder_key[0])
+    boards = [_device(tmp_path / name, pki) for name in ("board-1", "board-2")]
+    acts = [seat_activation(pki, token, b.device_id, seat) for seat, b in enumerate(boards, 1)]
+    bundle = _bundle(tmp_path, model, [token], builder_key[0], acts)
     key_pem = _key_file(tmp_path / "secrets", fleet_key)
     kid = _kid(fleet_key)
     x = np.load(digits_test)["x"]
     expected = _plain_outputs(model, x, 64)
     needles = windows(model.plain)
 
-    for name in ("board-1", "board-2"):  # one fleet seat, two devices with their own device keys
+    for name in ("board-1", "board-2"):  # one fleet license, two devices with their own keys and seats
         d = tmp_path / name
-        _device(d, pki)
         r = _cli("device", "add-fleet-key", "--device-dir", d, key_pem, "--json")
         assert r.returncode == 0, r.stderr
         added = json.loads(r.stdout)
@@ -232,8 +255,10 @@ def test_a_revoked_fleet_license_is_refused_once_the_list_is_installed(
     model = models["digits-mlp"]
     token = fleet_license(pki, model, fleet_key)
     lid = drm.LicenseClaims.from_dict(drm.parse_envelope(token, "edgemart-license/1")[0]).license_id
-    bundle = _bundle(tmp_path, model, [token], builder_key[0])
     device = _device(tmp_path / "board", pki)
+    bundle = _bundle(
+        tmp_path, model, [token], builder_key[0], [seat_activation(pki, token, device.device_id)]
+    )
     device.add_fleet_key(private_key_to_pem(fleet_key))
     install_bundle(bundle.read_bytes(), device.dir)
     x = np.load(digits_test)["x"][:8]

@@ -574,7 +574,51 @@ def test_bundle_refusal_vectors(case: dict) -> None:
     assert caught.value.message == case["message"]  # refused for the reason the vector names
 
 
+def test_fleet_bundle_vector_carries_one_seat_activation() -> None:
+    """§19.1 `activations/`: the member sits between licenses and chains, and verifying reports the seat."""
+    vec = _load("bundle.json")
+    fb = vec["fleet_bundle"]
+    root = x509.load_pem_x509_certificate(vec["root_cert_pem"].encode())
+    builder = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(vec["builder_public_key"]))
+    verified = drm.verify_bundle(bytes.fromhex(fb["archive"]), now=vec["now"], root=root, builder_key=builder)
+    (act,) = fb["activations"]
+    assert [
+        {"license_id": a.license_id, "device_id": a.device_id, "seat": a.seat}
+        for a in verified.activations.values()
+    ] == fb["activations"]
+    name = f"activations/{act['license_id']}.{act['device_id']}.act"
+    names = fb["member_names"]
+    assert [n for n in names if n.startswith("activations/")] == [name]
+    assert max(i for i, n in enumerate(names) if n.startswith("licenses/")) < names.index(name)
+    assert names.index(name) < names.index("mlbom.cdx.json")
+    token = verified.members[name]
+    assert drm.verify_activation(
+        token, root=root, now=vec["now"], device_id=act["device_id"], license_id=act["license_id"],
+        fleet_key_id=drm.parse_activation(token).fleet_key_id, seats=2,
+    ).seat == 1  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ metering
+
+
+@pytest.mark.parametrize("case", _load("metering.json")["seat_revocation_entries"], ids=lambda c: c["name"])
+def test_seat_revocation_entry_vectors(case: dict) -> None:
+    if case["expect"] == "accept":
+        entry = drm.seat_revocation_entry(case["license_id"], case["device_id"])
+        assert entry == case["entry"] == f"seat:{case['license_id']}:{case['device_id']}"
+    else:
+        with pytest.raises(drm.FormatError):
+            drm.seat_revocation_entry(case["license_id"], case["device_id"])
+
+
+def test_seat_revocation_vector_revokes_one_devices_seat() -> None:
+    vec = _load("metering.json")["seat_revocation"]
+    rl = drm.verify_revocation_list(vec["token"].encode(), root=_metering_root(), now=vec["now"])
+    assert sorted(rl.revoked) == vec["revoked"]
+    for case in vec["cases"]:
+        revoked = f"seat:{case['license_id']}:{case['device_id']}" in rl.revoked
+        assert revoked == (case["expect"] == "refuse"), case
+        assert case["license_id"] not in rl.revoked  # the license itself stays valid
 
 
 def _metering_root() -> x509.Certificate:

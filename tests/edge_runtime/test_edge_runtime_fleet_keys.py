@@ -53,6 +53,15 @@ def _fleet_license(
     )
 
 
+def _activate(factory: Any, device: Device, token: bytes, *, seat: int = 1) -> dict[str, Any]:
+    """The store's seat activation of this device on the fleet license (a fleet license runs only once
+    activated: tests/edge_runtime/test_seat_activation.py)."""
+    claims = drm.LicenseClaims.from_dict(drm.parse_envelope(token, "edgemart-license/1")[0])
+    assert claims.fleet_key_id is not None
+    act = drm.Activation(device.device_id, claims.license_id, claims.fleet_key_id, seat, NOW)
+    return device.install_activation(drm.sign_activation(factory.issuer, act), now=NOW)
+
+
 def _cli(*args: object) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "edgemart", "device", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -119,6 +128,7 @@ def test_a_fleet_license_runs_with_its_key_and_is_capped_like_any_license(
     token = _fleet_license(factory, digits_build, key, max_runs=2, days=1)
     entry = device.install(build=digits_build.container, license=token, now=NOW + 60)
     assert entry["kind"] == "production"
+    _activate(factory, device, token)
     x = np.load(digits_test)["x"][:16]
     want = _plain(digits_build, x)
     with device.open_model(listing="fleet-digits", now=NOW + 60) as model:
@@ -171,7 +181,9 @@ def test_a_fleet_key_readable_by_others_is_refused_until_reinstalled(
 ) -> None:
     key = x25519.X25519PrivateKey.generate()
     device.add_fleet_key(private_key_to_pem(key))
-    device.install(build=digits_build.container, license=_fleet_license(factory, digits_build, key), now=NOW)
+    token = _fleet_license(factory, digits_build, key)
+    device.install(build=digits_build.container, license=token, now=NOW)
+    _activate(factory, device, token)
     held = device.dir / "fleet" / f"{_kid(key)}.key"
     held.chmod(mode)
     with pytest.raises(drm.UsageError, match=f"accessible to group or others \\(mode {mode:04o}\\)"):

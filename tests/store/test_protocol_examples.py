@@ -189,3 +189,7 @@ def test_protocol_examples_replay_against_the_store(scenario: dict[str, Any]) ->
         if want_body.startswith(("{", "[")):
             _shape(json.loads(want_body), json.loads(got.get_data()), ctx, name)
     assert {"enroll", "eval-license", "build", "revocations", "usage-sync", "revoke"} <= set(names)
+    assert {"seat-activation", "seat-activation-again", "seat-activation-past-seats"} <= set(names)
+    # The activation the example captured is the store's signed token for that device and license.
+    act = drm.parse_activation(str(ctx["activation_token"]).encode())
+    assert (act.device_id, act.license_id, act.seat) == (ctx["device_id"], ctx["fleet_license_id"], 1)

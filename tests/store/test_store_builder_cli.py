@@ -76,21 +76,29 @@ def test_builder_buys_fetches_builds_and_a_fleet_device_runs_it(served, digits_b
     assert fetched["licenses"] == [lic["license_id"]] and len(fetched["builds"]) == 1
     assert (inputs / "root.crt").read_bytes() == store.ctx.root_cert_pem()
 
+    # The factory provisions the board first; the bundle carries a seat activation drawn for its device id.
+    device = tmp_path / "device"
+    made = json.loads(
+        _cli(
+            "device", "init", "--device-dir", str(device), "--trust", str(inputs / "root.crt"), "--json"
+        ).stdout
+    )
+    _cli("device", "add-fleet-key", "--device-dir", str(device), str(tmp_path / "fleet.pem"))
+    (tmp_path / "devices.txt").write_text(made["device_id"] + "\n")
+
     _cli("bundle", "keygen", "--out", str(tmp_path / "builder.pem"))
     bundle = tmp_path / "fleet.bundle"
     _cli("bundle", "build", "--licenses", str(inputs / "licenses"), "--builds", str(inputs / "builds"),
          "--cards", str(inputs / "cards"), "--root", str(inputs / "root.crt"),
-         "--signing-key", str(tmp_path / "builder.pem"), "--out", str(bundle))  # fmt: skip
+         "--signing-key", str(tmp_path / "builder.pem"), "--out", str(bundle),
+         "--activate-devices", str(tmp_path / "devices.txt"), "--store", url, token=tok)  # fmt: skip
     _cli("bundle", "verify", str(bundle), "--root", str(inputs / "root.crt"),
          "--builder-key", str(tmp_path / "builder.pub.pem"))  # fmt: skip
 
-    device = tmp_path / "device"
-    _cli("device", "init", "--device-dir", str(device), "--trust", str(inputs / "root.crt"))
-    _cli("device", "add-fleet-key", "--device-dir", str(device), str(tmp_path / "fleet.pem"))
     installed = json.loads(
         _cli("bundle", "install", str(bundle), "--device-dir", str(device), "--json").stdout
     )
-    assert installed
+    assert [(i["binding"], i["seat"]) for i in installed["installed"]] == [("fleet", 1)]
     out = tmp_path / "out.npz"
     _cli("device", "eval", "fleet-model", "--device-dir", str(device), "--data", str(digits_test),
          "--save-outputs", str(out), "--json")  # fmt: skip

@@ -199,6 +199,81 @@ def container_vectors() -> dict:
     }
 
 
+FLEET_LICENSE_ID = "lic_fleet_bundle_vector"
+
+
+def _fleet_bundle_parts(
+    pki: Pki, files: list[tuple[str, bytes]], claims: drm.LicenseClaims, lic_path: str, build_hash: str
+) -> tuple[list[tuple[str, bytes]], list[drm.bundle.LicenseEntry], list[tuple[str, Any, str, str]]]:
+    """The bundle's files plus a 2-seat fleet license for the same build and seat 1 activated for the
+    device (docs/FORMAT.md §19.1 `activations/`); and the seat refusals (name, edit of the files, match, why)."""
+    from drm.bundle import LicenseEntry, activation_member_name
+
+    device_id, other_id = pki.classic_device.device_id, pki.device.device_id
+    raw = pki.fleet.public_key().public_bytes_raw()
+    fleet_id = drm.key_id(raw)
+    fleet_token = drm.issue_license(
+        issuer=pki.classic, cek=CEK, recipient=drm.KemKeys(raw, None), kind="production", listing="vector-listing",
+        build_hash=build_hash, target="arm-cpu", now=NOW - 60, days=None, max_runs=None, fleet_key_id=fleet_id,
+        license_id=FLEET_LICENSE_ID, seats=2,
+    )  # fmt: skip
+    fleet_claims = drm.LicenseClaims.from_dict(drm.parse_envelope(fleet_token, LICENSE_TYP)[0])
+    fleet_path = f"licenses/{FLEET_LICENSE_ID}.lic"
+    stranger = pki.other_root.issue_issuer(now=NOW - 86400, pq=False)
+
+    def act(
+        device: str, seat: int = 1, lid: str = FLEET_LICENSE_ID, issuer: drm.Issuer = pki.classic
+    ) -> bytes:
+        return drm.sign_activation(issuer, drm.Activation(device, lid, fleet_id, seat, NOW - 30))
+
+    act_path = activation_member_name(FLEET_LICENSE_ID, device_id)
+    fleet_files = files + [(fleet_path, fleet_token), (act_path, act(device_id))]
+    licenses = [
+        LicenseEntry.from_claims(lic_path, claims),
+        LicenseEntry.from_claims(fleet_path, fleet_claims),
+    ]
+
+    def swap(data: bytes, name: str = act_path) -> Any:
+        return lambda fs: [f for f in fs if f[0] != act_path] + [(name, data)]
+
+    other_path = activation_member_name(FLEET_LICENSE_ID, other_id)
+    seat_cases = [
+        ("activation-named-for-another-device", swap(act(device_id), other_path), "holds the activation of",
+         "the device's activation filed under another device's name (a builder re-signed the manifest)"),
+        ("activation-seat-past-count", swap(act(device_id, seat=3)), "seat 3 of a 2-seat license",
+         "seat 3 of the fleet license's signed 2 seats"),
+        ("activation-license-not-in-bundle", swap(act(device_id, lid="lic_absent"),
+         activation_member_name("lic_absent", device_id)), "is not in the bundle",
+         "an activation of a license the bundle does not carry"),
+        ("activation-of-device-license", swap(act(device_id, lid="lic_bundle_vector"),
+         activation_member_name("lic_bundle_vector", device_id)), "not an activation of the fleet key",
+         "an activation naming the device-bound license"),
+        ("activation-foreign-issuer", swap(act(device_id, issuer=stranger)), "does not verify against the root",
+         "signed by an issuer of another root"),
+        ("activation-seat-twice", lambda fs: fs + [(other_path, act(other_id, seat=1))], "held by two devices",
+         "seat 1 activated for two devices"),
+    ]  # fmt: skip
+    return fleet_files, licenses, seat_cases
+
+
+def _fleet_bundle_vector(pki: Pki, members: list[tuple[str, bytes]], pub: ed25519.Ed25519PublicKey) -> dict:
+    archive = _tar(members)
+    verified = drm.verify_bundle(archive, now=NOW, root=pki.root, builder_key=pub)
+    acts = [
+        {"license_id": a.license_id, "device_id": a.device_id, "seat": a.seat}
+        for a in verified.activations.values()
+    ]
+    assert acts == [{"license_id": FLEET_LICENSE_ID, "device_id": pki.classic_device.device_id, "seat": 1}]
+    return {
+        "description": "a bundle with a device-bound and a 2-seat fleet license for one build, and seat 1 of the "
+        "fleet license activated for device_id (member activations/<license_id>.<device_id>.act, §19.1); verify "
+        "like `bundle.archive`, then expect `activations`",
+        "archive": archive.hex(),
+        "member_names": [n for n, _ in members],
+        "activations": acts,
+    }
+
+
 # ------------------------------------------------------------------------------------------ canonical JSON
 
 
@@ -1026,6 +1101,11 @@ def bundle_vectors(pki: Pki) -> dict:
          "x86-cpu")], licenses, release, builder)), False, "differs from its build",
          "the build's container header (and manifest entry) say x86-cpu, the license says arm-cpu"),
     ]  # fmt: skip
+    fleet_files, fleet_licenses, seat_cases = _fleet_bundle_parts(pki, files, claims, lic_path, build_hash)
+    fleet_members = _bundle_members(fleet_files, builds, fleet_licenses, release, builder)
+    for name, edit, match, reason in seat_cases:
+        edited = _bundle_members(edit(fleet_files), builds, fleet_licenses, release, builder)
+        cases.append((name, _tar(edited), False, match, reason))
     out = []
     for name, data, ok, match, reason in cases:
         try:
@@ -1064,6 +1144,7 @@ def bundle_vectors(pki: Pki) -> dict:
             "archive": archive.hex(),
         },
         "refusals": out,
+        "fleet_bundle": _fleet_bundle_vector(pki, fleet_members, pub),
     }
 
 
@@ -1191,10 +1272,50 @@ def metering_vectors(pki: Pki) -> dict:
         ("downgrade-allowance-too-low", 3, {"allow_downgrade_from": 2, "fleet": "gate-cam", "version": 1}, False,
          "allow_downgrade_from < the installed version"),
     ]  # fmt: skip
+    entries: list[tuple[str, str, str, bool, str]] = [
+        ("store-license-id", fleet_lic, device_id, True, "seat:<license_id>:<device_id>"),
+        ("license-id-with-colon", "lic:a", device_id, True, "the device id is the last 32 characters"),
+        ("longest", "l" * 90, device_id, True, "5 + 90 + 1 + 32 = 128 characters, the entry limit"),
+        ("too-long", "l" * 91, device_id, False, "129 characters: longer than a revocation-list entry"),
+        ("device-id-uppercase", fleet_lic, device_id.upper(), False, "device_id must be 32 lower-case hex"),
+        ("license-id-slash", "lic/a", device_id, False, "the license_id rule of §7"),
+    ]  # fmt: skip
+    entry_out = []
+    for name, lid, dev, ok, reason in entries:
+        try:
+            got_entry: str | None = drm.seat_revocation_entry(lid, dev)
+        except drm.FormatError:
+            got_entry = None
+        assert (got_entry is not None) == ok, name
+        entry_out.append({"name": name, "license_id": lid, "device_id": dev,
+                          "expect": "accept" if ok else "refuse", "entry": got_entry, "reason": reason})  # fmt: skip
+    seat_entry = drm.seat_revocation_entry(fleet_lic, device_id)
+    seat_list = drm.sign_revocation_list(pki.classic, version=3, issued_at=NOW - 5, revoked=[seat_entry, lic])
     return {
         "description": "metering messages (docs/FORMAT.md §18): verify each budget grant and seat activation with "
-        "root_cert_pem and the case's parameters; parse each bundle release; apply the release rule",
+        "root_cert_pem and the case's parameters; parse each bundle release; apply the release rule; form each "
+        "seat revocation entry; verify seat_revocation.token and apply §18.2 use to its cases",
         "root_cert_pem": _cert_pem(pki.root),
+        "seat_revocation_entries": entry_out,
+        "seat_revocation": {
+            "token": seat_list.decode(),
+            "now": NOW,
+            "revoked": sorted([seat_entry, lic]),
+            "cases": [
+                {
+                    "license_id": fleet_lic,
+                    "device_id": device_id,
+                    "expect": "refuse",
+                    "reason": "this device's activation of the fleet license is revoked",
+                },
+                {
+                    "license_id": fleet_lic,
+                    "device_id": other_id,
+                    "expect": "accept",
+                    "reason": "another device's activation of the same license is not",
+                },
+            ],
+        },  # fmt: skip
         "budget_checks": budget_out,
         "activation_checks": act_out,
         "release_objects": release_out,
