@@ -98,7 +98,9 @@ class Packager(ABC):
     options_type: ClassVar[type[QualityOptions]] = QualityOptions
     needs_calibration: ClassVar[bool] = True
     made_for: ClassVar[str] = "any onnxruntime CPU"  # the hardware the build is made for, in the report
-    made_for_tflite: ClassVar[str | None] = None  # the same for a TFLite build of this target, when it differs
+    made_for_tflite: ClassVar[str | None] = (
+        None  # the same for a TFLite build of this target, when it differs
+    )
     # platform.machine() values on which this machine's timing is the build's own latency (None: any)
     native_machines: ClassVar[frozenset[str] | None] = None
 
