@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 SPLITS = ("holdout", "calibration")
+EXACT_SNR_DB = 100.0  # reported for tensors the quantized model reproduces exactly
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class QualityReport:
     op_compatibility: dict | None = None
     notes: list = field(default_factory=list)
     constraints: list = field(default_factory=list)  # accelerator rules, node by node (fpga-xint8)
+    calibration: dict | None = None  # range stability and method choice (int8 ONNX targets)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -218,6 +220,51 @@ def _latency_row(latency: dict) -> list:
             latency.get("host_build_ms"), latency.get("host_ratio")]  # fmt: skip
 
 
+def _calibration_html(cal: dict) -> list[str]:
+    """The calibration section: range stability over resamples of the set, and how the method was chosen."""
+    st = cal.get("stability", {})
+    choice = cal.get("method_choice", {})
+    ok = st.get("verdict") != "too_small"
+    out = [
+        "<h2>Calibration</h2>",
+        f'<div class="{"pass" if ok else "fail"}"><b>{"STABLE" if ok else "TOO SMALL"}</b>: '
+        f"{html.escape(str(st.get('message', '')))}</div>",
+        _table(
+            [
+                ["samples", cal.get("samples")],
+                ["method", f"{cal.get('method')} (requested: {cal.get('requested')})"],
+                ["why", choice.get("why", "")],
+                ["largest scale spread (relative std)", st.get("spread_max")],
+                ["median scale spread", st.get("spread_median")],
+                ["threshold", st.get("threshold")],
+                ["suggested samples", st.get("suggested_samples") or "-"],
+            ],
+            ["figure", "value"],
+        ),
+    ]
+    if st.get("worst_tensors"):
+        out.append(f"<p>{html.escape(str(st.get('statistic', '')))}; worst activations:</p>")
+        out.append(
+            _table(
+                [
+                    [w["tensor"], w["spread"], w["spread_half_size"], w["scale_max_over_min"]]
+                    for w in st["worst_tensors"]
+                ],
+                ["tensor", "spread", "spread at half size", "scale max / min"],
+            )
+        )
+    if choice.get("candidates"):
+        out.append(f"<p>Candidates measured on {html.escape(str(choice.get('evaluated_on', '')))}:</p>")
+        out.append(
+            _table(
+                [[c["method"], c["agreement"], c["snr_db"], "chosen" if c["method"] == cal.get("method") else ""]
+                 for c in choice["candidates"]],
+                ["method", "lowest top-1 agreement", "lowest SNR dB", ""],
+            )
+        )  # fmt: skip
+    return out
+
+
 def render_html(report: QualityReport) -> str:
     r = report
     status = "pass" if r.passed else "fail"
@@ -299,6 +346,8 @@ def render_html(report: QualityReport) -> str:
         body.append(
             svg_bars("SNR of worst layers (dB)", [(w["node"], w["snr_db"]) for w in r.worst_layers], " dB")
         )
+    if r.calibration:
+        body.extend(_calibration_html(r.calibration))
     if r.suggested_nodes_to_exclude:
         names = ",".join(r.suggested_nodes_to_exclude)
         body.append(
