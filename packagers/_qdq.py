@@ -302,13 +302,20 @@ def quantize_qdq(
     onnx.save(fp32_model, src)
     initializers = {i.name for i in fp32_model.graph.initializer}
     inputs = {i.name for i in fp32_model.graph.input if i.name not in initializers}
-    # onnxruntime's histogram calibrators report progress with print(): keep it off our stdout (--json).
+    # onnxruntime's histogram calibrators (percentile, entropy) stack every run's activations into one
+    # array, which fails when the last batch is shorter: they get one sample per run.
+    batch = 16 if method == "minmax" else 1
+    # They also report progress with print(): keep it off our stdout (--json).
     with contextlib.redirect_stdout(io.StringIO()):
-        cache = _entropy_ranges(src, tmp, Reader(samples, inputs), op_types) if method == "entropy" else None
+        cache = (
+            _entropy_ranges(src, tmp, Reader(samples, inputs, batch), op_types)
+            if method == "entropy"
+            else None
+        )
         quantize_static(
             src,
             dst,
-            Reader(samples, inputs),
+            Reader(samples, inputs, batch),
             calibration_cache_path=cache,
             quant_format=QuantFormat.QOperator if operator_format else QuantFormat.QDQ,
             per_channel=per_channel,
