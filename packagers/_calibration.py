@@ -1,7 +1,7 @@
 """Calibration quality for the int8 ONNX targets: how stable each quantized activation's range is for the
 seller's calibration set (bootstrap over the samples), and which calibration method agrees best with fp32.
 
-Pure figures over runner outputs; `_qdq` builds the models and calls these."""
+`_qdq` quantizes and calls these; entropy ranges are made here too (onnxruntime's calibrator, enough bins)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from edge_runtime.evaluation.samples import SampleSet
+from packagers._base import _first_samples
 from packagers._runtime import OnnxRunner
 from packagers.quality import compare_outputs
 
@@ -219,3 +220,50 @@ def choose_method(
     for r in rows:
         del r["score"]
     return {"chosen": best["method"], "why": why, "candidates": rows, "evaluated_on": evaluated_on}
+
+
+def choose_method_for(
+    fp32, candidates: dict, calibration: SampleSet, holdout: SampleSet | None, limit: int
+) -> dict:
+    """choose_method on the held-out samples (at most `limit`, as the report measures them), else on the
+    calibration samples, which is optimistic and said so."""
+    if holdout is not None:
+        samples, where = _first_samples(holdout, limit), "holdout"
+    else:
+        samples, where = _first_samples(calibration, limit), "calibration"
+    what = f"{samples.count} {where} samples" + (
+        "" if holdout is not None else " (no holdout given: optimistic)"
+    )
+    return choose_method(
+        fp32.SerializeToString(),  # type: ignore[attr-defined]
+        {m: q.SerializeToString() for m, q in candidates.items()},
+        samples,
+        what,
+    )
+
+
+# Histogram bins of the entropy (KL) threshold search. quantize_static leaves onnxruntime's 128, equal to its
+# 128 quantized bins: one candidate threshold, the min/max range, so "entropy" was minmax on one batch.
+# 2048 (TensorRT's figure) took 76-90 s on PP-OCR cls; 512 takes 18-24 s.
+ENTROPY_BINS = 512
+
+
+def entropy_ranges(src: str, tmp: str, reader, op_types: tuple[str, ...]) -> str:
+    """Entropy-calibrated ranges of the model at `src`, saved as an onnxruntime calibration cache (made once
+    per `tmp`: the QOperator pass reuses the QDQ pass's)."""
+    import os
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    path = f"{tmp}/entropy-ranges.json"
+    if not os.path.exists(path):
+        calibrator = create_calibrator(
+            src,
+            list(op_types) or None,
+            augmented_model_path=f"{tmp}/entropy-augmented.onnx",
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
+        )
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), path)
+    return path

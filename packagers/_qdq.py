@@ -18,8 +18,14 @@ import numpy as np
 
 from edge_runtime.evaluation.samples import SampleSet
 from edgemart.core.errors import UsageError
-from packagers._base import Conversion, QualityOptions, _first_samples
-from packagers._calibration import AUTO_METHODS, activation_tensors, choose_method, range_stability
+from packagers._base import Conversion, QualityOptions
+from packagers._calibration import (
+    AUTO_METHODS,
+    activation_tensors,
+    choose_method_for,
+    entropy_ranges,
+    range_stability,
+)
 from packagers._runtime import OnnxRunner
 from packagers.quality import EXACT_SNR_DB, compare_outputs, snr_db
 
@@ -308,7 +314,7 @@ def quantize_qdq(
     # They also report progress with print(): keep it off our stdout (--json).
     with contextlib.redirect_stdout(io.StringIO()):
         cache = (
-            _entropy_ranges(src, tmp, Reader(samples, inputs, batch), op_types)
+            entropy_ranges(src, tmp, Reader(samples, inputs, batch), op_types)
             if method == "entropy"
             else None
         )
@@ -327,33 +333,6 @@ def quantize_qdq(
             extra_options=extra,
         )
     return onnx.load(dst)
-
-
-# Histogram bins of the entropy (KL) threshold search. quantize_static leaves onnxruntime's 128, equal to its
-# 128 quantized bins: one candidate threshold, the min/max range, so "entropy" was minmax on one batch.
-# 2048 (TensorRT's figure) took 76-90 s on PP-OCR cls; 512 takes 18-24 s.
-ENTROPY_BINS = 512
-
-
-def _entropy_ranges(src: str, tmp: str, reader, op_types: tuple[str, ...]) -> str:
-    """Entropy-calibrated ranges of the model at `src`, saved as an onnxruntime calibration cache (made once
-    per `tmp`: the QOperator pass reuses the QDQ pass's)."""
-    import os
-
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
-
-    path = f"{tmp}/entropy-ranges.json"
-    if not os.path.exists(path):
-        calibrator = create_calibrator(
-            src,
-            list(op_types) or None,
-            augmented_model_path=f"{tmp}/entropy-augmented.onnx",
-            calibrate_method=CalibrationMethod.Entropy,
-            extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
-        )
-        calibrator.collect_data(reader)
-        save_tensors_data(calibrator.compute_data(), path)
-    return path
 
 
 LAYER_SAMPLES = 16  # samples used for the per-layer comparison (intermediates are large)
@@ -436,7 +415,7 @@ def quantize_with_options(
                 progress(0.2 + 0.08 * i, f"auto calibration: quantizing with {method}")
                 candidates[method] = quantize(method, False)
             progress(0.45, "auto calibration: measuring each method's agreement with fp32")
-            choice = _choose(fp32, candidates, calibration, holdout, opts.max_quality_samples)
+            choice = choose_method_for(fp32, candidates, calibration, holdout, opts.max_quality_samples)
             qdq = candidates[choice["chosen"]]
         else:
             qdq = quantize(opts.calibration_method, False)
@@ -474,24 +453,6 @@ def quantize_with_options(
         "stability": stability,
     }
     return Quantized(fp32, qdq, qoperator, meta, section)
-
-
-def _choose(fp32, candidates: dict, calibration: SampleSet, holdout: SampleSet | None, limit: int) -> dict:
-    """choose_method on the held-out samples (at most `limit`, as the report measures them), else on the
-    calibration samples, which is optimistic and said so."""
-    if holdout is not None:
-        samples, where = _first_samples(holdout, limit), "holdout"
-    else:
-        samples, where = _first_samples(calibration, limit), "calibration"
-    what = f"{samples.count} {where} samples" + (
-        "" if holdout is not None else " (no holdout given: optimistic)"
-    )
-    return choose_method(
-        fp32.SerializeToString(),  # type: ignore[attr-defined]
-        {m: q.SerializeToString() for m, q in candidates.items()},
-        samples,
-        what,
-    )
 
 
 def compact(model, *, keep_node_names: bool = False) -> bytes:
