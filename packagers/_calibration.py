@@ -19,7 +19,10 @@ from packagers.quality import compare_outputs
 # Tried in this order; a tie keeps the earlier one. Entropy is left out: its KL threshold search runs in
 # Python per tensor and took 18-24 s on PP-OCR cls (vs ~3 s for the whole minmax build); ask for it by name.
 AUTO_METHODS = ("minmax", "percentile")
-RANGE_RESAMPLES = 32  # bootstrap resamples of the calibration set per size
+RANGE_RESAMPLES = 32  # random splits of the calibration set into disjoint halves (and quarters)
+# Spread ~ n^-a; with fewer than 8 samples a is not measured and the 1/sqrt(n) law is assumed (on the
+# digits corpus a was 0.3 from 2 to 8 samples and 0.5 from 25 to 100, so small-set suggestions run low).
+DEFAULT_RATE = 0.5
 STABILITY_MAX_RUNS = 512  # runs whose activations are measured; a larger set is at least as stable
 SUGGEST_FLOOR = 32  # suggested when one sample leaves nothing to measure a spread from
 SUGGEST_CAP = 5000  # suggestions are capped here (and say so)
@@ -67,9 +70,37 @@ def _widths(mins: np.ndarray, maxs: np.ndarray, picks: np.ndarray, symmetric: bo
     return np.maximum(hi, 0.0) - np.minimum(lo, 0.0)
 
 
-def _relative_spread(widths: np.ndarray) -> np.ndarray:
-    mean = widths.mean(axis=0)
-    return np.where(mean > 0, widths.std(axis=0) / np.where(mean > 0, mean, 1.0), 0.0)
+def _split_spread(
+    mins: np.ndarray, maxs: np.ndarray, size: int, resamples: int, rng, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(relative std, max / min) of each tensor's scale over sets of `size` runs, from `resamples` random
+    pairs of disjoint sets: independent replicates of that size. (Bootstrap resamples of the whole set
+    cannot go past its extremes and understated the spread of a range 1.3-1.8x on the digits corpus.)"""
+    perms = np.stack([rng.permutation(mins.shape[0])[: 2 * size] for _ in range(resamples)])
+    first = _widths(mins, maxs, perms[:, :size], symmetric)
+    second = _widths(mins, maxs, perms[:, size:], symmetric)
+    both = np.concatenate([first, second])
+    mean = both.mean(axis=0)
+    std = np.sqrt(np.mean((first - second) ** 2, axis=0) / 2.0)
+    low, high = both.min(axis=0), both.max(axis=0)
+    spread = np.where(mean > 0, std / np.where(mean > 0, mean, 1.0), 0.0)
+    return spread, np.where(low > 0, high / np.where(low > 0, low, 1.0), 1.0)
+
+
+# 10% quantiles of chi-square with 1..10 degrees of freedom; Wilson-Hilferty (within 1%) beyond.
+_CHI2_Q10 = (0.0158, 0.2107, 0.5844, 1.0636, 1.6103, 2.2041, 2.8331, 3.4895, 4.1682, 4.8652)
+
+
+def upper_factor(runs: int) -> float:
+    """sqrt(dof / chi2_0.10(dof)), dof = runs - 1: a relative std measured on `runs` samples times this is
+    a one-sided 90% upper bound (3.1x on 3 samples, 1.6x on 8, 1.09x on 200)."""
+    dof = max(runs - 1, 1)
+    if dof <= len(_CHI2_Q10):
+        quantile = _CHI2_Q10[dof - 1]
+    else:
+        c = 2.0 / (9.0 * dof)
+        quantile = dof * (1.0 - c - 1.2816 * math.sqrt(c)) ** 3
+    return math.sqrt(dof / quantile)
 
 
 def _round_up(n: float) -> int:
@@ -91,18 +122,19 @@ def range_stability(
     resamples: int = RANGE_RESAMPLES,
     seed: int = 0,
 ) -> dict:
-    """How much each quantized activation's minmax scale moves across bootstrap resamples of the calibration
-    set, and whether the set is large enough for `threshold` (relative std of the scale).
+    """How much each quantized activation's minmax scale would move between calibration sets of this size,
+    and whether the set is large enough for `threshold` (relative std of the scale).
 
     `probe` is the fp32 model with `tensors` as outputs; it runs once per sample (the only model run) and
-    the resamples reuse the per-sample ranges. The suggested size fits spread ~ n^-a from resamples of
-    half and full size (a clamped to [0.25, 1]; 0.5, the 1/sqrt(n) law, when no shrinking is measured)."""
+    every split reuses the per-sample ranges. Disjoint halves give the spread at half size; spread ~ n^-a,
+    with a fitted from quarters vs halves, carries it to the whole set and gives the suggested size."""
     started = time.perf_counter()
     total = samples.count
     measured = samples.take(slice(0, min(total, STABILITY_MAX_RUNS)))
     out: dict = {
-        "statistic": f"relative std of each quantized activation's minmax scale over {resamples} bootstrap "
-        "resamples of the calibration samples",
+        "statistic": f"relative std of each quantized activation's minmax scale between disjoint halves of "
+        f"the calibration samples ({resamples} random splits), scaled to the whole set's size by the "
+        "shrink rate measured from quarters",
         "threshold": threshold,
         "samples": total,
         "measured_on": measured.count,
@@ -124,23 +156,33 @@ def range_stability(
         )  # fmt: skip
         return _timed(out, started)
     rng = np.random.default_rng(seed)
-    full = _widths(mins, maxs, rng.integers(0, runs, size=(resamples, runs)), symmetric)
-    half = _widths(mins, maxs, rng.integers(0, runs, size=(resamples, max(1, runs // 2))), symmetric)
-    spread, spread_half = _relative_spread(full), _relative_spread(half)
-    ratio = np.where(
-        full.min(axis=0) > 0, full.max(axis=0) / np.where(full.min(axis=0) > 0, full.min(axis=0), 1), 1.0
-    )
-    order = np.argsort(-spread)
-    unstable = [int(i) for i in order if spread[i] > threshold]
+    half = runs // 2
+    spread_half, ratio = _split_spread(mins, maxs, half, resamples, rng, symmetric)
+    # How the spread shrinks with n: measured between quarter- and half-size sets when there are 8 runs
+    # or more (clamped to [0.25, 1]), else DEFAULT_RATE.
+    rate = np.full(len(tensors), DEFAULT_RATE)
+    if runs >= 8:
+        spread_quarter, _ = _split_spread(mins, maxs, runs // 4, resamples, rng, symmetric)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fitted = np.log(spread_quarter / spread_half) / math.log(half / (runs // 4))
+        rate = np.where(np.isfinite(fitted) & (spread_half > 0), np.clip(fitted, 0.25, 1.0), DEFAULT_RATE)
+    spread = spread_half * (half / total) ** rate  # expected at the whole set's size
+    # Measured on few samples the spread is itself uncertain: the verdict takes its 90% upper bound.
+    upper = spread * upper_factor(total)
+    order = np.argsort(-upper)
+    unstable = [int(i) for i in order if upper[i] > threshold]
     out.update(
-        spread_max=round(float(spread[order[0]]), 4),
+        spread_max=round(float(spread.max()), 4),
+        spread_upper_max=round(float(upper[order[0]]), 4),
         spread_median=round(float(np.median(spread)), 4),
         unstable_tensors=len(unstable),
         worst_tensors=[
             {
                 "tensor": tensors[i],
                 "spread": round(float(spread[i]), 4),
+                "spread_upper": round(float(upper[i]), 4),
                 "spread_half_size": round(float(spread_half[i]), 4),
+                "shrink_rate": round(float(rate[i]), 3),
                 "scale_max_over_min": round(float(ratio[i]), 3),
             }
             for i in order[:WORST_SHOWN]
@@ -150,29 +192,42 @@ def range_stability(
         out.update(
             verdict="stable",
             suggested_samples=None,
-            message=f"stable: every quantized activation's scale varies by at most {spread[order[0]]:.1%} "
-            f"(relative std) across resamples of the {total} samples (threshold {threshold:.0%})",
+            message=f"stable: every quantized activation's scale is expected to vary by at most "
+            f"{upper[order[0]]:.1%} (relative std, 90% upper bound) between calibration sets of {total} "
+            f"samples (threshold {threshold:.0%})",
         )
         return _timed(out, started)
-    needed, capped = 0.0, False
-    for i in unstable:
-        shrink = spread_half[i] / spread[i] if spread[i] > 0 else 0.0
-        a = min(max(math.log2(shrink), 0.25), 1.0) if shrink > 1.0 else 0.5
-        needed = max(needed, runs * (spread[i] / threshold) ** (1.0 / a))
-    suggested = max(_round_up(needed), total + 1)
-    if suggested > SUGGEST_CAP:
-        suggested, capped = SUGGEST_CAP, True
-    worst = tensors[order[0]]
+    suggested, capped = _suggest(spread_half[unstable], rate[unstable], half, total, threshold)
     out.update(
         verdict="too_small",
         suggested_samples=suggested,
         suggestion_capped=capped,
         message=f"the calibration set is too small for stable ranges: {len(unstable)} of {len(tensors)} "
-        f"quantized activations' scales vary by more than {threshold:.0%} across resamples of the "
-        f"{total} samples (worst {spread[order[0]]:.1%}, {worst}); use about "
-        f"{'at least ' if capped else ''}{suggested} samples",
+        f"quantized activations' scales may vary by more than {threshold:.0%} between sets of {total} "
+        f"samples (worst {upper[order[0]]:.1%} at 90% confidence, {spread[order[0]]:.1%} expected: "
+        f"{tensors[order[0]]}); "
+        + (
+            f"use more than {suggested} samples (the estimate passes the cap)"
+            if capped
+            else f"use about {suggested} samples"
+        )
+        + ("" if runs >= 8 else " (a rough estimate: under 8 samples the shrink rate is assumed, 1/sqrt(n))"),
     )
     return _timed(out, started)
+
+
+def _suggest(
+    spread_half: np.ndarray, rate: np.ndarray, half: int, total: int, threshold: float
+) -> tuple[int, bool]:
+    """(the smallest set size, in ~5% steps, at which every given tensor's upper-bound spread meets
+    `threshold`, capped at SUGGEST_CAP; whether the cap was hit)."""
+    n = float(total + 1)
+    while n < SUGGEST_CAP:
+        count = _round_up(n)
+        if float(np.max(spread_half * (half / count) ** rate)) * upper_factor(count) <= threshold:
+            return count, False
+        n = max(n * 1.05, n + 1)
+    return SUGGEST_CAP, True
 
 
 def _timed(out: dict, started: float) -> dict:

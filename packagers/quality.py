@@ -1,3 +1,4 @@
+# Why this is one module: the report's figures and their HTML rendering change together, one section at a time.
 """The quality report every build carries: size, latency, agreement with fp32, worst layers, verdict.
 
 Figures are computed here from runner outputs; `QualityReport` renders them as JSON and a self-contained HTML page."""
@@ -234,7 +235,8 @@ def _calibration_html(cal: dict) -> list[str]:
                 ["samples", cal.get("samples")],
                 ["method", f"{cal.get('method')} (requested: {cal.get('requested')})"],
                 ["why", choice.get("why", "")],
-                ["largest scale spread (relative std)", st.get("spread_max")],
+                ["largest scale spread (relative std, expected)", st.get("spread_max")],
+                ["largest scale spread (90% upper bound, the verdict's figure)", st.get("spread_upper_max")],
                 ["median scale spread", st.get("spread_median")],
                 ["threshold", st.get("threshold")],
                 ["suggested samples", st.get("suggested_samples") or "-"],
@@ -247,10 +249,24 @@ def _calibration_html(cal: dict) -> list[str]:
         out.append(
             _table(
                 [
-                    [w["tensor"], w["spread"], w["spread_half_size"], w["scale_max_over_min"]]
+                    [
+                        w["tensor"],
+                        w["spread"],
+                        w["spread_upper"],
+                        w["spread_half_size"],
+                        w["shrink_rate"],
+                        w["scale_max_over_min"],
+                    ]
                     for w in st["worst_tensors"]
                 ],
-                ["tensor", "spread", "spread at half size", "scale max / min"],
+                [
+                    "tensor",
+                    "spread",
+                    "90% upper",
+                    "spread at half size",
+                    "shrink rate a (n^-a)",
+                    "scale max / min (halves)",
+                ],
             )
         )
     if choice.get("candidates"):
