@@ -156,6 +156,7 @@ h1{font-size:1.4em} h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid 
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 .pass{background:#e6f4ea;border-left:6px solid #1e8e3e;padding:.6em 1em}
 .fail{background:#fce8e6;border-left:6px solid #d93025;padding:.6em 1em}
+.warn{background:#fef7e0;border-left:6px solid #f9ab00;padding:.6em 1em}
 code{background:#f3f3f3;padding:0 .2em}
 """
 
@@ -228,7 +229,7 @@ def _calibration_html(cal: dict) -> list[str]:
     ok = st.get("verdict") != "too_small"
     out = [
         "<h2>Calibration</h2>",
-        f'<div class="{"pass" if ok else "fail"}"><b>{"STABLE" if ok else "TOO SMALL"}</b>: '
+        f'<div class="{"pass" if ok else "warn"}"><b>{"STABLE" if ok else "TOO SMALL"}</b>: '
         f"{html.escape(str(st.get('message', '')))}</div>",
         _table(
             [
