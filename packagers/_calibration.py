@@ -17,7 +17,7 @@ from packagers._runtime import OnnxRunner
 from packagers.quality import compare_outputs
 
 # Tried in this order; a tie keeps the earlier one. Entropy is left out: its KL threshold search runs in
-# Python per tensor and took 18-24 s on PP-OCR cls (vs ~3 s for the whole minmax build); ask for it by name.
+# Python per tensor and took 14-24 s on PP-OCR cls (vs ~2 s for the whole minmax build); ask for it by name.
 AUTO_METHODS = ("minmax", "percentile")
 RANGE_RESAMPLES = 32  # random splits of the calibration set into disjoint halves (and quarters)
 # Spread ~ n^-a; with fewer than 8 samples a is not measured and the 1/sqrt(n) law is assumed (on the
@@ -299,7 +299,7 @@ def choose_method_for(
 
 # Histogram bins of the entropy (KL) threshold search. quantize_static leaves onnxruntime's 128, equal to its
 # 128 quantized bins: one candidate threshold, the min/max range, so "entropy" was minmax on one batch.
-# 2048 (TensorRT's figure) took 76-90 s on PP-OCR cls; 512 takes 18-24 s.
+# 2048 (TensorRT's figure) took 76-90 s on PP-OCR cls; 512 takes 14-24 s.
 ENTROPY_BINS = 512
 
 
