@@ -1,5 +1,5 @@
 """Calibration quality for the int8 ONNX targets: how stable each quantized activation's range is for the
-seller's calibration set (bootstrap over the samples), and which calibration method agrees best with fp32.
+seller's calibration set (disjoint halves of the samples), and which calibration method agrees best with fp32.
 
 `_qdq` quantizes and calls these; entropy ranges are made here too (onnxruntime's calibrator, enough bins)."""
 
@@ -142,14 +142,14 @@ def range_stability(
         "tensors": len(tensors),
     }
     if not tensors:
-        out.update(verdict="stable", spread_max=0.0, spread_median=0.0, worst_tensors=[], unstable_tensors=0,
+        out.update(verdict="stable", spread_max=0.0, spread_upper_max=0.0, spread_median=0.0, worst_tensors=[], unstable_tensors=0,
                    suggested_samples=None, message="no activation is quantized: nothing to calibrate")  # fmt: skip
         return _timed(out, started)
     mins, maxs = _per_run_ranges(probe, tensors, measured)
     runs = mins.shape[0]
     if runs < 2:
         out.update(
-            verdict="too_small", spread_max=None, spread_median=None, worst_tensors=[], unstable_tensors=None,
+            verdict="too_small", spread_max=None, spread_upper_max=None, spread_median=None, worst_tensors=[], unstable_tensors=None,
             suggested_samples=SUGGEST_FLOOR,
             message=f"one calibration run: no spread can be measured; use at least {SUGGEST_FLOOR} samples "
             "(a floor, not a measurement)",

@@ -342,12 +342,12 @@ LAYER_SAMPLES = 16  # samples used for the per-layer comparison (intermediates a
 class QdqOptions(QualityOptions):
     """Options every onnxruntime static-QDQ target shares."""
 
-    # auto: quantize with each of minmax, percentile, entropy and keep the one agreeing best with fp32
+    # auto (the arm-cpu and x86-cpu default): quantize with each of AUTO_METHODS (minmax, percentile) and
+    # keep the one agreeing best with fp32 on the holdout samples
     calibration_method: Literal["auto", "minmax", "entropy", "percentile"] = "minmax"
     percentile: float = 99.999  # for calibration_method=percentile (and auto's percentile candidate)
-    max_range_spread: float = (
-        0.10  # above this relative spread of an activation's scale, the set is too small
-    )
+    # the calibration set is too small when an activation's scale may vary more than this between sets
+    max_range_spread: float = 0.10
     per_channel: bool = True
     nodes_to_exclude: tuple[str, ...] = ()  # node names kept in float
     op_types: tuple[str, ...] = ()  # op types to quantize; empty: every op onnxruntime can quantize
