@@ -256,3 +256,16 @@ def test_ppocr_cls_eight_samples_are_flagged(cls_builds):
     assert st["samples"] == 8 and st["tensors"] > 50
     assert st["verdict"] == "too_small" and st["suggested_samples"] > 8
     assert len(cal["method_choice"]["candidates"]) >= 2
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_methods_take_a_set_that_is_not_a_whole_number_of_batches(method):
+    """onnxruntime's histogram calibrators stacked every run's activations and raised ValueError when the
+    last batch of 16 was shorter (the digits corpus's 200 samples did)."""
+    build = package_model(
+        _matmul_model(16, 4, hidden=16),
+        "arm-cpu",
+        calibration={"x": _varying_amplitude(20, 0)},
+        options={**FAST, "calibration_method": method},
+    )
+    assert build.quality.calibration["method"] == method and build.metadata["calibration_method"] == method
