@@ -89,6 +89,7 @@ class Conversion:
     notes: list = field(default_factory=list)
     constraints: list = field(default_factory=list)  # accelerator rules checked node by node
     as_uploaded: bool = False  # the seller's pre-quantized model, sealed byte for byte
+    calibration: dict | None = None  # range stability and calibration method choice (int8 ONNX targets)
 
 
 class Packager(ABC):
@@ -114,11 +115,18 @@ class Packager(ABC):
 
     @abstractmethod
     def convert(
-        self, model: bytes, info: ModelInfo, calibration: SampleSet | None, progress: Progress
+        self,
+        model: bytes,
+        info: ModelInfo,
+        calibration: SampleSet | None,
+        progress: Progress,
+        *,
+        holdout: SampleSet | None = None,
     ) -> Conversion:
         """Produce the payload (and any target-specific figures) from the validated model.
 
-        `calibration` runs one sample per run or in batches; never stateful (state is unrolled beforehand)."""
+        `calibration` runs one sample per run or in batches; never stateful (state is unrolled beforehand).
+        `holdout` (as given: may be stateful) is for choices measured against fp32, never for calibrating."""
 
     def as_uploaded(self, info: ModelInfo, model: bytes, progress: Progress) -> Conversion | None:
         """The uploaded model itself when it already is this target's build (pre-quantized); None to convert."""
@@ -165,7 +173,9 @@ class Packager(ABC):
         if cal is not None and cal.state and info.format == "onnx" and sealed is None:
             report(0.02, "running the calibration sequences through fp32 to carry their state")
             steps = unroll(OnnxRunner(model).run, cal)
-        conversion = sealed or self.convert(model, info, steps, lambda f, m: report(0.05 + 0.6 * f, m))
+        conversion = sealed or self.convert(
+            model, info, steps, lambda f, m: report(0.05 + 0.6 * f, m), holdout=hold
+        )
         seconds = time.perf_counter() - started
         report(0.7, "measuring quality against fp32")
         quality = self._measure(model, info, conversion, cal, hold, None if cal is not None else timing)
@@ -249,6 +259,9 @@ class Packager(ABC):
         passed, reason = verdict(agreement, opts.min_agreement, opts.min_snr_db)
         if conv.as_uploaded:
             reason = "as uploaded: the seller's pre-quantized model, sealed byte for byte (no fp32 original to compare)"
+        stability = (conv.calibration or {}).get("stability", {})
+        if stability.get("verdict") == "too_small":
+            notes.append(f"calibration: {stability['message']}")
         if not passed and conv.suggested_nodes_to_exclude:
             reason += "; suggested: --option nodes_to_exclude=" + ",".join(conv.suggested_nodes_to_exclude)
         return QualityReport(
@@ -273,6 +286,7 @@ class Packager(ABC):
             op_compatibility=conv.op_compatibility,
             notes=notes,
             constraints=conv.constraints,
+            calibration=conv.calibration,
         )
 
     def made_for_format(self, fmt: str) -> str:

@@ -5,7 +5,10 @@ Per-layer error compares intermediate activations of the fp32 and the QDQ model 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,8 +19,15 @@ import numpy as np
 from edge_runtime.evaluation.samples import SampleSet
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, QualityOptions
+from packagers._calibration import (
+    AUTO_METHODS,
+    activation_tensors,
+    choose_method_for,
+    entropy_ranges,
+    range_stability,
+)
 from packagers._runtime import OnnxRunner
-from packagers.quality import compare_outputs, snr_db
+from packagers.quality import EXACT_SNR_DB, compare_outputs, snr_db
 
 # Per-channel QDQ (DequantizeLinear with `axis`) needs opset 13.
 QDQ_MIN_OPSET = 13
@@ -27,7 +37,6 @@ QUANTIZABLE_OPS = frozenset(
      "Resize", "Transpose", "Reshape", "LeakyRelu", "Gather", "Pow", "ReduceMean", "Sqrt"}
 )  # fmt: skip
 _QDQ_NODES = ("QuantizeLinear", "DequantizeLinear")
-EXACT_SNR_DB = 100.0  # reported for tensors the quantized model reproduces exactly
 
 
 def name_nodes(model) -> None:
@@ -299,19 +308,30 @@ def quantize_qdq(
     onnx.save(fp32_model, src)
     initializers = {i.name for i in fp32_model.graph.initializer}
     inputs = {i.name for i in fp32_model.graph.input if i.name not in initializers}
-    quantize_static(
-        src,
-        dst,
-        Reader(samples, inputs),
-        quant_format=QuantFormat.QOperator if operator_format else QuantFormat.QDQ,
-        per_channel=per_channel,
-        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=list(nodes_to_exclude) or None,
-        op_types_to_quantize=list(op_types) or None,
-        calibrate_method=methods[method],
-        extra_options=extra,
-    )
+    # onnxruntime's histogram calibrators (percentile, entropy) stack every run's activations into one
+    # array, which fails when the last batch is shorter: they get one sample per run.
+    batch = 16 if method == "minmax" else 1
+    # They also report progress with print(): keep it off our stdout (--json).
+    with contextlib.redirect_stdout(io.StringIO()):
+        cache = (
+            entropy_ranges(src, tmp, Reader(samples, inputs, batch), op_types)
+            if method == "entropy"
+            else None
+        )
+        quantize_static(
+            src,
+            dst,
+            Reader(samples, inputs, batch),
+            calibration_cache_path=cache,
+            quant_format=QuantFormat.QOperator if operator_format else QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(nodes_to_exclude) or None,
+            op_types_to_quantize=list(op_types) or None,
+            calibrate_method=methods[method],
+            extra_options=extra,
+        )
     return onnx.load(dst)
 
 
@@ -322,8 +342,12 @@ LAYER_SAMPLES = 16  # samples used for the per-layer comparison (intermediates a
 class QdqOptions(QualityOptions):
     """Options every onnxruntime static-QDQ target shares."""
 
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    percentile: float = 99.999  # only for calibration_method=percentile
+    # auto (the arm-cpu and x86-cpu default): quantize with each of AUTO_METHODS (minmax, percentile) and
+    # keep the one agreeing best with fp32 on the holdout samples
+    calibration_method: Literal["auto", "minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999  # for calibration_method=percentile (and auto's percentile candidate)
+    # the calibration set is too small when an activation's scale may vary more than this between sets
+    max_range_spread: float = 0.10
     per_channel: bool = True
     nodes_to_exclude: tuple[str, ...] = ()  # node names kept in float
     op_types: tuple[str, ...] = ()  # op types to quantize; empty: every op onnxruntime can quantize
@@ -333,6 +357,8 @@ class QdqOptions(QualityOptions):
         super().__post_init__()
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"option percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 < self.max_range_spread <= 1.0:
+            raise UsageError(f"option max_range_spread must be in (0, 1], got {self.max_range_spread}")
 
 
 @dataclass
@@ -344,6 +370,7 @@ class Quantized:
     qdq: object
     qoperator: object | None
     meta: dict
+    calibration: dict | None = None  # the report's calibration section
 
 
 def quantize_with_options(
@@ -356,20 +383,23 @@ def quantize_with_options(
     what: str,
     activations: Literal["int8", "uint8"] = "int8",
     operator_format_too: bool = False,
+    holdout: SampleSet | None = None,
 ) -> Quantized:
-    """Pre-process and statically quantize per ``opts`` (temp files in a TemporaryDirectory)."""
+    """Pre-process and statically quantize per ``opts`` (temp files in a TemporaryDirectory); with
+    calibration_method=auto every method in AUTO_METHODS is tried and the one agreeing best with fp32 on
+    `holdout` (else the calibration samples) is kept. Also measures how stable the activation ranges are."""
     with tempfile.TemporaryDirectory(prefix="edgemart-qdq-") as tmp:
         progress(0.05, "pre-processing (shape inference, opset)")
         fp32, meta = prepare_for_qdq(model, tmp, opts.preprocess, calibration.fixed)
         progress(0.2, what)
 
-        def quantize(operator_format: bool):
+        def quantize(method: str, operator_format: bool):
             return quantize_qdq(
                 fp32,
                 calibration,
                 tmp,
                 per_channel=opts.per_channel,
-                method=opts.calibration_method,
+                method=method,
                 percentile=opts.percentile,
                 nodes_to_exclude=opts.nodes_to_exclude,
                 symmetric_activations=symmetric_activations,
@@ -378,19 +408,51 @@ def quantize_with_options(
                 op_types=opts.op_types,
             )
 
-        qdq = quantize(False)
+        started = time.perf_counter()
+        if opts.calibration_method == "auto":
+            candidates = {}
+            for i, method in enumerate(AUTO_METHODS):
+                progress(0.2 + 0.08 * i, f"auto calibration: quantizing with {method}")
+                candidates[method] = quantize(method, False)
+            progress(0.45, "auto calibration: measuring each method's agreement with fp32")
+            choice = choose_method_for(fp32, candidates, calibration, holdout, opts.max_quality_samples)
+            qdq = candidates[choice["chosen"]]
+        else:
+            qdq = quantize(opts.calibration_method, False)
+            choice = {"chosen": opts.calibration_method, "why": f"option calibration_method={opts.calibration_method}",
+                      "candidates": []}  # fmt: skip
+        choice["seconds"] = round(time.perf_counter() - started, 3)
         qoperator = None
         if operator_format_too:
-            progress(0.45, "quantizing in operator format too (QLinear ops), to keep the smaller equal one")
-            qoperator = quantize(True)
+            progress(0.5, "quantizing in operator format too (QLinear ops), to keep the smaller equal one")
+            qoperator = quantize(choice["chosen"], True)
+        progress(
+            0.55, "measuring how stable the activation ranges are across resamples of the calibration set"
+        )
+        tensors = activation_tensors(qdq, fp32)
+        stability = range_stability(
+            _with_outputs(fp32, tensors),
+            tensors,
+            calibration,
+            symmetric=symmetric_activations,
+            threshold=opts.max_range_spread,
+        )
     meta.update(
-        calibration_method=opts.calibration_method,
+        calibration_method=choice["chosen"],
+        calibration_method_requested=opts.calibration_method,
         per_channel=opts.per_channel,
         nodes_excluded=list(opts.nodes_to_exclude),
         activations=activations,
         op_types_quantized=list(opts.op_types) or "every op onnxruntime quantizes",
     )
-    return Quantized(fp32, qdq, qoperator, meta)
+    section = {
+        "samples": calibration.count,
+        "requested": opts.calibration_method,
+        "method": choice.pop("chosen"),
+        "method_choice": choice,
+        "stability": stability,
+    }
+    return Quantized(fp32, qdq, qoperator, meta, section)
 
 
 def compact(model, *, keep_node_names: bool = False) -> bytes:
@@ -497,4 +559,5 @@ def qdq_conversion(
         float_ops=floats,
         quantized_ops=quantized_ops,
         notes=notes or [],
+        calibration=quantized.calibration,
     )

@@ -29,6 +29,7 @@ class ArmCpuOptions(QdqOptions):
     """Per-channel weights, asymmetric int8 activations (S8S8: onnxruntime's choice for ARM CPUs)."""
 
     op_types: tuple[str, ...] = CPU_OP_TYPES
+    calibration_method: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
     format: Literal["auto", "qdq", "qoperator"] = "auto"  # auto: the smaller of the two at equal agreement
 
 
@@ -77,7 +78,7 @@ class IntCpuPackager(Packager):
             as_uploaded=True,
         )
 
-    def convert(self, model, info, calibration, progress) -> Conversion:
+    def convert(self, model, info, calibration, progress, *, holdout=None) -> Conversion:
         opts = self.options
         assert isinstance(opts, ArmCpuOptions) and calibration is not None
         if info.format == "tflite":
@@ -92,6 +93,7 @@ class IntCpuPackager(Packager):
             what=f"calibrating ({opts.calibration_method}) and quantizing",
             activations=self.activations,
             operator_format_too=opts.format != "qdq",
+            holdout=holdout,
         )
         progress(0.75, "choosing the format, comparing intermediate activations")
         if opts.format == "qoperator":

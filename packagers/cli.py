@@ -155,6 +155,11 @@ def handle_package(args: argparse.Namespace) -> int:
             )
         print(f"  size {q.size['ratio']}x fp32, {timing}")
         print(f"  verdict: {'PASSED' if q.passed else 'FAILED'}: {q.verdict_reason}")
+        if q.calibration:
+            cal = q.calibration
+            print(
+                f"  calibration: {cal['method']} ({cal['method_choice']['why']}); {cal['stability']['message']}"
+            )
         print(f"  report: {html_path}")
     if not build.quality.passed:
         sys.stderr.write(f"quality verdict failed: {build.quality.verdict_reason}\n")

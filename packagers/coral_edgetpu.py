@@ -81,7 +81,7 @@ class CoralEdgeTpuPackager(Packager):
             conversion.notes.append(compiled["summary"])
         return conversion
 
-    def convert(self, model, info, calibration, progress) -> Conversion:
+    def convert(self, model, info, calibration, progress, *, holdout=None) -> Conversion:
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions) and calibration is not None
         if info.format == "tflite":

@@ -27,6 +27,16 @@ class FpgaXint8Options(QdqOptions):
     sigmoid_as_hard_sigmoid: bool = False  # run Sigmoid as the DPU HardSigmoid (else it stays on the CPU)
     int8_biases: bool = False  # biases as int8 with their own power of two (within shift_bias), not int32
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calibration_method == "auto":
+            # The scales are snapped to powers of two after calibration, so agreement measured on the
+            # candidates would not be the build's: the method is the seller's choice here.
+            raise UsageError(
+                "option calibration_method=auto is for arm-cpu and x86-cpu; fpga-xint8 snaps every scale to a "
+                "power of two after calibrating, so choose minmax, entropy or percentile"
+            )
+
 
 def is_power_of_two(values: np.ndarray) -> bool:
     """True when every value is exactly 2**k (positive, mantissa 0.5 in frexp terms)."""
@@ -65,7 +75,7 @@ class FpgaXint8Packager(Packager):
     made_for = "Vitis AI DPU (deployable QDQ ONNX)"
     native_machines = frozenset()
 
-    def convert(self, model, info, calibration, progress) -> Conversion:
+    def convert(self, model, info, calibration, progress, *, holdout=None) -> Conversion:
         opts = self.options
         assert isinstance(opts, FpgaXint8Options) and calibration is not None
         quantized = quantize_with_options(

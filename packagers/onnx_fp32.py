@@ -23,7 +23,7 @@ class OnnxFp32Packager(Packager):
     made_for = "any onnxruntime CPU"
     native_machines = None
 
-    def convert(self, model, info, calibration, progress) -> Conversion:
+    def convert(self, model, info, calibration, progress, *, holdout=None) -> Conversion:
         progress(0.5, "loading in onnxruntime")
         OnnxRunner(model)  # raises UsageError if onnxruntime refuses it
         return Conversion(

@@ -1,3 +1,4 @@
+# Why this is one module: the report's figures and their HTML rendering change together, one section at a time.
 """The quality report every build carries: size, latency, agreement with fp32, worst layers, verdict.
 
 Figures are computed here from runner outputs; `QualityReport` renders them as JSON and a self-contained HTML page."""
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 SPLITS = ("holdout", "calibration")
+EXACT_SNR_DB = 100.0  # reported for tensors the quantized model reproduces exactly
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class QualityReport:
     op_compatibility: dict | None = None
     notes: list = field(default_factory=list)
     constraints: list = field(default_factory=list)  # accelerator rules, node by node (fpga-xint8)
+    calibration: dict | None = None  # range stability and method choice (int8 ONNX targets)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -153,6 +156,7 @@ h1{font-size:1.4em} h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid 
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 .pass{background:#e6f4ea;border-left:6px solid #1e8e3e;padding:.6em 1em}
 .fail{background:#fce8e6;border-left:6px solid #d93025;padding:.6em 1em}
+.warn{background:#fef7e0;border-left:6px solid #f9ab00;padding:.6em 1em}
 code{background:#f3f3f3;padding:0 .2em}
 """
 
@@ -216,6 +220,66 @@ def _latency_row(latency: dict) -> list:
                 latency.get("build_ms"), latency.get("ratio")]  # fmt: skip
     return [f"{latency.get('machine')} host check, NOT this build's latency (ms, {per})", latency.get("fp32_ms"),
             latency.get("host_build_ms"), latency.get("host_ratio")]  # fmt: skip
+
+
+def _calibration_html(cal: dict) -> list[str]:
+    """The calibration section: range stability over resamples of the set, and how the method was chosen."""
+    st = cal.get("stability", {})
+    choice = cal.get("method_choice", {})
+    ok = st.get("verdict") != "too_small"
+    out = [
+        "<h2>Calibration</h2>",
+        f'<div class="{"pass" if ok else "warn"}"><b>{"STABLE" if ok else "TOO SMALL"}</b>: '
+        f"{html.escape(str(st.get('message', '')))}</div>",
+        _table(
+            [
+                ["samples", cal.get("samples")],
+                ["method", f"{cal.get('method')} (requested: {cal.get('requested')})"],
+                ["why", choice.get("why", "")],
+                ["largest scale spread (relative std, expected)", st.get("spread_max")],
+                ["largest scale spread (90% upper bound, the verdict's figure)", st.get("spread_upper_max")],
+                ["median scale spread", st.get("spread_median")],
+                ["threshold", st.get("threshold")],
+                ["suggested samples", st.get("suggested_samples") or "-"],
+            ],
+            ["figure", "value"],
+        ),
+    ]
+    if st.get("worst_tensors"):
+        out.append(f"<p>{html.escape(str(st.get('statistic', '')))}; worst activations:</p>")
+        out.append(
+            _table(
+                [
+                    [
+                        w["tensor"],
+                        w["spread"],
+                        w["spread_upper"],
+                        w["spread_half_size"],
+                        w["shrink_rate"],
+                        w["scale_max_over_min"],
+                    ]
+                    for w in st["worst_tensors"]
+                ],
+                [
+                    "tensor",
+                    "spread",
+                    "90% upper",
+                    "spread at half size",
+                    "shrink rate a (n^-a)",
+                    "scale max / min (halves)",
+                ],
+            )
+        )
+    if choice.get("candidates"):
+        out.append(f"<p>Candidates measured on {html.escape(str(choice.get('evaluated_on', '')))}:</p>")
+        out.append(
+            _table(
+                [[c["method"], c["agreement"], c["snr_db"], "chosen" if c["method"] == cal.get("method") else ""]
+                 for c in choice["candidates"]],
+                ["method", "lowest top-1 agreement", "lowest SNR dB", ""],
+            )
+        )  # fmt: skip
+    return out
 
 
 def render_html(report: QualityReport) -> str:
@@ -299,6 +363,8 @@ def render_html(report: QualityReport) -> str:
         body.append(
             svg_bars("SNR of worst layers (dB)", [(w["node"], w["snr_db"]) for w in r.worst_layers], " dB")
         )
+    if r.calibration:
+        body.extend(_calibration_html(r.calibration))
     if r.suggested_nodes_to_exclude:
         names = ",".join(r.suggested_nodes_to_exclude)
         body.append(

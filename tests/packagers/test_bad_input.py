@@ -152,7 +152,7 @@ def test_registry_and_typed_options():
         get_packager("gpu-magic")
     with pytest.raises(UsageError, match="unknown option 'extra_options'.*valid options: .*nodes_to_exclude"):
         get_packager("arm-cpu", {"extra_options": "x"})
-    with pytest.raises(UsageError, match="must be one of minmax, entropy, percentile"):
+    with pytest.raises(UsageError, match="must be one of auto, minmax, entropy, percentile"):
         get_packager("arm-cpu", {"calibration_method": "kl"})
     with pytest.raises(UsageError, match="must be true or false"):
         get_packager("arm-cpu", {"per_channel": "maybe"})
