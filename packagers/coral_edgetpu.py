@@ -1,7 +1,8 @@
 """Target `coral-edgetpu`: full-integer int8 TFLite plus an Edge TPU op-compatibility report.
 
-The int8 TFLite comes from the in-house writer (dense classifiers); other models get a UsageError that
-carries the op-compatibility estimate. `edgetpu_compiler` runs when it is on PATH and its log is kept."""
+An ONNX upload becomes full-integer int8 TFLite through onnx2tf + TensorFlow (the `coral` extra,
+packagers/_onnx2tf.py) with the seller's calibration samples as the representative dataset; a model the
+converter cannot take gets a UsageError naming the cause and carrying the op-compatibility estimate. `edgetpu_compiler` runs when it is on PATH and its log is kept."""
 
 from __future__ import annotations
 
@@ -9,35 +10,30 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, QualityOptions, register
 from packagers._edgetpu_ops import model_compatibility, onnx_compatibility, tflite_compatibility
-from packagers._model import ModelInfo, parse_onnx
-from packagers._qdq import EXACT_SNR_DB, _with_outputs
-from packagers._runtime import OnnxRunner, make_litert_interpreter
-from packagers._tflite_writer import lower_onnx, write_int8_tflite
+from packagers._model import ModelInfo, full_int8_problems, parse_onnx
+from packagers._onnx2tf import CALIBRATION_SAMPLES, convert_int8, require_converter
+from packagers._runtime import make_litert_interpreter
 from packagers.arm_cpu import sealed_int8_tflite
-from packagers.quality import snr_db
-
-RANGE_SAMPLES = 500
 
 
 @dataclass(frozen=True)
 class CoralEdgeTpuOptions(QualityOptions):
     run_compiler: bool = True  # run edgetpu_compiler when it is on PATH
     compiler_timeout_s: int = 300
+    converter_timeout_s: int = 900  # onnx2tf + the TFLite calibrator, in a child process
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.compiler_timeout_s < 1:
-            raise UsageError(f"option compiler_timeout_s must be >= 1, got {self.compiler_timeout_s}")
+        for name in ("compiler_timeout_s", "converter_timeout_s"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"option {name} must be >= 1, got {getattr(self, name)}")
 
 
 def _compat_line(report: dict) -> str:
@@ -82,29 +78,40 @@ class CoralEdgeTpuPackager(Packager):
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions) and calibration is not None
         proto = parse_onnx(model)
+        if calibration.per_run:
+            raise UsageError(
+                "coral-edgetpu converts models fed one batch of samples at a time; these calibration samples "
+                "are whole runs (per_run): give samples keyed by input name with one sample per row, then: "
+                "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz"
+            )
+        require_converter()
+        progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
         try:
-            layers, _ = lower_onnx(proto)
+            payload, log = convert_int8(proto, calibration.arrays, opts.converter_timeout_s)
         except UsageError as exc:
             compat = onnx_compatibility(proto)
+            details = {**(exc.details or {}), "op_compatibility": compat}
+            raise UsageError(f"{exc.message}. {_compat_line(compat)}", details=details) from None
+        progress(0.6, "checking the build loads in LiteRT and is full-integer")
+        make_litert_interpreter(payload).allocate_tensors()
+        problems = full_int8_problems(payload)
+        if problems:
             raise UsageError(
-                f"{exc.message}. {_compat_line(compat)}", details={"op_compatibility": compat}
-            ) from None
-        progress(0.1, "measuring activation ranges")
-        subset = calibration.take(slice(0, RANGE_SAMPLES))
-        names = [i.name for i in proto.graph.input] + [layer.output for layer in layers]
-        names = list(dict.fromkeys(names))
-        values = OnnxRunner(_with_outputs(proto, names), output_names=names).run_all(subset)
-        ranges = {n: (float(np.min(v)), float(np.max(v))) for n, v in values.items() if v.dtype.kind == "f"}
-        progress(0.4, "writing int8 TFLite")
-        shapes = {k: v.shape for k, v in calibration.arrays.items()}
-        payload = write_int8_tflite(proto, ranges, shapes)
-        progress(0.6, "checking the build loads in LiteRT; per-layer error")
-        worst = _layer_errors(payload, layers, values, subset.arrays)
+                "coral-edgetpu: the converted model is not full-integer; these tensors are not int8/int32: "
+                + ", ".join(problems)
+                + ". The Edge TPU runs int8 only: build it for a CPU target instead: "
+                "edgemart package MODEL.onnx --target arm-cpu"
+            )
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
-        notes = [_compat_line(compat)]
-        meta: dict = {"converter": "edgemart in-house ONNX->TFLite int8 writer", "quantization": "int8 full-integer, "
-                      "per-tensor symmetric weights, asymmetric activations, float I/O"}  # fmt: skip
+        notes = [_compat_line(compat), "static batch 1 (the Edge TPU compiler needs static shapes)"]
+        meta: dict = {
+            "converter": f"onnx2tf {_version('onnx2tf')} + TensorFlow {_version('tensorflow')}",
+            "quantization": "int8 full-integer (TFLite converter): per-channel int8 weights, int8 activations, "
+            "float32 inputs/outputs (QUANTIZE/DEQUANTIZE at the edges)",
+            "calibration_samples": min(calibration.count, CALIBRATION_SAMPLES),
+            "converter_log": log,
+        }
         if opts.run_compiler:
             progress(0.8, "running edgetpu_compiler")
             compiled = run_edgetpu_compiler(payload, opts.compiler_timeout_s)
@@ -115,12 +122,20 @@ class CoralEdgeTpuPackager(Packager):
             payload=payload,
             format="tflite",
             metadata=meta,
-            worst_layers=worst,
             float_ops=floats,
             quantized_ops=quantized,
             op_compatibility=compat,
             notes=notes,
         )
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
 
 
 def _op_types(compat: dict) -> tuple[dict, dict]:
@@ -131,43 +146,6 @@ def _op_types(compat: dict) -> tuple[dict, dict]:
             row["mapped_to"]
         ] += 1
     return dict(floats), dict(ints)
-
-
-def _layer_errors(payload: bytes, layers, reference: dict, samples: dict, top: int = 5) -> list[dict]:
-    """Dequantized int8 activations of each layer vs the fp32 ONNX tensor it replaces (first 16 samples)."""
-    batch = next(iter(samples.values()))[:16]
-    interpreter = _with_preserved(payload, batch.shape)
-    details = {d["name"]: d for d in interpreter.get_tensor_details()}
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
-    interpreter.invoke()
-    rows = []
-    for layer in layers:
-        d = details.get(layer.output)
-        if d is None or layer.output not in reference or d["dtype"] != np.int8:
-            continue
-        scale, zero = d["quantization"]
-        got = (interpreter.get_tensor(d["index"]).astype(np.float32) - zero) * scale
-        value = snr_db(reference[layer.output][: len(batch)], got)
-        rows.append(
-            {
-                "node": "+".join(n for n in layer.nodes if n) or layer.output,
-                "op_type": layer.kind,
-                "tensor": layer.output,
-                "snr_db": round(EXACT_SNR_DB if value is None else min(value, EXACT_SNR_DB), 2),
-                "snr_drop_db": None,
-                "quantized": True,
-            }
-        )
-    return sorted(rows, key=lambda r: r["snr_db"])[:top]
-
-
-def _with_preserved(payload: bytes, shape):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
-        interpreter = make_litert_interpreter(payload, preserve_all_tensors=True)
-    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=True)
-    interpreter.allocate_tensors()
-    return interpreter
 
 
 def run_edgetpu_compiler(payload: bytes, timeout_s: int) -> dict:
