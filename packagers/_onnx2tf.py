@@ -97,7 +97,7 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
                 raise UsageError(
                     f"coral-edgetpu: node {node.name} (ArrayFeatureExtractor) looks up a non-constant table; "
                     "export the model without the label lookup (skl2onnx: options={'zipmap': False} and "
-                    "keep the probabilities output), then: edgemart package MODEL.onnx --target coral-edgetpu"
+                    "keep the probabilities output), then: edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz --out DIR"
                 )
             if np.array_equal(table, np.arange(len(table))):
                 replaced = helper.make_node("Identity", [node.input[1]], list(node.output), name=node.name)
@@ -163,7 +163,8 @@ def convert_int8(proto, arrays: dict[str, np.ndarray], timeout_s: int) -> tuple[
         except subprocess.TimeoutExpired:
             raise UsageError(
                 f"coral-edgetpu: onnx2tf did not finish within {timeout_s} s; give it longer: "
-                f"edgemart package MODEL.onnx --target coral-edgetpu --option converter_timeout_s={timeout_s * 4}"
+                "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz "
+                f"--option converter_timeout_s={timeout_s * 4} --out DIR"
             ) from None
         log = _clean(proc.stdout + proc.stderr)
         built = work / "out" / "model_integer_quant.tflite"
@@ -195,7 +196,7 @@ def _failure(log: str, returncode: int) -> str:
             cause += f" (the converter died of signal {-returncode})"
     return (
         f"coral-edgetpu: onnx2tf could not convert this model to int8 TFLite: {cause}. Build it for a target "
-        "that takes it as it is: edgemart package MODEL.onnx --target arm-cpu"
+        "that takes it as it is: edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"
     )
 
 
@@ -228,7 +229,7 @@ def with_onnx_io_names(payload: bytes, in_names: list[str], out_names: list[str]
         raise UsageError(
             "coral-edgetpu: the converted model's inputs/outputs do not match the ONNX model's "
             f"({len(graph.inputs)} in / {len(graph.outputs)} out vs {len(in_names)} / {len(out_names)}); "
-            "build it for a target that takes it as it is: edgemart package MODEL.onnx --target arm-cpu"
+            "build it for a target that takes it as it is: edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"
         )
     for index, name in names.items():
         graph.tensors[index].name = name.encode()

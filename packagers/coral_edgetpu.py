@@ -52,7 +52,9 @@ class CoralEdgeTpuPackager(Packager):
             raise UsageError(
                 "coral-edgetpu takes a full-int8 TFLite or an ONNX model; this TFLite is float: quantize it to "
                 "full int8 (TFLite converter with a representative dataset, or ai-edge-quantizer's "
-                "static_wi8_ai8 recipe), then: edgemart package MODEL_int8.tflite --target coral-edgetpu",
+                "static_wi8_ai8 recipe), then: edgemart package MODEL_int8.tflite --target coral-edgetpu --out DIR; or "
+                "package its ONNX export, which is converted here: edgemart package MODEL.onnx --target "
+                "coral-edgetpu --calibration CAL.npz --out DIR",
                 details={"op_compatibility": tflite_compatibility(model)},
             )
 
@@ -82,7 +84,7 @@ class CoralEdgeTpuPackager(Packager):
             raise UsageError(
                 "coral-edgetpu converts models fed one batch of samples at a time; these calibration samples "
                 "are whole runs (per_run): give samples keyed by input name with one sample per row, then: "
-                "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz"
+                "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz --out DIR"
             )
         require_converter()
         progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
@@ -100,7 +102,7 @@ class CoralEdgeTpuPackager(Packager):
                 "coral-edgetpu: the converted model is not full-integer; these tensors are not int8/int32: "
                 + ", ".join(problems)
                 + ". The Edge TPU runs int8 only: build it for a CPU target instead: "
-                "edgemart package MODEL.onnx --target arm-cpu"
+                "edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"
             )
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
