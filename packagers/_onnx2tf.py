@@ -1,22 +1,23 @@
 """ONNX -> full-integer int8 TFLite through onnx2tf (1.x, TensorFlow 2.21), the `coral` extra.
 
 The ONNX graph is first made static for the converter (batch 1, the calibration samples' shapes, node names
-TensorFlow accepts, skl2onnx's label lookup as a Gather). onnx2tf then runs in a child Python process in a
-temporary directory that is always removed: TensorFlow stays out of the packaging process (its import, its
-threads and its memory go when the child exits) and a converter crash is a UsageError naming the cause, not
-a dead worker. The seller's calibration samples are the representative dataset. The build keeps float
+TensorFlow accepts, skl2onnx's label lookup as a Gather). onnx2tf then runs in this process (in the store,
+that is the sandboxed task, which exits afterwards; a child process could not read its own /proc/self/cmdline
+under the sandbox's Landlock rules, which TensorFlow's converter insists on) in a temporary directory that is
+always removed, its log captured; a converter failure is a UsageError naming the cause. The seller's calibration samples are the representative dataset. The build keeps float
 inputs and outputs with int8 internals (QUANTIZE/DEQUANTIZE at the edges), and its I/O tensors carry the
 ONNX names so the fp32 comparison feeds both models alike."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,28 +27,6 @@ from edgemart.core.errors import UsageError
 INSTALL_HINT = "pip install -e '.[coral]' in the edgemart checkout (make venv installs it)"
 CALIBRATION_SAMPLES = 200  # representative samples fed to the TFLite calibrator, one at a time
 LOG_CHARS = 8000  # the converter's log kept in the build metadata (its tail)
-
-# Runs in the child interpreter: no edgemart import (the child may see another checkout's editable install).
-_DRIVER = r"""
-import json, sys
-import numpy as np
-spec = json.load(open(sys.argv[1]))
-import onnx2tf
-inputs = []
-for name, path, ndim, channels in spec["inputs"]:
-    shape = [1, channels] + [1] * (ndim - 2) if ndim >= 3 else [1] * ndim
-    inputs.append([name, path, np.zeros(shape, np.float32), np.ones(shape, np.float32)])
-onnx2tf.convert(
-    input_onnx_file_path=spec["model"],
-    output_folder_path=spec["out"],
-    output_integer_quantized_tflite=True,
-    quant_type="per-channel",
-    custom_input_op_name_np_data_path=inputs,
-    keep_ncw_or_nchw_or_ncdhw_input_names=spec["keep_layout"] or None,
-    not_use_onnxsim=True,
-    verbosity="warn",
-)
-"""
 
 
 def converter_available() -> bool:
@@ -116,7 +95,7 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
         raise UsageError(f"coral-edgetpu: ONNX shape inference failed on the static graph: {exc}") from None
 
 
-def convert_int8(proto, arrays: dict[str, np.ndarray], timeout_s: int) -> tuple[bytes, str]:
+def convert_int8(proto, arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
     """(full-integer int8 TFLite with float I/O named as the ONNX I/O, the converter's log tail)."""
     import onnx
 
@@ -143,35 +122,70 @@ def convert_int8(proto, arrays: dict[str, np.ndarray], timeout_s: int) -> tuple[
             "inputs": inputs,
             "keep_layout": keep,
         }
-        (work / "spec.json").write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env.update(
-            HOME=tmp, TMPDIR=tmp, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", TF_ENABLE_ONEDNN_OPTS="0",
-            PYTHONNOUSERSITE="1", NO_COLOR="1",
-        )  # fmt: skip
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _DRIVER, str(work / "spec.json")],
-                cwd=tmp,
-                env=env,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise UsageError(
-                f"coral-edgetpu: onnx2tf did not finish within {timeout_s} s; give it longer: "
-                "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz "
-                f"--option converter_timeout_s={timeout_s * 4} --out DIR"
-            ) from None
-        log = _clean(proc.stdout + proc.stderr)
+        returncode, log = _run_converter(spec, work / "converter.log")
         built = work / "out" / "model_integer_quant.tflite"
-        if proc.returncode != 0 or not built.is_file():
-            raise UsageError(_failure(log, proc.returncode), details={"converter_log": log[-LOG_CHARS:]})
+        if returncode != 0 or not built.is_file():
+            raise UsageError(_failure(log, returncode), details={"converter_log": log[-LOG_CHARS:]})
         payload = built.read_bytes()
     return with_onnx_io_names(payload, in_names, out_names), log[-LOG_CHARS:]
+
+
+def _run_converter(spec: dict, log_path: Path) -> tuple[int, str]:
+    """onnx2tf.convert in this process, its stdout/stderr (Python and TensorFlow's C++ logging alike) sent
+    to `log_path` for the time of the call. (returncode, log): 0 when it returned, 1 when it raised or
+    called sys.exit, as onnx2tf does on errors."""
+    for key, value in (
+        ("TF_CPP_MIN_LOG_LEVEL", "2"),
+        ("CUDA_VISIBLE_DEVICES", ""),
+        ("TF_ENABLE_ONEDNN_OPTS", "0"),
+    ):
+        os.environ.setdefault(key, value)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    returncode = 0
+    with open(log_path, "w", buffering=1, errors="replace") as sink:
+        os.dup2(sink.fileno(), 1)  # C++ logging
+        os.dup2(sink.fileno(), 2)
+        try:
+            with (
+                contextlib.redirect_stdout(sink),
+                contextlib.redirect_stderr(sink),
+            ):  # Python's, whoever holds them
+                _convert(spec)
+        except SystemExit as exc:
+            returncode = exc.code if isinstance(exc.code, int) and exc.code else 1
+        except Exception as exc:  # the converter's failure on the seller's model, whatever its type
+            returncode = 1
+            sink.write("".join(traceback.format_exception_only(type(exc), exc)))
+        finally:
+            sink.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    return returncode, _clean(log_path.read_text(errors="replace"))
+
+
+def _convert(spec: dict) -> None:
+    import onnx2tf
+
+    inputs = []
+    for name, path, ndim, channels in spec["inputs"]:
+        shape = [1, channels] + [1] * (ndim - 2) if ndim >= 3 else [1] * ndim
+        inputs.append([name, path, np.zeros(shape, np.float32), np.ones(shape, np.float32)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        onnx2tf.convert(
+            input_onnx_file_path=spec["model"],
+            output_folder_path=spec["out"],
+            output_integer_quantized_tflite=True,
+            quant_type="per-channel",
+            custom_input_op_name_np_data_path=inputs,
+            keep_ncw_or_nchw_or_ncdhw_input_names=spec["keep_layout"] or None,
+            not_use_onnxsim=True,
+            verbosity="warn",
+        )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -183,17 +197,20 @@ def _clean(log: str) -> str:
 
 def _failure(log: str, returncode: int) -> str:
     """The converter's cause in one line: the unsupported op, or the last error line of its log."""
-    missing = re.search(r"No module named 'onnx2tf\.ops\.(\w+)'", log)
+    missing = re.search(r"No module named 'onnx2tf\.ops\.(\w+)'", log) or re.search(
+        r"(\w+) OP is not yet implemented", log
+    )
     if missing:
         cause = f"op {missing.group(1)} is not supported by onnx2tf"
     else:
-        errors = [ln.strip() for ln in log.splitlines() if re.search(r"(Error|ERROR|Exception)\b", ln)]
+        lines = log.splitlines()
+        # The Python exception that ended the converter, else its last error line (not a runtime warning).
+        errors = [ln.strip() for ln in lines if re.match(r"\s*[\w.]+(Error|Exception|Exit)\b: ", ln)]
+        errors = errors or [ln.strip() for ln in lines if "ERROR" in ln or re.match(r"\s*E\d{4} ", ln)]
         op = re.findall(r"onnx_op_type: (\w+)", log)
         cause = (f"at op {op[-1]}: " if op else "") + (
             errors[-1][:300] if errors else f"exit status {returncode}"
         )
-        if returncode < 0:
-            cause += f" (the converter died of signal {-returncode})"
     return (
         f"coral-edgetpu: onnx2tf could not convert this model to int8 TFLite: {cause}. Build it for a target "
         "that takes it as it is: edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"

@@ -27,13 +27,11 @@ from packagers.arm_cpu import sealed_int8_tflite
 class CoralEdgeTpuOptions(QualityOptions):
     run_compiler: bool = True  # run edgetpu_compiler when it is on PATH
     compiler_timeout_s: int = 300
-    converter_timeout_s: int = 900  # onnx2tf + the TFLite calibrator, in a child process
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("compiler_timeout_s", "converter_timeout_s"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"option {name} must be >= 1, got {getattr(self, name)}")
+        if self.compiler_timeout_s < 1:
+            raise UsageError(f"option compiler_timeout_s must be >= 1, got {self.compiler_timeout_s}")
 
 
 def _compat_line(report: dict) -> str:
@@ -89,7 +87,7 @@ class CoralEdgeTpuPackager(Packager):
         require_converter()
         progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
         try:
-            payload, log = convert_int8(proto, calibration.arrays, opts.converter_timeout_s)
+            payload, log = convert_int8(proto, calibration.arrays)
         except UsageError as exc:
             compat = onnx_compatibility(proto)
             details = {**(exc.details or {}), "op_compatibility": compat}
