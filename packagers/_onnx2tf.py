@@ -59,8 +59,13 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
             continue
         if value.name not in shapes:
             raise UsageError(f"calibration samples have no array for model input '{value.name}'")
-        dims = value.type.tensor_type.shape.dim
-        for dim, size in zip(dims, (1, *shapes[value.name][1:]), strict=False):
+        shape = value.type.tensor_type.shape
+        wanted = (1, *shapes[value.name][1:])
+        if len(shape.dim) != len(wanted):  # no shape recorded: the samples' own
+            shape.ClearField("dim")
+            for _ in wanted:
+                shape.dim.add()
+        for dim, size in zip(shape.dim, wanted, strict=True):
             dim.Clear()
             dim.dim_value = int(size)
     for value in graph.output:

@@ -78,16 +78,19 @@ class CoralEdgeTpuPackager(Packager):
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions) and calibration is not None
         proto = parse_onnx(model)
-        if calibration.per_run:
-            raise UsageError(
-                "coral-edgetpu converts models fed one batch of samples at a time; these calibration samples "
-                "are whole runs (per_run): give samples keyed by input name with one sample per row, then: "
-                "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz --out DIR"
-            )
+        arrays = calibration.arrays
+        if calibration.per_run:  # one feed per entry: batched when every feed is one sample
+            if any(v.ndim < 2 or v.shape[1] != 1 for v in arrays.values()):
+                raise UsageError(
+                    "coral-edgetpu converts a model for one sample per run; these calibration samples feed "
+                    "several at once or a scalar input: give one sample per run, then: edgemart package "
+                    "MODEL.onnx --target coral-edgetpu --calibration CAL.npz --out DIR"
+                )
+            arrays = {k: v[:, 0] for k, v in arrays.items()}
         require_converter()
         progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
         try:
-            payload, log = convert_int8(proto, calibration.arrays)
+            payload, log = convert_int8(proto, arrays)
         except UsageError as exc:
             compat = onnx_compatibility(proto)
             details = {**(exc.details or {}), "op_compatibility": compat}

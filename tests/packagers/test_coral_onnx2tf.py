@@ -69,7 +69,7 @@ def _check_build(build, model: bytes, hold: dict[str, np.ndarray], output: str) 
     return top1
 
 
-def _small_cnn(seed: int = 0) -> bytes:
+def _small_cnn(seed: int = 0, batch: int | str = "N") -> bytes:
     """Conv(3->8, 3x3)+Relu+GlobalAveragePool+Flatten+Gemm(8->3): filters 0-2 pass channel k through, so
     logit k follows the mean of channel k; the other filters and weights are random."""
     rng = np.random.default_rng(seed)
@@ -88,8 +88,8 @@ def _small_cnn(seed: int = 0) -> bytes:
             helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"], transB=1, name="fc"),
         ],
         "small_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])],
         [
             numpy_helper.from_array(w, "w"),
             numpy_helper.from_array(rng.normal(0, 0.01, 8).astype(np.float32), "b"),
@@ -157,6 +157,18 @@ def test_small_cnn_built_with_onnx_helper_converts(cnn_coral):
     _check_build(build, model, hold, "logits")
     placement = {row["mapped_to"]: row["placement"] for row in build.quality.op_compatibility["ops"]}
     assert placement["CONV_2D"] == "edgetpu" and placement["FULLY_CONNECTED"] == "edgetpu"
+
+
+@needs_converter
+@pytest.mark.slow
+def test_fixed_batch_one_model_with_one_sample_per_run_converts():
+    model = _small_cnn(batch=1)  # input [1, 3, 16, 16]: samples come as [N, 1, 3, 16, 16], one run each
+    cal = {"x": _cnn_samples(32, seed=1)["x"][:, None]}
+    hold = {"x": _cnn_samples(32, seed=2)["x"][:, None]}
+    build = package_model(model, "coral-edgetpu", calibration=cal, holdout=hold, options=FAST)
+    _assert_full_integer(build.payload)
+    figures = build.quality.agreement["holdout"]["logits"]
+    assert figures["samples"] == 32 and figures["agreement"] >= 0.97
 
 
 @needs_converter

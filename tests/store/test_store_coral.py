@@ -10,7 +10,8 @@ from packagers._onnx2tf import converter_available
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not converter_available(), reason="coral-edgetpu converts with onnx2tf: pip install -e '.[coral]' (make venv)"
+    not converter_available(),
+    reason="coral-edgetpu converts with onnx2tf: pip install -e '.[coral]' (make venv)",
 )
 def test_onnx_upload_becomes_a_coral_build_inside_the_sandbox(store, digits_base, digits_calibration):
     r = store.upload(
