@@ -44,8 +44,7 @@ def require_converter() -> None:
 
 
 def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
-    """A copy of the ONNX graph the converter can take: each input's shape fixed to one calibration sample
-    (batch 1), node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as
+    """A copy of the ONNX graph the converter can take: each input's shape fixed to `shapes` (one run's), node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as
     a Gather (or nothing, over arange classes); output shapes re-inferred."""
     import onnx
     from onnx import helper, numpy_helper
@@ -60,7 +59,7 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
         if value.name not in shapes:
             raise UsageError(f"calibration samples have no array for model input '{value.name}'")
         shape = value.type.tensor_type.shape
-        wanted = (1, *shapes[value.name][1:])
+        wanted = shapes[value.name]
         if len(shape.dim) != len(wanted):  # no shape recorded: the samples' own
             shape.ClearField("dim")
             for _ in wanted:
@@ -100,12 +99,20 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
         raise UsageError(f"coral-edgetpu: ONNX shape inference failed on the static graph: {exc}") from None
 
 
-def convert_int8(proto, arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
-    """(full-integer int8 TFLite with float I/O named as the ONNX I/O, the converter's log tail)."""
+def convert_int8(proto, arrays: dict[str, np.ndarray], per_run: bool = False) -> tuple[bytes, str]:
+    """(full-integer int8 TFLite with float I/O named as the ONNX I/O, the converter's log tail).
+
+    `arrays`: samples with the batch on axis 0 (the build takes one: a static batch of 1), or with
+    `per_run` one whole feed per entry (the build takes that feed's shape, e.g. a time-major [T, 1, F])."""
     import onnx
 
     require_converter()
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    if per_run:
+        shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
+        # The calibrator slices the first axis of the input's static shape: the feeds, end to end.
+        arrays = {k: v.reshape(-1, *v.shape[2:]) for k, v in arrays.items()}
+    else:
+        shapes = {k: (1, *v.shape[1:]) for k, v in arrays.items()}
     static = static_for_converter(proto, shapes)
     inits = {i.name for i in static.graph.initializer}
     in_names = [i.name for i in static.graph.input if i.name not in inits]
@@ -115,7 +122,8 @@ def convert_int8(proto, arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
         onnx.save(static, str(work / "model.onnx"))
         inputs, keep = [], []
         for k, name in enumerate(in_names):
-            data = np.ascontiguousarray(arrays[name][:CALIBRATION_SAMPLES], dtype=np.float32)
+            rows = CALIBRATION_SAMPLES * (shapes[name][0] if shapes[name] else 1)
+            data = np.ascontiguousarray(arrays[name][:rows], dtype=np.float32)
             np.save(work / f"cal{k}.npy", data)
             channels = int(data.shape[1]) if data.ndim >= 3 else 1
             inputs.append([name, str(work / f"cal{k}.npy"), int(data.ndim), channels])
@@ -212,8 +220,10 @@ def _failure(log: str, returncode: int) -> str:
         # The Python exception that ended the converter, else its last error line (not a runtime warning).
         errors = [ln.strip() for ln in lines if re.match(r"\s*[\w.]+(Error|Exception|Exit)\b: ", ln)]
         errors = errors or [ln.strip() for ln in lines if "ERROR" in ln or re.match(r"\s*E\d{4} ", ln)]
+        node = re.findall(r"onnx_op_name: (\S+)", log)
         op = re.findall(r"onnx_op_type: (\w+)", log)
-        cause = (f"at op {op[-1]}: " if op else "") + (
+        where = " ".join(filter(None, [f"op {op[-1]}" if op else "", f"node {node[-1]}" if node else ""]))
+        cause = (f"at {where}: " if where else "") + (
             errors[-1][:300] if errors else f"exit status {returncode}"
         )
     return (

@@ -78,25 +78,24 @@ class CoralEdgeTpuPackager(Packager):
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions) and calibration is not None
         proto = parse_onnx(model)
-        arrays = calibration.arrays
-        if calibration.per_run:  # one feed per entry: batched when every feed is one sample
-            if any(v.ndim < 2 or v.shape[1] != 1 for v in arrays.values()):
-                raise UsageError(
-                    "coral-edgetpu converts a model for one sample per run; these calibration samples feed "
-                    "several at once or a scalar input: give one sample per run, then: edgemart package "
-                    "MODEL.onnx --target coral-edgetpu --calibration CAL.npz --out DIR"
-                )
-            arrays = {k: v[:, 0] for k, v in arrays.items()}
         require_converter()
         progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
         try:
-            payload, log = convert_int8(proto, arrays)
+            payload, log = convert_int8(proto, calibration.arrays, calibration.per_run)
         except UsageError as exc:
             compat = onnx_compatibility(proto)
             details = {**(exc.details or {}), "op_compatibility": compat}
             raise UsageError(f"{exc.message}. {_compat_line(compat)}", details=details) from None
         progress(0.6, "checking the build loads in LiteRT and is full-integer")
-        make_litert_interpreter(payload).allocate_tensors()
+        try:
+            make_litert_interpreter(payload).allocate_tensors()
+        except (UsageError, RuntimeError, ValueError) as exc:  # e.g. a TensorFlow (Flex) op kept by onnx2tf
+            why = exc.message if isinstance(exc, UsageError) else str(exc).strip().splitlines()[0]
+            raise UsageError(
+                f"coral-edgetpu: the converted model does not load in LiteRT ({why[:300]}); build it for a "
+                "target that takes the ONNX model: edgemart package MODEL.onnx --target arm-cpu "
+                "--calibration CAL.npz --out DIR"
+            ) from None
         problems = full_int8_problems(payload)
         if problems:
             raise UsageError(
