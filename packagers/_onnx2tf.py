@@ -1,12 +1,13 @@
 """ONNX -> full-integer int8 TFLite through onnx2tf (1.x, TensorFlow 2.21), the `coral` extra.
 
-The ONNX graph is first made static for the converter (batch 1, the calibration samples' shapes, node names
-TensorFlow accepts, skl2onnx's label lookup as a Gather). onnx2tf then runs in this process (in the store,
-that is the sandboxed task, which exits afterwards; a child process could not read its own /proc/self/cmdline
-under the sandbox's Landlock rules, which TensorFlow's converter insists on) in a temporary directory that is
-always removed, its log captured; a converter failure is a UsageError naming the cause. The seller's calibration samples are the representative dataset. The build keeps float
-inputs and outputs with int8 internals (QUANTIZE/DEQUANTIZE at the edges), and its I/O tensors carry the
-ONNX names so the fp32 comparison feeds both models alike."""
+The ONNX graph is first made static for the converter (one run's shapes, batch 1 for batched samples; node
+names TensorFlow accepts; skl2onnx's label lookup as a Gather). onnx2tf then runs in this process, in a
+temporary directory that is always removed, its log captured; in the store this process is the sandboxed
+task, which exits afterwards (a child process would not do: under the sandbox's Landlock rules it could not
+read its own /proc/self/cmdline, without which TensorFlow's converter aborts). A converter failure is a
+UsageError naming the cause. The seller's calibration samples are the representative dataset. The build
+keeps float inputs and outputs with int8 internals (QUANTIZE/DEQUANTIZE at the edges), and its I/O tensors
+carry the ONNX names so the fp32 comparison feeds both models alike."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 from edgemart.core.errors import UsageError
 
 INSTALL_HINT = "pip install -e '.[coral]' in the edgemart checkout (make venv installs it)"
-CALIBRATION_SAMPLES = 200  # representative samples fed to the TFLite calibrator, one at a time
+CALIBRATION_SAMPLES = 200  # representative samples (runs) fed to the TFLite calibrator, one at a time
 LOG_CHARS = 8000  # the converter's log kept in the build metadata (its tail)
 
 
@@ -44,8 +45,9 @@ def require_converter() -> None:
 
 
 def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
-    """A copy of the ONNX graph the converter can take: each input's shape fixed to `shapes` (one run's), node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as
-    a Gather (or nothing, over arange classes); output shapes re-inferred."""
+    """A copy of the ONNX graph the converter can take: each input's shape fixed to `shapes` (one run's),
+    node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as a Gather (or
+    nothing, over arange classes); output shapes re-inferred."""
     import onnx
     from onnx import helper, numpy_helper
 
