@@ -92,6 +92,14 @@ class TfliteRunner(Runner):
         self._shape: dict[int, tuple[int, ...]] = {d["index"]: tuple(d["shape"]) for d in self.inputs}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = _feed_rows(feeds, self.inputs)
+        if rows > 1 and all(_static_batch_one(d) for d in self.inputs):
+            # A static batch-1 model (what the Edge TPU compiler needs): one sample per invoke.
+            parts = [self._run_one({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(rows)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._run_one(feeds)
+
+    def _run_one(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         resized = False
         for detail in self.inputs:
             array = feeds[detail["name"]]
@@ -117,6 +125,17 @@ class TfliteRunner(Runner):
                 value = (value.astype(np.float32) - zero) * np.float32(scale)
             out[detail["name"]] = value
         return out
+
+
+def _static_batch_one(detail: Mapping) -> bool:
+    sig = detail.get("shape_signature")
+    dims = sig if sig is not None and len(sig) else detail["shape"]
+    return len(dims) > 0 and int(dims[0]) == 1
+
+
+def _feed_rows(feeds: Mapping[str, np.ndarray], inputs: Sequence[Mapping]) -> int:
+    shapes = [feeds[d["name"]].shape for d in inputs if d["name"] in feeds]
+    return int(shapes[0][0]) if shapes and len(shapes[0]) else 1
 
 
 def runner_for(model: bytes, fmt: str, threads: int = 0) -> Runner:

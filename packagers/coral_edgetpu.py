@@ -1,8 +1,10 @@
 """Target `coral-edgetpu`: full-integer int8 TFLite plus an Edge TPU op-compatibility report.
 
-The int8 TFLite comes from the in-house writer (dense classifiers), from ai-edge-quantizer for a float TFLite
-upload, or is the seller's full-int8 TFLite sealed as uploaded; other models get a UsageError that carries the
-op-compatibility estimate. `edgetpu_compiler` runs when it is on PATH and its log is kept."""
+The int8 TFLite comes from onnx2tf + TensorFlow for an ONNX upload (the `coral` extra,
+packagers/_onnx2tf.py, the seller's calibration samples as the representative dataset), from
+ai-edge-quantizer for a float TFLite upload, or is the seller's full-int8 TFLite sealed as uploaded; a
+model the converter cannot take gets a UsageError naming the cause and carrying the op-compatibility
+estimate. `edgetpu_compiler` runs when it is on PATH and its log is kept."""
 
 from __future__ import annotations
 
@@ -10,25 +12,18 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from edgemart.core.errors import UsageError
 from packagers._base import Conversion, Packager, QualityOptions, register
 from packagers._edgetpu_ops import model_compatibility, onnx_compatibility, tflite_compatibility
-from packagers._model import ModelInfo, parse_onnx
-from packagers._qdq import EXACT_SNR_DB, _with_outputs
-from packagers._runtime import OnnxRunner, make_litert_interpreter
+from packagers._model import ModelInfo, full_int8_problems, parse_onnx
+from packagers._onnx2tf import CALIBRATION_SAMPLES, convert_int8, require_converter
+from packagers._runtime import make_litert_interpreter
 from packagers._tflite_quant import HOW, calibration_required, quantize_float_tflite
-from packagers._tflite_writer import lower_onnx, write_int8_tflite
 from packagers.arm_cpu import sealed_int8_tflite
-from packagers.quality import snr_db
-
-RANGE_SAMPLES = 500
 
 
 @dataclass(frozen=True)
@@ -87,29 +82,42 @@ class CoralEdgeTpuPackager(Packager):
         if info.format == "tflite":
             return self._from_float_tflite(model, info, calibration, progress)
         proto = parse_onnx(model)
+        require_converter()
+        progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
         try:
-            layers, _ = lower_onnx(proto)
+            payload, log = convert_int8(proto, calibration.arrays, calibration.per_run)
         except UsageError as exc:
             compat = onnx_compatibility(proto)
+            details = {**(exc.details or {}), "op_compatibility": compat}
+            raise UsageError(f"{exc.message}. {_compat_line(compat)}", details=details) from None
+        progress(0.6, "checking the build loads in LiteRT and is full-integer")
+        try:
+            make_litert_interpreter(payload).allocate_tensors()
+        except (UsageError, RuntimeError, ValueError) as exc:  # e.g. a TensorFlow (Flex) op kept by onnx2tf
+            why = exc.message if isinstance(exc, UsageError) else str(exc).strip().splitlines()[0]
             raise UsageError(
-                f"{exc.message}. {_compat_line(compat)}", details={"op_compatibility": compat}
+                f"coral-edgetpu: the converted model does not load in LiteRT ({why[:300]}); build it for a "
+                "target that takes the ONNX model: edgemart package MODEL.onnx --target arm-cpu "
+                "--calibration CAL.npz --out DIR"
             ) from None
-        progress(0.1, "measuring activation ranges")
-        subset = calibration.take(slice(0, RANGE_SAMPLES))
-        names = [i.name for i in proto.graph.input] + [layer.output for layer in layers]
-        names = list(dict.fromkeys(names))
-        values = OnnxRunner(_with_outputs(proto, names), output_names=names).run_all(subset)
-        ranges = {n: (float(np.min(v)), float(np.max(v))) for n, v in values.items() if v.dtype.kind == "f"}
-        progress(0.4, "writing int8 TFLite")
-        shapes = {k: v.shape for k, v in calibration.arrays.items()}
-        payload = write_int8_tflite(proto, ranges, shapes)
-        progress(0.6, "checking the build loads in LiteRT; per-layer error")
-        worst = _layer_errors(payload, layers, values, subset.arrays)
+        problems = full_int8_problems(payload)
+        if problems:
+            raise UsageError(
+                "coral-edgetpu: the converted model is not full-integer; these tensors are not int8/int32: "
+                + ", ".join(problems)
+                + ". The Edge TPU runs int8 only: build it for a CPU target instead: "
+                "edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"
+            )
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
-        notes = [_compat_line(compat)]
-        meta: dict = {"converter": "edgemart in-house ONNX->TFLite int8 writer", "quantization": "int8 full-integer, "
-                      "per-tensor symmetric weights, asymmetric activations, float I/O"}  # fmt: skip
+        notes = [_compat_line(compat), "static batch 1 (the Edge TPU compiler needs static shapes)"]
+        meta: dict = {
+            "converter": f"onnx2tf {_version('onnx2tf')} + TensorFlow {_version('tensorflow')}",
+            "quantization": "int8 full-integer (TFLite converter): per-channel int8 weights, int8 activations, "
+            "float32 inputs/outputs (QUANTIZE/DEQUANTIZE at the edges)",
+            "calibration_samples": min(calibration.count, CALIBRATION_SAMPLES),
+            "converter_log": log,
+        }
         if opts.run_compiler:
             progress(0.8, "running edgetpu_compiler")
             compiled = run_edgetpu_compiler(payload, opts.compiler_timeout_s)
@@ -120,7 +128,6 @@ class CoralEdgeTpuPackager(Packager):
             payload=payload,
             format="tflite",
             metadata=meta,
-            worst_layers=worst,
             float_ops=floats,
             quantized_ops=quantized,
             op_compatibility=compat,
@@ -152,6 +159,15 @@ class CoralEdgeTpuPackager(Packager):
         )
 
 
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
 def _op_types(compat: dict) -> tuple[dict, dict]:
     floats: Counter[str] = Counter()
     ints: Counter[str] = Counter()
@@ -160,43 +176,6 @@ def _op_types(compat: dict) -> tuple[dict, dict]:
             row["mapped_to"]
         ] += 1
     return dict(floats), dict(ints)
-
-
-def _layer_errors(payload: bytes, layers, reference: dict, samples: dict, top: int = 5) -> list[dict]:
-    """Dequantized int8 activations of each layer vs the fp32 ONNX tensor it replaces (first 16 samples)."""
-    batch = next(iter(samples.values()))[:16]
-    interpreter = _with_preserved(payload, batch.shape)
-    details = {d["name"]: d for d in interpreter.get_tensor_details()}
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
-    interpreter.invoke()
-    rows = []
-    for layer in layers:
-        d = details.get(layer.output)
-        if d is None or layer.output not in reference or d["dtype"] != np.int8:
-            continue
-        scale, zero = d["quantization"]
-        got = (interpreter.get_tensor(d["index"]).astype(np.float32) - zero) * scale
-        value = snr_db(reference[layer.output][: len(batch)], got)
-        rows.append(
-            {
-                "node": "+".join(n for n in layer.nodes if n) or layer.output,
-                "op_type": layer.kind,
-                "tensor": layer.output,
-                "snr_db": round(EXACT_SNR_DB if value is None else min(value, EXACT_SNR_DB), 2),
-                "snr_drop_db": None,
-                "quantized": True,
-            }
-        )
-    return sorted(rows, key=lambda r: r["snr_db"])[:top]
-
-
-def _with_preserved(payload: bytes, shape):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
-        interpreter = make_litert_interpreter(payload, preserve_all_tensors=True)
-    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=True)
-    interpreter.allocate_tensors()
-    return interpreter
 
 
 def run_edgetpu_compiler(payload: bytes, timeout_s: int) -> dict:

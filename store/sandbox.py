@@ -384,9 +384,13 @@ def _run_child(sock: socket.socket, scratch: str, forbidden: list[str]) -> None:
         request, _ = _recv(sock, 0)
         limits = request.get("limits", {})
         # Confined before a single byte of the seller's is read.
-        read_paths = _readable_code_paths([Path(f) for f in forbidden]) + [
-            str(p) for p in request.get("read", [])
-        ]
+        # /proc/self/cmdline is this task's own command line (the runner's, scrubbed of nothing secret):
+        # TensorFlow's TFLite converter aborts when it cannot read it (coral-edgetpu's onnx2tf conversion).
+        read_paths = (
+            _readable_code_paths([Path(f) for f in forbidden])
+            + [str(p) for p in request.get("read", [])]
+            + ["/proc/self/cmdline"]
+        )
         abi = _landlock(read_paths, [scratch])
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"], limits["open_files"]))

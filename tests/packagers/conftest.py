@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from packagers import load_calibration, package_model
+from packagers._onnx2tf import converter_available
 
 FAST = {"latency_runs": 3}
 
@@ -42,6 +43,7 @@ def digits_builds(digits_bytes, digits_cal, digits_hold):
     return {
         target: package_model(digits_bytes, target, calibration=digits_cal, holdout=digits_hold, options=FAST)
         for target in ("onnx-fp32", "arm-cpu", "x86-cpu", "fpga-xint8", "coral-edgetpu")
+        if target != "coral-edgetpu" or converter_available()  # the `coral` extra (onnx2tf + TensorFlow)
     }
 
 

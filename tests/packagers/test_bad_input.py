@@ -90,6 +90,8 @@ def test_holdout_mismatch_names_the_split(digits_bytes, digits_cal):
 
 
 def test_full_int8_tflite_is_sealed_as_uploaded_for_coral_and_arm(digits_builds, digits_hold):
+    if "coral-edgetpu" not in digits_builds:
+        pytest.skip("the int8 TFLite comes from onnx2tf + TensorFlow: pip install -e '.[coral]' (make venv)")
     int8_tflite = digits_builds["coral-edgetpu"].payload
     for target in ("coral-edgetpu", "arm-cpu"):
         build = package_model(int8_tflite, target, holdout=digits_hold, options={"latency_runs": 1})
@@ -136,13 +138,6 @@ def test_float_tflite_without_calibration_names_a_command_that_works(corpus: Pat
         assert "needs calibration samples" in err.value.message and "pip install" not in err.value.message
     with pytest.raises(UsageError, match="fpga-xint8 takes ONNX models; this is a tflite model"):
         package_model(model, "fpga-xint8", calibration={"input": np.zeros((1, 128, 128, 3), np.float32)})
-
-
-def test_coral_outside_the_writer_subset_names_a_command_that_works(cls_model, cls_samples):
-    with pytest.raises(UsageError, match=r"conversion of op .*Conv.*onnx2tf -i MODEL.onnx -oiqt") as err:
-        package_model(cls_model, "coral-edgetpu", calibration=cls_samples)
-    assert "pip install edgemart[coral]" not in err.value.message
-    assert err.value.details["op_compatibility"]["edgetpu_ops"] > 0
 
 
 def test_registry_and_typed_options():

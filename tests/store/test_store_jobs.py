@@ -98,7 +98,7 @@ def test_internal_failure_is_retried_with_backoff_then_dead_lettered_and_an_admi
 def test_a_refused_model_fails_at_once_without_retries(tmp_path, corpus):
     st = make_store(tmp_path, WORKER="none")
     try:
-        # The Edge TPU packager refuses this detector's ops: a property of the model, not a glitch.
+        # An ONNX upload for coral-edgetpu without calibration samples: a property of the upload, not a glitch.
         model = corpus / "models" / "rapidocr" / "ch_PP-OCRv4_det_infer.onnx"
         job_id = st.upload("sally", model, name="det", targets="coral-edgetpu").json["jobs"][0]
         worker_loop(st.ctx).drain()

@@ -4,10 +4,16 @@ without calibration samples, and the reports say "as uploaded"."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from packagers import load_calibration, package_model
+from packagers._onnx2tf import converter_available
 
 
+@pytest.mark.skipif(
+    not converter_available(),
+    reason="the int8 TFLite comes from onnx2tf: pip install -e '.[coral]' (make venv)",
+)
 def test_full_int8_tflite_upload_sealed_as_uploaded(store, digits_base, digits_calibration):
     cal = load_calibration(digits_calibration)
     int8_tflite = package_model(digits_base.read_bytes(), "coral-edgetpu", calibration=cal).payload

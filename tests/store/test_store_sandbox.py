@@ -47,6 +47,8 @@ def test_a_task_reads_no_key_no_database_no_secret_and_reaches_nothing(own_store
                     *secrets,
                     f"/proc/{os.getpid()}/environ",
                     f"/proc/{os.getpid()}/mem",
+                    f"/proc/{os.getpid()}/cmdline",
+                    "/proc/self/environ",  # of its own /proc, only cmdline is readable (TensorFlow needs it)
                     "/etc/hostname",
                 ],
                 "port": listener.getsockname()[1],
@@ -67,8 +69,9 @@ def test_the_probe_itself_can_see_what_it_is_allowed_to(own_store, tmp_path):
     """The refusals above are the sandbox's doing: paths it is told it may read are read."""
     readable = tmp_path / "readable.txt"
     readable.write_text("ok")
-    result, _ = own_store.ctx.sandbox.run("selftest", {"paths": [str(readable)]}, {}, read=[tmp_path])
-    assert result["readable"] == [str(readable)]
+    paths = [str(readable), "/proc/self/cmdline"]
+    result, _ = own_store.ctx.sandbox.run("selftest", {"paths": paths}, {}, read=[tmp_path])
+    assert result["readable"] == paths
 
 
 def test_memory_cpu_and_wall_limits_are_refusals_naming_the_limit():

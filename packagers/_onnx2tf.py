@@ -1,0 +1,272 @@
+"""ONNX -> full-integer int8 TFLite through onnx2tf (1.x, TensorFlow 2.21), the `coral` extra.
+
+The ONNX graph is first made static for the converter (one run's shapes, batch 1 for batched samples; node
+names TensorFlow accepts; skl2onnx's label lookup as a Gather). onnx2tf then runs in this process, in a
+temporary directory that is always removed, its log captured; in the store this process is the sandboxed
+task, which exits afterwards (a child process would not do: under the sandbox's Landlock rules it could not
+read its own /proc/self/cmdline, without which TensorFlow's converter aborts). A converter failure is a
+UsageError naming the cause. The seller's calibration samples are the representative dataset. The build
+keeps float inputs and outputs with int8 internals (QUANTIZE/DEQUANTIZE at the edges), and its I/O tensors
+carry the ONNX names so the fp32 comparison feeds both models alike."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edgemart.core.errors import UsageError
+
+INSTALL_HINT = "pip install -e '.[coral]' in the edgemart checkout (make venv installs it)"
+CALIBRATION_SAMPLES = 200  # representative samples (runs) fed to the TFLite calibrator, one at a time
+LOG_CHARS = 8000  # the converter's log kept in the build metadata (its tail)
+
+
+def converter_available() -> bool:
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("onnx2tf", "tensorflow", "onnx_graphsurgeon")
+    )
+
+
+def require_converter() -> None:
+    if not converter_available():
+        raise UsageError(
+            "coral-edgetpu converts ONNX with onnx2tf and TensorFlow, which are not installed here: "
+            + INSTALL_HINT
+        )
+
+
+def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
+    """A copy of the ONNX graph the converter can take: each input's shape fixed to `shapes` (one run's),
+    node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as a Gather (or
+    nothing, over arange classes); output shapes re-inferred."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    for value in graph.input:
+        if value.name in inits:
+            continue
+        if value.name not in shapes:
+            raise UsageError(f"calibration samples have no array for model input '{value.name}'")
+        shape = value.type.tensor_type.shape
+        wanted = shapes[value.name]
+        if len(shape.dim) != len(wanted):  # no shape recorded: the samples' own
+            shape.ClearField("dim")
+            for _ in wanted:
+                shape.dim.add()
+        for dim, size in zip(shape.dim, wanted, strict=True):
+            dim.Clear()
+            dim.dim_value = int(size)
+    for value in graph.output:
+        value.type.tensor_type.ClearField("shape")
+    del graph.value_info[:]
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes = []
+    for k, node in enumerate(graph.node):
+        node.name = re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name or f"{node.op_type}_{k}") or f"node_{k}"
+        if node.op_type == "ArrayFeatureExtractor" and node.domain == "ai.onnx.ml":
+            table = consts.get(node.input[0])
+            if table is None or table.ndim != 1:
+                raise UsageError(
+                    f"coral-edgetpu: node {node.name} (ArrayFeatureExtractor) looks up a non-constant table; "
+                    "export the model without the label lookup (skl2onnx: options={'zipmap': False} and "
+                    "keep the probabilities output), then: edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz --out DIR"
+                )
+            if np.array_equal(table, np.arange(len(table))):
+                replaced = helper.make_node("Identity", [node.input[1]], list(node.output), name=node.name)
+            else:
+                replaced = helper.make_node(
+                    "Gather", list(node.input), list(node.output), name=node.name, axis=0
+                )
+            nodes.append(replaced)
+            continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # onnx raises InferenceError and others: a message for the seller either way
+        raise UsageError(f"coral-edgetpu: ONNX shape inference failed on the static graph: {exc}") from None
+
+
+def convert_int8(proto, arrays: dict[str, np.ndarray], per_run: bool = False) -> tuple[bytes, str]:
+    """(full-integer int8 TFLite with float I/O named as the ONNX I/O, the converter's log tail).
+
+    `arrays`: samples with the batch on axis 0 (the build takes one: a static batch of 1), or with
+    `per_run` one whole feed per entry (the build takes that feed's shape, e.g. a time-major [T, 1, F])."""
+    import onnx
+
+    require_converter()
+    if per_run:
+        shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
+        # The calibrator slices the first axis of the input's static shape: the feeds, end to end.
+        arrays = {k: v.reshape(-1, *v.shape[2:]) for k, v in arrays.items()}
+    else:
+        shapes = {k: (1, *v.shape[1:]) for k, v in arrays.items()}
+    static = static_for_converter(proto, shapes)
+    inits = {i.name for i in static.graph.initializer}
+    in_names = [i.name for i in static.graph.input if i.name not in inits]
+    out_names = [o.name for o in static.graph.output]
+    with tempfile.TemporaryDirectory(prefix="edgemart-onnx2tf-") as tmp:
+        work = Path(tmp)
+        onnx.save(static, str(work / "model.onnx"))
+        inputs, keep = [], []
+        for k, name in enumerate(in_names):
+            rows = CALIBRATION_SAMPLES * (shapes[name][0] if shapes[name] else 1)
+            data = np.ascontiguousarray(arrays[name][:rows], dtype=np.float32)
+            np.save(work / f"cal{k}.npy", data)
+            channels = int(data.shape[1]) if data.ndim >= 3 else 1
+            inputs.append([name, str(work / f"cal{k}.npy"), int(data.ndim), channels])
+            if data.ndim >= 3:
+                keep.append(name)  # the build takes the same layout as the ONNX model
+        spec = {
+            "model": str(work / "model.onnx"),
+            "out": str(work / "out"),
+            "inputs": inputs,
+            "keep_layout": keep,
+        }
+        returncode, log = _run_converter(spec, work / "converter.log")
+        built = work / "out" / "model_integer_quant.tflite"
+        if returncode != 0 or not built.is_file():
+            raise UsageError(_failure(log, returncode), details={"converter_log": log[-LOG_CHARS:]})
+        payload = built.read_bytes()
+    return with_onnx_io_names(payload, in_names, out_names), log[-LOG_CHARS:]
+
+
+def _run_converter(spec: dict, log_path: Path) -> tuple[int, str]:
+    """onnx2tf.convert in this process, its stdout/stderr (Python and TensorFlow's C++ logging alike) sent
+    to `log_path` for the time of the call. (returncode, log): 0 when it returned, 1 when it raised or
+    called sys.exit, as onnx2tf does on errors."""
+    for key, value in (
+        ("TF_CPP_MIN_LOG_LEVEL", "2"),
+        ("CUDA_VISIBLE_DEVICES", ""),
+        ("TF_ENABLE_ONEDNN_OPTS", "0"),
+    ):
+        os.environ.setdefault(key, value)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    returncode = 0
+    with open(log_path, "w", buffering=1, errors="replace") as sink:
+        os.dup2(sink.fileno(), 1)  # C++ logging
+        os.dup2(sink.fileno(), 2)
+        try:
+            with (
+                contextlib.redirect_stdout(sink),
+                contextlib.redirect_stderr(sink),
+            ):  # Python's, whoever holds them
+                _convert(spec)
+        except SystemExit as exc:
+            returncode = exc.code if isinstance(exc.code, int) and exc.code else 1
+        except Exception as exc:  # the converter's failure on the seller's model, whatever its type
+            returncode = 1
+            sink.write("".join(traceback.format_exception_only(type(exc), exc)))
+        finally:
+            sink.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    return returncode, _clean(log_path.read_text(errors="replace"))
+
+
+def _convert(spec: dict) -> None:
+    import onnx2tf
+
+    inputs = []
+    for name, path, ndim, channels in spec["inputs"]:
+        shape = [1, channels] + [1] * (ndim - 2) if ndim >= 3 else [1] * ndim
+        inputs.append([name, path, np.zeros(shape, np.float32), np.ones(shape, np.float32)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        onnx2tf.convert(
+            input_onnx_file_path=spec["model"],
+            output_folder_path=spec["out"],
+            output_integer_quantized_tflite=True,
+            quant_type="per-channel",
+            custom_input_op_name_np_data_path=inputs,
+            keep_ncw_or_nchw_or_ncdhw_input_names=spec["keep_layout"] or None,
+            not_use_onnxsim=True,
+            verbosity="warn",
+        )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _clean(log: str) -> str:
+    return "\n".join(line for line in _ANSI.sub("", log).splitlines() if line.strip())
+
+
+def _failure(log: str, returncode: int) -> str:
+    """The converter's cause in one line: the unsupported op, or the last error line of its log."""
+    missing = re.search(r"No module named 'onnx2tf\.ops\.(\w+)'", log) or re.search(
+        r"(\w+) OP is not yet implemented", log
+    )
+    if missing:
+        cause = f"op {missing.group(1)} is not supported by onnx2tf"
+    else:
+        lines = log.splitlines()
+        # The Python exception that ended the converter, else its last error line (not a runtime warning).
+        errors = [ln.strip() for ln in lines if re.match(r"\s*[\w.]+(Error|Exception|Exit)\b: ", ln)]
+        errors = errors or [ln.strip() for ln in lines if "ERROR" in ln or re.match(r"\s*E\d{4} ", ln)]
+        node = re.findall(r"onnx_op_name: (\S+)", log)
+        op = re.findall(r"onnx_op_type: (\w+)", log)
+        where = " ".join(filter(None, [f"op {op[-1]}" if op else "", f"node {node[-1]}" if node else ""]))
+        cause = (f"at {where}: " if where else "") + (
+            errors[-1][:300] if errors else f"exit status {returncode}"
+        )
+    return (
+        f"coral-edgetpu: onnx2tf could not convert this model to int8 TFLite: {cause}. Build it for a target "
+        "that takes it as it is: edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"
+    )
+
+
+def with_onnx_io_names(payload: bytes, in_names: list[str], out_names: list[str]) -> bytes:
+    """The TFLite model with its graph inputs/outputs renamed after the ONNX ones (onnx2tf's serving
+    signature keeps input names and calls outputs output_0.. in ONNX order)."""
+    import flatbuffers
+
+    from packagers._model import tflite_schema
+
+    schema = tflite_schema()
+    tree = schema.ModelT.InitFromPackedBuf(payload, 0)
+    graph = tree.subgraphs[0]
+    names: dict[int, str] = {}
+    for sig in tree.signatureDefs or []:
+        for item in sig.inputs or []:
+            key = item.name.decode() if isinstance(item.name, bytes) else str(item.name)
+            if key in in_names:
+                names[item.tensorIndex] = key
+        for item in sig.outputs or []:
+            key = item.name.decode() if isinstance(item.name, bytes) else str(item.name)
+            match = re.fullmatch(r"output_(\d+)", key)
+            if match and int(match.group(1)) < len(out_names):
+                names[item.tensorIndex] = out_names[int(match.group(1))]
+                item.name = out_names[int(match.group(1))].encode()
+            elif key in out_names:
+                names[item.tensorIndex] = key
+    wanted = list(graph.inputs) + list(graph.outputs)
+    if len(in_names) + len(out_names) != len(wanted) or set(names) != set(wanted):
+        raise UsageError(
+            "coral-edgetpu: the converted model's inputs/outputs do not match the ONNX model's "
+            f"({len(graph.inputs)} in / {len(graph.outputs)} out vs {len(in_names)} / {len(out_names)}); "
+            "build it for a target that takes it as it is: edgemart package MODEL.onnx --target arm-cpu --calibration CAL.npz --out DIR"
+        )
+    for index, name in names.items():
+        graph.tensors[index].name = name.encode()
+    builder = flatbuffers.Builder(len(payload) + 1024)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
