@@ -7,6 +7,7 @@ AAD = SHA-256(prefix bytes + header) || index u32be || final u8."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
@@ -635,11 +636,17 @@ def open_sealed(
     )
 
 
-def wipe(buffer: bytearray) -> None:
+def wipe(buffer: bytearray | memoryview) -> None:
     """Overwrite a plaintext buffer we own (best effort: Python may hold other copies)."""
-    buffer[:] = bytes(len(buffer))
+    _zero(memoryview(buffer))
 
 
 def _zero(view: memoryview) -> None:
-    if len(view) and not view.readonly:
-        view[:] = bytes(len(view))
+    """Zero a writable buffer in place with one memset (no zero-filled temporary of its size)."""
+    if not len(view) or view.readonly:
+        return
+    flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    try:
+        ctypes.memset(ctypes.addressof((ctypes.c_char * len(flat)).from_buffer(flat)), 0, len(flat))
+    except (TypeError, ValueError, BufferError):  # not C-contiguous or not exportable: the slow, sure way
+        flat[:] = bytes(len(flat))

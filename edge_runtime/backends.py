@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 
 from drm.container import open_sealed_into as drm_open_sealed_into
+from drm.container import wipe as drm_wipe
 from edgemart.core.errors import UsageError
 from edgemart.core.model_safety import check_model_bytes
 
@@ -290,7 +291,7 @@ def open_sealed_backend(
         )
         if held.get("wipe"):
             view = held["view"]
-            view[:] = bytes(len(view))
+            drm_wipe(view)
     finally:
         held.clear()  # the views go first; then the bytes (LiteRT's own reference keeps its model alive)
     return backend
