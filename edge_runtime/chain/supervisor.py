@@ -199,14 +199,44 @@ class Chain:
         self._last_progress = time.monotonic()
         return self
 
+    def _hoisted(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """Input steps computed upstream: (stage, input) -> (process, key) for each stage input whose steps
+        read only chain inputs and the outputs of one other stage process. That process computes the input
+        (it holds every tensor the steps read) and publishes it as one tensor, so the consumer receives the
+        prepared input instead of its ingredients and the work of the steps sits beside the producer's model:
+        on two cores a chain whose downstream stage also crops and resizes is balanced this way. Nothing
+        crosses a vendor boundary that did not before: the producer already held every tensor read."""
+        out: dict[tuple[str, str], tuple[str, str]] = {}
+        for stage in self.spec.stages:
+            home = self.spec.process_of(stage)
+            for name, binding in stage.inputs.items():
+                if not binding.steps:
+                    continue
+                owners = {self.spec.producer_of(r) for r in binding.refs()} - {SUPERVISOR}
+                if len(owners) == 1 and (owner := next(iter(owners))) != home:
+                    out[(stage.name, name)] = (owner, f"@{stage.name}:{name}")
+        return out
+
     def _routes(self) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, str]]]:
         produces: dict[str, dict[str, list[str]]] = {}
         consumes: dict[str, dict[str, str]] = {}
-        readers: list[tuple[str, set[str]]] = [(self.spec.process_of(s), s.refs()) for s in self.spec.stages]
+        hoisted = self._hoisted()
+        readers: list[tuple[str, set[str]]] = []
+        for stage in self.spec.stages:
+            refs: set[str] = set()
+            for name, binding in stage.inputs.items():
+                if (stage.name, name) in hoisted:
+                    owner, key = hoisted[(stage.name, name)]
+                    refs.add(key)
+                    readers.append((owner, set(binding.refs())))
+                else:
+                    refs.update(binding.refs())
+            readers.append((self.spec.process_of(stage), refs))
         readers.append((SUPERVISOR, {r for b in self.spec.outputs.values() for r in b.refs()}))
+        made_by = {key: owner for owner, key in hoisted.values()}
         for consumer, refs in readers:
             for ref in sorted(refs):
-                producer = self.spec.producer_of(ref)
+                producer = made_by.get(ref) or self.spec.producer_of(ref)
                 if producer == consumer:
                     continue
                 peers = produces.setdefault(producer, {}).setdefault(ref, [])
@@ -217,6 +247,7 @@ class Chain:
 
     def _spawn(self) -> None:
         produces, consumes = self._routes()
+        hoisted = self._hoisted()
         groups = self.spec.processes()
         pairs = sorted(
             {tuple(sorted((p, c))) for p, keys in produces.items() for peers in keys.values() for c in peers}
@@ -262,9 +293,19 @@ class Chain:
                         {
                             "name": s.name,
                             "model": s.model.to_dict(),
-                            "inputs": {k: b.to_dict() for k, b in s.inputs.items()},
+                            "inputs": {
+                                k: {"from": hoisted[(s.name, k)][1], "steps": []}
+                                if (s.name, k) in hoisted
+                                else b.to_dict()
+                                for k, b in s.inputs.items()
+                            },
                         }
                         for s in stages
+                    ],
+                    "derived": [
+                        {"key": key, "binding": self.spec.stage(st).inputs[inp].to_dict()}
+                        for (st, inp), (owner, key) in sorted(hoisted.items())
+                        if owner == name
                     ],
                 }
                 ours.send(config, [c.fileno() for c in hops.values()])

@@ -35,6 +35,9 @@ class _Stage:
     local_consumers: list[str] = field(default_factory=list)  # stages in this process that read our outputs
     remote_outputs: set[str] = field(default_factory=set)  # our output keys that other processes read
     local_outputs: dict[str, int] = field(default_factory=dict)  # output key -> local reader count
+    # A stage input computed here for a stage of another process (supervisor._hoisted): no model; its one
+    # binding ("value") is published as this key.
+    derived_key: str | None = None
 
 
 def _open_models(device_dir: str, stages: list[_Stage], control: Channel) -> bool:
@@ -42,6 +45,8 @@ def _open_models(device_dir: str, stages: list[_Stage], control: Channel) -> boo
 
     device = Device.open(Path(device_dir))
     for stage in stages:
+        if stage.derived_key is not None:
+            continue
         try:
             ref = stage.model_ref
             if "listing" in ref:
@@ -96,6 +101,10 @@ class Worker:
             }
             refs = sorted({r for b in bindings.values() for r in b.refs()})
             self.stages.append(_Stage(raw["name"], raw["model"], bindings, refs))
+        for raw in config.get("derived", []):
+            binding = parse_binding(raw["binding"], chain_path, f"derived {raw['key']}")
+            refs = sorted(set(binding.refs()))
+            self.stages.append(_Stage(raw["key"], {}, {"value": binding}, refs, derived_key=raw["key"]))
         by_name = {s.name: s for s in self.stages}
         for stage in self.stages:
             for ref in stage.refs:
@@ -105,7 +114,10 @@ class Worker:
                     if stage.name not in producer.local_consumers:
                         producer.local_consumers.append(stage.name)
         for stage in self.stages:
-            stage.remote_outputs = {k for k in config["produces"] if k.split(".", 1)[0] == stage.name}
+            if stage.derived_key is not None:
+                stage.remote_outputs = {stage.derived_key} & set(config["produces"])
+            else:
+                stage.remote_outputs = {k for k in config["produces"] if k.split(".", 1)[0] == stage.name}
         self._by_name = by_name
         self._local: dict[tuple[str, int], list[Any]] = {}  # (key, seq) -> [array, readers left]
         self._remote_left: dict[tuple[str, int], int] = {}
@@ -150,10 +162,13 @@ class Worker:
             for step in binding.steps:
                 value = apply(step, value, lambda r: self._fetch(r, n))
             feeds[name] = value
-        outputs = stage.model.run(feeds)
+        if stage.derived_key is not None:
+            outputs = {stage.derived_key: feeds["value"]}
+        else:
+            outputs = stage.model.run(feeds)
         feeds.clear()  # drop our references to peer slots before releasing them
         for out_name, array in outputs.items():
-            key = f"{stage.name}.{out_name}"
+            key = out_name if stage.derived_key is not None else f"{stage.name}.{out_name}"
             if key in stage.remote_outputs:
                 self.node.publish(key, n, array)
             if stage.local_outputs.get(key):
@@ -173,7 +188,8 @@ class Worker:
                 self._remote_left.pop((ref, n), None)
                 self.node.release(ref, n)
         stage.next_seq = n + 1
-        self._done.append([stage.name, n, elapsed_ms])
+        if stage.derived_key is None:
+            self._done.append([stage.name, n, elapsed_ms])
         if len(self._done) >= _DONE_BATCH:
             self._flush_done()
 
@@ -240,7 +256,8 @@ def main(argv: list[str]) -> int:
     try:
         if not _open_models(config["device_dir"], worker.stages, control):
             return worker.wait_for_stop()
-        control.send({"t": "loaded", "signatures": {s.name: _signature(s.model) for s in worker.stages}})
+        signatures = {s.name: _signature(s.model) for s in worker.stages if s.derived_key is None}
+        control.send({"t": "loaded", "signatures": signatures})
         message, _ = control.recv(None)
         if message.get("t") != "go":
             return 0

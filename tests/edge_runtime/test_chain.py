@@ -131,6 +131,34 @@ def test_face_chain_matches_sequential_run(device_dir: Path, faces: np.ndarray) 
     assert _fds() == fds_before and _shm() == shm_before and _slot_mappings() == 0
 
 
+def test_input_steps_run_beside_the_process_that_holds_their_tensors(tmp_path: Path) -> None:
+    # face_mesh.yaml: the mesh input's crop + resize read only the image and detect's outputs, so the
+    # detect process computes it and the mesh process receives the prepared 192 px crop, nothing else.
+    chain = Chain.from_file(EXAMPLES / "face_mesh.yaml", tmp_path)
+    assert chain._hoisted() == {("mesh", "input_1"): ("vendor:mediapipe", "@mesh:input_1")}
+    produces, consumes = chain._routes()
+    assert consumes["vendor:acme-vision"] == {"@mesh:input_1": "vendor:mediapipe"}
+    assert produces["supervisor"] == {"image": ["vendor:mediapipe"]}  # the image no longer goes to mesh
+    # Steps reading tensors of two processes stay with their consumer.
+    path = _write_chain(
+        tmp_path / "two.yaml",
+        """
+        version: 1
+        inputs: {x: {shape: [1, 64], dtype: float32}}
+        stages:
+          - {name: a, vendor: va, model: {listing: digits-a}, inputs: {x: x}}
+          - {name: b, vendor: vb, model: {listing: digits-b}, inputs: {x: x}}
+          - name: c
+            vendor: vc
+            model: {listing: digits-a}
+            inputs:
+              x: {from: x, steps: [{op: crop_by_boxes, boxes: a.probabilities, scores: b.probabilities}]}
+        outputs: {y: c.probabilities}
+        """,
+    )
+    assert Chain.from_file(path, tmp_path)._hoisted() == {}
+
+
 def test_digits_two_vendors_and_stage_isolation(device_dir: Path, digits_test: Path, tmp_path: Path) -> None:
     x = np.load(digits_test)["x"][:12]
     for isolation in ("vendor", "stage"):
