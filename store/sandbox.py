@@ -193,12 +193,18 @@ def _landlock(read: list[str], write: list[str]) -> int:
     return abi
 
 
+_OWN_PACKAGES = ("drm", "edge_runtime", "edgemart", "licenses", "packagers", "store")
+
+
 def _readable_code_paths(forbidden: list[Path]) -> list[str]:
     """What a task may read to import Python code: the interpreter's and the import path's directories,
     except that a directory holding a forbidden path (a data dir under the checkout) is opened up only
     child by child, leaving out the branch that leads to the forbidden path."""
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
     roots |= {p for p in sys.path if p and os.path.isdir(p)}
+    # Our own packages wherever they are imported from: an editable install maps them through an import
+    # hook, not sys.path, and their data files (licenses/policy.json, ...) are read lazily by the tasks.
+    roots |= {str(Path(__file__).resolve().parent.parent / name) for name in _OWN_PACKAGES}
     roots |= {"/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo", "/etc/ld.so.cache"}
     roots |= {"/etc/localtime", "/dev/null", "/dev/urandom", "/sys/devices/system/cpu"}
     out: set[str] = set()

@@ -131,3 +131,28 @@ def test_the_runner_holds_none_of_the_store_secrets_in_memory(own_store):
                 found = True
                 break
     assert not found
+
+
+@needs_landlock
+def test_the_gate_reads_its_policy_when_the_checkout_is_not_on_sys_path(tmp_path, digits_base):
+    # `pip install -e .` (make venv) maps our packages through an import hook, not sys.path: the CLI, the
+    # demo and the bench run that way. The gate task reads licenses/policy.json lazily and must still be
+    # allowed to (found by `make bench`: every upload through the CLI-started store was a 422).
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        f"sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path({str(Path.cwd())!r}).resolve()]\n"
+        "from store.sandbox import Sandbox, SandboxLimits\n"
+        f"model = Path({str(digits_base)!r}).read_bytes()\n"
+        "result, _ = Sandbox(SandboxLimits(), []).run('gate', {'license': 'MIT'}, {'model': model})\n"
+        "print(json.dumps(result['decision']['outcome']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() in ('"allow"', '"allow_with_obligations"', '"block"')
