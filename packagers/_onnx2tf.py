@@ -1,10 +1,13 @@
 """ONNX -> full-integer int8 TFLite through onnx2tf (1.x, TensorFlow 2.21), the `coral` extra.
 
 The ONNX graph is first made static for the converter (one run's shapes, batch 1 for batched samples; node
-names TensorFlow accepts; skl2onnx's label lookup as a Gather). onnx2tf then runs in this process, in a
-temporary directory that is always removed, its log captured; in the store this process is the sandboxed
-task, which exits afterwards (a child process would not do: under the sandbox's Landlock rules it could not
-read its own /proc/self/cmdline, without which TensorFlow's converter aborts). A converter failure is a
+names TensorFlow accepts; skl2onnx's label lookup as a Gather). onnx2tf then runs in a temporary directory
+that is always removed, its log captured, in a child process (`python -m packagers._onnx2tf SPEC`):
+TensorFlow never loads into the caller, where its bundled libraries break others loaded beside them
+(SoftHSM's PKCS#11 login segfaulted in a process that had converted a model). In the store the packaging
+task is already a sandboxed process of its own that exits afterwards, and there the conversion runs in it
+(the sandbox sets IN_PROCESS_ENV): a child could not read its own /proc/self/cmdline under the sandbox's
+Landlock rules, and TensorFlow's converter aborts without it. A converter failure is a
 UsageError naming the cause. The seller's calibration samples are the representative dataset. The build
 keeps float inputs and outputs with int8 internals (QUANTIZE/DEQUANTIZE at the edges), and its I/O tensors
 carry the ONNX names so the fp32 comparison feeds both models alike."""
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -25,6 +30,7 @@ import numpy as np
 
 from edgemart.core.errors import UsageError
 
+IN_PROCESS_ENV = "EDGEMART_CONVERTER_IN_PROCESS"  # set to "1" by a process that may load TensorFlow itself
 INSTALL_HINT = "pip install -e '.[coral]' in the edgemart checkout (make venv installs it)"
 CALIBRATION_SAMPLES = 200  # representative samples (runs) fed to the TFLite calibrator, one at a time
 LOG_CHARS = 8000  # the converter's log kept in the build metadata (its tail)
@@ -146,9 +152,32 @@ def convert_int8(proto, arrays: dict[str, np.ndarray], per_run: bool = False) ->
 
 
 def _run_converter(spec: dict, log_path: Path) -> tuple[int, str]:
-    """onnx2tf.convert in this process, its stdout/stderr (Python and TensorFlow's C++ logging alike) sent
-    to `log_path` for the time of the call. (returncode, log): 0 when it returned, 1 when it raised or
-    called sys.exit, as onnx2tf does on errors."""
+    """onnx2tf.convert in a child process (in this one where IN_PROCESS_ENV says so), its stdout/stderr
+    (Python and TensorFlow's C++ logging alike) in `log_path`. (returncode, log): 0 when it returned, else
+    the child's exit status (1 when the converter raised or called sys.exit, as onnx2tf does on errors)."""
+    if os.environ.get(IN_PROCESS_ENV) == "1":
+        return _run_here(spec, log_path)
+    spec_path = log_path.with_name("spec.json")
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's packages, whatever sys.path says
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env[IN_PROCESS_ENV] = "1"
+    with open(log_path, "wb") as sink:
+        proc = subprocess.run(
+            [sys.executable, "-m", "packagers._onnx2tf", str(spec_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
+        )
+    log = _clean(log_path.read_text(errors="replace"))
+    return proc.returncode, log
+
+
+def _run_here(spec: dict, log_path: Path) -> tuple[int, str]:
+    """onnx2tf.convert in this process, its output sent to `log_path` for the time of the call."""
     for key, value in (
         ("TF_CPP_MIN_LOG_LEVEL", "2"),
         ("CUDA_VISIBLE_DEVICES", ""),
@@ -270,3 +299,15 @@ def with_onnx_io_names(payload: bytes, in_names: list[str], out_names: list[str]
     builder = flatbuffers.Builder(len(payload) + 1024)
     builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def _main(argv: list[str]) -> int:
+    """The child's side: convert per the spec file; the caller reads the log and the output folder."""
+    spec = json.loads(Path(argv[0]).read_text())
+    returncode, log = _run_here(spec, Path(argv[0]).with_name("converter-child.log"))
+    sys.stdout.write(log + "\n")
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -3,6 +3,7 @@ full-integer, agree with fp32 and carry the Edge TPU op report. One conversion p
 
 from __future__ import annotations
 
+import sys
 import tempfile
 
 import numpy as np
@@ -157,6 +158,9 @@ def test_small_cnn_built_with_onnx_helper_converts(cnn_coral):
     _check_build(build, model, hold, "logits")
     placement = {row["mapped_to"]: row["placement"] for row in build.quality.op_compatibility["ops"]}
     assert placement["CONV_2D"] == "edgetpu" and placement["FULLY_CONNECTED"] == "edgetpu"
+    # The conversion ran in a child: TensorFlow never loaded here (beside it SoftHSM's PKCS#11 login
+    # segfaulted later in the same test process).
+    assert "tensorflow" not in sys.modules and "onnx2tf" not in sys.modules
 
 
 @needs_converter
