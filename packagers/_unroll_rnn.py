@@ -1,7 +1,7 @@
 """Recurrent ONNX nodes (`LSTM`, `GRU`, `RNN`) rewritten as their cell math, step by step, for onnx2tf.
 
 onnx2tf 1.28.8 fails on minimal LSTM/GRU graphs (Reshape/Split shape errors, tf-keras `initial_state`), so
-coral-edgetpu unrolls them first, on the static graph (batch 1): every step is a Gather of the step's input,
+coral-edgetpu unrolls them first, on the static graph (batch 1): every step is a Slice (+ Reshape) of the step's input,
 two MatMuls (input and hidden weights, pre-transposed constants), one bias Add, Slices into the gates and
 Sigmoid/Tanh/Mul/Add, exactly as in the ONNX operator spec (LSTM gates i, o, f, c; GRU z, r, h with
 `linear_before_reset` 0 or 1; forward, reverse and bidirectional). Outputs Y, Y_h, Y_c keep their names and
@@ -159,8 +159,20 @@ class _Unroller:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def _gather(self, source: str, index: int, axis: int, what: str) -> str:
-        return self._op("Gather", [source, self._const("idx", np.array(index, np.int64))], what, axis=axis)
+    def _take(self, source: str, index: int, axis: int, width: int, what: str) -> str:
+        """Row `index` of `source` on `axis` as [batch, width]: Slice + Reshape (both Edge TPU ops; Gather
+        is not)."""
+        part = self._op(
+            "Slice",
+            [
+                source,
+                self._const("start", np.array([index], np.int64)),
+                self._const("end", np.array([index + 1], np.int64)),
+                self._const("axis", np.array([axis], np.int64)),
+            ],
+            what + "_slice",
+        )
+        return self._reshape(part, [self.batch, width], what)
 
     def _slice(self, source: str, gate: int) -> str:
         h = self.hidden
@@ -182,7 +194,9 @@ class _Unroller:
     def _initial(self, name: str, d: int, what: str) -> str:
         if not name:
             return self._const(what, np.zeros((self.batch, self.hidden), np.float32))
-        return self._gather(name, d, 1 if self.layout else 0, what)  # [D, B, H] or (layout 1) [B, D, H]
+        return self._take(
+            name, d, 1 if self.layout else 0, self.hidden, what
+        )  # [D, B, H] or (layout 1) [B, D, H]
 
     def build(self) -> list:
         h_all: list[list[str]] = []  # per direction, per time index
@@ -238,7 +252,7 @@ class _Unroller:
         hs: dict[int, str] = {}
         order = range(self.steps - 1, -1, -1) if reverse else range(self.steps)
         for t in order:
-            x_t = self._gather(self.x, t, 1 if self.layout else 0, "x")  # [B, I]
+            x_t = self._take(self.x, t, 1 if self.layout else 0, int(self.w.shape[-1]), "x")  # [B, I]
             xw = self._op("Add", [self._op("MatMul", [x_t, w_t], "xw"), bias_x], "xwb")
             if self.op == "LSTM":
                 hr = self._op("MatMul", [h, r_t], "hr")
