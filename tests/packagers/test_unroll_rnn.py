@@ -54,7 +54,9 @@ def recurrent_model(
     if peepholes:
         inits.append(numpy_helper.from_array(rng.normal(0, 0.4, (dirs, 3 * HIDDEN)).astype(np.float32), "P"))
         names[7] = "P"
-    names = names[: 8 if peepholes else 7 if op == "LSTM" and initial else 6 if initial else 5 if seq_lens else 4]
+    names = names[
+        : 8 if peepholes else 7 if op == "LSTM" and initial else 6 if initial else 5 if seq_lens else 4
+    ]
     outputs = ["Y", "Y_h", "Y_c"] if op == "LSTM" else ["Y", "Y_h"]
     y_shape = [BATCH, steps, dirs, HIDDEN] if layout else [steps, dirs, BATCH, HIDDEN]
     node = helper.make_node(
