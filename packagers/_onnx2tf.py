@@ -1,7 +1,9 @@
+# Why this is one module: every step between the seller's ONNX graph and onnx2tf's int8 TFLite (the static graph, the converter's run and its failures, the I/O names) works around the same converter's habits.
 """ONNX -> full-integer int8 TFLite through onnx2tf (1.x, TensorFlow 2.21), the `coral` extra.
 
-The ONNX graph is first made static for the converter (one run's shapes, batch 1 for batched samples; node
-names TensorFlow accepts; skl2onnx's label lookup as a Gather). onnx2tf then runs in this process, in a
+The ONNX graph is first made static for the converter (fixed inputs folded with the Ifs they decide; one
+run's shapes, batch 1 for batched samples; node names TensorFlow accepts; skl2onnx's label lookup as a
+Gather; recurrent nodes unrolled by packagers/_unroll_rnn.py). onnx2tf then runs in this process, in a
 temporary directory that is always removed, its log captured; in the store this process is the sandboxed
 task, which exits afterwards (a child process would not do: under the sandbox's Landlock rules it could not
 read its own /proc/self/cmdline, without which TensorFlow's converter aborts). A converter failure is a
@@ -50,7 +52,8 @@ def require_converter() -> None:
 def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
     """A copy of the ONNX graph the converter can take: each input's shape fixed to `shapes` (one run's),
     node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as a Gather (or
-    nothing, over arange classes); output shapes re-inferred."""
+    nothing, over arange classes), a Gather of one constant index as Slice + Squeeze (Edge TPU ops); output
+    shapes re-inferred."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -76,6 +79,7 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
         value.type.tensor_type.ClearField("shape")
     del graph.value_info[:]
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     nodes = []
     for k, node in enumerate(graph.node):
         node.name = re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name or f"{node.op_type}_{k}") or f"node_{k}"
@@ -95,10 +99,35 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
                 )
             nodes.append(replaced)
             continue
+        index = (
+            consts.get(node.input[1]) if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
+        )
+        if index is not None and index.ndim == 0 and node.input[0] not in consts:
+            nodes.extend(_gather_as_slice(node, int(index), graph, opset))
+            continue
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
     return _infer(model, "the static graph")
+
+
+def _gather_as_slice(node, index: int, graph, opset: int) -> list:
+    """Gather of one constant index as Slice + Squeeze (STRIDED_SLICE and SQUEEZE are Edge TPU ops; GATHER
+    is not, and would end the Edge TPU region there), e.g. a recurrent state's layer: state[0]."""
+    from onnx import helper, numpy_helper
+
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    end = index + 1 if index != -1 else np.iinfo(np.int64).max
+    names = [f"{node.name}__{what}" for what in ("start", "end", "axis")]
+    for name, value in zip(names, (index, end, axis), strict=True):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    row = f"{node.name}__row"
+    sliced = helper.make_node("Slice", [node.input[0], *names], [row], name=f"{node.name}_slice")
+    if opset >= 13:
+        squeeze = helper.make_node("Squeeze", [row, names[2]], list(node.output), name=node.name)
+    else:
+        squeeze = helper.make_node("Squeeze", [row], list(node.output), name=node.name, axes=[axis])
+    return [sliced, squeeze]
 
 
 def convert_int8(

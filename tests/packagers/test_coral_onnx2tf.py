@@ -346,6 +346,12 @@ def test_streaming_vad_with_fixed_rate_becomes_full_int8_and_frames_compare_with
     assert "stateN" in build.quality.agreement["holdout"]
     assert any("state <- stateN" in n and "step by step" in n for n in build.quality.notes)
     assert build.quality.passed, build.quality.verdict_reason
+    # The state's per-layer Gathers became Slice + Squeeze (GATHER would end the Edge TPU region first):
+    # the whole network, both layers and the head, is placed on the Edge TPU.
+    placement = [(r["mapped_to"], r["placement"]) for r in build.quality.op_compatibility["ops"]]
+    assert not [p for p in placement if p[0] == "GATHER"]
+    compute = [p for p in placement if p[0] in ("FULLY_CONNECTED", "TANH", "LOGISTIC", "STRIDED_SLICE")]
+    assert len(compute) >= 9 and all(where == "edgetpu" for _, where in compute), compute
 
 
 @needs_converter
