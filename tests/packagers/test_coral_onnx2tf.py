@@ -383,3 +383,82 @@ def test_lstm_longer_than_the_unrolling_bound_is_refused_naming_it():
         UsageError, match=rf"sequence length {MAX_STEPS + 6} is above the unrolling bound of {MAX_STEPS}"
     ):
         package_model(graph.SerializeToString(), "coral-edgetpu", calibration=cal, options=FAST)
+
+
+def _streaming_lstm(seed: int = 0) -> bytes:
+    """One step per call, as streaming models run: x [N, 8] -> LSTM(seq_len 1, initial_h h0, initial_c c0)
+    -> hn, cn (fed back as h0, c0) and a Gemm head on hn."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["x", "axis0"], ["x_tm"], name="one_step"),
+            helper.make_node(
+                "LSTM",
+                ["x_tm", "W", "R", "B", "", "h0", "c0"],
+                ["", "hn", "cn"],
+                hidden_size=HIDDEN,
+                name="rnn",
+            ),
+            helper.make_node("Squeeze", ["hn", "axis0"], ["h"], name="last_state"),
+            helper.make_node("Gemm", ["h", "fc", "fb"], ["logits"], transB=1, name="head"),
+        ],
+        "streaming_lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])]
+        + [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "N", HIDDEN]) for s in ("h0", "c0")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])]
+        + [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "N", HIDDEN]) for s in ("hn", "cn")],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * HIDDEN, FEATURES)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * HIDDEN, HIDDEN)).astype(np.float32), "R"),
+            numpy_helper.from_array(rng.normal(0, 0.2, (1, 8 * HIDDEN)).astype(np.float32), "B"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(rng.normal(0, 0.5, (CLASSES, HIDDEN)).astype(np.float32), "fc"),
+            numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fb"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _steps(sequences: int, steps: int, seed: int) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).normal(0, 1, (sequences * steps, FEATURES)).astype(np.float32)
+    return {"x": x, "sequence_start": np.tile(np.arange(steps) == 0, sequences).astype(np.int8)}
+
+
+@needs_converter
+@pytest.mark.slow
+def test_streaming_lstm_with_initial_states_carries_its_state_in_the_int8_build():
+    model = _streaming_lstm()
+    hold = _steps(2, 25, seed=2)
+    options = {**FAST, "state": "h0=hn,c0=cn"}
+    build = package_model(
+        model, "coral-edgetpu", calibration=_steps(4, 25, seed=1), holdout=hold, options=options
+    )
+    _assert_full_integer(build.payload)
+    assert build.metadata["recurrent_unrolled"] == [
+        {"node": "rnn", "op": "LSTM", "direction": "forward", "steps": 1}
+    ]
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    interpreter = Interpreter(model_content=build.payload)
+    interpreter.allocate_tensors()
+    ins = {d["name"]: d["index"] for d in interpreter.get_input_details()}
+    outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
+    reference, got = [], []
+    for x, start in zip(hold["x"], hold["sequence_start"], strict=True):
+        if start:  # each side carries its own state from zeros
+            fp32 = {s: np.zeros((1, 1, HIDDEN), np.float32) for s in ("h0", "c0")}
+            int8 = {s: np.zeros((1, 1, HIDDEN), np.float32) for s in ("h0", "c0")}
+        logits, fp32["h0"], fp32["c0"] = session.run(["logits", "hn", "cn"], {"x": x[None], **fp32})
+        reference.append(logits)
+        interpreter.set_tensor(ins["x"], x[None])
+        for s in ("h0", "c0"):
+            interpreter.set_tensor(ins[s], int8[s])
+        interpreter.invoke()
+        got.append(interpreter.get_tensor(outs["logits"]))
+        int8 = {"h0": interpreter.get_tensor(outs["hn"]), "c0": interpreter.get_tensor(outs["cn"])}
+    snr = _snr_db(np.concatenate(reference), np.concatenate(got))
+    assert snr >= 20, snr
+    figures = build.quality.agreement["holdout"]["logits"]
+    assert figures["samples"] == 50 and figures["snr_db"] == pytest.approx(snr, abs=0.01)
+    assert {"hn", "cn"} <= set(build.quality.agreement["holdout"])
