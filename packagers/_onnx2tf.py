@@ -1,7 +1,9 @@
+# Why this is one module: every step between the seller's ONNX graph and onnx2tf's int8 TFLite (the static graph, the converter's run and its failures, the I/O names) works around the same converter's habits.
 """ONNX -> full-integer int8 TFLite through onnx2tf (1.x, TensorFlow 2.21), the `coral` extra.
 
-The ONNX graph is first made static for the converter (one run's shapes, batch 1 for batched samples; node
-names TensorFlow accepts; skl2onnx's label lookup as a Gather). onnx2tf then runs in a temporary directory
+The ONNX graph is first made static for the converter (fixed inputs folded with the Ifs they decide; one
+run's shapes, batch 1 for batched samples; node names TensorFlow accepts; skl2onnx's label lookup as a
+Gather; recurrent nodes unrolled by packagers/_unroll_rnn.py). onnx2tf then runs in a temporary directory
 that is always removed, its log captured, in a child process (`python -m packagers._onnx2tf SPEC`):
 TensorFlow never loads into the caller, where its bundled libraries break others loaded beside them
 (SoftHSM's PKCS#11 login segfaulted in a process that had converted a model). In the store the packaging
@@ -24,11 +26,14 @@ import sys
 import tempfile
 import traceback
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from edgemart.core.errors import UsageError
+from packagers._specialize import fold_constant_ifs, specialize
+from packagers._unroll_rnn import unroll_recurrent
 
 IN_PROCESS_ENV = "EDGEMART_CONVERTER_IN_PROCESS"  # set to "1" by a process that may load TensorFlow itself
 INSTALL_HINT = "pip install -e '.[coral]' in the edgemart checkout (make venv installs it)"
@@ -53,7 +58,8 @@ def require_converter() -> None:
 def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
     """A copy of the ONNX graph the converter can take: each input's shape fixed to `shapes` (one run's),
     node names TensorFlow accepts as scopes, skl2onnx's ArrayFeatureExtractor label lookup as a Gather (or
-    nothing, over arange classes); output shapes re-inferred."""
+    nothing, over arange classes), a Gather of one constant index as Slice + Squeeze (Edge TPU ops); output
+    shapes re-inferred."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -79,6 +85,7 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
         value.type.tensor_type.ClearField("shape")
     del graph.value_info[:]
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     nodes = []
     for k, node in enumerate(graph.node):
         node.name = re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name or f"{node.op_type}_{k}") or f"node_{k}"
@@ -98,30 +105,80 @@ def static_for_converter(proto, shapes: dict[str, tuple[int, ...]]):
                 )
             nodes.append(replaced)
             continue
+        index = (
+            consts.get(node.input[1]) if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
+        )
+        if index is not None and index.ndim == 0 and node.input[0] not in consts:
+            nodes.extend(_gather_as_slice(node, int(index), graph, opset))
+            continue
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as exc:  # onnx raises InferenceError and others: a message for the seller either way
-        raise UsageError(f"coral-edgetpu: ONNX shape inference failed on the static graph: {exc}") from None
+    return _infer(model, "the static graph")
 
 
-def convert_int8(proto, arrays: dict[str, np.ndarray], per_run: bool = False) -> tuple[bytes, str]:
-    """(full-integer int8 TFLite with float I/O named as the ONNX I/O, the converter's log tail).
+def _gather_as_slice(node, index: int, graph, opset: int) -> list:
+    """Gather of one constant index as Slice + Squeeze (STRIDED_SLICE and SQUEEZE are Edge TPU ops; GATHER
+    is not, and would end the Edge TPU region there), e.g. a recurrent state's layer: state[0]."""
+    from onnx import helper, numpy_helper
+
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    end = index + 1 if index != -1 else np.iinfo(np.int64).max
+    names = [f"{node.name}__{what}" for what in ("start", "end", "axis")]
+    for name, value in zip(names, (index, end, axis), strict=True):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    row = f"{node.name}__row"
+    sliced = helper.make_node("Slice", [node.input[0], *names], [row], name=f"{node.name}_slice")
+    if opset >= 13:
+        squeeze = helper.make_node("Squeeze", [row, names[2]], list(node.output), name=node.name)
+    else:
+        squeeze = helper.make_node("Squeeze", [row], list(node.output), name=node.name, axes=[axis])
+    return [sliced, squeeze]
+
+
+def convert_int8(
+    proto,
+    arrays: dict[str, np.ndarray],
+    per_run: bool = False,
+    fixed: Mapping[str, np.ndarray] | None = None,
+) -> tuple[bytes, str, dict]:
+    """(full-integer int8 TFLite with float I/O named as the ONNX I/O, the converter's log tail, what was
+    rewritten before converting: `fixed_inputs`/`if_nodes_resolved`, `recurrent_unrolled`).
 
     `arrays`: samples with the batch on axis 0 (the build takes one: a static batch of 1), or with
-    `per_run` one whole feed per entry (the build takes that feed's shape, e.g. a time-major [T, 1, F])."""
+    `per_run` one whole feed per entry (the build takes that feed's shape, e.g. a time-major [T, 1, F]).
+    `fixed` inputs become constants and the Ifs they decide are replaced by their branch; an If left
+    deciding at run time is a UsageError naming the inputs to fix. Recurrent nodes are unrolled
+    (packagers/_unroll_rnn.py) on the static graph."""
     import onnx
 
     require_converter()
+    prepared: dict = {}
+    if fixed or any(n.op_type == "If" for n in proto.graph.node):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        if fixed:
+            proto, prepared = specialize(copy, dict(fixed))
+        else:
+            proto, folded = copy, fold_constant_ifs(copy)
+            prepared = {"if_nodes_resolved": folded} if folded else {}
+        refuse_runtime_ifs(proto)
+    runs: dict[str, np.ndarray] = {}
     if per_run:
         shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
+        if len({s[0] if s else 1 for s in shapes.values()}) > 1:
+            # onnx2tf slices every input by the first input's leading dim (e.g. audio [1, 576] and state
+            # [2, 1, 128]): the representative dataset is then the runs themselves (see _convert).
+            runs = {k: v[:CALIBRATION_SAMPLES] for k, v in arrays.items()}
         # The calibrator slices the first axis of the input's static shape: the feeds, end to end.
         arrays = {k: v.reshape(-1, *v.shape[2:]) for k, v in arrays.items()}
     else:
         shapes = {k: (1, *v.shape[1:]) for k, v in arrays.items()}
     static = static_for_converter(proto, shapes)
+    unrolled = unroll_recurrent(static)
+    if unrolled:
+        prepared["recurrent_unrolled"] = unrolled
+        static = _infer(static, "the unrolled recurrent graph")
     inits = {i.name for i in static.graph.initializer}
     in_names = [i.name for i in static.graph.input if i.name not in inits]
     out_names = [o.name for o in static.graph.output]
@@ -142,13 +199,55 @@ def convert_int8(proto, arrays: dict[str, np.ndarray], per_run: bool = False) ->
             "out": str(work / "out"),
             "inputs": inputs,
             "keep_layout": keep,
+            "runs": {},
         }
+        for k, (name, run) in enumerate(runs.items()):
+            np.save(work / f"run{k}.npy", np.ascontiguousarray(run, dtype=np.float32))
+            spec["runs"][name] = str(work / f"run{k}.npy")
         returncode, log = _run_converter(spec, work / "converter.log")
         built = work / "out" / "model_integer_quant.tflite"
         if returncode != 0 or not built.is_file():
             raise UsageError(_failure(log, returncode), details={"converter_log": log[-LOG_CHARS:]})
         payload = built.read_bytes()
-    return with_onnx_io_names(payload, in_names, out_names), log[-LOG_CHARS:]
+    return with_onnx_io_names(payload, in_names, out_names), log[-LOG_CHARS:], prepared
+
+
+def refuse_runtime_ifs(proto) -> None:
+    """A UsageError for the first `If` whose branch is picked at run time, naming the model inputs its
+    condition reads (the seller fixes them with --fixed); the converter needs one static graph."""
+    graph = proto.graph
+    inputs = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type != "If":
+            continue
+        reads, stack, seen = [], [node.input[0]], set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in inputs:
+                reads.append(name)
+            elif name in producer:
+                stack.extend(producer[name].input)
+        named = sorted(reads) or ["(none)"]
+        raise UsageError(
+            f"coral-edgetpu: node {node.name or 'If'} (If) picks its branch at run time from input(s) "
+            f"{', '.join(repr(n) for n in named)}; the Edge TPU build is one static graph: fix "
+            + ("them" if len(named) > 1 else "it")
+            + " to the value the device always feeds, e.g. edgemart package MODEL.onnx --target coral-edgetpu "
+            f"--calibration CAL.npz --fixed {named[0]}=VALUE --out DIR (model card: fixed: {{{named[0]}: VALUE}})"
+        )
+
+
+def _infer(model, what: str):
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # onnx raises InferenceError and others: a message for the seller either way
+        raise UsageError(f"coral-edgetpu: ONNX shape inference failed on {what}: {exc}") from None
 
 
 def _run_converter(spec: dict, log_path: Path) -> tuple[int, str]:
@@ -218,7 +317,7 @@ def _convert(spec: dict) -> None:
     for name, path, ndim, channels in spec["inputs"]:
         shape = [1, channels] + [1] * (ndim - 2) if ndim >= 3 else [1] * ndim
         inputs.append([name, path, np.zeros(shape, np.float32), np.ones(shape, np.float32)])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _whole_runs_as_dataset(spec["runs"]):
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
         onnx2tf.convert(
             input_onnx_file_path=spec["model"],
@@ -230,6 +329,46 @@ def _convert(spec: dict) -> None:
             not_use_onnxsim=True,
             verbosity="warn",
         )
+
+
+@contextlib.contextmanager
+def _whole_runs_as_dataset(runs: dict[str, str]):
+    """With `runs` (input name -> .npy of whole feeds, one per entry), the int8 converter onnx2tf makes
+    calibrates on those feeds as they are: its own dataset slices every input by the first input's leading
+    dim, which breaks inputs of different leading dims. onnx2tf sets `representative_dataset` and then
+    calls `convert()` on the converter from `TFLiteConverter.from_saved_model`; for the time of the call
+    that converter's `convert` sets ours first. Nothing is changed without `runs`."""
+    if not runs:
+        yield
+        return
+    import tensorflow as tf
+
+    feeds = {name: np.load(path) for name, path in runs.items()}
+    count = min(len(v) for v in feeds.values())
+
+    def dataset():
+        for i in range(count):
+            yield {name: tf.convert_to_tensor(v[i], tf.float32) for name, v in feeds.items()}
+
+    cls = tf.lite.TFLiteConverter
+    original = cls.__dict__["from_saved_model"]
+
+    def from_saved_model(*args, **kwargs):
+        converter = original.__get__(None, cls)(*args, **kwargs)
+        convert = converter.convert
+
+        def convert_with_runs():
+            converter.representative_dataset = dataset
+            return convert()
+
+        converter.convert = convert_with_runs
+        return converter
+
+    cls.from_saved_model = staticmethod(from_saved_model)
+    try:
+        yield
+    finally:
+        cls.from_saved_model = original
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -33,17 +33,26 @@ def specialize(model, fixed: Mapping[str, np.ndarray]) -> tuple[object, dict]:
     graph.input.extend(keep)
     for name, value in fixed.items():
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    folded = fold_constant_ifs(model)
+    _drop_dead(graph)  # also what only read a fixed input
+    return model, {
+        "fixed_inputs": {k: np.asarray(v).ravel()[0].item() for k, v in fixed.items()},
+        "if_nodes_resolved": folded,
+    }
+
+
+def fold_constant_ifs(model) -> list[dict]:
+    """Replace every `If` whose condition is computable from initializers by the branch it takes, then drop
+    what nothing reads any more; in place. One row per If folded."""
     folded: list[dict] = []
     while True:
         step = _fold_one_if(model)
         if step is None:
             break
         folded.append(step)
-    _drop_dead(graph)
-    return model, {
-        "fixed_inputs": {k: np.asarray(v).ravel()[0].item() for k, v in fixed.items()},
-        "if_nodes_resolved": folded,
-    }
+    if folded:
+        _drop_dead(model.graph)
+    return folded
 
 
 def _constant_names(graph) -> tuple[set[str], dict[str, object]]:

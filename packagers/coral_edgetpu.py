@@ -85,7 +85,9 @@ class CoralEdgeTpuPackager(Packager):
         require_converter()
         progress(0.1, "converting with onnx2tf (TensorFlow), the calibration samples as representative data")
         try:
-            payload, log = convert_int8(proto, calibration.arrays, calibration.per_run)
+            payload, log, prepared = convert_int8(
+                proto, calibration.arrays, calibration.per_run, calibration.fixed
+            )
         except UsageError as exc:
             compat = onnx_compatibility(proto)
             details = {**(exc.details or {}), "op_compatibility": compat}
@@ -111,12 +113,18 @@ class CoralEdgeTpuPackager(Packager):
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
         notes = [_compat_line(compat), "static batch 1 (the Edge TPU compiler needs static shapes)"]
+        for row in prepared.get("recurrent_unrolled", []):
+            notes.append(
+                f"recurrent node {row['node']} ({row['op']}, {row['direction']}) unrolled into cell math "
+                f"over {row['steps']} step(s) before conversion"
+            )
         meta: dict = {
             "converter": f"onnx2tf {_version('onnx2tf')} + TensorFlow {_version('tensorflow')}",
             "quantization": "int8 full-integer (TFLite converter): per-channel int8 weights, int8 activations, "
             "float32 inputs/outputs (QUANTIZE/DEQUANTIZE at the edges)",
             "calibration_samples": min(calibration.count, CALIBRATION_SAMPLES),
             "converter_log": log,
+            **prepared,
         }
         if opts.run_compiler:
             progress(0.8, "running edgetpu_compiler")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,6 +18,10 @@ import packagers._onnx2tf as onnx2tf_module
 from edgemart.core.errors import UsageError
 from packagers import package_model
 from packagers._onnx2tf import LOG_CHARS, converter_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streaming_models import HIDDEN as VAD_HIDDEN  # noqa: E402
+from streaming_models import streaming_vad, vad_sequences  # noqa: E402
 
 FAST = {"latency_runs": 3}
 
@@ -202,3 +207,261 @@ def test_without_the_converter_the_error_names_the_install_command(digits_bytes,
     monkeypatch.setattr(onnx2tf_module, "converter_available", lambda: False)  # as on a machine without it
     with pytest.raises(UsageError, match=r"pip install -e '\.\[coral\]' in the edgemart checkout"):
         package_model(digits_bytes, "coral-edgetpu", calibration=digits_cal)
+
+
+# -- recurrent models: LSTM / GRU nodes unrolled into cell math, and a streaming VAD ------------------------
+
+STEPS, FEATURES, HIDDEN, CLASSES = 5, 8, 16, 4
+
+
+def _recurrent_classifier(op: str, seed: int = 0, **attrs) -> bytes:
+    """x [N, T, 8] -> Transpose (time-major) -> `op` (hidden 16, forward) -> Y_h -> Gemm(16->4) logits."""
+    rng = np.random.default_rng(seed)
+    gates = {"LSTM": 4, "GRU": 3}[op] * HIDDEN
+    outputs = ["Y", "Y_h", "Y_c"] if op == "LSTM" else ["Y", "Y_h"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["x_tm"], perm=[1, 0, 2], name="time_major"),
+            helper.make_node(op, ["x_tm", "W", "R", "B"], outputs, hidden_size=HIDDEN, name="rnn", **attrs),
+            helper.make_node("Squeeze", ["Y_h", "axis0"], ["h"], name="last_state"),
+            helper.make_node("Gemm", ["h", "fc", "fb"], ["logits"], transB=1, name="head"),
+        ],
+        f"small_{op.lower()}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", STEPS, FEATURES])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.4, (1, gates, FEATURES)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.normal(0, 0.4, (1, gates, HIDDEN)).astype(np.float32), "R"),
+            numpy_helper.from_array(rng.normal(0, 0.2, (1, 2 * gates)).astype(np.float32), "B"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(rng.normal(0, 0.5, (CLASSES, HIDDEN)).astype(np.float32), "fc"),
+            numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fb"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _sequences(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(0, 1, (n, STEPS, FEATURES)).astype(np.float32)}
+
+
+def _snr_db(reference: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - got) ** 2)))
+
+
+@pytest.fixture(
+    scope="module", params=[("LSTM", {}), ("GRU", {"linear_before_reset": 1})], ids=["lstm", "gru"]
+)
+def recurrent_coral(request):
+    op, attrs = request.param
+    model = _recurrent_classifier(op, **attrs)
+    hold = _sequences(64, seed=2)
+    build = package_model(
+        model, "coral-edgetpu", calibration=_sequences(128, seed=1), holdout=hold, options=FAST
+    )
+    return op, build, model, hold
+
+
+@needs_converter
+@pytest.mark.slow
+def test_lstm_and_gru_models_become_full_int8_tflite_that_agrees_with_fp32(recurrent_coral):
+    op, build, model, hold = recurrent_coral
+    _assert_full_integer(build.payload)
+    reference = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(["logits"], hold)[0]
+    got = _litert_outputs(build.payload, hold)["logits"]
+    snr = _snr_db(reference, got)
+    assert snr >= 20, snr
+    assert build.quality.agreement["holdout"]["logits"]["snr_db"] == pytest.approx(snr, abs=0.01)
+    assert build.metadata["recurrent_unrolled"] == [
+        {"node": "rnn", "op": op, "direction": "forward", "steps": 5}
+    ]
+    assert f"recurrent node rnn ({op}, forward) unrolled into cell math over 5 step(s) before conversion" in (
+        build.quality.notes
+    )
+    compat = build.quality.op_compatibility
+    assert compat["source"] == "tflite" and compat["edgetpu_ops"] + compat["cpu_ops"] == len(compat["ops"])
+    mapped = {row["mapped_to"] for row in compat["ops"]}
+    assert {"FULLY_CONNECTED", "LOGISTIC", "TANH", "MUL"} <= mapped
+    assert not mapped & {"UNIDIRECTIONAL_SEQUENCE_LSTM", "WHILE", "GATHER"}  # plain cell math, steps sliced
+
+
+def _vad_stream_litert(payload: bytes, chunks: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Independent of the packagers: the coral build frame by frame in LiteRT, the state carried by hand."""
+    interpreter = Interpreter(model_content=payload)
+    interpreter.allocate_tensors()
+    inputs = {d["name"]: d["index"] for d in interpreter.get_input_details()}
+    outputs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
+    assert set(inputs) == {"input", "state"} and set(outputs) == {"output", "stateN"}  # sr is folded in
+    probs, state = [], np.zeros((2, 1, VAD_HIDDEN), np.float32)
+    for chunk, start in zip(chunks, starts, strict=True):
+        if start:
+            state = np.zeros_like(state)
+        interpreter.set_tensor(inputs["input"], chunk[None])
+        interpreter.set_tensor(inputs["state"], state)
+        interpreter.invoke()
+        probs.append(interpreter.get_tensor(outputs["output"]))
+        state = interpreter.get_tensor(outputs["stateN"])
+    return np.concatenate(probs)
+
+
+@pytest.fixture(scope="module")
+def vad_parts():
+    return streaming_vad(), vad_sequences(sequences=4, steps=30)
+
+
+@pytest.fixture(scope="module")
+def vad_coral(vad_parts):
+    vad, sequences = vad_parts
+    cal = {k: v[:90] for k, v in sequences.items()}  # three recordings calibrate, the fourth is held out
+    hold = {k: v[90:] for k, v in sequences.items()}
+    options = {**FAST, "fixed": "sr=16000"}
+    return package_model(vad, "coral-edgetpu", calibration=cal, holdout=hold, options=options)
+
+
+@needs_converter
+@pytest.mark.slow
+def test_streaming_vad_with_fixed_rate_becomes_full_int8_and_frames_compare_with_fp32(vad_coral, vad_parts):
+    vad, sequences = vad_parts
+    build = vad_coral
+    _assert_full_integer(build.payload)
+    assert build.metadata["fixed_inputs"] == {"sr": 16000}
+    assert build.metadata["if_nodes_resolved"] == [
+        {"node": "rate_switch", "condition": "is_16k", "took": "then"}
+    ]
+    chunks, starts = sequences["input"][90:], sequences["sequence_start"][90:]
+    session = ort.InferenceSession(vad, providers=["CPUExecutionProvider"])
+    reference, state = [], np.zeros((2, 1, VAD_HIDDEN), np.float32)
+    for chunk, start in zip(chunks, starts, strict=True):
+        state = np.zeros_like(state) if start else state
+        prob, state = session.run(
+            ["output", "stateN"], {"input": chunk[None], "state": state, "sr": np.array(16000, np.int64)}
+        )
+        reference.append(prob)
+    reference = np.concatenate(reference)
+    got = _vad_stream_litert(build.payload, chunks, starts)
+    figures = build.quality.agreement["holdout"]["output"]
+    assert figures["samples"] == 30 == len(reference)
+    assert figures["max_abs_error"] == pytest.approx(float(np.abs(reference - got).max()), abs=1e-6)
+    assert figures["decision_agreement"] == pytest.approx(float(np.mean((reference > 0.5) == (got > 0.5))))
+    assert figures["decision_agreement"] >= 0.9 and figures["snr_db"] >= 20
+    assert "stateN" in build.quality.agreement["holdout"]
+    assert any("state <- stateN" in n and "step by step" in n for n in build.quality.notes)
+    assert build.quality.passed, build.quality.verdict_reason
+    # The state's per-layer Gathers became Slice + Squeeze (GATHER would end the Edge TPU region first):
+    # the whole network, both layers and the head, is placed on the Edge TPU.
+    placement = [(r["mapped_to"], r["placement"]) for r in build.quality.op_compatibility["ops"]]
+    assert not [p for p in placement if p[0] == "GATHER"]
+    compute = [p for p in placement if p[0] in ("FULLY_CONNECTED", "TANH", "LOGISTIC", "STRIDED_SLICE")]
+    assert len(compute) >= 9 and all(where == "edgetpu" for _, where in compute), compute
+
+
+@needs_converter
+def test_vad_with_the_rate_as_data_is_refused_naming_the_option(vad_parts, tmp_path, monkeypatch):
+    vad, sequences = vad_parts
+    n = len(sequences["input"])
+    with_rate = dict(sequences, sr=np.full(n, 16000, np.int64))  # sr fed per step: the If stays
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(UsageError) as err:
+        package_model(vad, "coral-edgetpu", calibration=with_rate, options=FAST)
+    assert err.value.message.startswith(
+        "coral-edgetpu: node rate_switch (If) picks its branch at run time from input(s) 'sr'; "
+    )
+    assert (
+        "edgemart package MODEL.onnx --target coral-edgetpu --calibration CAL.npz --fixed sr=VALUE --out DIR"
+        in (err.value.message)
+    )
+    assert list(tmp_path.iterdir()) == []  # refused before any conversion
+
+
+@needs_converter
+def test_lstm_longer_than_the_unrolling_bound_is_refused_naming_it():
+    from packagers._unroll_rnn import MAX_STEPS
+
+    graph = onnx.load_from_string(_recurrent_classifier("LSTM"))
+    graph.graph.input[0].type.tensor_type.shape.dim[1].dim_value = MAX_STEPS + 6
+    cal = {"x": np.zeros((4, MAX_STEPS + 6, FEATURES), np.float32)}
+    with pytest.raises(
+        UsageError, match=rf"sequence length {MAX_STEPS + 6} is above the unrolling bound of {MAX_STEPS}"
+    ):
+        package_model(graph.SerializeToString(), "coral-edgetpu", calibration=cal, options=FAST)
+
+
+def _streaming_lstm(seed: int = 0) -> bytes:
+    """One step per call, as streaming models run: x [N, 8] -> LSTM(seq_len 1, initial_h h0, initial_c c0)
+    -> hn, cn (fed back as h0, c0) and a Gemm head on hn."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["x", "axis0"], ["x_tm"], name="one_step"),
+            helper.make_node(
+                "LSTM",
+                ["x_tm", "W", "R", "B", "", "h0", "c0"],
+                ["", "hn", "cn"],
+                hidden_size=HIDDEN,
+                name="rnn",
+            ),
+            helper.make_node("Squeeze", ["hn", "axis0"], ["h"], name="last_state"),
+            helper.make_node("Gemm", ["h", "fc", "fb"], ["logits"], transB=1, name="head"),
+        ],
+        "streaming_lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])]
+        + [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "N", HIDDEN]) for s in ("h0", "c0")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])]
+        + [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "N", HIDDEN]) for s in ("hn", "cn")],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * HIDDEN, FEATURES)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * HIDDEN, HIDDEN)).astype(np.float32), "R"),
+            numpy_helper.from_array(rng.normal(0, 0.2, (1, 8 * HIDDEN)).astype(np.float32), "B"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(rng.normal(0, 0.5, (CLASSES, HIDDEN)).astype(np.float32), "fc"),
+            numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fb"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _steps(sequences: int, steps: int, seed: int) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).normal(0, 1, (sequences * steps, FEATURES)).astype(np.float32)
+    return {"x": x, "sequence_start": np.tile(np.arange(steps) == 0, sequences).astype(np.int8)}
+
+
+@needs_converter
+@pytest.mark.slow
+def test_streaming_lstm_with_initial_states_carries_its_state_in_the_int8_build():
+    model = _streaming_lstm()
+    hold = _steps(2, 25, seed=2)
+    options = {**FAST, "state": "h0=hn,c0=cn"}
+    build = package_model(
+        model, "coral-edgetpu", calibration=_steps(4, 25, seed=1), holdout=hold, options=options
+    )
+    _assert_full_integer(build.payload)
+    assert build.metadata["recurrent_unrolled"] == [
+        {"node": "rnn", "op": "LSTM", "direction": "forward", "steps": 1}
+    ]
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    interpreter = Interpreter(model_content=build.payload)
+    interpreter.allocate_tensors()
+    ins = {d["name"]: d["index"] for d in interpreter.get_input_details()}
+    outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
+    reference, got = [], []
+    for x, start in zip(hold["x"], hold["sequence_start"], strict=True):
+        if start:  # each side carries its own state from zeros
+            fp32 = {s: np.zeros((1, 1, HIDDEN), np.float32) for s in ("h0", "c0")}
+            int8 = {s: np.zeros((1, 1, HIDDEN), np.float32) for s in ("h0", "c0")}
+        logits, fp32["h0"], fp32["c0"] = session.run(["logits", "hn", "cn"], {"x": x[None], **fp32})
+        reference.append(logits)
+        interpreter.set_tensor(ins["x"], x[None])
+        for s in ("h0", "c0"):
+            interpreter.set_tensor(ins[s], int8[s])
+        interpreter.invoke()
+        got.append(interpreter.get_tensor(outs["logits"]))
+        int8 = {"h0": interpreter.get_tensor(outs["hn"]), "c0": interpreter.get_tensor(outs["cn"])}
+    snr = _snr_db(np.concatenate(reference), np.concatenate(got))
+    assert snr >= 20, snr
+    figures = build.quality.agreement["holdout"]["logits"]
+    assert figures["samples"] == 50 and figures["snr_db"] == pytest.approx(snr, abs=0.01)
+    assert {"hn", "cn"} <= set(build.quality.agreement["holdout"])
