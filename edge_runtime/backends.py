@@ -274,7 +274,7 @@ def open_sealed_backend(
         return held["view"]
 
     def use(view: memoryview) -> Backend:
-        _check_build(view, target)
+        _check_build(view if held["model"] is None else held["model"], target)  # the same storage
         model = held["model"] if held["model"] is not None else bytes(view)
         if sniff_format(view) == "tflite":
             held["wipe"] = held["model"] is None  # LiteRT reads ``model`` in place until close()

@@ -68,12 +68,17 @@ def check_model_bytes(
     data = memoryview(model).cast("B")  # no copy: on the device these are decrypted weights
     if len(data) >= 8 and data[4:8] == b"TFL3":
         return _TfliteCheck(data, limits).run()
-    return _OnnxCheck(data, limits).run()
+    # The protobuf walk reads every field key byte by byte: indexing a bytes object is faster than a view of
+    # it (15% of the walk), and the walk slices out only names, so a bytes model is walked as it is.
+    return _OnnxCheck(model if isinstance(model, bytes) else data, limits).run()
+
+
+_SHOWN_BYTES = 400  # of a name, at most, read into a message
 
 
 def _shown(name: bytes | memoryview) -> str:
     """A tensor name fit for one line of a message: printable, bounded."""
-    text = bytes(name[:400]).decode("utf-8", "replace")
+    text = bytes(name[:_SHOWN_BYTES]).decode("utf-8", "replace")
     text = "".join(c if c.isprintable() else "?" for c in text)
     return repr(text[:80] + ("…" if len(text) > 80 else ""))
 
@@ -113,7 +118,7 @@ _ONNX_UNKNOWN_ITEMSIZE = 1  # float8 / int4 / future types: at most one byte per
 
 
 class _OnnxCheck:
-    def __init__(self, data: memoryview, limits: ModelLimits) -> None:
+    def __init__(self, data: bytes | memoryview, limits: ModelLimits) -> None:
         self.data = data
         self.limits = limits
         self.tensors = self.nodes = self.graphs = self.max_depth = 0
@@ -167,7 +172,11 @@ class _OnnxCheck:
         parts = []
         while where is not None:
             where, kind, lo, hi = where
-            parts.append(f"{_KIND_NAMES[kind]} {_shown(self.data[lo:hi])}" if hi > lo else _KIND_NAMES[kind])
+            parts.append(
+                f"{_KIND_NAMES[kind]} {_shown(self.data[lo : min(hi, lo + _SHOWN_BYTES)])}"
+                if hi > lo
+                else _KIND_NAMES[kind]
+            )
         return " > ".join(reversed(parts))
 
     @staticmethod
@@ -246,7 +255,9 @@ class _OnnxCheck:
         external = False
         for field, wire, lo, hi in self._fields(start, end, _TENSOR_FIELDS):
             if field == _TENSOR_NAME and wire == _LEN:
-                name = self.data[lo:hi]
+                name = self.data[
+                    lo : min(hi, lo + _SHOWN_BYTES)
+                ]  # what a message shows, never a copy of more
             elif field == _TENSOR_EXTERNAL:
                 external = True
             elif field == _TENSOR_LOCATION and wire == _VARINT:

@@ -37,6 +37,22 @@ def test_the_exfiltration_model_is_a_real_attack(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.parametrize("case", sorted(hm.ONNX_CASES))
+def test_bytes_and_a_view_of_them_are_walked_alike(case: str, corpus_models: list[Path]) -> None:
+    # A bytes model is walked as it is (faster indexing), any other buffer through a view: same verdicts.
+    build, _ = hm.ONNX_CASES[case]
+    data = build()
+    outcomes = []
+    for model in (data, memoryview(data), bytearray(data)):
+        with pytest.raises(UnsafeModel) as err:
+            check_model_bytes(model)
+        outcomes.append(err.value.message)
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    for path in corpus_models:
+        raw = path.read_bytes()
+        assert check_model_bytes(raw) == check_model_bytes(memoryview(raw))
+
+
+@pytest.mark.parametrize("case", sorted(hm.ONNX_CASES))
 def test_hostile_onnx_is_refused_naming_the_tensor(case: str) -> None:
     build, words = hm.ONNX_CASES[case]
     with pytest.raises(UnsafeModel, match=None) as err:
