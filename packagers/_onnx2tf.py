@@ -8,7 +8,7 @@ that is always removed, its log captured, in a child process (`python -m package
 TensorFlow never loads into the caller, where its bundled libraries break others loaded beside them
 (SoftHSM's PKCS#11 login segfaulted in a process that had converted a model). In the store the packaging
 task is already a sandboxed process of its own that exits afterwards, and there the conversion runs in it
-(the sandbox sets IN_PROCESS_ENV): a child could not read its own /proc/self/cmdline under the sandbox's
+(the sandbox calls convert_in_this_process): a child could not read its own /proc/self/cmdline under the sandbox's
 Landlock rules, and TensorFlow's converter aborts without it. A converter failure is a
 UsageError naming the cause. The seller's calibration samples are the representative dataset. The build
 keeps float inputs and outputs with int8 internals (QUANTIZE/DEQUANTIZE at the edges), and its I/O tensors
@@ -35,7 +35,16 @@ from edgemart.core.errors import UsageError
 from packagers._specialize import fold_constant_ifs, specialize
 from packagers._unroll_rnn import unroll_recurrent
 
-IN_PROCESS_ENV = "EDGEMART_CONVERTER_IN_PROCESS"  # set to "1" by a process that may load TensorFlow itself
+# Set by a process that may load TensorFlow itself (the store's sandboxed task, which exits afterwards).
+_in_process = False
+
+
+def convert_in_this_process() -> None:
+    """From now on this process runs the converter itself instead of in a child (see the module text)."""
+    global _in_process
+    _in_process = True
+
+
 INSTALL_HINT = "pip install -e '.[coral]' in the edgemart checkout (make venv installs it)"
 CALIBRATION_SAMPLES = 200  # representative samples (runs) fed to the TFLite calibrator, one at a time
 LOG_CHARS = 8000  # the converter's log kept in the build metadata (its tail)
@@ -251,17 +260,16 @@ def _infer(model, what: str):
 
 
 def _run_converter(spec: dict, log_path: Path) -> tuple[int, str]:
-    """onnx2tf.convert in a child process (in this one where IN_PROCESS_ENV says so), its stdout/stderr
+    """onnx2tf.convert in a child process (in this one after convert_in_this_process()), its stdout/stderr
     (Python and TensorFlow's C++ logging alike) in `log_path`. (returncode, log): 0 when it returned, else
     the child's exit status (1 when the converter raised or called sys.exit, as onnx2tf does on errors)."""
-    if os.environ.get(IN_PROCESS_ENV) == "1":
+    if _in_process:
         return _run_here(spec, log_path)
     spec_path = log_path.with_name("spec.json")
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)  # this checkout's packages, whatever sys.path says
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env[IN_PROCESS_ENV] = "1"
     with open(log_path, "wb") as sink:
         proc = subprocess.run(
             [sys.executable, "-m", "packagers._onnx2tf", str(spec_path)],

@@ -387,9 +387,9 @@ def _run_child(sock: socket.socket, scratch: str, forbidden: list[str]) -> None:
         os.chdir(scratch)
         # This task process exits when it answers: TensorFlow (coral-edgetpu's converter) may load in it,
         # which packagers keep out of every longer-lived process by converting in a child of their own.
-        from packagers._onnx2tf import IN_PROCESS_ENV
+        from packagers._onnx2tf import convert_in_this_process
 
-        os.environ[IN_PROCESS_ENV] = "1"
+        convert_in_this_process()
         base = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         _send(sock, {"pid": os.getpid()})
         request, _ = _recv(sock, 0)
