@@ -37,6 +37,9 @@ class CoralEdgeTpuOptions(QualityOptions):
             raise UsageError(f"option compiler_timeout_s must be >= 1, got {self.compiler_timeout_s}")
 
 
+_COMPILING = "running edgetpu_compiler"
+
+
 def _compat_line(report: dict) -> str:
     return f"Edge TPU estimate: {report['summary']}"
 
@@ -66,19 +69,11 @@ class CoralEdgeTpuPackager(Packager):
         conversion.op_compatibility = compat
         conversion.float_ops, conversion.quantized_ops = _op_types(compat)
         conversion.notes.append(_compat_line(compat))
-        opts = self.options
-        assert isinstance(opts, CoralEdgeTpuOptions)
-        if opts.run_compiler:
-            progress(0.5, "running edgetpu_compiler")
-            compiled = run_edgetpu_compiler(model, opts.compiler_timeout_s)
-            compat["compiler_log"] = compiled["log"]
-            conversion.metadata["edgetpu_compiler"] = {k: v for k, v in compiled.items() if k != "log"}
-            conversion.notes.append(compiled["summary"])
+        self._compile(model, compat, conversion.metadata, conversion.notes, lambda: progress(0.5, _COMPILING))
         return conversion
 
     def convert(self, model, info, calibration, progress, *, holdout=None) -> Conversion:
-        opts = self.options
-        assert isinstance(opts, CoralEdgeTpuOptions) and calibration is not None
+        assert calibration is not None
         if info.format == "tflite":
             return self._from_float_tflite(model, info, calibration, progress)
         proto = parse_onnx(model)
@@ -126,12 +121,7 @@ class CoralEdgeTpuPackager(Packager):
             "converter_log": log,
             **prepared,
         }
-        if opts.run_compiler:
-            progress(0.8, "running edgetpu_compiler")
-            compiled = run_edgetpu_compiler(payload, opts.compiler_timeout_s)
-            compat["compiler_log"] = compiled["log"]
-            meta["edgetpu_compiler"] = {k: v for k, v in compiled.items() if k != "log"}
-            notes.append(compiled["summary"])
+        self._compile(payload, compat, meta, notes, lambda: progress(0.8, _COMPILING))
         return Conversion(
             payload=payload,
             format="tflite",
@@ -142,20 +132,26 @@ class CoralEdgeTpuPackager(Packager):
             notes=notes,
         )
 
-    def _from_float_tflite(self, model: bytes, info: ModelInfo, calibration, progress) -> Conversion:
-        """A float TFLite upload quantized to full int8 (ai-edge-quantizer), then the Edge TPU op report."""
+    def _compile(self, payload: bytes, compat: dict, metadata: dict, notes: list[str], started) -> None:
+        """Run edgetpu_compiler on the build when asked and it is on PATH: its log goes with the op report,
+        its figures into the metadata, its one-line summary into the notes."""
         opts = self.options
         assert isinstance(opts, CoralEdgeTpuOptions)
+        if not opts.run_compiler:
+            return
+        started()
+        compiled = run_edgetpu_compiler(payload, opts.compiler_timeout_s)
+        compat["compiler_log"] = compiled["log"]
+        metadata["edgetpu_compiler"] = {k: v for k, v in compiled.items() if k != "log"}
+        notes.append(compiled["summary"])
+
+    def _from_float_tflite(self, model: bytes, info: ModelInfo, calibration, progress) -> Conversion:
+        """A float TFLite upload quantized to full int8 (ai-edge-quantizer), then the Edge TPU op report."""
         payload, meta = quantize_float_tflite(model, info, calibration, progress, self.target)
         compat = tflite_compatibility(payload)
         floats, quantized = _op_types(compat)
         notes = [HOW + f" ({meta['calibration_samples']} calibration samples)", _compat_line(compat)]
-        if opts.run_compiler:
-            progress(0.9, "running edgetpu_compiler")
-            compiled = run_edgetpu_compiler(payload, opts.compiler_timeout_s)
-            compat["compiler_log"] = compiled["log"]
-            meta["edgetpu_compiler"] = {k: v for k, v in compiled.items() if k != "log"}
-            notes.append(compiled["summary"])
+        self._compile(payload, compat, meta, notes, lambda: progress(0.9, _COMPILING))
         return Conversion(
             payload=payload,
             format="tflite",
