@@ -101,15 +101,38 @@ _CHILDREN: dict[int, dict[int, int]] = {
     _TENSOR: {},
 }
 _TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 1, 2, 8, 13, 14
-_Where = tuple | None  # (parent _Where, message kind, name start, name end)
+_Where = tuple | None  # (parent _Where, message kind, message start, message end)
 _KIND_NAMES = ("model", "graph", "node", "attribute", "tensor", "sparse tensor", "function", "training info")
-_NAME_FIELD = {_GRAPH: 2, _NODE: 3, _ATTR: 1, _FUNCTION: 1}  # the `name` field of each named message
-# The fields the walk reads, per message kind; every other field is only skipped.
-_WANTED = {
-    kind: frozenset(children) | ({_NAME_FIELD[kind]} if kind in _NAME_FIELD else set())
-    for kind, children in _CHILDREN.items()
-}
-_TENSOR_FIELDS = frozenset({_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION})
+_NAME_FIELD = {_GRAPH: 2, _NODE: 3, _ATTR: 1, _FUNCTION: 1, _TENSOR: _TENSOR_NAME}  # each `name` field
+# The fields the walk reads, per message kind; every other field is only checked and skipped. Names are not
+# among them: a message that needs one (a refusal) finds it by reading the named message again (_name_of).
+_TENSOR_FIELDS = frozenset({_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_EXTERNAL, _TENSOR_LOCATION})
+_WANTED = {kind: frozenset(children) for kind, children in _CHILDREN.items()}
+_WANTED[_TENSOR] = _TENSOR_FIELDS
+
+# What _fields does with each key byte, per set of wanted fields: skip a length-delimited field without looking
+# at it (the fast path), keep the field, check and skip it on the general path, or read a longer key first.
+_SKIP_LEN, _KEEP_LEN, _KEEP, _SKIP, _LONG_KEY = range(5)
+
+
+def _actions(wanted: frozenset[int]) -> tuple[int, ...]:
+    row = []
+    for key in range(256):
+        field, wire = key >> 3, key & 7
+        if key & 0x80:
+            row.append(_LONG_KEY)
+        elif field == 0 or wire not in (_VARINT, _I64, _LEN, _I32):
+            row.append(_SKIP)  # the general path refuses field 0 and groups
+        elif field in wanted:
+            row.append(_KEEP_LEN if wire == _LEN else _KEEP)
+        else:
+            row.append(_SKIP_LEN if wire == _LEN else _SKIP)
+    return tuple(row)
+
+
+_ACTIONS = {kind: _actions(wanted) for kind, wanted in _WANTED.items()}
+_TENSOR_ACTIONS = _ACTIONS[_TENSOR]
+_NAME_ACTIONS = {kind: (_actions(frozenset({f})), frozenset({f})) for kind, f in _NAME_FIELD.items()}
 # TensorProto.DataType -> bytes per element (strings count their declared length via dims only: 1).
 _ONNX_ITEMSIZE = {
     1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 8: 1, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
@@ -127,56 +150,60 @@ class _OnnxCheck:
     def run(self) -> ModelSummary:
         if not self.data:
             raise UnsafeModel("model file is empty")
+        limits = self.limits
+        fields = self._fields
         # Explicit stack of (kind, start, end, graph depth, where): no recursion, however deep the bytes nest.
-        # `where` is a chain (parent, kind, name start, name end) rendered only when a message needs it.
+        # `where` is a chain (parent, kind, start, end) of the enclosing named messages, rendered (names read)
+        # only when a refusal needs it.
         stack: list[tuple[int, int, int, int, _Where]] = [(_MODEL, 0, len(self.data), 0, None)]
+        pop, push = stack.pop, stack.append
         while stack:
-            kind, start, end, depth, where = stack.pop()
+            kind, start, end, depth, where = pop()
             if kind == _TENSOR:
                 self._tensor(start, end, where)
                 continue
-            if kind == _GRAPH:
+            if kind == _NODE:
+                self.nodes += 1
+                if self.nodes > limits.max_nodes:
+                    raise UnsafeModel(f"model has more than {limits.max_nodes} nodes")
+            elif kind == _GRAPH:
                 depth += 1
                 self.graphs += 1
                 self.max_depth = max(self.max_depth, depth)
-                if depth > self.limits.max_graph_depth:
+                if depth > limits.max_graph_depth:
                     raise UnsafeModel(
                         f"model nests graphs {depth} deep (at {self._where(where) or 'the main graph'}); "
-                        f"the limit is {self.limits.max_graph_depth}"
+                        f"the limit is {limits.max_graph_depth}"
                     )
-                if self.graphs > self.limits.max_subgraphs:
-                    raise UnsafeModel(f"model has more than {self.limits.max_subgraphs} graphs")
-            elif kind == _NODE:
-                self.nodes += 1
-                if self.nodes > self.limits.max_nodes:
-                    raise UnsafeModel(f"model has more than {self.limits.max_nodes} nodes")
+                if self.graphs > limits.max_subgraphs:
+                    raise UnsafeModel(f"model has more than {limits.max_subgraphs} graphs")
+            found = fields(start, end, _ACTIONS[kind], _WANTED[kind])
+            if not found:
+                continue
             children = _CHILDREN[kind]
-            name_field = _NAME_FIELD.get(kind)
-            name = (0, 0)
-            found: list[tuple[int, int, int]] = []
-            for field, wire, lo, hi in self._fields(start, end, _WANTED[kind]):
-                if field == name_field and wire == _LEN:
-                    name = (lo, hi)
-                child = children.get(field)
-                if child is None:
-                    continue
+            label = (where, kind, start, end) if kind in _NAME_FIELD else where
+            for field, wire, lo, hi in found:
                 if wire != _LEN:
                     raise self._malformed(f"field {field} of a {_KIND_NAMES[kind]} is not a message")
-                found.append((child, lo, hi))
-            label = where if name_field is None else (where, kind, *name)
-            stack.extend((child, lo, hi, depth, label) for child, lo, hi in found)
+                push((children[field], lo, hi, depth, label))
         return ModelSummary("onnx", self.tensors, self.declared, self.graphs, self.max_depth, self.nodes)
+
+    def _name_of(self, kind: int, start: int, end: int) -> str:
+        """The shown name of the message at data[start:end], '' when it has none (read again, on refusal)."""
+        actions, wanted = _NAME_ACTIONS[kind]
+        names = [(lo, hi) for _, wire, lo, hi in self._fields(start, end, actions, wanted) if wire == _LEN]
+        if not names or names[-1][1] <= names[-1][0]:
+            return ""
+        lo, hi = names[-1]  # protobuf: the last occurrence of a singular field wins
+        return _shown(self.data[lo : min(hi, lo + _SHOWN_BYTES)])
 
     def _where(self, where: _Where) -> str:
         """Where a message sits: "graph 'main' > node 'If_0' > attribute 'then_branch' > graph 'then'"."""
         parts = []
         while where is not None:
-            where, kind, lo, hi = where
-            parts.append(
-                f"{_KIND_NAMES[kind]} {_shown(self.data[lo : min(hi, lo + _SHOWN_BYTES)])}"
-                if hi > lo
-                else _KIND_NAMES[kind]
-            )
+            where, kind, start, end = where
+            name = self._name_of(kind, start, end)
+            parts.append(f"{_KIND_NAMES[kind]} {name}" if name else _KIND_NAMES[kind])
         return " > ".join(reversed(parts))
 
     @staticmethod
@@ -185,20 +212,48 @@ class _OnnxCheck:
             f"not a model: neither ONNX (malformed protobuf: {what}) nor TFLite (no 'TFL3' identifier)"
         )
 
-    def _fields(self, start: int, end: int, wanted: frozenset[int]) -> list[tuple[int, int, int, int]]:
+    def _fields(
+        self, start: int, end: int, actions: tuple[int, ...], wanted: frozenset[int]
+    ) -> list[tuple[int, int, int, int]]:
         """(field number, wire type, value start, value end) of each field of one message whose number is in
-        ``wanted``; every other field is checked and skipped.
+        ``wanted``; every other field is checked and skipped. ``actions`` is the same set as a table by key
+        byte (_actions).
 
-        The hot loop of the check (every field key of every message is read): varints are decoded inline,
-        with a one-byte fast path, and skipped fields build nothing."""
+        The hot loop of the check (every field key of every message is read): a one-byte key (fields 1-15)
+        says at once whether the field is kept, and a length-delimited field (most inputs, outputs, weights
+        and every submessage) is skipped or kept in a handful of operations. Everything else takes the general
+        path with every check; varints are decoded inline, with a one-byte fast path."""
         data = self.data
         out: list[tuple[int, int, int, int]] = []
         pos = start
         while pos < end:
             key = data[pos]
+            action = actions[key]
+            if action <= _KEEP_LEN:  # _SKIP_LEN or _KEEP_LEN
+                pos += 1
+                if pos >= end:
+                    raise self._malformed("truncated or overlong varint")
+                length = data[pos]
+                pos += 1
+                if length & 0x80:
+                    length, pos = self._varint(pos - 1, end)
+                lo = pos
+                pos += length
+                if pos > end:
+                    raise self._malformed("a field runs past its message")
+                if action:
+                    out.append((key >> 3, _LEN, lo, pos))
+                continue
             pos += 1
-            if key & 0x80:
-                key, pos = self._varint(pos - 1, end)
+            if action == _LONG_KEY:  # fields 16-2047 in two bytes (an attribute's `type` is field 20)
+                if pos < end and not data[pos] & 0x80:
+                    key = (key & 0x7F) | data[pos] << 7
+                    pos += 1
+                else:
+                    key, pos = self._varint(pos - 1, end)
+                keep = key >> 3 in wanted
+            else:
+                keep = action == _KEEP
             field, wire = key >> 3, key & 7
             if field == 0:
                 raise self._malformed("field number 0")
@@ -228,7 +283,7 @@ class _OnnxCheck:
                 raise self._malformed(f"wire type {wire}")
             if pos > end:
                 raise self._malformed("a field runs past its message")
-            if field in wanted:
+            if keep:
                 out.append((field, wire, lo, pos))
         return out
 
@@ -249,32 +304,29 @@ class _OnnxCheck:
         self.tensors += 1
         if self.tensors > self.limits.max_tensors:
             raise UnsafeModel(f"model has more than {self.limits.max_tensors} tensors")
-        name: bytes | memoryview = b""
+        data = self.data
         dims: list[int] = []
         data_type = 0
         external = False
-        for field, wire, lo, hi in self._fields(start, end, _TENSOR_FIELDS):
-            if field == _TENSOR_NAME and wire == _LEN:
-                name = self.data[
-                    lo : min(hi, lo + _SHOWN_BYTES)
-                ]  # what a message shows, never a copy of more
-            elif field == _TENSOR_EXTERNAL:
-                external = True
-            elif field == _TENSOR_LOCATION and wire == _VARINT:
-                if self._varint(lo, hi)[0] != 0:  # 0 = DEFAULT (inside the file), 1 = EXTERNAL
-                    external = True
-            elif field == _TENSOR_TYPE and wire == _VARINT:
-                data_type = self._varint(lo, hi)[0]
-            elif field == _TENSOR_DIMS:
+        for field, wire, lo, hi in self._fields(start, end, _TENSOR_ACTIONS, _TENSOR_FIELDS):
+            if field == _TENSOR_DIMS:
                 if wire == _VARINT:
-                    dims.append(self._signed(self._varint(lo, hi)[0]))
+                    dims.append(data[lo] if hi - lo == 1 else self._signed(self._varint(lo, hi)[0]))
                 elif wire == _LEN:  # packed
                     pos = lo
                     while pos < hi:
                         value, pos = self._varint(pos, hi)
                         dims.append(self._signed(value))
+            elif field == _TENSOR_TYPE and wire == _VARINT:
+                data_type = data[lo] if hi - lo == 1 else self._varint(lo, hi)[0]
+            elif field == _TENSOR_EXTERNAL:
+                external = True
+            elif field == _TENSOR_LOCATION and wire == _VARINT:
+                if self._varint(lo, hi)[0] != 0:  # 0 = DEFAULT (inside the file), 1 = EXTERNAL
+                    external = True
         if external:
-            label = f"tensor {_shown(name)}" + (f" (in {self._where(where)})" if where else "")
+            name = self._name_of(_TENSOR, start, end) or "''"
+            label = f"tensor {name}" + (f" (in {self._where(where)})" if where else "")
             raise UnsafeModel(
                 f"{label} keeps its data outside the model file (external data); "
                 "upload a single self-contained file (onnx.save_model(..., save_as_external_data=False))"
@@ -284,7 +336,8 @@ class _OnnxCheck:
                 self.limits, dims, _ONNX_ITEMSIZE.get(data_type, _ONNX_UNKNOWN_ITEMSIZE), self.declared
             )
         except _TooLarge as exc:
-            raise UnsafeModel(f"tensor {_shown(name)} (in {self._where(where)}) {exc}") from None
+            name = self._name_of(_TENSOR, start, end) or "''"
+            raise UnsafeModel(f"tensor {name} (in {self._where(where)}) {exc}") from None
 
     @staticmethod
     def _signed(value: int) -> int:

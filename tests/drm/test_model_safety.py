@@ -96,6 +96,36 @@ def test_limits_are_configuration(digits_base: Path) -> None:
         check_model_bytes(hm.exfil_if_branch(2), ModelLimits(max_graph_depth=2))
 
 
+def test_a_refusal_names_every_enclosing_message() -> None:
+    """Names are read again only when a refusal needs them (the walk itself skips them): the message still
+    gives the whole path, unnamed nodes as their kind, and a name given twice as its last value (protobuf's
+    rule for a singular field, which onnxruntime follows)."""
+    with pytest.raises(UnsafeModel) as err:
+        check_model_bytes(hm.exfil_if_branch(2))
+    assert err.value.message.startswith(
+        "tensor 'w_then_2' (in graph 'main' > node 'if' > attribute 'then_branch' > graph 'then_1' > node > "
+        "attribute 'then_branch' > graph 'then_2') keeps its data outside the model file"
+    ), err.value.message
+    with pytest.raises(UnsafeModel) as err:
+        check_model_bytes(hm.exfil_constant_node())
+    assert "tensor 'c_value' (in graph 'main' > node 'const' > attribute 'value')" in err.value.message
+    # TensorProto field 8 (name) appended again: the reader keeps the last one, and so does the message.
+    raw = hm.huge_declared_tensor()
+    import onnx
+
+    proto = onnx.load_model_from_string(raw)
+    tensor = proto.graph.initializer[0]
+    renamed = tensor.SerializeToString() + b"\x42\x07renamed"
+    proto.graph.ClearField("initializer")
+    proto.graph.initializer.add().ParseFromString(renamed)
+    assert proto.graph.initializer[0].name == "renamed"
+    with pytest.raises(UnsafeModel) as err:
+        check_model_bytes(proto.SerializeToString())
+    assert err.value.message.startswith("tensor 'renamed' (in graph 'main') declares shape"), (
+        err.value.message
+    )
+
+
 def test_decrypted_bytes_are_walked_in_place(digits_base: Path) -> None:
     """The device passes its bytearray: no copy of the plaintext is made (memoryview over the buffer)."""
     buf = bytearray(digits_base.read_bytes())
