@@ -132,7 +132,8 @@ def bench_slots(array: np.ndarray, n: int) -> float:
         proc.wait(timeout=10)
 
 
-def _echo(sock: socket.socket) -> None:
+def _echo(sock: socket.socket, other_end: socket.socket) -> None:
+    other_end.close()  # the forked child's copy of the parent's end: held open, the parent's close is no EOF
     while True:
         data = sock.recv(64)
         if not data:
@@ -144,7 +145,7 @@ def floor_socket_rtt_ms(n: int) -> float:
     """The physical floor of a hop's notification: one tiny message there and back between two processes
     over the same kind of socket the slots use (SOCK_SEQPACKET), each side blocked in the kernel meanwhile."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = mp.get_context("fork").Process(target=_echo, args=(theirs,))
+    proc = mp.get_context("fork").Process(target=_echo, args=(theirs, ours), daemon=True)
     proc.start()
     theirs.close()
 
@@ -157,6 +158,9 @@ def floor_socket_rtt_ms(n: int) -> float:
     finally:
         ours.close()
         proc.join(10)
+        if proc.is_alive():  # never left running: multiprocessing joins live children at exit, forever
+            proc.kill()
+            proc.join()
 
 
 def floor_memcpy_ms(array: np.ndarray, n: int) -> float:
