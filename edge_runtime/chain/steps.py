@@ -331,14 +331,20 @@ def _blazeface_anchors(strides: tuple[int, ...], input_size: tuple[int, ...]) ->
     return anchors
 
 
-def decode_boxes(step: Step, boxes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
-    """Boxes as [N, 4] normalized (ymin, xmin, ymax, xmax)."""
+def decode_boxes(
+    step: Step, boxes: np.ndarray, scores: np.ndarray | None, *, only: int | None = None
+) -> np.ndarray:
+    """Boxes as [N, 4] normalized (ymin, xmin, ymax, xmax); with ``only``, just that box, as [1, 4]."""
+    raw = boxes.reshape(-1, boxes.shape[-1])
     if step.params["decode"] == "none":
-        return boxes.reshape(-1, boxes.shape[-1])[:, :4].astype(np.float32)
-    raw = boxes.reshape(-1, boxes.shape[-1]).astype(np.float32)
+        pick = raw if only is None else raw[only : only + 1]
+        return pick[:, :4].astype(np.float32)
     anchors = blazeface_anchors(step.params["strides"], step.params["input_size"])
     if len(anchors) != len(raw):
         raise UsageError(f"crop_by_boxes: {len(raw)} boxes but the blazeface anchors give {len(anchors)}")
+    if only is not None:
+        raw, anchors = raw[only : only + 1], anchors[only : only + 1]
+    raw = raw.astype(np.float32)
     ih, iw = step.params["input_size"]
     cx = raw[:, 0] / iw + anchors[:, 0]
     cy = raw[:, 1] / ih + anchors[:, 1]
@@ -349,11 +355,13 @@ def decode_boxes(step: Step, boxes: np.ndarray, scores: np.ndarray | None) -> np
 def _crop(step: Step, img: np.ndarray, fetch: Fetch) -> np.ndarray:
     boxes_raw = fetch(step.refs["boxes"])
     scores = fetch(step.refs["scores"]).reshape(-1) if "scores" in step.refs else None
-    boxes = decode_boxes(step, boxes_raw, scores)
+    n_boxes = boxes_raw.size // boxes_raw.shape[-1] if boxes_raw.ndim else 0
+    if scores is not None and len(scores) != n_boxes:
+        raise UsageError(f"crop_by_boxes: {n_boxes} boxes but {len(scores)} scores")
     best = int(np.argmax(scores)) if scores is not None else 0
-    if scores is not None and len(scores) != len(boxes):
-        raise UsageError(f"crop_by_boxes: {len(boxes)} boxes but {len(scores)} scores")
-    ymin, xmin, ymax, xmax = (float(v) for v in boxes[best])
+    # Only the chosen box is decoded (per frame this is 1 of BlazeFace's 896); decode_boxes checks the rest.
+    box = decode_boxes(step, boxes_raw, scores, only=best)
+    ymin, xmin, ymax, xmax = (float(v) for v in box[0])
     nhwc = step.params["layout"] == "nhwc"
     x = img if img.ndim == 4 else img[None]
     h, w = (x.shape[1], x.shape[2]) if nhwc else (x.shape[2], x.shape[3])

@@ -122,6 +122,32 @@ def test_steps_follow_their_shape_rules() -> None:
         infer(tr, TensorType((None, 10), "float32"), {}, "s")
 
 
+def test_blazeface_crop_decodes_only_the_chosen_box_and_matches_the_full_decode() -> None:
+    """Per frame only the top-scoring box is decoded; it is the same box the full decode gives."""
+    from edge_runtime.chain.steps import decode_boxes
+
+    rng = np.random.default_rng(3)
+    crop = parse_step(
+        {"op": "crop_by_boxes", "boxes": "d.r", "scores": "d.c", "decode": "blazeface", "margin": 0.25,
+         "square": True},
+        "s",
+    )  # fmt: skip
+    image = rng.random((1, 128, 128, 3), dtype=np.float32)
+    for _ in range(20):
+        regressors = (rng.standard_normal((1, 896, 16)) * 8).astype(np.float32)
+        scores = rng.standard_normal((1, 896, 1)).astype(np.float32)
+        best = int(scores.reshape(-1).argmax())
+        full = decode_boxes(crop, regressors, scores.reshape(-1))
+        assert full.shape == (896, 4)
+        assert np.array_equal(decode_boxes(crop, regressors, None, only=best), full[best : best + 1])
+        out = apply(crop, image, lambda r: regressors if r == "d.r" else scores)  # noqa: B023
+        assert out.ndim == 4 and out.shape[0] == 1 and out.shape[-1] == 3
+    with pytest.raises(UsageError, match="896 boxes but 5 scores"):
+        apply(crop, image, lambda r: regressors if r == "d.r" else scores[:, :5])
+    with pytest.raises(UsageError, match="anchors give 896"):
+        apply(crop, image, lambda r: regressors[:, :10] if r == "d.r" else scores[:, :10])
+
+
 @pytest.mark.parametrize(
     "shape,size,layout,dtype",
     [
