@@ -963,11 +963,24 @@ class Device:
         target: str | None = None,
         version: int | None = None,
         now: int | None = None,
+        build: bytes | bytearray | memoryview | None = None,
     ) -> LicensedModel:
         """Verify the license (before any key is unwrapped), decrypt the build in memory and open a backend.
 
-        An installed ``listing`` with builds for several targets needs ``target`` to say which one."""
+        The build is an installed ``listing`` (one with builds for several targets needs ``target`` to say
+        which), a container file (``build_path`` + ``license_bytes``), or a container already in memory
+        (``build`` + ``license_bytes``, e.g. received over the network: it is read in place, never copied)."""
         started = time.perf_counter()
+        if build is not None:
+            if build_path is not None or listing is not None:
+                raise drm.UsageError("open_model takes one of build, build_path or listing")
+            if license_bytes is None:
+                raise drm.UsageError("open_model needs license_bytes with build")
+            if len(license_bytes) > self.policy.max_license_bytes:
+                raise drm.UsageError("license file too large")
+            return self._open_build(
+                memoryview(build).cast("B"), None, license_bytes, now=now, started=started
+            )
         if listing is not None and build_path is None and license_bytes is None:
             entry = self.installed_entry(listing, target, version)
             build_path = self.dir / entry["build"]
@@ -987,19 +1000,29 @@ class Device:
             return self._open_build(fh, path, license_bytes, now=now, started=started)
 
     def _open_build(
-        self, fh: BinaryIO, path: Path, license_bytes: bytes, *, now: int | None, started: float
+        self,
+        fh: BinaryIO | memoryview,
+        path: Path | None,
+        license_bytes: bytes,
+        *,
+        now: int | None,
+        started: float,
     ) -> LicensedModel:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise drm.UsageError(f"build file {path} does not exist")
-        if info.st_size > self.policy.max_build_bytes:
-            raise drm.UsageError(f"build file {path} exceeds the {self.policy.max_build_bytes}-byte limit")
-        container = fh.read(64 * 1024)
+        """``fh``: the open build file (``path``), or the container itself in memory (``path`` None)."""
+        if isinstance(fh, memoryview):
+            size, container, label = len(fh), fh, "the build"
+        else:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise drm.UsageError(f"build file {path} does not exist")
+            size, container, label = info.st_size, memoryview(fh.read(64 * 1024)), f"build file {path}"
+        if size > self.policy.max_build_bytes:
+            raise drm.UsageError(f"{label} exceeds the {self.policy.max_build_bytes}-byte limit")
         clock = self._clock(now)
         try:
-            header = drm.read_header(container[: 64 * 1024])
+            header = drm.read_header(bytes(container[: 64 * 1024]))
         except FormatError as exc:
-            raise drm.UsageError(f"{path} is not an edgemart container: {exc.message}") from None
+            raise drm.UsageError(f"{label} is not an edgemart container: {exc.message}") from None
         with fileio.locked(self.ledger.lock_path):
             claims, st, trusted = self._verify_locked(
                 license_bytes, build_hash=header.build_hash, clock=clock, target=header.target
@@ -1020,8 +1043,8 @@ class Device:
         try:
             # One pass: decrypt into the bytes the backend reads, safety walk, then the backend opens while
             # the build hash is checked beside it; nothing comes back unless every check passed.
-            source: bytes | BinaryIO = container
-            if len(container) != info.st_size:
+            source: memoryview | BinaryIO = container
+            if len(container) != size and not isinstance(fh, memoryview):
                 fh.seek(0)
                 source = fh
             backend = open_sealed_backend(source, key=cek, build_hash=claims.build_hash, target=claims.target)

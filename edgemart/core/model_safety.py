@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from edgemart.core.errors import UsageError
 
@@ -132,6 +132,8 @@ def _actions(wanted: frozenset[int]) -> tuple[int, ...]:
 
 _ACTIONS = {kind: _actions(wanted) for kind, wanted in _WANTED.items()}
 _TENSOR_ACTIONS = _ACTIONS[_TENSOR]
+_NODE_ACTIONS, _NODE_WANTED = _ACTIONS[_NODE], _WANTED[_NODE]
+_ATTR_ACTIONS, _ATTR_WANTED, _ATTR_CHILDREN = _ACTIONS[_ATTR], _WANTED[_ATTR], _CHILDREN[_ATTR]
 _NAME_ACTIONS = {kind: (_actions(frozenset({f})), frozenset({f})) for kind, f in _NAME_FIELD.items()}
 # TensorProto.DataType -> bytes per element (strings count their declared length via dims only: 1).
 _ONNX_ITEMSIZE = {
@@ -162,11 +164,7 @@ class _OnnxCheck:
             if kind == _TENSOR:
                 self._tensor(start, end, where)
                 continue
-            if kind == _NODE:
-                self.nodes += 1
-                if self.nodes > limits.max_nodes:
-                    raise UnsafeModel(f"model has more than {limits.max_nodes} nodes")
-            elif kind == _GRAPH:
+            if kind == _GRAPH:
                 depth += 1
                 self.graphs += 1
                 self.max_depth = max(self.max_depth, depth)
@@ -177,6 +175,9 @@ class _OnnxCheck:
                     )
                 if self.graphs > limits.max_subgraphs:
                     raise UnsafeModel(f"model has more than {limits.max_subgraphs} graphs")
+            elif kind == _ATTR:  # an attribute_proto of a function (a node's attributes are read in _node)
+                self._attribute(start, end, depth, where, push)
+                continue
             found = fields(start, end, _ACTIONS[kind], _WANTED[kind])
             if not found:
                 continue
@@ -185,8 +186,41 @@ class _OnnxCheck:
             for field, wire, lo, hi in found:
                 if wire != _LEN:
                     raise self._malformed(f"field {field} of a {_KIND_NAMES[kind]} is not a message")
-                push((children[field], lo, hi, depth, label))
+                child = children[field]
+                # Nodes (with their attributes) and tensors are read on the spot: most messages of a model
+                # are these, and the stack round trip cost more than reading them.
+                if child == _NODE:
+                    self._node(lo, hi, depth, label, push)
+                elif child == _TENSOR:
+                    self._tensor(lo, hi, label)
+                else:
+                    push((child, lo, hi, depth, label))
         return ModelSummary("onnx", self.tensors, self.declared, self.graphs, self.max_depth, self.nodes)
+
+    def _node(self, start: int, end: int, depth: int, where: _Where, push: Any) -> None:
+        self.nodes += 1
+        if self.nodes > self.limits.max_nodes:
+            raise UnsafeModel(f"model has more than {self.limits.max_nodes} nodes")
+        attributes = self._fields(start, end, _NODE_ACTIONS, _NODE_WANTED)
+        if attributes:
+            label = (where, _NODE, start, end)
+            for field, wire, lo, hi in attributes:
+                if wire != _LEN:
+                    raise self._malformed(f"field {field} of a node is not a message")
+                self._attribute(lo, hi, depth, label, push)
+
+    def _attribute(self, start: int, end: int, depth: int, where: _Where, push: Any) -> None:
+        found = self._fields(start, end, _ATTR_ACTIONS, _ATTR_WANTED)
+        if found:
+            label = (where, _ATTR, start, end)
+            for field, wire, lo, hi in found:
+                if wire != _LEN:
+                    raise self._malformed(f"field {field} of an attribute is not a message")
+                child = _ATTR_CHILDREN[field]
+                if child == _TENSOR:
+                    self._tensor(lo, hi, label)
+                else:  # a graph or a sparse tensor
+                    push((child, lo, hi, depth, label))
 
     def _name_of(self, kind: int, start: int, end: int) -> str:
         """The shown name of the message at data[start:end], '' when it has none (read again, on refusal)."""
