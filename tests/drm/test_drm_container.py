@@ -10,6 +10,7 @@ import os
 import random
 import struct
 import tracemalloc
+from typing import Any
 
 import pytest
 from drm_testkit import PROPERTY
@@ -456,3 +457,51 @@ def test_open_sealed_into_refuses_tampering_before_use() -> None:
             bytes(sealed), key=KEY, allocate=into.allocate, use=into.use, discard=into.discard
         )
     assert into.seen == b"" and not any(into.buffer)
+
+
+def test_wipe_soon_zeroes_on_the_helper_thread_and_keeps_the_owner_alive() -> None:
+    from drm.container import _worker, wipe_soon
+
+    owner = bytearray(os.urandom(3 * 1024 * 1024))
+    view = memoryview(owner)
+    wipe_soon(view, owner)
+    del owner  # only the pending wipe holds it now
+    _worker().submit(lambda: None).result()  # the helper runs its work in order: the wipe is done
+    assert not any(view)
+
+
+def _open_large_in_child(conn: Any) -> None:
+    size = 2 * 1024 * 1024
+    plain = os.urandom(size)
+    sealed = drm.seal(plain, key=KEY, target="t")
+    into = _Into()
+    header, result = drm.open_sealed_into(
+        sealed,
+        key=KEY,
+        allocate=into.allocate,
+        use=into.use,
+        discard=into.discard,
+        expected_build_hash="sha256:" + hashlib.sha256(plain).hexdigest(),
+    )
+    conn.send(result == ("opened", size) and bytes(into.buffer) == plain)
+
+
+def test_a_forked_child_gets_its_own_helper_thread() -> None:
+    """The helper thread of the parent does not exist in a forked child: work submitted there to the
+    parent's executor would wait forever. The child makes its own."""
+    import multiprocessing as mp
+
+    from drm.container import _worker
+
+    _worker().submit(lambda: None).result()  # the parent's helper exists before the fork
+    ctx = mp.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_open_large_in_child, args=(theirs,), daemon=True)
+    child.start()
+    try:
+        assert ours.poll(60), "the child hung: it waited on the parent's helper thread"
+        assert ours.recv() is True
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
