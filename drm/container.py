@@ -565,7 +565,16 @@ def open_sealed_into(
     )
     hasher: Future[bool] | None = None
     if not small:
-        hasher = _beside(lambda: "sha256:" + hashlib.sha256(plain).hexdigest() == header.build_hash)
+        started = threading.Event()
+
+        def check() -> bool:
+            started.set()
+            return "sha256:" + hashlib.sha256(plain).hexdigest() == header.build_hash  # GIL released inside
+
+        hasher = _beside(check)
+        # Hand the GIL over until the helper is inside sha256 (which runs without it): otherwise it waits for
+        # the interpreter's 5 ms switch interval, and takes the GIL from ``use`` at some arbitrary point later.
+        started.wait(0.01)
     try:
         result = use(plain)
     except BaseException:
@@ -678,20 +687,26 @@ def wipe(buffer: bytearray | memoryview) -> None:
     _zero(memoryview(buffer))
 
 
-def wipe_soon(buffer: bytearray | memoryview, *owners: object) -> None:
+def wipe_soon(
+    buffer: bytearray | memoryview, *owners: object, then: Callable[[], object] | None = None
+) -> None:
     """``wipe`` on the helper thread, off the caller's path (a 10 MB build costs ~0.7 ms to zero); ``owners``
-    (the objects whose memory ``buffer`` views) are kept alive until it is done. The helper runs its work in
-    order, so a later build hash or wipe there finds this one done."""
+    (the objects whose memory ``buffer`` views) are kept alive until it is done, and ``then()`` runs once the
+    buffer is zero. The helper runs its work in order, so a later build hash or wipe there finds this one done."""
     view = memoryview(buffer)
     if view.nbytes < _OVERLAP_MIN_BYTES:
         _zero(view)  # a small buffer is zeroed faster than the helper thread can be woken
+        if then is not None:
+            then()
     else:
-        _beside(_zero_held, view, owners)
+        _beside(_zero_held, view, owners, then)
 
 
-def _zero_held(view: memoryview, owners: tuple[object, ...]) -> None:
+def _zero_held(view: memoryview, owners: tuple[object, ...], then: Callable[[], object] | None) -> None:
     _zero(view)
     del owners
+    if then is not None:
+        then()
 
 
 def _zero(view: memoryview) -> None:

@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -237,19 +238,45 @@ def _open_checked(model: bytes, target: str) -> Backend:
 
 
 def _private_bytes(n: int) -> tuple[bytes | None, memoryview]:
-    """A fresh, uninitialized ``bytes`` object of ``n`` bytes and a writable view of its storage, so a build can be
+    """An uninitialized ``bytes`` object of ``n`` bytes and a writable view of its storage, so a build can be
     decrypted straight into the object the runtimes read (they take only ``bytes``): no plaintext copy.
 
     CPython only (as scrub_bytes): the view is valid only while the object lives, and the object must not be
     hashed or shared before it is filled. Elsewhere (or for n = 0) the view is over a bytearray and None is
-    returned: the caller copies it into bytes once."""
+    returned: the caller copies it into bytes once. The object is the pooled one when that has this size and
+    nothing else refers to it (see _pool_after_wipe), else a new one."""
     if sys.implementation.name != "cpython" or n == 0:
         return None, memoryview(bytearray(n))
-    # Uninitialized (no zero-fill pass over the plaintext size): every byte is written by the decryption,
-    # and on any failure open_sealed_into zeroes the whole buffer.
-    data = _new_bytes(None, n)
+    global _pooled
+    with _pool_lock:
+        data, _pooled = _pooled, None
+    # Ours alone: the name `data` and getrefcount's argument. Anything more (a runtime or a traceback still
+    # holding it) and it is left alone: a bytes object others hold must never change under them.
+    if data is None or len(data) != n or sys.getrefcount(data) != 2:
+        # Uninitialized (no zero-fill pass over the plaintext size): every byte is written by the decryption,
+        # and on any failure open_sealed_into zeroes the whole buffer.
+        data = _new_bytes(None, n)
     storage = (ctypes.c_char * n).from_address(id(data) + sys.getsizeof(b"") - 1)
     return data, memoryview(storage).cast("B")
+
+
+# One zeroed plaintext buffer is kept for the next build of the same size (a device re-opening a model): a
+# fresh 10 MB allocation costs 2-5 ms of first-touch page faults on this VM (4 us per 4 KiB page) when the
+# decryption writes it, more than the decryption itself. Only ONNX builds of 1-64 MiB (onnxruntime keeps its
+# own copy; LiteRT reads the bytes in place until close), only after the helper thread has zeroed it.
+_POOL_MIN_BYTES, _POOL_MAX_BYTES = 1 << 20, 64 << 20
+_pool_lock = threading.Lock()
+_pooled: bytes | None = None
+
+
+def _pool_after_wipe(data: bytes) -> Callable[[], None]:
+    def keep() -> None:
+        global _pooled
+        if _POOL_MIN_BYTES <= len(data) <= _POOL_MAX_BYTES:
+            with _pool_lock:
+                _pooled = data
+
+    return keep
 
 
 if sys.implementation.name == "cpython":
@@ -292,7 +319,9 @@ def open_sealed_backend(
         if held.get("wipe"):
             # Zeroed on the drm helper thread, which keeps the bytes alive until then: the caller does not
             # wait ~0.7 ms per 10 MB for it.
-            drm_wipe_soon(held["view"], held["model"])
+            model = held["model"]
+            drm_wipe_soon(held["view"], model, then=None if model is None else _pool_after_wipe(model))
+            del model
     finally:
         held.clear()  # the views go first; then the bytes (LiteRT's own reference keeps its model alive)
     return backend

@@ -260,23 +260,23 @@ class _OnnxCheck:
         data = self.data
         out: list[tuple[int, int, int, int]] = []
         pos = start
+        # A field that runs past the message ends the loop (pos >= end); the check after it refuses that, so
+        # the fast path needs no check of its own. Literals stand for _SKIP_LEN (0), _KEEP_LEN (1), _LEN (2).
         while pos < end:
             key = data[pos]
             action = actions[key]
-            if action <= _KEEP_LEN:  # _SKIP_LEN or _KEEP_LEN
+            if action < 2:  # _SKIP_LEN or _KEEP_LEN
                 pos += 1
                 if pos >= end:
                     raise self._malformed("truncated or overlong varint")
                 length = data[pos]
-                pos += 1
-                if length & 0x80:
-                    length, pos = self._varint(pos - 1, end)
-                lo = pos
-                pos += length
-                if pos > end:
-                    raise self._malformed("a field runs past its message")
+                if length < 0x80:
+                    pos += 1
+                else:
+                    length, pos = self._varint(pos, end)
                 if action:
-                    out.append((key >> 3, _LEN, lo, pos))
+                    out.append((key >> 3, 2, pos, pos + length))
+                pos += length
                 continue
             pos += 1
             if action == _LONG_KEY:  # fields 16-2047 in two bytes (an attribute's `type` is field 20)
@@ -315,10 +315,10 @@ class _OnnxCheck:
                 pos += 4
             else:  # groups are not part of ONNX (proto3) and would need a second parser here
                 raise self._malformed(f"wire type {wire}")
-            if pos > end:
-                raise self._malformed("a field runs past its message")
             if keep:
                 out.append((field, wire, lo, pos))
+        if pos > end:
+            raise self._malformed("a field runs past its message")
         return out
 
     def _varint(self, pos: int, end: int) -> tuple[int, int]:
