@@ -76,7 +76,7 @@ def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) ->
 
     # Pairs of loads, plain and licensed back to back in ABBA order; the figure is the median of the per-pair
     # ratios, so a burst of load from other processes on a shared machine skews one pair, not the figure.
-    loads = 15 if quick else 31
+    loads = 41 if quick else 61
     plain_load, licensed_load, file_load = [], [], []
     model: Any = None
     plain: Any = None
