@@ -89,21 +89,16 @@ def _measure(name: str, quick: bool, work: Path, authority: Any, issuer: Any) ->
         plain = ort.InferenceSession(plaintext, providers=["CPUExecutionProvider"])
         plain_load.append(time.perf_counter() - t0)
 
-    def load_licensed() -> None:
+    def load_licensed(into: list[float] = licensed_load, **source: Any) -> None:
         nonlocal model
         if model is not None:
             model.close()
         t0 = time.perf_counter()
-        model = device.open_model(build=container, license_bytes=lic)
-        licensed_load.append(time.perf_counter() - t0)
+        model = device.open_model(license_bytes=lic, **(source or {"build": container}))
+        into.append(time.perf_counter() - t0)
 
     def load_file() -> None:
-        nonlocal model
-        if model is not None:
-            model.close()
-        t0 = time.perf_counter()
-        model = device.open_model(build_path=build, license_bytes=lic)
-        file_load.append(time.perf_counter() - t0)
+        load_licensed(file_load, build_path=build)
 
     load_plain()
     load_licensed()  # warm-up (imports, first-touch of the files): not counted

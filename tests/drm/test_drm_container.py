@@ -393,10 +393,8 @@ class _Into:
         self.discarded.append(result)
 
 
-@pytest.mark.parametrize("size", [CHUNK - 7, 3 * 1024 * 1024 + 5])  # inline hash / hash beside use()
-def test_open_sealed_into_decrypts_into_the_callers_buffer(size: int) -> None:
-    plain = os.urandom(size)
-    sealed = drm.seal(plain, key=KEY, target="t", chunk_size=CHUNK if size < CHUNK else None)
+def _open_sealed_into(plain: bytes, chunk_size: int | None = None) -> tuple[Any, object, _Into]:
+    sealed = drm.seal(plain, key=KEY, target="t", chunk_size=chunk_size)
     into = _Into()
     header, result = drm.open_sealed_into(
         sealed,
@@ -406,6 +404,13 @@ def test_open_sealed_into_decrypts_into_the_callers_buffer(size: int) -> None:
         discard=into.discard,
         expected_build_hash="sha256:" + hashlib.sha256(plain).hexdigest(),
     )
+    return header, result, into
+
+
+@pytest.mark.parametrize("size", [CHUNK - 7, 3 * 1024 * 1024 + 5])  # inline hash / hash beside use()
+def test_open_sealed_into_decrypts_into_the_callers_buffer(size: int) -> None:
+    plain = os.urandom(size)
+    header, result, into = _open_sealed_into(plain, CHUNK if size < CHUNK else None)
     assert result == ("opened", size) and bytes(into.buffer) == plain and not into.discarded
     assert header.plaintext_len == size and into.seen == hashlib.sha256(plain).digest()
 
@@ -473,16 +478,7 @@ def test_wipe_soon_zeroes_on_the_helper_thread_and_keeps_the_owner_alive() -> No
 def _open_large_in_child(conn: Any) -> None:
     size = 2 * 1024 * 1024
     plain = os.urandom(size)
-    sealed = drm.seal(plain, key=KEY, target="t")
-    into = _Into()
-    header, result = drm.open_sealed_into(
-        sealed,
-        key=KEY,
-        allocate=into.allocate,
-        use=into.use,
-        discard=into.discard,
-        expected_build_hash="sha256:" + hashlib.sha256(plain).hexdigest(),
-    )
+    _, result, into = _open_sealed_into(plain)
     conn.send(result == ("opened", size) and bytes(into.buffer) == plain)
 
 
