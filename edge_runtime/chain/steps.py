@@ -336,15 +336,13 @@ def decode_boxes(
 ) -> np.ndarray:
     """Boxes as [N, 4] normalized (ymin, xmin, ymax, xmax); with ``only``, just that box, as [1, 4]."""
     raw = boxes.reshape(-1, boxes.shape[-1])
+    pick = slice(None) if only is None else slice(only, only + 1)
     if step.params["decode"] == "none":
-        pick = raw if only is None else raw[only : only + 1]
-        return pick[:, :4].astype(np.float32)
+        return raw[pick, :4].astype(np.float32)
     anchors = blazeface_anchors(step.params["strides"], step.params["input_size"])
     if len(anchors) != len(raw):
         raise UsageError(f"crop_by_boxes: {len(raw)} boxes but the blazeface anchors give {len(anchors)}")
-    if only is not None:
-        raw, anchors = raw[only : only + 1], anchors[only : only + 1]
-    raw = raw.astype(np.float32)
+    raw, anchors = raw[pick].astype(np.float32), anchors[pick]
     ih, iw = step.params["input_size"]
     cx = raw[:, 0] / iw + anchors[:, 0]
     cy = raw[:, 1] / ih + anchors[:, 1]
