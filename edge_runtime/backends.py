@@ -61,6 +61,11 @@ class Backend(Protocol):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def run_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """run(), with the outputs named in ``out`` written into those arrays (of the outputs' static shapes
+        and dtypes, e.g. views of chain slots) rather than into new ones; the result holds those arrays."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -120,6 +125,24 @@ class OnnxBackend:
         values = self._run(self._output_names, feeds, None)
         return dict(zip(self._output_names, values, strict=True))
 
+    def run_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # IOBinding: onnxruntime writes the bound outputs straight into the caller's memory (no copy).
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._output_names:
+            target = out.get(name)
+            if target is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
+        self._session.run_with_iobinding(binding)
+        produced = binding.get_outputs()
+        return {
+            name: out[name] if name in out else produced[i].numpy()
+            for i, name in enumerate(self._output_names)
+        }
+
     def close(self) -> None:
         self._session = self._run = None
 
@@ -166,6 +189,11 @@ class LiteRTBackend:
         self.outputs = [_tflite_spec(d) for d in outs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.run_invoke(feeds)
+        # get_tensor already returns a copy (the interpreter reuses its buffers on the next invoke).
+        return {name: self._interp.get_tensor(index) for name, index in self._out}
+
+    def run_invoke(self, feeds: dict[str, np.ndarray]) -> None:
         resized = False
         for name, value in feeds.items():
             if tuple(value.shape) != self._in_shape[name]:
@@ -177,8 +205,22 @@ class LiteRTBackend:
         for name, value in feeds.items():
             self._interp.set_tensor(self._in_index[name], np.ascontiguousarray(value))
         self._interp.invoke()
-        # get_tensor already returns a copy (the interpreter reuses its buffers on the next invoke).
-        return {name: self._interp.get_tensor(index) for name, index in self._out}
+
+    def run_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # LiteRT computes into its own tensor buffers: the outputs in ``out`` are copied from those buffers
+        # straight into the caller's arrays (one copy, where run() and a slot write make two).
+        self.run_invoke(feeds)
+        result = {}
+        for name, index in self._out:
+            target = out.get(name)
+            if target is None:
+                result[name] = self._interp.get_tensor(index)
+            else:
+                view = self._interp.tensor(index)
+                np.copyto(target, view(), casting="no")
+                del view  # the interpreter refuses to reallocate while a view of its buffers lives
+                result[name] = target
+        return result
 
     def close(self) -> None:
         model, self._model = self._model, None

@@ -1476,6 +1476,25 @@ class LicensedModel:
         self._meter.admit()
         return backend.run(checked)
 
+    def run_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """run(), writing the outputs named in ``out`` into those arrays (a chain stage hands views of its
+        slots): the same checks and metering. Each must have its output's declared static shape and dtype."""
+        backend = self._backend
+        if backend is None:
+            raise drm.UsageError("this model is closed")
+        specs = {spec.name: spec for spec in backend.outputs}
+        for name, target in out.items():
+            spec = specs.get(name)
+            if spec is None or None in spec.shape or tuple(target.shape) != spec.shape:
+                raise drm.UsageError(
+                    f"output {name!r} has no static shape {tuple(target.shape)} to write into"
+                )
+            if target.dtype.name != spec.dtype or not target.flags.c_contiguous or not target.flags.writeable:
+                raise drm.UsageError(f"output {name!r} needs a writable C-contiguous {spec.dtype} array")
+        checked = feeds if self._same_feeds(feeds) else self.check_feeds(feeds)
+        self._meter.admit()
+        return backend.run_into(checked, out)
+
     def _same_feeds(self, feeds: Any) -> bool:
         """True when ``feeds`` are numpy arrays of exactly the dtypes and shapes of feeds check_feeds already
         accepted (the check hoisted out of a run loop: a few comparisons instead of a full check)."""

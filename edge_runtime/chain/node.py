@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.chain.slots import Channel, MappedSlot, OwnedSlot, PeerGone, SlotError
+from edge_runtime.chain.slots import Channel, MappedSlot, OwnedSlot, PeerGone, SlotError, check_dtype
 
 
 class Node:
@@ -69,14 +69,38 @@ class Node:
 
     def publish(self, key: str, seq: int, array: np.ndarray) -> None:
         """Copy `array` into our slot for frame `seq` and tell every consumer of `key`."""
+        slot_index = self._free_slot(key, seq)
+        slot = self._owned[key][slot_index]
+        if slot.write(seq, array):
+            self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
+        self._announce(key, seq, slot_index)
+
+    def reserve(self, key: str, seq: int, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+        """A writable view of our slot for frame ``seq`` of ``key``: a producer computes the tensor straight
+        into it (no copy), then calls commit(). The view must be dropped before the slot is used again."""
+        slot_index = self._free_slot(key, seq)
+        slot = self._owned[key][slot_index]
+        dtype = np.dtype(check_dtype(np.dtype(dtype)))
+        if slot.reserve(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize):
+            self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
+        return slot.array(shape, dtype)
+
+    def commit(self, key: str, seq: int, array: np.ndarray) -> None:
+        """Frame ``seq`` of ``key`` is in the slot reserve() gave (``array``, that view): tell its consumers."""
+        slot_index = self._free_slot(key, seq)
+        self._owned[key][slot_index].seal(seq, array)
+        self._announce(key, seq, slot_index)
+
+    def _free_slot(self, key: str, seq: int) -> int:
         slot_index = seq % self.k
         if self._busy.get((key, slot_index)):
             raise SlotError(
                 f"{key}: slot {slot_index} is still held by {sorted(self._busy[(key, slot_index)])}"
             )
+        return slot_index
+
+    def _announce(self, key: str, seq: int, slot_index: int) -> None:
         slot = self._owned[key][slot_index]
-        if slot.write(seq, array):
-            self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
         generation = self._generation[(key, slot_index)]
         peers = self.produces[key]
         self._busy[(key, slot_index)] = set(peers)

@@ -110,7 +110,21 @@ class OwnedSlot:
     def write(self, seq: int, array: np.ndarray) -> bool:
         """Copy `array` into the slot; returns True when the slot got a new memfd (peers must remap)."""
         array = np.asarray(array)
-        needed = HEADER_BYTES + page_round(array.nbytes)
+        grown = self.reserve(array.nbytes)
+        if array.nbytes:
+            target = self.array(array.shape, array.dtype)
+            try:
+                np.copyto(target, array, casting="no")
+            finally:
+                # Even when interrupted (Ctrl-C mid-copy): a view kept alive by the traceback's frame would
+                # pin the mapping, and close() would then fail with BufferError.
+                del target
+        self.seal(seq, array)
+        return grown
+
+    def reserve(self, nbytes: int) -> bool:
+        """Room for a tensor of ``nbytes``; True when that took a new memfd (peers must remap)."""
+        needed = HEADER_BYTES + page_round(nbytes)
         grown = needed > self.size
         if grown:
             self.close()
@@ -118,17 +132,20 @@ class OwnedSlot:
             os.ftruncate(self.fd, needed)
             self._map = mmap.mmap(self.fd, needed, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.size = needed
-        assert self._map is not None
-        if array.nbytes:
-            target = np.frombuffer(self._map, dtype=array.dtype, count=array.size, offset=HEADER_BYTES)
-            try:
-                np.copyto(target.reshape(array.shape), array, casting="no")
-            finally:
-                # Even when interrupted (Ctrl-C mid-copy): a view kept alive by the traceback's frame would
-                # pin the mapping, and close() would then fail with BufferError.
-                del target
-        self._map[: _HEADER.size] = _pack_header(seq, array)
         return grown
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+        """A writable view of the reserved slot as ``shape``/``dtype``, for a producer to compute into. The
+        caller drops it before the slot is reserved again (a live view pins the mapping)."""
+        assert self._map is not None
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=HEADER_BYTES).reshape(shape)
+
+    def seal(self, seq: int, array: np.ndarray) -> None:
+        """Write the header that makes the slot's content frame ``seq`` (``array`` gives dtype and shape)."""
+        assert self._map is not None
+        self._map[: _HEADER.size] = _pack_header(seq, array)
 
     def close(self) -> None:
         if self._map is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.chain.node import Node
-from edge_runtime.chain.slots import Channel, PeerGone
+from edge_runtime.chain.slots import DTYPES, Channel, PeerGone
 from edge_runtime.chain.spec import parse_binding
 from edge_runtime.chain.steps import apply
 from edgemart.core.errors import EdgemartError, LicenseRefused
@@ -38,6 +38,9 @@ class _Stage:
     # A stage input computed here for a stage of another process (supervisor._hoisted): no model; its one
     # binding ("value") is published as this key.
     derived_key: str | None = None
+    # Outputs the model writes straight into their slots (name, key, shape, dtype): read only by other
+    # processes, of a static shape. None until the model is open; [] when there are none (or that failed).
+    direct: list[tuple[str, str, tuple[int, ...], str]] | None = None
 
 
 def _open_models(device_dir: str, stages: list[_Stage], control: Channel) -> bool:
@@ -164,6 +167,8 @@ class Worker:
             feeds[name] = value
         if stage.derived_key is not None:
             outputs = {stage.derived_key: feeds["value"]}
+        elif self._direct(stage):
+            outputs = self._run_direct(stage, n, feeds)
         else:
             outputs = stage.model.run(feeds)
         feeds.clear()  # drop our references to peer slots before releasing them
@@ -192,6 +197,39 @@ class Worker:
             self._done.append([stage.name, n, elapsed_ms])
         if len(self._done) >= _DONE_BATCH:
             self._flush_done()
+
+    def _direct(self, stage: _Stage) -> list[tuple[str, str, tuple[int, ...], str]]:
+        if stage.direct is None:
+            stage.direct = [
+                (spec.name, key, tuple(spec.shape), spec.dtype)
+                for spec in stage.model.outputs
+                if (key := f"{stage.name}.{spec.name}") in stage.remote_outputs
+                and not stage.local_outputs.get(key)
+                and None not in spec.shape
+                and spec.dtype in DTYPES
+            ]
+        return stage.direct
+
+    def _run_direct(self, stage: _Stage, n: int, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run the model with its remote-only outputs written straight into their slots (onnxruntime through
+        IOBinding, LiteRT from its tensor buffers): no copy of those outputs in this process. The rest come
+        back as usual. A model whose outputs turn out not to match their declared shapes falls back to run()
+        for good (that frame's first attempt counts as a run: it was computed)."""
+        assert stage.direct is not None
+        out = {name: self.node.reserve(key, n, shape, dtype) for name, key, shape, dtype in stage.direct}
+        try:
+            outputs = stage.model.run_into(feeds, out)
+        except (ValueError, RuntimeError, EdgemartError) as exc:
+            out.clear()
+            if isinstance(exc, LicenseRefused) or stage.next_seq > 0:
+                raise
+            stage.direct = []
+            return dict(stage.model.run(feeds))
+        for name, key, _, _ in stage.direct:
+            self.node.commit(key, n, out[name])
+        rest = {name: value for name, value in outputs.items() if name not in out}
+        out.clear()  # no view of a slot outlives this frame
+        return rest
 
     def _flush_done(self) -> None:
         """Stage timings go to the supervisor in one message when this process is about to wait (or every

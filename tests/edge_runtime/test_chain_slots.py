@@ -9,6 +9,7 @@ import pytest
 
 from edge_runtime.chain.node import Node
 from edge_runtime.chain.slots import HEADER_BYTES, PAGE, Channel, PeerGone, SlotError
+from edgemart.core.errors import UsageError
 
 
 def _pair(slots: int = 2) -> tuple[Node, Node]:
@@ -165,3 +166,32 @@ def test_a_malformed_batch_is_a_slot_error() -> None:
     a.sock.send(bytes([3]))
     with pytest.raises(SlotError, match="malformed"):
         b.recv(1.0)
+
+
+def test_a_producer_computes_straight_into_its_slot() -> None:
+    """reserve() hands the producer a writable view of the slot itself (what a model writes its output
+    into); commit() announces it. The consumer reads those very bytes; a held slot cannot be reserved."""
+    producer, consumer = _pair()
+    target = producer.reserve("t", 0, (4, 250), "float32")
+    assert target.flags.writeable and target.shape == (4, 250)
+    np.multiply(np.arange(1000, dtype=np.float32).reshape(4, 250), 3, out=target)  # computed in place
+    producer.commit("t", 0, target)
+    del target
+    consumer.pump(1.0)
+    assert np.array_equal(consumer.view("t", 0), np.arange(1000, dtype=np.float32).reshape(4, 250) * 3)
+    # Growing: a bigger reservation takes a new memfd, which travels with the ready message.
+    big = producer.reserve("t", 1, (3, 5000), "int64")
+    big[...] = 7
+    producer.commit("t", 1, big)
+    del big
+    consumer.pump(1.0)
+    assert (consumer.view("t", 1) == 7).all() and consumer.view("t", 1).shape == (3, 5000)
+    with pytest.raises(SlotError, match="still held"):
+        producer.reserve("t", 2, (1,), "float32")  # frame 0's slot: the consumer still holds it
+    consumer.release("t", 0)
+    producer.pump(1.0)
+    with pytest.raises(UsageError, match="cannot travel through a slot"):
+        producer.reserve("t", 2, (1,), "complex64")
+    consumer.release("t", 1)
+    producer.close()
+    consumer.close()
