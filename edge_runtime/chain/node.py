@@ -72,7 +72,7 @@ class Node:
         slot_index = self._free_slot(key, seq)
         slot = self._owned[key][slot_index]
         if slot.write(seq, array):
-            self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
+            self._regrown(key, slot_index)
         self._announce(key, seq, slot_index)
 
     def reserve(self, key: str, seq: int, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
@@ -82,7 +82,7 @@ class Node:
         slot = self._owned[key][slot_index]
         dtype = np.dtype(check_dtype(np.dtype(dtype)))
         if slot.reserve(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize):
-            self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
+            self._regrown(key, slot_index)
         return slot.array(shape, dtype)
 
     def commit(self, key: str, seq: int, array: np.ndarray) -> None:
@@ -90,6 +90,10 @@ class Node:
         slot_index = self._free_slot(key, seq)
         self._owned[key][slot_index].seal(seq, array)
         self._announce(key, seq, slot_index)
+
+    def _regrown(self, key: str, slot_index: int) -> None:
+        """The slot took a new memfd: its next ready message carries the fd again (see _announce)."""
+        self._generation[(key, slot_index)] = self._generation.get((key, slot_index), 0) + 1
 
     def _free_slot(self, key: str, seq: int) -> int:
         slot_index = seq % self.k

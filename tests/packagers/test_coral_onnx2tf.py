@@ -229,18 +229,23 @@ def _recurrent_classifier(op: str, seed: int = 0, **attrs) -> bytes:
         f"small_{op.lower()}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", STEPS, FEATURES])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
-        [
-            numpy_helper.from_array(rng.normal(0, 0.4, (1, gates, FEATURES)).astype(np.float32), "W"),
-            numpy_helper.from_array(rng.normal(0, 0.4, (1, gates, HIDDEN)).astype(np.float32), "R"),
-            numpy_helper.from_array(rng.normal(0, 0.2, (1, 2 * gates)).astype(np.float32), "B"),
-            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
-            numpy_helper.from_array(rng.normal(0, 0.5, (CLASSES, HIDDEN)).astype(np.float32), "fc"),
-            numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fb"),
-        ],
+        _recurrent_weights(rng, gates),
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _recurrent_weights(rng: np.random.Generator, gates: int) -> list[onnx.TensorProto]:
+    """W, R, B of a one-direction recurrent node with ``gates`` rows, the Squeeze axis and the Gemm head."""
+    return [
+        numpy_helper.from_array(rng.normal(0, 0.4, (1, gates, FEATURES)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(0, 0.4, (1, gates, HIDDEN)).astype(np.float32), "R"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (1, 2 * gates)).astype(np.float32), "B"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (CLASSES, HIDDEN)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fb"),
+    ]
 
 
 def _sequences(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -410,14 +415,7 @@ def _streaming_lstm(seed: int = 0) -> bytes:
         + [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "N", HIDDEN]) for s in ("h0", "c0")],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])]
         + [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "N", HIDDEN]) for s in ("hn", "cn")],
-        [
-            numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * HIDDEN, FEATURES)).astype(np.float32), "W"),
-            numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * HIDDEN, HIDDEN)).astype(np.float32), "R"),
-            numpy_helper.from_array(rng.normal(0, 0.2, (1, 8 * HIDDEN)).astype(np.float32), "B"),
-            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
-            numpy_helper.from_array(rng.normal(0, 0.5, (CLASSES, HIDDEN)).astype(np.float32), "fc"),
-            numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fb"),
-        ],
+        _recurrent_weights(rng, 4 * HIDDEN),
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
